@@ -1,0 +1,154 @@
+"""Model checkpoints: only the trainable parts, in one safetensors file, written atomically.
+
+Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
+prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
+the identity of the prior (name and a fingerprint of its configs). Loading onto another prior is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .model import UniRestore
+from .prior import Prior, load_prior
+
+FORMAT = "unirestore/1"
+EMBEDDING_KEY = "prior.empty_prompt_embeds"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the fix."""
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call `write(temporary_path)`, then rename it over `path`: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    return path
+
+
+def state_tensors(model: UniRestore, components: Mapping[str, torch.nn.Module] | None = None) -> dict:
+    tensors = {}
+    for name, module in (components or model.components()).items():
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
+    tensors[EMBEDDING_KEY] = model.empty_prompt_embeds.detach().to("cpu").float().contiguous()
+    return tensors
+
+
+def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[str, object] | None = None) -> Path:
+    """Write the model's trainable parts and identity to `path` (a .safetensors file)."""
+    metadata = {
+        "format": FORMAT,
+        "model_config": json.dumps(to_dict(model.config)),
+        "tasks": json.dumps(model.tasks),
+        "prior": json.dumps(model.prior_identity),
+        "components": json.dumps(sorted(model.components())),
+        "extra": json.dumps(dict(extra or {}), default=str),
+    }
+    tensors = state_tensors(model)
+    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and decoded metadata of a checkpoint, with one-line errors for every way it can be unusable."""
+    path = Path(path)
+    if path.is_dir():
+        candidates = sorted(path.glob("*.safetensors"))
+        if not candidates:
+            raise CheckpointError(f"no .safetensors checkpoint in folder {path}; give the checkpoint file")
+        path = path / "last.safetensors" if (path / "last.safetensors").exists() else candidates[-1]
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}; give the path of a .safetensors file written by unirestore")
+    try:
+        tensors = load_file(str(path))
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a safetensors file ({message}); re-save or pick another") from None
+    if raw.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a unirestore checkpoint (format {raw.get('format')!r}); give one written by unirestore")
+    try:
+        metadata = {
+            "model_config": json.loads(raw["model_config"]),
+            "tasks": json.loads(raw["tasks"]),
+            "prior": json.loads(raw["prior"]),
+            "components": json.loads(raw["components"]),
+            "extra": json.loads(raw.get("extra", "{}")),
+            "path": str(path),
+        }
+    except (KeyError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"checkpoint {path} has damaged metadata ({error}); re-save it") from None
+    return tensors, metadata
+
+
+def load_components(model: UniRestore, tensors: Mapping[str, torch.Tensor], path: str, names=None) -> None:
+    """Load the named components' tensors into `model`, strictly."""
+    for name, module in model.components().items():
+        if names is not None and name not in names:
+            continue
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        if not state and any(True for _ in module.parameters()):
+            raise CheckpointError(f"checkpoint {path} holds no '{name}' weights; it was written by another model")
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as error:
+            first = str(error).splitlines()[0]
+            raise CheckpointError(
+                f"checkpoint {path}: '{name}' does not fit this model ({first}); "
+                "it was trained with another model config or prior"
+            ) from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    prior: Prior | str | None = None,
+    device: str | torch.device = "cpu",
+    config_overrides: Mapping[str, object] | None = None,
+) -> UniRestore:
+    """Rebuild a UniRestore model from a checkpoint, on the prior it names (or `prior`, if it is the same)."""
+    tensors, metadata = read_checkpoint(path)
+    identity = metadata["prior"]
+    embeds = tensors.get(EMBEDDING_KEY)
+    if prior is None or isinstance(prior, str):
+        prior = load_prior(prior or identity["name"], device=device, empty_prompt_embeds=embeds)
+    if prior.fingerprint != identity["fingerprint"]:
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on prior '{identity['name']}' "
+            f"(fingerprint {identity['fingerprint']}), not on '{prior.name}' (fingerprint {prior.fingerprint}); "
+            "load it with the prior it was trained on"
+        )
+    config_dict = dict(metadata["model_config"])
+    config_dict.update(config_overrides or {})
+    try:
+        config = from_dict(ModelConfig, config_dict, source=metadata["path"])
+    except ConfigError as error:
+        raise CheckpointError(f"checkpoint {metadata['path']}: {error}") from None
+    model = UniRestore(prior, config, tasks=[])
+    for task in metadata["tasks"]:
+        model.prompts.add(task)
+    load_components(model, tensors, metadata["path"])
+    if embeds is not None:
+        model.empty_prompt_embeds.copy_(embeds.to(model.empty_prompt_embeds))
+    return model.to(device)

@@ -1,0 +1,351 @@
+"""UniRestore: the frozen prior with CFRM, Controller, SC-Tuners and one shared TFA (Figure 2).
+
+Reading order follows the data flow: `encode` (VAE encoder with CFRM in its main path) →
+`control` + `unet_forward` (Controller and SC-Tuners on the frozen UNet's skips) → `denoise` (DDIM,
+trailing spacing) → `decode` (VAE decoder with the TFA and a task prompt) → `restore` (all of SPEC §1).
+Every channel list is read from the loaded prior's configs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import ModelConfig
+from .modules import CFRM, TFA, Controller, SCTuners, TaskPrompts
+from .prior import Prior
+
+SHARED_PROMPT = "shared"
+
+
+@dataclass
+class EncoderOutput:
+    latents: torch.Tensor  # (B, 4, H/8, W/8), already × scaling_factor
+    features: list[torch.Tensor]  # the M tapped encoder features, shallowest first
+
+
+def _derive_controller_channels(unet_channels: int, groups: int) -> int:
+    # 0.8 × the UNet's first width (320 → 256 at SD scale), kept a multiple of the norm groups.
+    return max(groups, round(0.8 * unet_channels / groups) * groups)
+
+
+class UniRestore(nn.Module):
+    """The UniRestore model. The prior's modules are frozen and stay in eval mode."""
+
+    def __init__(self, prior: Prior, config: ModelConfig | None = None, tasks: Sequence[str] = ("pir",)):
+        super().__init__()
+        self.config = config or ModelConfig()
+        self.config.validate()
+        self.prior_identity = prior.identity()
+        self.vae = prior.vae
+        self.unet = prior.unet
+        self.scheduler = prior.scheduler
+        self.register_buffer("empty_prompt_embeds", prior.empty_prompt_embeds.clone(), persistent=False)
+        self.native_size = self.config.native_size or prior.native_size
+        self.size_multiple = prior.size_multiple
+
+        vae_channels = list(self.vae.config.block_out_channels)
+        # Taps: the outputs of every encoder down block but the last, after their downsamplers (M = 3 at SD).
+        self.num_taps = len(vae_channels) - 1
+        self.encoder_channels = vae_channels[: self.num_taps]
+        reversed_channels = vae_channels[::-1]
+        decoder_inputs = [reversed_channels[max(i - 1, 0)] for i in range(self.num_taps)]
+        blocks = list(self.config.cfrm_blocks)
+        if len(blocks) != self.num_taps:
+            raise ValueError(
+                f"model.cfrm_blocks has {len(blocks)} entries but the prior's encoder has {self.num_taps} "
+                "tapped levels; give one count per level"
+            )
+        self.cfrm = CFRM(self.encoder_channels, num_blocks=blocks, groups=self.config.cfrm_groups)
+
+        unet_channels = list(self.unet.config.block_out_channels)
+        groups = self.unet.config.norm_num_groups
+        width = self.config.controller_channels or _derive_controller_channels(unet_channels[0], groups)
+        levels = len(unet_channels)
+        self.controller = Controller(
+            in_channels=self.unet.config.in_channels,
+            model_channels=width,
+            channel_mult=tuple(1 if i < levels // 2 else 2 for i in range(levels)),
+            num_res_blocks=2,
+            attention_levels=tuple(i < levels - 1 for i in range(levels)),
+            num_heads=self.config.controller_heads,
+            out_channels=width,
+            time_embed_dim=4 * width,
+            norm_num_groups=groups,
+        )
+        self.sc_tuners = SCTuners(width, self._unet_skip_channels())
+
+        tfa_encoder_channels = self.encoder_channels[::-1]  # deepest first
+        self.tfa = TFA(tfa_encoder_channels, decoder_inputs, prompt_length=self.config.prompt_length)
+        self.prompts = TaskPrompts(tfa_encoder_channels[0], prompt_length=self.config.prompt_length)
+        for task in tasks:
+            self.add_task(task)
+        self.train(False)
+
+    # ----------------------------------------------------------------------------------------------
+    # bookkeeping
+
+    def _unet_skip_channels(self) -> list[int]:
+        """Channels of the UNet's skip connections, in the order its down path produces them."""
+        channels = [self.unet.conv_in.out_channels]
+        for block in self.unet.down_blocks:
+            channels += [resnet.out_channels for resnet in block.resnets]
+            if getattr(block, "downsamplers", None):
+                channels += [downsampler.out_channels for downsampler in block.downsamplers]
+        return channels
+
+    def components(self) -> dict[str, nn.Module]:
+        """The trainable parts, each saved under its own name."""
+        return {
+            "cfrm": self.cfrm,
+            "controller": self.controller,
+            "sc_tuners": self.sc_tuners,
+            "tfa": self.tfa,
+            "prompts": self.prompts,
+        }
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.prompts.names()
+
+    def add_task(self, task: str) -> None:
+        """A new task adds one zero-initialised prompt and nothing else."""
+        name = SHARED_PROMPT if self.config.shared_prompt else task
+        if name not in self.prompts:
+            self.prompts.add(name)
+
+    def prompt_for(self, task: str) -> torch.Tensor:
+        return self.prompts(SHARED_PROMPT if self.config.shared_prompt else task)
+
+    def train(self, mode: bool = True) -> UniRestore:
+        super().train(mode)
+        # The prior is frozen: its dropout and norms never switch to training behaviour.
+        self.vae.eval()
+        self.unet.eval()
+        return self
+
+    def _run(self, module, *args):
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    # ----------------------------------------------------------------------------------------------
+    # encode: VAE encoder with the CFRM in its main path
+
+    def encode(
+        self,
+        images: torch.Tensor,
+        use_cfrm: bool | None = None,
+        sample_posterior: bool | None = None,
+        generator: torch.Generator | None = None,
+    ) -> EncoderOutput:
+        """Encode images in [0, 1] (B, 3, H, W); H and W multiples of the VAE factor."""
+        use_cfrm = self.config.use_cfrm if use_cfrm is None else use_cfrm
+        sample_posterior = self.config.sample_posterior if sample_posterior is None else sample_posterior
+        encoder = self.vae.encoder
+        sample = encoder.conv_in(images * 2 - 1)  # (B, c0, H, W)
+        features = []
+        for i, down_block in enumerate(encoder.down_blocks):
+            if i == self.num_taps:
+                # The latent loss must never reach the CFRM: cut the main path before the last down block.
+                sample = sample.detach()
+            sample = down_block(sample)  # (B, c_i, H/2^(i+1), W/2^(i+1)) for tapped levels
+            if i < self.num_taps:
+                if use_cfrm:
+                    sample = self._run(self.cfrm.levels[i], sample)
+                features.append(sample)
+        sample = encoder.mid_block(sample)
+        sample = encoder.conv_norm_out(sample)
+        sample = encoder.conv_act(sample)
+        moments = encoder.conv_out(sample)  # (B, 8, H/8, W/8)
+        if self.vae.quant_conv is not None:
+            moments = self.vae.quant_conv(moments)
+        mean, logvar = torch.chunk(moments, 2, dim=1)
+        if sample_posterior:
+            std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            latents = mean + std * noise
+        else:
+            latents = mean
+        latents = latents * self.vae.config.scaling_factor  # (B, 4, H/8, W/8)
+        return EncoderOutput(latents=latents, features=features)
+
+    # ----------------------------------------------------------------------------------------------
+    # control + denoise: Controller and SC-Tuners on the frozen UNet
+
+    def control(self, latents: torch.Tensor, timesteps: torch.Tensor | int) -> dict[int, torch.Tensor]:
+        """Controller features of the degraded latent, keyed by spatial width."""
+        return self._run(self.controller, latents, self._timesteps(timesteps, latents))
+
+    def _timesteps(self, timesteps: torch.Tensor | int, sample: torch.Tensor) -> torch.Tensor:
+        timesteps = torch.as_tensor(timesteps, device=sample.device)
+        if timesteps.ndim == 0:
+            timesteps = timesteps[None]
+        return timesteps.expand(sample.shape[0])
+
+    def unet_forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor | int, control: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """The frozen UNet, block by block, with every skip connection edited by its SC-Tuner."""
+        unet = self.unet
+        timesteps = self._timesteps(timesteps, latents)
+        context = self.empty_prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
+        embedding = unet.time_embedding(unet.get_time_embed(sample=latents, timestep=timesteps))
+        sample = unet.conv_in(latents)  # (B, c0, h, w)
+        skips = [sample]
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, residuals = self._run_unet_block(block, sample, embedding, context)
+            else:
+                sample, residuals = self._run_unet_block(block, sample, embedding, None)
+            skips.extend(residuals)
+        if unet.mid_block is not None:
+            if getattr(unet.mid_block, "has_cross_attention", False):
+                sample = unet.mid_block(sample, embedding, encoder_hidden_states=context)
+            else:
+                sample = unet.mid_block(sample, embedding)
+        skips = self.sc_tuners(skips, control)
+        for i, block in enumerate(unet.up_blocks):
+            residuals = tuple(skips[-len(block.resnets) :])
+            skips = skips[: -len(block.resnets)]
+            upsample_size = skips[-1].shape[2:] if i < len(unet.up_blocks) - 1 else None
+            kwargs = dict(
+                hidden_states=sample, temb=embedding, res_hidden_states_tuple=residuals, upsample_size=upsample_size
+            )
+            if getattr(block, "has_cross_attention", False):
+                kwargs["encoder_hidden_states"] = context
+            sample = block(**kwargs)
+        if unet.conv_norm_out is not None:
+            sample = unet.conv_act(unet.conv_norm_out(sample))
+        return unet.conv_out(sample)  # (B, 4, h, w)
+
+    def _run_unet_block(self, block, sample, embedding, context):
+        kwargs = {"encoder_hidden_states": context} if context is not None else {}
+        if self.config.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(lambda s, e: block(hidden_states=s, temb=e, **kwargs), sample, embedding,
+                              use_reentrant=False)
+        return block(hidden_states=sample, temb=embedding, **kwargs)
+
+    def predict_original(
+        self, noisy_latents: torch.Tensor, timesteps: torch.Tensor | int, model_output: torch.Tensor
+    ) -> torch.Tensor:
+        """The clean-latent estimate ẑ0 from the UNet's output at `timesteps` (ε or v prediction)."""
+        timesteps = self._timesteps(timesteps, noisy_latents).long()
+        alphas = self.scheduler.alphas_cumprod.to(noisy_latents.device)[timesteps]
+        alpha = alphas.sqrt().view(-1, 1, 1, 1).to(noisy_latents.dtype)
+        sigma = (1 - alphas).sqrt().view(-1, 1, 1, 1).to(noisy_latents.dtype)
+        if self.scheduler.config.prediction_type == "v_prediction":
+            return alpha * noisy_latents - sigma * model_output
+        return (noisy_latents - sigma * model_output) / alpha
+
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """DDIM with trailing spacing from the degraded latent noised to t = 999; returns the clean latent."""
+        steps = steps or self.config.denoise_steps
+        if not 1 <= steps <= 4:
+            raise ValueError(f"denoise steps={steps}: must be 1 to 4")
+        self.scheduler.set_timesteps(steps, device=latents.device)
+        timesteps = self.scheduler.timesteps
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, 4, h, w), almost pure noise
+        for t in timesteps:
+            control = self.control(latents, t)
+            model_output = self.unet_forward(sample, t, control)
+            sample = self.scheduler.step(model_output, t, sample).prev_sample
+        return sample
+
+    # ----------------------------------------------------------------------------------------------
+    # decode: VAE decoder with the TFA and a task prompt
+
+    def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, task: str | None) -> torch.Tensor:
+        """Decode latents to images in [0, 1] (unclamped), fusing `features` through the TFA with `task`'s prompt.
+
+        With the TFA switched off (or `features` None) this is the prior's plain decoder.
+        """
+        decoder = self.vae.decoder
+        z = latents / self.vae.config.scaling_factor
+        if self.vae.post_quant_conv is not None:
+            z = self.vae.post_quant_conv(z)
+        sample = decoder.conv_in(z)  # (B, C, h, w)
+        sample = decoder.mid_block(sample, None)
+        use_tfa = self.config.use_tfa and features is not None
+        prompt = None
+        if use_tfa:
+            if task is None:
+                raise ValueError("decode with the TFA needs a task; give one of " + ", ".join(self.tasks))
+            prompt = self.prompt_for(task).to(sample.dtype)
+            prompt = prompt.unsqueeze(0).expand(sample.shape[0], -1, -1)  # (B, T, D0)
+        for i, up_block in enumerate(decoder.up_blocks):
+            if use_tfa and i < self.num_taps:
+                feature = features[self.num_taps - 1 - i]  # deepest first
+                sample, prompt = self._run(self.tfa.layers[i], sample, feature, prompt)
+            sample = up_block(sample, None)
+        sample = decoder.conv_norm_out(sample)
+        sample = decoder.conv_act(sample)
+        sample = decoder.conv_out(sample)  # (B, 3, H, W) in about [-1, 1]
+        return (sample + 1) / 2
+
+    # ----------------------------------------------------------------------------------------------
+    # restore: SPEC §1 end to end
+
+    def preprocess(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int], tuple[int, int]]:
+        """Resize the short side up to the native size, reflect-pad right/bottom to the size multiple."""
+        height, width = images.shape[-2:]
+        short = min(height, width)
+        if short < self.native_size:
+            scale = self.native_size / short
+            size = (max(self.native_size, round(height * scale)), max(self.native_size, round(width * scale)))
+            images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True)
+            images = images.clamp(0, 1)
+        resized = tuple(images.shape[-2:])
+        multiple = self.size_multiple
+        pad_h = math.ceil(resized[0] / multiple) * multiple - resized[0]
+        pad_w = math.ceil(resized[1] / multiple) * multiple - resized[1]
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h), mode="reflect")
+        return images, resized, (height, width)
+
+    def postprocess(self, images: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
+        images = images[..., : resized[0], : resized[1]]
+        if tuple(resized) != tuple(original):
+            images = F.interpolate(images, size=original, mode="bicubic", align_corners=False, antialias=True)
+        return images.clamp(0, 1)
+
+    def forward_padded(
+        self, images: torch.Tensor, task: str, steps: int | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """encode → denoise → decode on images whose size is already a valid multiple."""
+        encoded = self.encode(images, generator=generator)
+        latents = self.denoise(encoded.latents, steps=steps, generator=generator)
+        return self.decode(latents, encoded.features if self.config.use_tfa else None, task)
+
+    @torch.no_grad()
+    def restore(
+        self,
+        images: torch.Tensor,
+        task: str = "pir",
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Restore a batch of images in [0, 1] (B, 3, H, W) of any size for `task`; returns [0, 1], same size."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
+        if self.config.use_tfa:
+            self.prompt_for(task)  # fail before any work when the task has no prompt
+        padded, resized, original = self.preprocess(images)
+        restored = self.forward_padded(padded, task, steps=steps, generator=generator)
+        return self.postprocess(restored, resized, original)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

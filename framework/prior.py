@@ -1,0 +1,352 @@
+"""The frozen diffusion prior: a Stable Diffusion VAE, UNet and noise schedule, loaded with diffusers.
+
+`load_prior` reads a diffusers-format folder (`vae/`, `unet/`, `scheduler/`, `text_encoder/`, `tokenizer/`)
+or a hub id, computes the empty-prompt embedding once with the text encoder, and drops the text encoder.
+The built-in `tiny` preset is made of the same diffusers classes at tiny sizes; it is written with
+`save_pretrained` and read back through the very same loader a real sd-turbo folder uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+PRIOR_SUBFOLDERS = ("vae", "unet", "scheduler")
+
+# Config keys that describe where a file came from, not what the model is.
+_VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "_class_name", "_use_default_values")
+
+
+class PriorError(ValueError):
+    """The prior cannot be loaded; the message names what and where."""
+
+
+def unirestore_home() -> Path:
+    """Where built-in artifacts (the tiny prior, downstream models) are cached."""
+    return Path(os.environ.get("UNIRESTORE_HOME", Path.home() / ".cache" / "unirestore")).expanduser()
+
+
+# --------------------------------------------------------------------------------------------------
+# The tiny preset: the sd-turbo architecture at a size that trains on a CPU in minutes.
+
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[16, 32, 64, 64],
+    layers_per_block=1,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=64,
+    scaling_factor=0.18215,
+)
+
+TINY_UNET = dict(
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[32, 32, 64, 64],
+    layers_per_block=1,
+    attention_head_dim=[2, 2, 4, 4],
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+
+# sd-turbo's schedule (scaled-linear betas, 1000 steps); denoising always runs DDIM with trailing spacing.
+SD_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=True,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="trailing",
+)
+
+TINY_TEXT_ENCODER = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    max_position_embeddings=77,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=1,
+)
+
+
+@dataclass
+class Prior:
+    """A frozen prior: every parameter has requires_grad False and every module is in eval mode."""
+
+    vae: AutoencoderKL
+    unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    empty_prompt_embeds: torch.Tensor  # (1, tokens, cross_attention_dim)
+    name: str
+    fingerprint: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes must be a multiple of this: the VAE factor × the UNet's total downsampling."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        sample_size = self.unet.config.sample_size
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = min(sample_size)
+        return int(sample_size) * self.vae_scale_factor
+
+    def identity(self) -> dict:
+        return {"name": self.name, "fingerprint": self.fingerprint}
+
+    def to(self, device=None, dtype=None) -> Prior:
+        self.vae.to(device=device, dtype=dtype)
+        self.unet.to(device=device, dtype=dtype)
+        self.empty_prompt_embeds = self.empty_prompt_embeds.to(device=device, dtype=dtype)
+        return self
+
+
+def _clean_config(config) -> dict:
+    return {k: v for k, v in dict(config).items() if k not in _VOLATILE_KEYS and not k.startswith("_")}
+
+
+def fingerprint_configs(vae_config, unet_config, scheduler_config) -> str:
+    """A short hash of what the prior is (its architecture and schedule), independent of where it lies."""
+    payload = json.dumps(
+        {
+            "vae": _clean_config(vae_config),
+            "unet": _clean_config(unet_config),
+            "scheduler": {
+                k: v
+                for k, v in _clean_config(scheduler_config).items()
+                if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+            },
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def freeze(module: torch.nn.Module) -> torch.nn.Module:
+    module.requires_grad_(False)
+    module.eval()
+    return module
+
+
+def _encode_empty_prompt(source: str, local_only: bool, device) -> torch.Tensor:
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only)
+    tokens = tokenizer(
+        [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        embeds = text_encoder(tokens.input_ids.to(text_encoder.device))[0]
+    return embeds.to(device).float()
+
+
+def load_prior(
+    name_or_path: str | os.PathLike = "tiny",
+    *,
+    device: str | torch.device = "cpu",
+    empty_prompt_embeds: torch.Tensor | None = None,
+) -> Prior:
+    """Load and freeze a prior: `tiny`, a diffusers-format folder, or a hub id (needs a network).
+
+    `empty_prompt_embeds`, when given (a checkpoint stores it), skips the text encoder entirely.
+    """
+    name = str(name_or_path)
+    if name == "tiny":
+        source = str(ensure_tiny_prior())
+    else:
+        source = name
+    path = Path(source).expanduser()
+    local = path.exists()
+    if local:
+        missing = [sub for sub in PRIOR_SUBFOLDERS if not (path / sub).is_dir()]
+        if missing:
+            raise PriorError(
+                f"prior folder {path} lacks {', '.join(s + '/' for s in missing)}; "
+                "give a diffusers-format Stable Diffusion folder (vae/, unet/, scheduler/, text_encoder/, tokenizer/)"
+            )
+        source = str(path.resolve())
+    elif "/" not in name or name.startswith((".", "/", "~")):
+        raise PriorError(
+            f"prior '{name}' is neither a folder on disk nor a hub id (owner/name); "
+            "use --prior tiny, a diffusers-format folder, or a hub id such as stabilityai/sd-turbo"
+        )
+    local_only = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+        if empty_prompt_embeds is None:
+            empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
+    except (OSError, ValueError, EnvironmentError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PriorError(f"cannot load the prior from '{name}': {first}") from None
+    # DDIM with trailing spacing whatever scheduler the folder names (sd-turbo ships Euler).
+    scheduler = DDIMScheduler.from_config(
+        scheduler_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+    )
+    vae = freeze(vae).to(device)
+    unet = freeze(unet).to(device)
+    return Prior(
+        vae=vae,
+        unet=unet,
+        scheduler=scheduler,
+        empty_prompt_embeds=empty_prompt_embeds.detach().to(device).float(),
+        name="tiny" if name == "tiny" else name,
+        fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing the tiny preset
+
+
+def _write_tiny_tokenizer(folder: Path) -> None:
+    from transformers import CLIPTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|startoftext|>", "<|endoftext|>", "!"] + letters + [c + "</w>" for c in letters]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        vocab_file=str(folder / "vocab.json"),
+        merges_file=str(folder / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_prior(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write an untrained tiny prior in diffusers format to `folder` (stage 0 trains it)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+    DDIMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+    CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)).save_pretrained(folder / "text_encoder")
+    _write_tiny_tokenizer(folder / "tokenizer")
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "vae": ["diffusers", "AutoencoderKL"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+            },
+            indent=2,
+        )
+    )
+    return folder
+
+
+def tiny_prior_path() -> Path:
+    return unirestore_home() / "priors" / "tiny"
+
+
+def ensure_tiny_prior() -> Path:
+    """The cached tiny prior; written (untrained) on first use, atomically, if absent.
+
+    `unirestore train` replaces it with the stage-0 trained prior when that has not run yet.
+    """
+    target = tiny_prior_path()
+    if all((target / sub).is_dir() for sub in PRIOR_SUBFOLDERS):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="tiny-", dir=target.parent))
+    try:
+        build_tiny_prior(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------------
+# A prior from configs alone (random weights): for benchmarks and structure checks at real scale.
+
+# The architecture of stabilityai/sd-turbo (Stable Diffusion 2.1 at 512²).
+SD_TURBO_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    act_fn="silu",
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
+)
+
+SD_TURBO_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    norm_num_groups=32,
+    use_linear_projection=True,
+)
+
+
+def build_prior_from_configs(
+    vae_config: dict, unet_config: dict, name: str = "random", device: str | torch.device = "cpu", tokens: int = 77
+) -> Prior:
+    """A frozen prior with random weights built from config dicts (on `device`, which may be `meta`)."""
+    with torch.device(device):
+        vae = AutoencoderKL(**vae_config)
+        unet = UNet2DConditionModel(**unet_config)
+        embeds = torch.zeros(1, tokens, unet.config.cross_attention_dim)
+    scheduler = DDIMScheduler(**SD_SCHEDULER)
+    return Prior(
+        vae=freeze(vae),
+        unet=freeze(unet),
+        scheduler=scheduler,
+        empty_prompt_embeds=embeds,
+        name=name,
+        fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
+    )

@@ -1,0 +1,32 @@
+"""Shared fixtures: everything offline, every cache in a per-run temporary folder."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def unirestore_home(tmp_path_factory):
+    """A private cache for the tiny prior and downstream models, shared by the whole run."""
+    home = os.environ.get("UNIRESTORE_TEST_HOME") or str(tmp_path_factory.mktemp("unirestore-home"))
+    os.environ["UNIRESTORE_HOME"] = home
+    return home
+
+
+@pytest.fixture(scope="session")
+def tiny_prior(unirestore_home):
+    from unirestore.framework.prior import load_prior
+
+    return load_prior("tiny")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

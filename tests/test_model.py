@@ -1,0 +1,271 @@
+"""The UniRestore model: structure at real scale, shapes, gradients, prompts and checkpoints."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from unirestore.framework.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from unirestore.framework.config import ModelConfig
+from unirestore.framework.model import UniRestore, count_parameters
+from unirestore.framework.prior import PriorError, build_prior_from_configs, load_prior, tiny_prior_path
+
+# Stable Diffusion 2.1 / sd-turbo, written here so the structure check does not trust the package's presets.
+SD21_VAE = dict(
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    block_out_channels=[128, 256, 512, 512],
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+)
+SD21_UNET = dict(
+    sample_size=64,
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    block_out_channels=[320, 640, 1280, 1280],
+    layers_per_block=2,
+    attention_head_dim=[5, 10, 20, 20],
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+)
+
+
+def generator(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_prior):
+    torch.manual_seed(0)
+    return UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls", "seg"])
+
+
+def test_parameter_counts_at_sd_turbo_scale():
+    prior = build_prior_from_configs(SD21_VAE, SD21_UNET, device="meta")
+    with torch.device("meta"):
+        model = UniRestore(prior, ModelConfig(), tasks=["pir", "cls", "seg"])
+    counts = {name: count_parameters(module) for name, module in model.components().items()}
+    assert counts["tfa"] == 21_030_656
+    assert abs(counts["cfrm"] - 25.96e6) / 25.96e6 < 0.01
+    assert abs(counts["sc_tuners"] - 22.15e6) / 22.15e6 < 0.01
+    assert abs(counts["controller"] - 52.5e6) / 52.5e6 < 0.02
+    assert counts["prompts"] == 3 * 512  # one 512-number prompt per task
+    assert model._unet_skip_channels() == [320] * 4 + [640] * 3 + [1280] * 5
+    assert model.native_size == 512 and model.size_multiple == 64
+
+
+def test_prior_is_frozen_and_in_eval(model):
+    for module in (model.vae, model.unet):
+        assert not module.training
+        assert all(not p.requires_grad for p in module.parameters())
+    model.train()
+    assert not model.vae.training and not model.unet.training
+    model.eval()
+
+
+@pytest.mark.parametrize("size", [(67, 93), (64, 64), (130, 71)])
+def test_shapes_through_every_stage(model, size):
+    images = torch.rand(2, 3, *size)
+    padded, resized, original = model.preprocess(images)
+    assert padded.shape[-2] % model.size_multiple == 0 and padded.shape[-1] % model.size_multiple == 0
+    assert min(resized) >= model.native_size
+    with torch.no_grad():
+        encoded = model.encode(padded)
+        factor = 2 ** model.num_taps
+        assert encoded.latents.shape == (2, 4, padded.shape[-2] // factor, padded.shape[-1] // factor)
+        assert [f.shape[1] for f in encoded.features] == model.encoder_channels
+        for level, feature in enumerate(encoded.features):
+            assert feature.shape[-2:] == (padded.shape[-2] // 2 ** (level + 1), padded.shape[-1] // 2 ** (level + 1))
+        latents = model.denoise(encoded.latents, generator=generator())
+        assert latents.shape == encoded.latents.shape
+        decoded = model.decode(latents, encoded.features, "cls")
+        assert decoded.shape == padded.shape
+    restored = model.restore(images, "pir", generator=generator())
+    assert restored.shape == images.shape
+    assert restored.min() >= 0 and restored.max() <= 1
+    assert torch.isfinite(restored).all()
+
+
+def test_restore_is_deterministic_with_a_generator(model):
+    images = torch.rand(1, 3, 64, 80)
+    first = model.restore(images, "pir", generator=generator(3))
+    second = model.restore(images, "pir", generator=generator(3))
+    assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_denoise_steps(model, steps):
+    latents = torch.randn(1, 4, 8, 8)
+    out = model.denoise(latents, steps=steps, generator=generator())
+    assert out.shape == latents.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="1 to 4"):
+        model.denoise(latents, steps=5)
+
+
+def _set_trainable(model, names):
+    for name, module in model.components().items():
+        module.requires_grad_(name in names)
+
+
+def test_stage1_gradients_reach_only_cfrm_controller_tuners(tiny_prior):
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"]).train()
+    trainable = {"cfrm", "controller", "sc_tuners"}
+    _set_trainable(model, trainable)
+    prior_before = {k: v.clone() for k, v in list(model.vae.state_dict().items()) + list(model.unet.state_dict().items())}
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    clean, degraded = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        target = model.encode(clean, use_cfrm=False)
+    restored = model.encode(degraded, use_cfrm=True)
+    feature_loss = sum(torch.nn.functional.mse_loss(r, c) for r, c in zip(restored.features, target.features))
+    timesteps = torch.tensor([999, 499])
+    noise = torch.randn_like(target.latents)
+    noisy = model.scheduler.add_noise(target.latents, noise, timesteps)
+    control = model.control(restored.latents, timesteps)
+    estimate = model.predict_original(noisy, timesteps, model.unet_forward(noisy, timesteps, control))
+    loss = feature_loss + torch.nn.functional.mse_loss(estimate, target.latents)
+    loss.backward()
+    for name, module in model.components().items():
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if name in trainable:
+            assert grads and any(g.abs().sum() > 0 for g in grads), name
+        else:
+            assert not grads, name
+    assert all(p.grad is None for p in model.vae.parameters())
+    assert all(p.grad is None for p in model.unet.parameters())
+    optimizer.step()
+    for key, value in list(model.vae.state_dict().items()) + list(model.unet.state_dict().items()):
+        assert torch.equal(value, prior_before[key]), key
+
+
+def test_latent_loss_never_reaches_cfrm(tiny_prior):
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    _set_trainable(model, {"cfrm"})
+    encoded = model.encode(torch.rand(1, 3, 64, 64))
+    assert all(feature.requires_grad for feature in encoded.features)
+    assert not encoded.latents.requires_grad  # the main path is cut before the last down block
+
+
+def test_stage2_gradients_reach_only_tfa_and_prompts(tiny_prior):
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls"]).train()
+    _set_trainable(model, {"tfa", "prompts"})
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        encoded = model.encode(images)
+        latents = model.denoise(encoded.latents, generator=generator())
+    output = model.decode(latents, encoded.features, "cls")
+    (output - images).abs().mean().backward()
+    for name, module in model.components().items():
+        has_grad = any(p.grad is not None for p in module.parameters())
+        assert has_grad == (name in {"tfa", "prompts"}), name
+    assert model.prompts.prompts["cls"].grad.abs().sum() > 0
+    assert model.prompts.prompts["pir"].grad is None or model.prompts.prompts["pir"].grad.abs().sum() == 0
+
+
+def test_prompts_steer_the_output_and_adding_a_task_changes_nothing_else(tiny_prior):
+    torch.manual_seed(1)
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls"])
+    images = torch.rand(1, 3, 64, 64)
+    zero = model.restore(images, "pir", generator=generator())
+    assert torch.isfinite(zero).all()  # a zero prompt is well defined
+    with torch.no_grad():
+        model.prompts.prompts["cls"].normal_(0, 3)
+    assert not torch.equal(zero, model.restore(images, "cls", generator=generator()))
+    before = {task: model.restore(images, task, generator=generator()) for task in ("pir", "cls")}
+    tensors_before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.add_task("det")
+    for task in ("pir", "cls"):
+        assert torch.equal(before[task], model.restore(images, task, generator=generator()))
+    after = model.state_dict()
+    assert set(after) - set(tensors_before) == {"prompts.prompts.det"}
+    assert all(torch.equal(after[k], v) for k, v in tensors_before.items())
+    assert after["prompts.prompts.det"].abs().sum() == 0
+    with pytest.raises(KeyError, match="pir"):
+        model.restore(images, "unknown")
+
+
+def test_ablation_switches(tiny_prior):
+    images = torch.rand(1, 3, 64, 64)
+    counts = {}
+    for name, config in {
+        "full": ModelConfig(),
+        "no_cfrm": ModelConfig(use_cfrm=False),
+        "no_tfa": ModelConfig(use_tfa=False),
+        "shared": ModelConfig(shared_prompt=True),
+    }.items():
+        model = UniRestore(tiny_prior, config, tasks=["pir", "cls", "seg"])
+        assert model.restore(images, "cls", generator=generator()).shape == images.shape
+        counts[name] = model.tasks
+    assert counts["shared"] == ["shared"]
+    assert counts["full"] == ["pir", "cls", "seg"]
+
+
+def test_checkpoint_round_trip_is_bit_identical(tmp_path, tiny_prior):
+    torch.manual_seed(2)
+    model = UniRestore(tiny_prior, ModelConfig(denoise_steps=2), tasks=["pir", "cls"])
+    with torch.no_grad():
+        for parameter in model.tfa.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.01)
+        model.prompts.prompts["cls"].normal_()
+    images = torch.rand(1, 3, 70, 64)
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    assert not list(tmp_path.glob("*.tmp"))
+    loaded = load_checkpoint(path)
+    assert loaded.config.denoise_steps == 2 and loaded.tasks == ["pir", "cls"]
+    for task in ("pir", "cls"):
+        assert torch.equal(model.restore(images, task, generator=generator()), loaded.restore(images, task, generator=generator()))
+    # only the trainable parts are stored
+    from safetensors.torch import load_file
+
+    keys = load_file(str(path)).keys()
+    assert {k.split(".")[0] for k in keys} == {"cfrm", "controller", "sc_tuners", "tfa", "prompts", "prior"}
+
+
+def test_checkpoint_for_another_prior_is_refused(tmp_path, tiny_prior):
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    other = tmp_path / "other-prior"
+    shutil.copytree(tiny_prior_path(), other)
+    config = json.loads((other / "unet" / "config.json").read_text())
+    config["sample_size"] = 2 * config["sample_size"]  # same weights, another architecture setting
+    (other / "unet" / "config.json").write_text(json.dumps(config))
+    AutoencoderKL.from_pretrained(other, subfolder="vae")  # the folder itself is a valid prior
+    with pytest.raises(CheckpointError, match="trained on prior 'tiny'"):
+        load_checkpoint(path, prior=str(other))
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path, content):
+    path = tmp_path / "broken.safetensors"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert str(path) in message and "\n" not in message
+
+
+def test_tiny_prior_saved_with_save_pretrained_loads_through_the_folder_loader(tmp_path, tiny_prior):
+    folder = tmp_path / "sd-like"
+    tiny_prior.vae.save_pretrained(folder / "vae")
+    tiny_prior.unet.save_pretrained(folder / "unet")
+    tiny_prior.scheduler.save_pretrained(folder / "scheduler")
+    for sub in ("text_encoder", "tokenizer"):
+        shutil.copytree(tiny_prior_path() / sub, folder / sub)
+    prior = load_prior(folder)
+    assert prior.fingerprint == tiny_prior.fingerprint
+    assert torch.equal(prior.empty_prompt_embeds, tiny_prior.empty_prompt_embeds)
+    assert isinstance(prior.unet, UNet2DConditionModel)
+    assert all(not p.requires_grad for p in prior.unet.parameters())
+
+
+def test_bad_prior_paths_fail_clearly(tmp_path):
+    with pytest.raises(PriorError, match="lacks"):
+        load_prior(tmp_path)
+    with pytest.raises(PriorError, match="neither a folder"):
+        load_prior(str(tmp_path / "missing"))
