@@ -169,7 +169,7 @@ class UniRestore(nn.Module):
         mean, logvar = torch.chunk(moments, 2, dim=1)
         if sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            noise = _randn_like(mean, generator)
             latents = mean + std * noise
         else:
             latents = mean
@@ -249,14 +249,19 @@ class UniRestore(nn.Module):
         latents: torch.Tensor,
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """DDIM with trailing spacing from the degraded latent noised to t = 999; returns the clean latent."""
+        """DDIM with trailing spacing from the degraded latent noised to t = 999; returns the clean latent.
+
+        `noise` (the latents' shape) fixes the starting noise, e.g. one crop of a whole image's noise per tile.
+        """
         steps = steps or self.config.denoise_steps
         if not 1 <= steps <= 4:
             raise ValueError(f"denoise steps={steps}: must be 1 to 4")
         self.scheduler.set_timesteps(steps, device=latents.device)
         timesteps = self.scheduler.timesteps
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        if noise is None:
+            noise = _randn_like(latents, generator)
         sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, 4, h, w), almost pure noise
         for t in timesteps:
             control = self.control(latents, t)
@@ -267,9 +272,16 @@ class UniRestore(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # decode: VAE decoder with the TFA and a task prompt
 
-    def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, task: str | None) -> torch.Tensor:
+    def decode(
+        self,
+        latents: torch.Tensor,
+        features: Sequence[torch.Tensor] | None,
+        task: str | None,
+        prompts: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Decode latents to images in [0, 1] (unclamped), fusing `features` through the TFA with `task`'s prompt.
 
+        `prompts` (B, T, D0), when given, sets each sample's prompt instead (several tasks in one pass).
         With the TFA switched off (or `features` None) this is the prior's plain decoder.
         """
         decoder = self.vae.decoder
@@ -280,7 +292,9 @@ class UniRestore(nn.Module):
         sample = decoder.mid_block(sample, None)
         use_tfa = self.config.use_tfa and features is not None
         prompt = None
-        if use_tfa:
+        if use_tfa and prompts is not None:
+            prompt = prompts.to(sample.dtype)
+        elif use_tfa:
             if task is None:
                 raise ValueError("decode with the TFA needs a task; give one of " + ", ".join(self.tasks))
             prompt = self.prompt_for(task).to(sample.dtype)
@@ -322,11 +336,16 @@ class UniRestore(nn.Module):
         return images.clamp(0, 1)
 
     def forward_padded(
-        self, images: torch.Tensor, task: str, steps: int | None = None, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor,
+        task: str,
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """encode → denoise → decode on images whose size is already a valid multiple."""
         encoded = self.encode(images, generator=generator)
-        latents = self.denoise(encoded.latents, steps=steps, generator=generator)
+        latents = self.denoise(encoded.latents, steps=steps, generator=generator, noise=noise)
         return self.decode(latents, encoded.features if self.config.use_tfa else None, task)
 
     @torch.no_grad()
@@ -336,15 +355,32 @@ class UniRestore(nn.Module):
         task: str = "pir",
         steps: int | None = None,
         generator: torch.Generator | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
     ) -> torch.Tensor:
-        """Restore a batch of images in [0, 1] (B, 3, H, W) of any size for `task`; returns [0, 1], same size."""
+        """Restore a batch of images in [0, 1] (B, 3, H, W) of any size for `task`; returns [0, 1], same size.
+
+        Images whose padded side exceeds `tile_size` pixels (0 or None: never) are restored tile by tile
+        (`framework/tiling.py`), so memory is bounded by the tile, not the image.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
         if self.config.use_tfa:
             self.prompt_for(task)  # fail before any work when the task has no prompt
         padded, resized, original = self.preprocess(images)
-        restored = self.forward_padded(padded, task, steps=steps, generator=generator)
+        if tile_size and max(padded.shape[-2:]) > tile_size:
+            from .tiling import tiled_forward
+
+            restored = tiled_forward(self, padded, task, tile_size, tile_overlap, steps=steps, generator=generator)
+        else:
+            restored = self.forward_padded(padded, task, steps=steps, generator=generator)
         return self.postprocess(restored, resized, original)
+
+
+def _randn_like(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (so a CPU generator serves a GPU model too)."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype).to(like.device)
 
 
 def count_parameters(module: nn.Module) -> int:

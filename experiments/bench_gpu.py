@@ -1,0 +1,360 @@
+"""Speed at the real scale: UniRestore built at sd-turbo scale with random weights (no checkpoint needed).
+
+Measures, in one run: restore latency (batch 1) and throughput (batch 16) at 512² in fp32 and bf16 beside a
+bare prior pass (VAE encode → one UNet step → VAE decode) in the same run; stage-1 and stage-2 training step
+time and peak memory (batch 4, with and without gradient checkpointing); stage 2 as implemented (decoder
+inputs once, without gradients; both prompts decoded in one pass) against a straightforward step that re-runs
+the whole pipeline for each prompt, with their losses compared; the FLOPs of one restore (torch's FLOP
+counter) and the share of the GPU's measured bf16 matrix peak that the timing reaches.
+
+    python -m unirestore.experiments.bench_gpu --out bench/              # on a GPU: the real figures
+    python -m unirestore.experiments.bench_gpu --device cpu --size 64 --throughput-batch 2 --train-batch 1 --iters 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from unirestore.framework.config import ModelConfig
+from unirestore.framework.engine.losses import decoder_inputs, stage1_losses, task_losses
+from unirestore.framework.model import UniRestore, count_parameters
+from unirestore.framework.prior import SD_TURBO_UNET, SD_TURBO_VAE, TINY_UNET, TINY_VAE, build_prior_from_configs
+
+SCALES = {"sd-turbo": (SD_TURBO_VAE, SD_TURBO_UNET), "tiny": (TINY_VAE, TINY_UNET)}
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    """Mean seconds per call after `warmup` calls."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+def peak_memory(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def measured_bf16_peak(device, n: int = 8192) -> float | None:
+    """TFLOP/s of a large bf16 matrix product: the practical ceiling the restore timing is compared with."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    seconds = timed(lambda: a @ b, device, warmup=3, iters=10)
+    return 2 * n**3 / seconds / 1e12
+
+
+class StandInClassification:
+    """A classification task for timing: CE of a frozen torchvision ResNet-50 (random weights) at 224²."""
+
+    name = "cls"
+    anchor_to_pir = True
+
+    def __init__(self, device):
+        import torchvision
+
+        self.classifier = torchvision.models.resnet50(weights=None).to(device).eval()
+        self.classifier.requires_grad_(False)
+        self.mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+
+    def losses(self, restored, batch):
+        images = F.interpolate(restored, size=(224, 224), mode="bilinear", align_corners=False)
+        logits = self.classifier((images - self.mean) / self.std)
+        return {"loss/cls_ce": 0.1 * F.cross_entropy(logits.float(), batch["label"])}
+
+
+def straightforward_stage2_step(model, task, batch, generator_seed):
+    """The naive stage-2 loss: the whole pipeline re-run for the task prompt and again for the PIR anchor."""
+    outputs = {}
+    for prompt in (task.name, "pir"):
+        generator = torch.Generator(device=batch["lq"].device).manual_seed(generator_seed)
+        with torch.no_grad():
+            # The same draws as decoder_inputs('clean_estimate') makes, in the same order.
+            latents, features = decoder_inputs(model, batch["hq"], batch["lq"], generator=generator)
+        outputs[prompt] = model.decode(latents, features, prompt)
+    terms = dict(task.losses(outputs[task.name], batch))
+    terms["loss/cls_pir_l1"] = F.l1_loss(outputs["pir"].float(), batch["hq"].float())
+    return terms
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="sd-turbo")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--throughput-batch", type=int, default=16)
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_gpu.json and bench_gpu.md")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    started = time.perf_counter()
+    vae_config, unet_config = SCALES[args.scale]
+    with torch.device(device):
+        prior = build_prior_from_configs(vae_config, unet_config, device=device)
+        model = UniRestore(prior, ModelConfig(), tasks=["pir", "cls"])
+    model.eval()
+    results: dict = {
+        "scale": args.scale,
+        "size": args.size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "parameters": {name: count_parameters(m) for name, m in model.components().items()},
+        "timings": {},
+    }
+    if device.type == "cpu":
+        results["cpu_threads"] = torch.get_num_threads()
+    results["bf16_peak_tflops"] = measured_bf16_peak(device)
+    timings = results["timings"]
+
+    def bare_pass(images):
+        # The frozen prior alone: VAE encode → one UNet step → VAE decode.
+        latents = prior.vae.encode(images * 2 - 1).latent_dist.mode() * prior.vae.config.scaling_factor
+        context = prior.empty_prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
+        noise_prediction = prior.unet(latents, 999, encoder_hidden_states=context).sample
+        return prior.vae.decode(noise_prediction / prior.vae.config.scaling_factor).sample
+
+    def restore_pass(images):
+        generator = torch.Generator(device=device).manual_seed(0)
+        return model.forward_padded(images, "pir", generator=generator)
+
+    precisions = {"fp32": None, "bf16": torch.bfloat16}
+    for precision, dtype in precisions.items():
+        autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+        for batch in (1, args.throughput_batch):
+            images = torch.rand(batch, 3, args.size, args.size, device=device)
+            for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
+                with torch.no_grad(), autocast:
+                    reset_peak(device)
+                    seconds = timed(lambda: fn(images), device, args.warmup, args.iters)
+                timings[f"{name}/{precision}/b{batch}"] = {
+                    "seconds": seconds,
+                    "images_per_s": batch / seconds,
+                    "peak_gib": peak_memory(device),
+                }
+                print(f"{name:10s} {precision} batch {batch:2d}: {seconds * 1e3:8.1f} ms  ({batch / seconds:6.2f} img/s)")
+
+    # FLOPs of one restore at batch 1, counted by torch, and the share of the measured peak it reaches.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = torch.rand(1, 3, args.size, args.size, device=device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            restore_pass(images)
+        restore_flops = counter.get_total_flops()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            bare_pass(images)
+        bare_flops = counter.get_total_flops()
+    results["flops"] = {"restore": restore_flops, "bare_prior": bare_flops}
+    restore_bf16 = timings["restore/bf16/b1"]["seconds"]
+    results["achieved_tflops_bf16_b1"] = restore_flops / restore_bf16 / 1e12
+    throughput = timings[f"restore/bf16/b{args.throughput_batch}"]["seconds"]
+    results["achieved_tflops_bf16_throughput"] = args.throughput_batch * restore_flops / throughput / 1e12
+    if results["bf16_peak_tflops"]:
+        results["share_of_peak_b1"] = results["achieved_tflops_bf16_b1"] / results["bf16_peak_tflops"]
+        results["share_of_peak_throughput"] = results["achieved_tflops_bf16_throughput"] / results["bf16_peak_tflops"]
+    results["restore_over_bare_bf16_b1"] = restore_bf16 / timings["bare_prior/bf16/b1"]["seconds"]
+    results["fp32_over_bf16_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / restore_bf16
+
+    if not args.skip_training:
+        results["training"] = bench_training(model, device, args)
+
+    # Inference as deployed: bf16 weights (no autocast casts per op) and channels_last activations.
+    model.eval()
+    model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+    for batch in (1, args.throughput_batch):
+        images = torch.rand(batch, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
+        images = images.contiguous(memory_format=torch.channels_last)
+        for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
+            with torch.no_grad():
+                reset_peak(device)
+                seconds = timed(lambda: fn(images), device, args.warmup, args.iters)
+            timings[f"{name}/bf16-weights-cl/b{batch}"] = {
+                "seconds": seconds,
+                "images_per_s": batch / seconds,
+                "peak_gib": peak_memory(device),
+            }
+            print(f"{name:10s} bf16-weights-cl batch {batch:2d}: {seconds * 1e3:8.1f} ms")
+    deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
+    results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
+    results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
+    results["wall_s"] = time.perf_counter() - started
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=2))
+        (args.out / "bench_gpu.md").write_text(markdown(results))
+    print(markdown(results))
+    return results
+
+
+def bench_training(model: UniRestore, device, args) -> dict:
+    out = {}
+    size, batch_size = args.size, args.train_batch
+    clean = torch.rand(batch_size, 3, size, size, device=device)
+    degraded = (clean + 0.1 * torch.randn_like(clean)).clamp(0, 1)
+    batch = {"hq": clean, "lq": degraded, "label": torch.randint(0, 1000, (batch_size,), device=device)}
+    stage_sets = {1: ("cfrm", "controller", "sc_tuners"), 2: ("tfa", "prompts")}
+    task = StandInClassification(device)
+    for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        for checkpointing in (False, True):
+            model.config.gradient_checkpointing = checkpointing
+            for stage, names in stage_sets.items():
+                for name, module in model.components().items():
+                    module.requires_grad_(name in names)
+                model.train()
+                params = [p for p in model.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(params, lr=1e-5)
+                generator = torch.Generator(device=device).manual_seed(0)
+
+                def step():
+                    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+                    with autocast:
+                        if stage == 1:
+                            terms = stage1_losses(
+                                model, clean, degraded, {"cfrm": 1.0, "control": 1.0}, (0.1, 0.1, 0.01), generator
+                            )
+                        else:
+                            latents, features = decoder_inputs(model, clean, degraded, generator=generator)
+                            terms = task_losses(model, task, batch, latents, features, beta=1.0)
+                    loss = sum(terms.values())
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                reset_peak(device)
+                try:
+                    seconds = timed(step, device, warmup=1, iters=max(1, args.iters // 2))
+                    record = {"seconds": seconds, "peak_gib": peak_memory(device)}
+                except torch.OutOfMemoryError:
+                    record = {"seconds": None, "peak_gib": None, "error": "out of memory"}
+                key = f"stage{stage}/{precision}/{'ckpt' if checkpointing else 'no-ckpt'}"
+                out[key] = record
+                print(f"train {key}: {record}")
+                del optimizer
+    model.config.gradient_checkpointing = False
+
+    # Stage 2 as implemented against the straightforward step, timed and compared on the same draws.
+    for name, module in model.components().items():
+        module.requires_grad_(name in stage_sets[2])
+    model.train()
+
+    def ours():
+        generator = torch.Generator(device=device).manual_seed(7)
+        latents, features = decoder_inputs(model, clean, degraded, generator=generator)
+        return task_losses(model, task, batch, latents, features, beta=1.0)
+
+    def naive():
+        return straightforward_stage2_step(model, task, batch, 7)
+
+    comparison = {}
+    for label, fn in (("implemented", ours), ("straightforward", naive)):
+        def step(fn=fn):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                terms = fn()
+            sum(terms.values()).backward()
+            model.zero_grad(set_to_none=True)
+            return terms
+
+        reset_peak(device)
+        seconds = timed(step, device, warmup=1, iters=max(1, args.iters // 2))
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            terms = fn()
+        comparison[label] = {
+            "seconds": seconds,
+            "peak_gib": peak_memory(device),
+            "losses": {k: float(v) for k, v in terms.items()},
+        }
+    comparison["speedup"] = comparison["straightforward"]["seconds"] / comparison["implemented"]["seconds"]
+    out["stage2_comparison"] = comparison
+    return out
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"### Real scale ({results['scale']}, random weights) on {results['device']}",
+        "",
+        f"torch {results['torch']}, images {results['size']}², wall time {results.get('wall_s', 0):.0f} s.",
+        "",
+        "| pass | precision | batch | ms / batch | images / s | peak GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, value in results["timings"].items():
+        name, precision, batch = key.split("/")
+        peak = value["peak_gib"]
+        lines.append(
+            f"| {name} | {precision} | {batch[1:]} | {value['seconds'] * 1e3:.1f} | {value['images_per_s']:.2f} | "
+            f"{'' if peak is None else f'{peak:.2f}'} |"
+        )
+    lines += [
+        "",
+        f"- restore / bare prior pass, bf16 batch 1: **{results['restore_over_bare_bf16_b1']:.2f}×** (target ≤ 1.3×)",
+        f"- fp32 / bf16 restore time, batch 1: **{results['fp32_over_bf16_restore_b1']:.2f}×** (target ≥ 2×)",
+        f"- with bf16 weights and channels_last: restore / bare prior **"
+        f"{results.get('restore_over_bare_bf16_weights_b1', float('nan')):.2f}×**, fp32 / bf16 **"
+        f"{results.get('fp32_over_bf16_weights_restore_b1', float('nan')):.2f}×**",
+        f"- FLOPs of one restore: {results['flops']['restore'] / 1e12:.2f} TFLOP "
+        f"(bare prior pass {results['flops']['bare_prior'] / 1e12:.2f} TFLOP)",
+    ]
+    if results.get("bf16_peak_tflops"):
+        lines.append(
+            f"- measured bf16 matrix peak {results['bf16_peak_tflops']:.0f} TFLOP/s; restore reaches "
+            f"{results['achieved_tflops_bf16_b1']:.0f} TFLOP/s at batch 1 ({100 * results['share_of_peak_b1']:.1f} %) "
+            f"and {results['achieved_tflops_bf16_throughput']:.0f} TFLOP/s at batch 16 "
+            f"({100 * results['share_of_peak_throughput']:.1f} %)"
+        )
+    training = results.get("training")
+    if training:
+        lines += ["", "| training step | precision | gradient checkpointing | s / step | peak GiB |", "|---|---|---|---|---|"]
+        for key, value in training.items():
+            if key == "stage2_comparison":
+                continue
+            stage, precision, ckpt = key.split("/")
+            seconds = "OOM" if value["seconds"] is None else f"{value['seconds']:.3f}"
+            peak = "" if value["peak_gib"] is None else f"{value['peak_gib']:.1f}"
+            lines.append(f"| {stage} | {precision} | {'yes' if ckpt == 'ckpt' else 'no'} | {seconds} | {peak} |")
+        comparison = training["stage2_comparison"]
+        lines += [
+            "",
+            f"- stage 2 (bf16): {comparison['implemented']['seconds']:.3f} s/step as implemented vs "
+            f"{comparison['straightforward']['seconds']:.3f} s/step re-running the pipeline per prompt: "
+            f"**{comparison['speedup']:.2f}×** (target ≥ 1.5×); losses "
+            f"{comparison['implemented']['losses']} vs {comparison['straightforward']['losses']}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""The stage losses of SPEC §6, as dicts of named, weighted terms (the names are MLflow metric keys)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..model import UniRestore
+
+# Timesteps stage 1 draws from: the release favours t = 999, the one used at inference.
+STAGE1_TIMESTEPS = (249, 499, 749, 999, 999, 999)
+DECODER_INPUTS = ("clean_estimate", "inference")
+
+
+def _draw_timesteps(count: int, device, generator: torch.Generator | None) -> torch.Tensor:
+    source = generator.device if generator is not None else device
+    choices = torch.tensor(STAGE1_TIMESTEPS, device=source)
+    index = torch.randint(len(choices), (count,), generator=generator, device=source)
+    return choices[index].to(device)
+
+
+def _noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    source = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=source).to(like.device)
+
+
+def clean_latents(model: UniRestore, clean: torch.Tensor, generator: torch.Generator | None = None):
+    """Vanilla-encoder features and the posterior-sampled clean latent h0 (no gradients)."""
+    with torch.no_grad():
+        return model.encode(clean, use_cfrm=False, sample_posterior=True, generator=generator)
+
+
+def stage1_losses(
+    model: UniRestore,
+    clean: torch.Tensor,
+    degraded: torch.Tensor,
+    weights: Mapping[str, float],
+    level_weights: Sequence[float],
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """L_CFRM (restored vs clean encoder features) and L_Control (ẑ0 from the noised clean latent vs h0)."""
+    target = clean_latents(model, clean, generator)
+    restored = model.encode(degraded, use_cfrm=True)  # features with grad; latents cut from the CFRM
+    if len(level_weights) != len(restored.features):
+        raise ValueError(f"{len(level_weights)} CFRM level weights for {len(restored.features)} tapped levels")
+    feature_loss = sum(
+        weight * F.mse_loss(r.float(), c.float())
+        for weight, r, c in zip(level_weights, restored.features, target.features)
+    )
+    h0 = target.latents
+    timesteps = _draw_timesteps(h0.shape[0], h0.device, generator)
+    noisy = model.scheduler.add_noise(h0, _noise(h0, generator), timesteps)  # noise on the clean latent
+    control = model.control(restored.latents, timesteps)
+    estimate = model.predict_original(noisy, timesteps, model.unet_forward(noisy, timesteps, control))
+    control_loss = F.mse_loss(estimate.float(), h0.float())
+    return {"loss/cfrm": weights["cfrm"] * feature_loss, "loss/control": weights["control"] * control_loss}
+
+
+@torch.no_grad()
+def decoder_inputs(
+    model: UniRestore,
+    clean: torch.Tensor,
+    degraded: torch.Tensor,
+    mode: str = "clean_estimate",
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """What the stage-2 decoder reads: a clean-latent estimate and the restored encoder features.
+
+    `clean_estimate` (the release): ẑ0 from the noised clean latent at a stage-1 timestep.
+    `inference`: one DDIM step from the noised degraded latent, exactly as at test time.
+    Both are computed once per batch without gradients: the stage-1 modules are frozen in stage 2.
+    """
+    if mode not in DECODER_INPUTS:
+        raise ValueError(f"unknown stage-2 decoder input '{mode}'; use one of {', '.join(DECODER_INPUTS)}")
+    restored = model.encode(degraded, use_cfrm=model.config.use_cfrm)
+    if mode == "inference":
+        latents = model.denoise(restored.latents, generator=generator)
+    else:
+        h0 = clean_latents(model, clean, generator).latents
+        timesteps = _draw_timesteps(h0.shape[0], h0.device, generator)
+        noisy = model.scheduler.add_noise(h0, _noise(h0, generator), timesteps)
+        control = model.control(restored.latents, timesteps)
+        latents = model.predict_original(noisy, timesteps, model.unet_forward(noisy, timesteps, control))
+    return latents, restored.features
+
+
+def task_losses(
+    model: UniRestore,
+    task,
+    batch: dict,
+    latents: torch.Tensor,
+    features: Sequence[torch.Tensor],
+    beta: float,
+    anchor: bool = True,
+) -> dict[str, torch.Tensor]:
+    """β_k · L_k for one task's batch: the task's own terms and, for tasks anchored to PIR, the unweighted
+    L1 between the PIR-prompt output and the clean image. Both decodes run as one batched pass."""
+    features = list(features) if model.config.use_tfa else None
+    use_anchor = anchor and task.anchor_to_pir and "pir" in model.prompts and not model.config.shared_prompt
+    if use_anchor:
+        batch_size = latents.shape[0]
+        stacked = [torch.cat([f, f]) for f in features] if features is not None else None
+        both = _decode_two_prompts(model, torch.cat([latents, latents]), stacked, task.name, "pir", batch_size)
+        restored, pir_output = both[:batch_size], both[batch_size:]
+    else:
+        restored = model.decode(latents, features, task.name)
+    terms = dict(task.losses(restored, batch))
+    if use_anchor:
+        terms[f"loss/{task.name}_pir_l1"] = F.l1_loss(pir_output.float(), batch["hq"].float())
+    return {key: beta * value for key, value in terms.items()}
+
+
+def _decode_two_prompts(model, latents, features, first, second, split):
+    """Decode a doubled batch whose first `split` samples use `first`'s prompt and the rest `second`'s."""
+    if features is None:
+        return model.decode(latents, None, first)
+    prompts = torch.cat(
+        [
+            model.prompt_for(first).unsqueeze(0).expand(split, -1, -1),
+            model.prompt_for(second).unsqueeze(0).expand(latents.shape[0] - split, -1, -1),
+        ]
+    )
+    return model.decode(latents, features, first, prompts=prompts)

@@ -1,0 +1,97 @@
+"""The task registry: built-in tasks are imported explicitly, third-party ones come from the
+`unirestore.tasks` entry-point group. A broken plugin is reported and skipped, never breaks the others."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import warnings
+from collections.abc import Callable
+
+_TASKS: dict[str, type] = {}
+_SOURCES: dict[str, str] = {}
+_BROKEN: dict[str, str] = {}
+_LOADED = False
+
+
+class UnknownTaskError(KeyError):
+    """A task name that is not registered; the message lists the known ones."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; this one reads as a sentence
+        return str(self.args[0])
+
+
+def register_task(cls: type | None = None, *, source: str | None = None) -> Callable | type:
+    """Class decorator: register a task under `cls.name`. A duplicate name raises."""
+
+    def wrap(task_cls: type) -> type:
+        name = getattr(task_cls, "name", None)
+        if not name or not isinstance(name, str):
+            raise TypeError(f"{task_cls.__qualname__} must set a string class attribute `name`")
+        if name in _TASKS and _TASKS[name] is not task_cls:
+            raise ValueError(
+                f"task '{name}' is registered twice ({_SOURCES[name]} and {task_cls.__module__}); rename one"
+            )
+        _TASKS[name] = task_cls
+        _SOURCES[name] = source or task_cls.__module__
+        return task_cls
+
+    return wrap(cls) if cls is not None else wrap
+
+
+def load_tasks() -> None:
+    """Import the built-in tasks and every installed plugin (once)."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    importlib.import_module("unirestore.tasks")
+    for entry_point in importlib.metadata.entry_points(group="unirestore.tasks"):
+        try:
+            loaded = entry_point.load()
+            if isinstance(loaded, type) and getattr(loaded, "name", None) and loaded.name not in _TASKS:
+                register_task(loaded, source=f"plugin {entry_point.value}")
+            else:
+                for name, cls in _TASKS.items():
+                    if cls.__module__ == getattr(loaded, "__name__", None):
+                        _SOURCES[name] = f"plugin {entry_point.value}"
+        except Exception as error:  # a plugin may fail in any way; it must not take the others down
+            message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            _BROKEN[entry_point.name] = message
+            warnings.warn(
+                f"task plugin '{entry_point.name}' ({entry_point.value}) failed to load and is skipped: {message}",
+                stacklevel=2,
+            )
+
+
+def known_tasks() -> list[str]:
+    load_tasks()
+    return sorted(_TASKS)
+
+
+def task_source(name: str) -> str:
+    load_tasks()
+    return _SOURCES[name]
+
+
+def broken_plugins() -> dict[str, str]:
+    load_tasks()
+    return dict(_BROKEN)
+
+
+def get_task_class(name: str) -> type:
+    load_tasks()
+    if name not in _TASKS:
+        raise UnknownTaskError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def parse_task_list(text: str | list[str]) -> list[str]:
+    """`pir,seg,cls` → ['pir', 'seg', 'cls'], each checked against the registry, order kept, no repeats."""
+    names = text if isinstance(text, list) else [t.strip() for t in text.split(",")]
+    names = [n for n in names if n]
+    if not names:
+        raise UnknownTaskError(f"no task given; known tasks: {', '.join(known_tasks())}")
+    for name in names:
+        get_task_class(name)
+    return list(dict.fromkeys(names))

@@ -1,0 +1,73 @@
+"""Tiled restoration for images larger than a tile (UHDSnow is 4K): memory bounded by the tile size.
+
+The padded image is cut into overlapping tiles on the latent grid. One noise tensor is drawn for the whole
+image's latent and each tile denoises from its own crop of it, so overlapping tiles start from the same noise
+and agree where they overlap; their outputs are blended with weights that ramp linearly across the overlap,
+which leaves no visible seam.
+"""
+
+from __future__ import annotations
+
+import torch
+
+DEFAULT_TILE_SIZE = 1024
+DEFAULT_TILE_OVERLAP = 128
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets covering [0, length) with tiles of `tile`, at most `stride` apart, the last flush right."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    starts.append(length - tile)
+    return sorted(set(starts))
+
+
+def ramp(length: int, overlap: int, at_start: bool, at_end: bool, device) -> torch.Tensor:
+    """A 1-D blending weight: 1 inside, a linear ramp over `overlap` at each side that borders another tile."""
+    weight = torch.ones(length, device=device)
+    if overlap > 0:
+        edge = (torch.arange(overlap, device=device, dtype=torch.float32) + 0.5) / overlap
+        if not at_start:
+            weight[:overlap] = torch.minimum(weight[:overlap], edge)
+        if not at_end:
+            weight[-overlap:] = torch.minimum(weight[-overlap:], edge.flip(0))
+    return weight
+
+
+def tiled_forward(
+    model,
+    images: torch.Tensor,
+    task: str,
+    tile_size: int = DEFAULT_TILE_SIZE,
+    tile_overlap: int | None = DEFAULT_TILE_OVERLAP,
+    steps: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output."""
+    multiple = model.size_multiple
+    factor = 2 ** model.num_taps  # pixels per latent cell
+    tile = max(multiple, tile_size // multiple * multiple)
+    overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
+    overlap = min(overlap // multiple * multiple, tile // 2)
+    stride = tile - overlap
+    batch, _, height, width = images.shape
+    latent_shape = (batch, model.vae.config.latent_channels, height // factor, width // factor)
+    device = generator.device if generator is not None else images.device
+    noise = torch.randn(latent_shape, generator=generator, device=device).to(images.device, images.dtype)
+    output = torch.zeros_like(images)
+    total = torch.zeros(1, 1, height, width, device=images.device, dtype=images.dtype)
+    rows, columns = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
+    for top in rows:
+        for left in columns:
+            bottom, right = min(top + tile, height), min(left + tile, width)
+            crop = images[..., top:bottom, left:right]
+            crop_noise = noise[..., top // factor : bottom // factor, left // factor : right // factor]
+            restored = model.forward_padded(crop, task, steps=steps, noise=crop_noise)
+            weight = ramp(bottom - top, overlap, top == rows[0], bottom == height, images.device)[:, None] * ramp(
+                right - left, overlap, left == columns[0], right == width, images.device
+            )[None, :]
+            weight = weight.to(images.dtype)[None, None]
+            output[..., top:bottom, left:right] += restored * weight
+            total[..., top:bottom, left:right] += weight
+    return output / total

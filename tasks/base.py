@@ -1,0 +1,87 @@
+"""The task contract. A task owns its datasets, its frozen downstream model(s), its loss terms and its
+metric; the engine owns everything else. One task per file in `tasks/`, registered with
+`@register_task`; a third-party package registers its own through the `unirestore.tasks` entry points.
+
+The sample format every dataset yields (see `unirestore.framework.data`):
+`hq` (3, H, W) clean in [0, 1]; `lq` (3, H, W) degraded; and, by task, `label` (), `mask` (H, W) with 255
+ignored, `boxes` (N, 4) xyxy pixels and `box_labels` (N,). A collated batch stacks tensors and keeps
+`boxes` / `box_labels` as lists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+
+@dataclass
+class TaskContext:
+    """What a task needs to know about the run it is part of."""
+
+    # Per-task dataset entries from a data config (see framework/data/config.py); None means built-in data.
+    data: Any = None
+    # Training / evaluation crop size in pixels.
+    size: int = 64
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+    # Cache folder for built-in downstream models (UNIRESTORE_HOME/downstream by default).
+    home: Path | None = None
+    # Local checkpoints of real downstream models, by model name (e.g. {"resnet50": "/ckpt/r50.pth"}).
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Accumulates a task's metric over batches: `update(images, batch)`, then `compute()`."""
+
+    def update(self, images: torch.Tensor, batch: dict) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Task:
+    """Base class of every task. Subclasses set the class attributes and implement the four methods."""
+
+    # Registry name, as used on the command line (`--tasks pir,seg,cls`).
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    # Default weights of the task's loss terms (SPEC §6), overridable by config; names become metric keys.
+    loss_weights: ClassVar[dict[str, float]] = {}
+    # Default β of the task in the stage-2 total (Eq. 5/6).
+    default_beta: ClassVar[float] = 1.0
+    # Metric names the evaluator returns; the first is the task's primary metric (higher is better).
+    metric_names: ClassVar[tuple[str, ...]] = ()
+    # Add the unweighted L1 between the PIR-prompt output and the clean image for this task's samples.
+    anchor_to_pir: ClassVar[bool] = False
+
+    def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
+        self.context = context or TaskContext()
+        unknown = set(loss_weights or {}) - set(self.loss_weights)
+        if unknown:
+            raise ValueError(
+                f"task '{self.name}' has no loss term(s) {', '.join(sorted(unknown))}; "
+                f"its terms are: {', '.join(sorted(self.loss_weights))}"
+            )
+        self.weights = {**self.loss_weights, **(loss_weights or {})}
+
+    def dataset(self, split: str) -> Dataset:
+        """The task's dataset for `split` ('train', 'val', 'test') in the common sample format."""
+        raise NotImplementedError
+
+    def downstream(self) -> nn.Module | None:
+        """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
+        return None
+
+    def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        """Weighted loss terms on the restored images (B, 3, H, W) in [0, 1], keyed `loss/<task>_<term>`."""
+        raise NotImplementedError
+
+    def evaluator(self) -> Evaluator:
+        """A fresh metric accumulator for this task."""
+        raise NotImplementedError
