@@ -1,0 +1,345 @@
+"""The data config: which datasets feed each task, with what weight, and how HQ-only sets are degraded.
+
+```yaml
+size: 256                 # crop side (null: full images, batch size 1)
+seed: 0
+degradation:              # optional; these are the release's defaults
+  corruptions: all        # "all" = clean + the 15 ImageNet-C corruptions, or a list of names
+  severity: null          # fixed 1..5, or null to draw with severity_probs
+  severity_probs: [0.05, 0.25, 0.40, 0.25, 0.05]
+  rescale: true
+tasks:
+  pir:
+    - {type: hq_folder, root: /data/DIV2K/DIV2K_train_HR, weight: 1}
+    - {type: hq_folder, root: /data/Flickr2K, weight: 1}
+  cls: [{type: image_folder, root: /data/imagenet/train, weight: 0.2}]
+  seg: [{type: cityscapes, root: /data/cityscapes, split: train, weight: 10}]
+```
+
+Every entry has `type` and the common keys `weight` (repeat factor, see `compose.WeightedConcat`), `split`
+(pins the split; default: the one being built), `degrade` (HQ-only sets: add `lq`; default true),
+`corruption` / `severity` (this entry's own degradation); the other keys are the dataset class's own
+arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and keys, missing required
+keys and values of the wrong type fail at parse time with the file, the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import types
+import typing
+import zlib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from torch.utils.data import Dataset
+
+from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, get_degradation
+from .adapters import (
+    ACDC,
+    RESIDE,
+    RTTS,
+    Cityscapes,
+    COCODetection,
+    FoggyCityscapes,
+    GoPro,
+    HQFolder,
+    ImageFolder,
+    PairedFolder,
+)
+from .builtin import BuiltinPhotos, BuiltinScenes
+from .compose import Degraded, WeightedConcat
+from .io import DataError
+
+# type name -> dataset class; its constructor's arguments other than split/size/seed are the entry's keys
+DATASET_TYPES: dict[str, type[Dataset]] = {
+    "hq_folder": HQFolder,
+    "paired_folder": PairedFolder,
+    "gopro": GoPro,
+    "reside": RESIDE,
+    "image_folder": ImageFolder,
+    "cityscapes": Cityscapes,
+    "foggy_cityscapes": FoggyCityscapes,
+    "acdc": ACDC,
+    "coco": COCODetection,
+    "rtts": RTTS,
+    "builtin_scenes": BuiltinScenes,
+    "builtin_photos": BuiltinPhotos,
+}
+_BUILDER_ARGS = ("split", "size", "seed")  # given by the builder, not by the entry (except `split`)
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class DegradationConfig:
+    corruptions: list[str] = field(default_factory=lambda: list(TRAIN_CORRUPTIONS))  # names drawn uniformly
+    severity: int | None = None  # fixed severity 1..5; None draws one with severity_probs
+    severity_probs: list[float] = field(default_factory=lambda: list(SEVERITY_PROBS))  # P(severity = 1..5)
+    rescale: bool = (
+        True  # corrupt at a random lower resolution (short side in [size/4, size)), then resize back
+    )
+
+
+@dataclass
+class DatasetEntry:
+    type: str  # a key of DATASET_TYPES
+    weight: float = 1.0  # repeat factor per epoch (0.2: a fifth of the set, 10: ten views of each image)
+    split: str | None = None  # pin this set's split; None: the split being built
+    degrade: bool = True  # HQ-only sets: add `lq` with the degrader (False: `hq` only)
+    corruption: list[str] | None = None  # this entry's degradation names (default: the config's)
+    severity: int | None = None  # this entry's fixed severity (default: the config's)
+    options: dict[str, Any] = field(default_factory=dict)  # the dataset class's own arguments
+
+
+@dataclass
+class DataConfig:
+    size: int | None = 256  # crop side; None keeps full images
+    seed: int = 0  # base seed of crops and degradations
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    tasks: dict[str, list[DatasetEntry]] = field(default_factory=dict)  # task name -> its datasets
+
+
+# --------------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """`value` checked against (and lightly converted to) `annotation`; DataError naming `where` otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(annotation):
+            return None
+        errors = []
+        for option in typing.get_args(annotation):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except DataError as error:
+                errors.append(error)
+        raise (
+            errors[0]
+            if len(errors) == 1
+            else DataError(f"{where}: {value!r} is not {_type_name(annotation)}")
+        )
+    if origin in (tuple, list):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise DataError(f"{where}: expected a list, got {value!r}")
+        item_type = typing.get_args(annotation)[0] if typing.get_args(annotation) else Any
+        coerced = [_coerce(item, item_type, f"{where}[{k}]") for k, item in enumerate(items)]
+        return tuple(coerced) if origin is tuple else coerced
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    elif annotation is Path and isinstance(value, str | os.PathLike):
+        return Path(value).expanduser()
+    raise DataError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
+
+
+def dataset_options(type_name: str) -> dict[str, inspect.Parameter]:
+    """The entry keys of a dataset type (its constructor's arguments minus split/size/seed)."""
+    cls = DATASET_TYPES[type_name]
+    params = inspect.signature(cls.__init__).parameters
+    return {name: p for name, p in params.items() if name != "self" and name not in _BUILDER_ARGS}
+
+
+_COMMON = {f.name: f for f in fields(DatasetEntry) if f.name not in ("type", "options")}
+
+
+def _parse_entry(raw: Any, where: str) -> DatasetEntry:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a mapping like {{type: hq_folder, root: ...}}, got {raw!r}")
+    if "type" not in raw:
+        raise DataError(f"{where}: missing key 'type'; valid types: {', '.join(DATASET_TYPES)}")
+    type_name = raw["type"]
+    if type_name not in DATASET_TYPES:
+        raise DataError(
+            f"{where}.type: unknown dataset type {type_name!r}; valid: {', '.join(DATASET_TYPES)}"
+        )
+    where = f"{where} ({type_name})"
+    options = dataset_options(type_name)
+    hints = typing.get_type_hints(DATASET_TYPES[type_name].__init__)
+    common_hints = typing.get_type_hints(DatasetEntry)
+    entry = DatasetEntry(type=type_name)
+    for key, value in raw.items():
+        if key == "type":
+            continue
+        if key in _COMMON:
+            if key == "corruption":
+                value = _coerce(value, list[str], f"{where}.corruption")
+                for name in value:
+                    try:
+                        get_degradation(name)
+                    except ValueError as error:
+                        raise DataError(f"{where}.corruption: {error}") from None
+            else:
+                value = _coerce(value, common_hints[key], f"{where}.{key}")
+            setattr(entry, key, value)
+        elif key in options:
+            entry.options[key] = _coerce(value, hints.get(key, Any), f"{where}.{key}")
+        else:
+            valid = ["type", *_COMMON, *options]
+            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+    missing = [
+        n for n, p in options.items() if p.default is inspect.Parameter.empty and n not in entry.options
+    ]
+    if missing:
+        raise DataError(f"{where}: missing required key(s) {', '.join(missing)}")
+    if entry.split is not None and entry.split not in SPLITS:
+        raise DataError(f"{where}.split: unknown split {entry.split!r}; valid: {', '.join(SPLITS)}")
+    if not entry.weight > 0:
+        raise DataError(f"{where}.weight: must be positive, got {entry.weight}")
+    if entry.severity is not None and entry.severity not in (1, 2, 3, 4, 5):
+        raise DataError(f"{where}.severity: must be 1..5 or null, got {entry.severity}")
+    return entry
+
+
+def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
+    if not isinstance(raw, dict):
+        raise DataError(f"{where}: expected a mapping, got {raw!r}")
+    config = DegradationConfig()
+    hints = typing.get_type_hints(DegradationConfig)
+    for key, value in raw.items():
+        if key not in hints:
+            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+        if key == "corruptions" and value == "all":
+            value = list(TRAIN_CORRUPTIONS)
+        setattr(config, key, _coerce(value, hints[key], f"{where}.{key}"))
+    try:  # the Degrader checks names, severity and probabilities
+        _degrader(config, None, None, 0)
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
+    return config
+
+
+def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
+    """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message."""
+    if not isinstance(raw, dict):
+        raise DataError(f"{source}: expected a mapping with keys size, seed, degradation, tasks")
+    config = DataConfig()
+    valid = [f.name for f in fields(DataConfig)]
+    for key, value in raw.items():
+        where = f"{source}: {key}"
+        if key == "size":
+            config.size = _coerce(value, int | None, where)
+            if config.size is not None and config.size < 32:
+                raise DataError(f"{where}: must be at least 32 (or null for full images), got {config.size}")
+        elif key == "seed":
+            config.seed = _coerce(value, int, where)
+        elif key == "degradation":
+            config.degradation = _parse_degradation(value, where)
+        elif key == "tasks":
+            if not isinstance(value, dict) or not value:
+                raise DataError(f"{where}: expected a mapping of task name -> list of datasets")
+            for task, entries in value.items():
+                if isinstance(entries, dict):
+                    entries = [entries]
+                if not isinstance(entries, list) or not entries:
+                    raise DataError(f"{where}.{task}: expected a non-empty list of datasets")
+                config.tasks[str(task)] = [
+                    _parse_entry(e, f"{where}.{task}[{k}]") for k, e in enumerate(entries)
+                ]
+        else:
+            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+    return config
+
+
+def load_data_config(path: str | os.PathLike) -> DataConfig:
+    """Read and validate a data config YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: data config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise DataError(f"{path}: not valid YAML ({error})") from None
+    return parse_data_config(raw, str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building
+
+
+def _derive(seed: int, *keys: int) -> int:
+    """A seed for one part (an entry, its degrader) from the base seed: parts never share random streams."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1)[0])
+
+
+def _degrader(
+    config: DegradationConfig, corruption: list[str] | None, severity: int | None, seed: int
+) -> Degrader:
+    return Degrader(
+        corruptions=corruption or config.corruptions,
+        severity=severity if severity is not None else config.severity,
+        severity_probs=config.severity_probs,
+        rescale=config.rescale,
+        seed=seed,
+    )
+
+
+def build_dataset(
+    entry: DatasetEntry,
+    split: str,
+    size: int | None,
+    seed: int = 0,
+    degradation: DegradationConfig | None = None,
+) -> Dataset:
+    """One entry's dataset; HQ-only sets come wrapped in `Degraded` unless `entry.degrade` is false."""
+    cls = DATASET_TYPES[entry.type]
+    split = entry.split or split
+    options = dict(entry.options)
+    if cls in (BuiltinScenes, BuiltinPhotos) and size is None:
+        raise DataError(f"{entry.type}: generated data needs a size; set `size` in the data config")
+    dataset = cls(split=split, size=size, seed=_derive(seed, 0), **options)
+    if entry.degrade:
+        degrader = _degrader(
+            degradation or DegradationConfig(), entry.corruption, entry.severity, _derive(seed, 1)
+        )
+        dataset = Degraded(dataset, degrader)
+    return dataset
+
+
+def build_task_dataset(
+    entries: list[DatasetEntry],
+    split: str,
+    size: int | None,
+    seed: int = 0,
+    degradation: DegradationConfig | None = None,
+) -> WeightedConcat:
+    """One task's datasets mixed by their weights (a `WeightedConcat`); every sample has every key."""
+    if split not in SPLITS:
+        raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    if not entries:
+        raise DataError("build_task_dataset needs at least one dataset entry")
+    datasets = [build_dataset(e, split, size, _derive(seed, k), degradation) for k, e in enumerate(entries)]
+    return WeightedConcat(datasets, [e.weight for e in entries], seed=_derive(seed, len(entries)))
+
+
+def build_task_datasets(config: DataConfig, split: str = "train") -> dict[str, WeightedConcat]:
+    """Every task's dataset for `split`, task name -> `WeightedConcat`."""
+    return {
+        task: build_task_dataset(
+            entries, split, config.size, _derive(config.seed, zlib.crc32(task.encode())), config.degradation
+        )
+        for task, entries in config.tasks.items()
+    }

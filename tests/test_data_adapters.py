@@ -1,0 +1,297 @@
+"""Each real-dataset adapter reads a miniature copy of its on-disk layout, written here to a temporary folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unirestore.framework.data.adapters import (
+    ACDC,
+    CITYSCAPES_CLASSES,
+    RESIDE,
+    RTTS,
+    Cityscapes,
+    COCODetection,
+    FoggyCityscapes,
+    GoPro,
+    HQFolder,
+    ImageFolder,
+    PairedFolder,
+)
+from unirestore.framework.data.io import DataError
+from unirestore.framework.data.sample import IGNORE_INDEX, IGNORE_LABEL, collate
+
+
+def _save(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def _flat(value: int, height: int = 24, width: int = 32) -> np.ndarray:
+    return np.full((height, width, 3), value, np.uint8)
+
+
+def _value(image: torch.Tensor) -> int:
+    return round(float(image.mean()) * 255)
+
+
+def _check_common(sample: dict, size: int | None = None) -> None:
+    for key in ("hq", "label", "mask", "boxes", "box_labels", "path"):
+        assert key in sample
+    assert sample["hq"].dtype == torch.float32 and sample["hq"].shape[0] == 3
+    assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == sample["hq"].shape[1:]
+    assert sample["label"].dtype == torch.int64 and sample["label"].ndim == 0
+    assert sample["boxes"].dtype == torch.float32 and sample["boxes"].shape[1] == 4
+    assert sample["box_labels"].dtype == torch.int64 and len(sample["box_labels"]) == len(sample["boxes"])
+    if size is not None:
+        assert sample["hq"].shape[1:] == (size, size)
+    if "lq" in sample:
+        assert sample["lq"].shape == sample["hq"].shape and isinstance(sample["corruption"], str)
+
+
+def test_hq_folder_recursive_and_crops(tmp_path):
+    _save(tmp_path / "0001.png", _flat(10, 40, 60))
+    _save(tmp_path / "sub" / "0002.jpg", _flat(20, 50, 50))
+    train = HQFolder(tmp_path, split="train", size=32, seed=0)
+    assert len(train) == 2
+    _check_common(train[0], 32)
+    assert "lq" not in train[0] and int(train[0]["label"]) == IGNORE_LABEL and (train[0]["mask"] == 255).all()
+    big = HQFolder(tmp_path, split="val", size=64)[0]  # short side 40 -> resized up to 64
+    assert big["hq"].shape == (3, 64, 64)
+    assert HQFolder(tmp_path, split="val", size=None)[0]["hq"].shape == (3, 40, 60)
+    # random crops differ by index (and wrap past the end with fresh randomness), the same on every call
+    noisy = tmp_path / "noise"
+    _save(noisy / "n.png", np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    crops = HQFolder(noisy, size=16, seed=1)
+    assert torch.equal(crops[0]["hq"], crops[0]["hq"]) and not torch.equal(crops[0]["hq"], crops[1]["hq"])
+
+
+def test_paired_folder_input_target(tmp_path):
+    for i, value in enumerate((30, 60)):
+        _save(tmp_path / "input" / f"{i}.png", _flat(value))
+        _save(tmp_path / "target" / f"{i}.jpg", _flat(value + 100))
+    dataset = PairedFolder(tmp_path, split="val", size=None, corruption="rain")
+    sample = dataset[1]
+    _check_common(sample)
+    assert (_value(sample["lq"]), _value(sample["hq"])) == (60, 160)
+    assert sample["corruption"] == "rain" and sample["severity"] == 0
+    with pytest.raises(DataError, match="no images under a folder named 'lq'.*input, target"):
+        PairedFolder(tmp_path, lq_dir="lq", hq_dir="hq")
+    _save(tmp_path / "input" / "9.png", _flat(1))
+    with pytest.raises(DataError, match=r"9.png: no clean partner named 9\.\*"):
+        PairedFolder(tmp_path)
+
+
+def test_rain100l_prefixes(tmp_path):
+    _save(tmp_path / "rainy" / "rain-001.png", _flat(50))
+    _save(tmp_path / "norain" / "norain-001.png", _flat(150))
+    dataset = PairedFolder(
+        tmp_path, size=None, lq_dir="rainy", hq_dir="norain", lq_prefix="rain-", hq_prefix="norain-"
+    )
+    assert (_value(dataset[0]["lq"]), _value(dataset[0]["hq"])) == (50, 150)
+
+
+def test_gopro_nested_sequences(tmp_path):
+    for seq, value in (("GOPR0372_07_00", 40), ("GOPR0374_11_00", 80)):
+        _save(tmp_path / seq / "blur" / "000047.png", _flat(value))
+        _save(tmp_path / seq / "sharp" / "000047.png", _flat(value + 1))
+    dataset = GoPro(tmp_path, split="test", size=16)
+    assert len(dataset) == 2
+    for i, value in enumerate((40, 80)):
+        sample = dataset[i]
+        _check_common(sample, 16)
+        assert (_value(sample["lq"]), _value(sample["hq"])) == (value, value + 1)
+
+
+def test_reside_many_hazy_to_one_clear_and_border_crop(tmp_path):
+    clear = _flat(200, 30, 40)
+    clear[:3], clear[-3:], clear[:, :3], clear[:, -3:] = 0, 0, 0, 0  # a border the hazy images lack
+    _save(tmp_path / "clear" / "0001.png", clear)
+    _save(tmp_path / "clear" / "0002.png", _flat(100, 24, 34))
+    for name in ("0001_0.8_0.2.jpg", "0001_0.9_0.16.jpg", "0002_1_0.2.jpg"):
+        _save(tmp_path / "hazy" / name, _flat(250, 24, 34))
+    dataset = RESIDE(tmp_path, split="val", size=None)
+    assert len(dataset) == 3
+    assert [Path(hq).name for _, hq in dataset.records] == ["0001.png", "0001.png", "0002.png"]
+    sample = dataset[0]
+    assert sample["hq"].shape == sample["lq"].shape == (3, 24, 34) and _value(sample["hq"]) == 200
+    assert sample["corruption"] == "haze_real"
+
+
+def test_image_folder_classes_are_sorted_subfolders(tmp_path):
+    _save(tmp_path / "n02_zebra" / "a.jpg", _flat(10))
+    _save(tmp_path / "n01_cat" / "x" / "b.png", _flat(20))
+    _save(tmp_path / "n01_cat" / "c.png", _flat(30))
+    (tmp_path / "n03_empty").mkdir()
+    dataset = ImageFolder(tmp_path, split="val", size=16)
+    assert dataset.class_names == ["n01_cat", "n02_zebra", "n03_empty"] and len(dataset) == 3
+    labels = [int(dataset[i]["label"]) for i in range(3)]
+    assert labels == [0, 0, 1]
+    batch = collate([dataset[i] for i in range(3)])
+    assert batch["label"].tolist() == [0, 0, 1] and batch["hq"].shape == (3, 3, 16, 16)
+
+
+def _cityscapes(root: Path, split: str = "val", train_ids: bool = False) -> None:
+    label = np.zeros((16, 32), np.uint8)
+    label[:, :8] = 7  # road -> 0
+    label[:, 8:16] = 26  # car -> 13
+    label[:, 16:24] = 33  # bicycle -> 18
+    label[:, 24:] = 4  # static -> 255
+    for city in ("aachen", "ulm"):
+        base = f"{city}_000000_000019"
+        _save(root / "leftImg8bit" / split / city / f"{base}_leftImg8bit.png", _flat(90, 16, 32))
+        _save(root / "gtFine" / split / city / f"{base}_gtFine_labelIds.png", label)
+        _save(root / "gtFine" / split / city / f"{base}_gtFine_color.png", _flat(0, 16, 32))
+        if train_ids:
+            _save(
+                root / "gtFine" / split / city / f"{base}_gtFine_labelTrainIds.png",
+                np.full((16, 32), 5, np.uint8),
+            )
+
+
+def test_cityscapes_label_ids_to_train_ids(tmp_path):
+    _cityscapes(tmp_path)
+    dataset = Cityscapes(tmp_path, split="val", size=None)
+    assert len(dataset) == 2 and len(CITYSCAPES_CLASSES) == 19
+    sample = dataset[0]
+    _check_common(sample)
+    assert sample["path"].endswith("aachen_000000_000019_leftImg8bit.png")
+    row = sample["mask"][0]
+    assert (
+        row[:8].eq(0).all() and row[8:16].eq(13).all() and row[16:24].eq(18).all() and row[24:].eq(255).all()
+    )
+    # a centre crop (columns 8..24) keeps image and mask aligned; a resize keeps class ids intact
+    cropped = Cityscapes(tmp_path, split="val", size=16)[0]["mask"][0]
+    assert cropped[:8].eq(13).all() and cropped[8:].eq(18).all()
+    resized = Cityscapes(tmp_path, split="val", size=32)[0]["mask"]
+    assert resized.shape == (32, 32) and set(resized.unique().tolist()) == {13, 18}
+    with pytest.raises(DataError, match="leftImg8bit/train"):
+        Cityscapes(tmp_path, split="train")
+
+
+def test_cityscapes_prefers_train_ids(tmp_path):
+    _cityscapes(tmp_path, train_ids=True)
+    assert Cityscapes(tmp_path, split="val", size=None)[0]["mask"].eq(5).all()
+
+
+def test_foggy_cityscapes_betas_and_clear_images(tmp_path):
+    _cityscapes(tmp_path)
+    for city in ("aachen", "ulm"):
+        for beta, value in (("0.005", 100), ("0.01", 150), ("0.02", 200)):
+            name = f"{city}_000000_000019_leftImg8bit_foggy_beta_{beta}.png"
+            _save(tmp_path / "leftImg8bit_foggy" / "val" / city / name, _flat(value, 16, 32))
+    everything = FoggyCityscapes(tmp_path, split="val", size=None)
+    assert len(everything) == 6
+    dense = FoggyCityscapes(tmp_path, split="val", size=None, beta=0.02)
+    sample = dense[1]
+    _check_common(sample)
+    assert len(dense) == 2 and _value(sample["lq"]) == 200 and _value(sample["hq"]) == 90
+    assert sample["corruption"] == "fog_beta_0.02" and sample["mask"][0, 0] == 0
+    with pytest.raises(DataError, match="beta must be one of"):
+        FoggyCityscapes(tmp_path, split="val", beta=0.03)
+
+
+def test_acdc(tmp_path):
+    for condition, value in (("fog", 50), ("night", 10)):
+        for split in ("val", "val_ref"):
+            base = f"GOPR0475_frame_00004{value % 7}"
+            _save(
+                tmp_path / "rgb_anon" / condition / split / "GOPR0475" / f"{base}_rgb_anon.png", _flat(value)
+            )
+            label = np.full((24, 32), 10, np.uint8)
+            label[0, 0] = 255
+            label[0, 1] = 200  # not a train id -> ignored
+            _save(tmp_path / "gt" / condition / split / "GOPR0475" / f"{base}_gt_labelTrainIds.png", label)
+    dataset = ACDC(tmp_path, split="val", size=None)
+    assert len(dataset) == 2  # the *_ref folders are another split
+    sample = dataset[1]
+    _check_common(sample)
+    assert sample["corruption"] == "night" and torch.equal(sample["lq"], sample["hq"])
+    assert (
+        sample["mask"][0, 0] == IGNORE_INDEX
+        and sample["mask"][0, 1] == IGNORE_INDEX
+        and sample["mask"][5, 5] == 10
+    )
+    assert len(ACDC(tmp_path, split="val", conditions=("fog",))) == 1
+    with pytest.raises(DataError, match="unknown ACDC condition"):
+        ACDC(tmp_path, conditions=("hail",))
+
+
+def test_coco_boxes_labels_and_crowd(tmp_path):
+    _save(tmp_path / "val2017" / "000000000001.jpg", _flat(70, 40, 60))
+    _save(tmp_path / "val2017" / "000000000002.jpg", _flat(80, 40, 60))
+    annotations = {
+        "images": [{"id": 2, "file_name": "000000000002.jpg"}, {"id": 1, "file_name": "000000000001.jpg"}],
+        "categories": [{"id": 18, "name": "dog"}, {"id": 1, "name": "person"}, {"id": 3, "name": "car"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 18, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [0, 0, 5, 5], "iscrowd": 1},
+            {"id": 3, "image_id": 1, "category_id": 3, "bbox": [30, 20, 25, 15], "iscrowd": 0},
+            {"id": 4, "image_id": 1, "category_id": 3, "bbox": [30, 20, 0, 15], "iscrowd": 0},
+            {"id": 5, "image_id": 1, "category_id": 1, "bbox": [52, 0, 8, 8]},
+        ],
+    }
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(annotations))
+    dataset = COCODetection(tmp_path, split="val", size=None)
+    assert dataset.category_ids == [1, 3, 18] and dataset.class_names == ["person", "car", "dog"]
+    sample = dataset[0]
+    _check_common(sample)
+    assert sample["path"].endswith("000000000001.jpg")
+    assert sample["boxes"].tolist() == [[10, 5, 30, 15], [30, 20, 55, 35], [52, 0, 60, 8]]
+    assert sample["box_labels"].tolist() == [2, 1, 0]
+    assert len(dataset[1]["boxes"]) == 0
+    assert len(COCODetection(tmp_path, split="val", skip_empty=True)) == 1
+    # a centre crop to 40 x 40 shifts boxes by 10 px, clips them to the window, drops the one left empty
+    cropped = COCODetection(tmp_path, split="val", size=40)[0]
+    assert cropped["boxes"].tolist() == [[0, 5, 20, 15], [20, 20, 40, 35]] and cropped[
+        "box_labels"
+    ].tolist() == [2, 1]
+    # resizing (short side 40 -> 20) scales them too
+    small = COCODetection(tmp_path, split="val", size=20)[0]
+    assert small["boxes"].tolist() == [[0, 2.5, 10, 7.5], [10, 10, 20, 17.5]]
+    with pytest.raises(DataError, match="annotation file missing"):
+        COCODetection(tmp_path, split="train")
+
+
+def _voc(objects: list[tuple[str, int, int, int, int]]) -> str:
+    body = "".join(
+        f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
+        f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for n, a, b, c, d in objects
+    )
+    return f"<annotation><filename>x</filename>{body}</annotation>"
+
+
+def test_rtts_voc_boxes(tmp_path):
+    _save(tmp_path / "JPEGImages" / "AM_Bing_211.png", _flat(120, 40, 60))
+    _save(tmp_path / "JPEGImages" / "BD_Baidu_074.png", _flat(130, 40, 60))
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "AM_Bing_211.xml").write_text(
+        _voc([("car", 11, 6, 30, 20), ("person", 1, 1, 5, 9)])
+    )
+    (tmp_path / "Annotations" / "BD_Baidu_074.xml").write_text(_voc([("Bus", 2, 2, 40, 30)]))
+    dataset = RTTS(tmp_path, size=None)
+    assert len(dataset) == 2
+    sample = dataset[0]
+    _check_common(sample)
+    assert sample["boxes"].tolist() == [[10, 5, 30, 20], [0, 0, 5, 9]] and sample["box_labels"].tolist() == [
+        2,
+        0,
+    ]
+    assert dataset[1]["box_labels"].tolist() == [4] and sample["corruption"] == "haze_real"
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("BD_Baidu_074\n")
+    assert len(RTTS(tmp_path, split="test")) == 1
+    (tmp_path / "Annotations" / "BD_Baidu_074.xml").write_text(_voc([("tractor", 2, 2, 40, 30)]))
+    with pytest.raises(DataError, match="BD_Baidu_074.xml: unknown class 'tractor'"):
+        RTTS(tmp_path, split="test")
+    (tmp_path / "Annotations" / "BD_Baidu_074.xml").unlink()
+    with pytest.raises(DataError, match="BD_Baidu_074.xml: annotation file missing"):
+        RTTS(tmp_path, split="test")

@@ -1,0 +1,155 @@
+"""The data config (strict parsing), per-task dataset building and the weighted mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from unirestore.framework.data.builtin import BuiltinPhotos
+from unirestore.framework.data.compose import Degraded, WeightedConcat
+from unirestore.framework.data.config import (
+    DATASET_TYPES,
+    build_task_dataset,
+    build_task_datasets,
+    load_data_config,
+    parse_data_config,
+)
+from unirestore.framework.data.io import DataError
+from unirestore.framework.data.sample import collate
+
+
+@pytest.fixture()
+def hq_root(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (48, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    return tmp_path
+
+
+def _write(tmp_path, text: str):
+    path = tmp_path / "data.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_parse_a_full_config(tmp_path, hq_root):
+    path = _write(
+        tmp_path,
+        f"""
+size: 32
+seed: 5
+degradation: {{corruptions: [clean, gaussian_noise, rain], severity_probs: [0.2, 0.2, 0.2, 0.2, 0.2]}}
+tasks:
+  pir:
+    - {{type: hq_folder, root: {hq_root}, weight: 2}}
+    - {{type: builtin_photos, length: 4, weight: 0.5, corruption: noise25}}
+  cls: [{{type: builtin_scenes, length: 6, max_objects: 2}}]
+  seg: [{{type: cityscapes, root: /data/cityscapes, split: val, weight: 10}}]
+""",
+    )
+    config = load_data_config(path)
+    assert config.size == 32 and config.seed == 5
+    assert config.degradation.corruptions == ["clean", "gaussian_noise", "rain"]
+    pir = config.tasks["pir"]
+    assert pir[0].type == "hq_folder" and pir[0].weight == 2.0 and str(pir[0].options["root"]) == str(hq_root)
+    assert pir[1].corruption == ["noise25"] and pir[1].options == {"length": 4}
+    assert config.tasks["seg"][0].split == "val" and config.tasks["seg"][0].weight == 10
+    assert config.tasks["cls"][0].options == {"length": 6, "max_objects": 2}
+    del config.tasks["seg"]  # no Cityscapes here
+    datasets = build_task_datasets(config, "train")
+    pir_set = datasets["pir"]
+    assert isinstance(pir_set, WeightedConcat) and len(pir_set) == 3 * 2 + 2
+    batch = collate([pir_set[i] for i in range(len(pir_set))])  # folder and generated samples batch together
+    assert batch["hq"].shape == batch["lq"].shape == (8, 3, 32, 32)
+    assert (
+        set(batch["corruption"][:6]) <= {"clean", "gaussian_noise", "rain"}
+        and batch["corruption"][6:] == ["noise25"] * 2
+    )
+    cls_batch = collate([datasets["cls"][i] for i in range(6)])
+    assert cls_batch["label"].shape == (6,) and cls_batch["mask"].shape == (6, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("sise: 32", r"data.yaml: sise: unknown key 'sise'; valid keys: size, seed, degradation, tasks"),
+        (
+            "tasks: {pir: [{type: hq_foldr, root: /x}]}",
+            r"tasks.pir\[0\].type: unknown dataset type 'hq_foldr'; valid: hq_folder",
+        ),
+        (
+            "tasks: {pir: [{type: hq_folder, rot: /x}]}",
+            r"tasks.pir\[0\] \(hq_folder\): unknown key 'rot'; valid keys: type, weight, split.*root, recursive",
+        ),
+        ("tasks: {pir: [{type: hq_folder}]}", r"\(hq_folder\): missing required key\(s\) root"),
+        (
+            "tasks: {pir: [{type: hq_folder, root: /x, weight: many}]}",
+            r"\(hq_folder\).weight: expected float, got 'many'",
+        ),
+        ("tasks: {pir: [{type: hq_folder, root: /x, weight: 0}]}", r"weight: must be positive"),
+        (
+            "tasks: {pir: [{type: hq_folder, root: /x, corruption: fogg}]}",
+            r"corruption: unknown degradation 'fogg'; known: clean",
+        ),
+        ("tasks: {pir: [{type: hq_folder, root: /x, split: training}]}", r"split: unknown split 'training'"),
+        ("tasks: {seg: [{type: foggy_cityscapes, root: /x, beta: dense}]}", r"\(foggy_cityscapes\).beta: "),
+        ("degradation: {severity: 7}", r"degradation: severity must be an integer in 1..5"),
+        (
+            "degradation: {corruption: [fog]}",
+            r"degradation: unknown key 'corruption'; valid keys: corruptions",
+        ),
+        ("size: 8", r"size: must be at least 32"),
+        ("tasks: [pir]", r"tasks: expected a mapping"),
+    ],
+)
+def test_bad_configs_name_the_file_and_the_key(tmp_path, text, message):
+    with pytest.raises(DataError, match=message) as error:
+        load_data_config(_write(tmp_path, text))
+    assert str(error.value).startswith(str(tmp_path / "data.yaml"))
+
+
+def test_every_type_is_documented_by_its_constructor():
+    for name, cls in DATASET_TYPES.items():
+        assert cls.__doc__, name
+    config = parse_data_config(
+        {"tasks": {"det": [{"type": "rtts", "root": "/data/RTTS", "skip_difficult": True}]}}
+    )
+    assert config.tasks["det"][0].options["skip_difficult"] is True
+
+
+def test_weighted_concat_repeat_factors_and_epochs():
+    small = BuiltinPhotos("train", size=32, length=10)
+    large = BuiltinPhotos("val", size=32, length=20)
+    mix = WeightedConcat([small, large], [3, 0.25], seed=1)
+    assert len(mix) == 30 + 5
+    located = [mix.locate(i) for i in range(len(mix))]
+    first = [inner for d, inner in located if d == 0]
+    # each image of the small set appears 3 times, as 3 different virtual indices (fresh crops)
+    assert sorted(v % 10 for v in first) == sorted(list(range(10)) * 3) and len(set(first)) == 30
+    second = [inner for d, inner in located if d == 1]
+    assert len(set(second)) == 5 and all(v < 20 for v in second)
+    mix.set_epoch(1)
+    assert [mix.locate(i)[1] for i in range(30, 35)] != second  # another subset next epoch
+    assert mix[0]["path"] != mix[1]["path"]
+    with pytest.raises(IndexError):
+        mix[35]
+    with pytest.raises(ValueError, match="positive"):
+        WeightedConcat([small], [0])
+
+
+def test_task_dataset_is_deterministic_by_seed_and_loader_safe(hq_root):
+    config = parse_data_config(
+        {"size": 32, "tasks": {"pir": [{"type": "hq_folder", "root": str(hq_root), "weight": 2}]}}
+    )
+    a = build_task_dataset(config.tasks["pir"], "train", 32, seed=3, degradation=config.degradation)
+    b = build_task_dataset(config.tasks["pir"], "train", 32, seed=3, degradation=config.degradation)
+    c = build_task_dataset(config.tasks["pir"], "train", 32, seed=4, degradation=config.degradation)
+    assert all(torch.equal(a[i]["lq"], b[i]["lq"]) for i in range(len(a)))
+    assert any(not torch.equal(a[i]["hq"], c[i]["hq"]) for i in range(len(a)))
+    assert isinstance(a.datasets[0], Degraded)
+    loader = DataLoader(a, batch_size=3, num_workers=2, collate_fn=collate)
+    lq = torch.cat([batch["lq"] for batch in loader])
+    assert torch.equal(lq, torch.stack([a[i]["lq"] for i in range(len(a))]))
