@@ -228,3 +228,187 @@ def load_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+DECODER_INPUTS = ("clean_estimate", "inference")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of stages 1–3 (SPEC §6). The defaults are the tiny preset on a CPU;
+    the release trained 200k (stage 1) and 250k (stage 2) steps at an effective batch of 48, 512² crops."""
+
+    # Optimiser steps of stage 1 (CFRM, Controller, SC-Tuners).
+    stage1_steps: int = 400
+    # Optimiser steps of stage 2 (TFA and every task prompt).
+    stage2_steps: int = 400
+    # Optimiser steps of stage 3 (one new task's prompt, `unirestore task add`).
+    stage3_steps: int = 200
+    # Samples per micro-batch and process.
+    batch_size: int = 4
+    # Micro-batches accumulated per optimiser step; effective batch = batch_size × grad_accum × processes.
+    grad_accum: int = 1
+    # Peak learning rate at an effective batch of `lr_reference_batch`, scaled by √(effective / reference).
+    lr: float = 1e-4
+    # The effective batch at which `lr` holds unscaled (the release: 64).
+    lr_reference_batch: int = 64
+    # AdamW weight decay; biases and 1-D parameters (norms, layer scales) never decay.
+    weight_decay: float = 0.01
+    # Share of each stage's steps spent warming the learning rate up (one-cycle `pct_start`).
+    warmup: float = 0.1
+    # One-cycle: the schedule starts at lr / div_factor ...
+    div_factor: float = 10.0
+    # ... and ends at lr / (div_factor × final_div_factor) (torch's default).
+    final_div_factor: float = 1e4
+    # Training crop side in pixels; 0 uses the prior's native size (64 for the tiny prior, 512 for sd-turbo).
+    crop_size: int = 0
+    # β_k of each task in the stage-2 total Σ β_k L_k (Eq. 5/6); a task not named uses its own default.
+    beta: dict[str, float] = field(default_factory=dict)
+    # Weights of each task's loss terms, e.g. {pir: {l1: 10, mse: 0}}; unnamed terms keep the task default.
+    loss_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Relative share of steps each task gets, on top of its dataset size (1 when not named).
+    task_weights: dict[str, float] = field(default_factory=dict)
+    # Weights of the two stage-1 terms, L_CFRM and L_Control.
+    stage1_weights: dict[str, float] = field(default_factory=lambda: {"cfrm": 1.0, "control": 1.0})
+    # λ_i of L_CFRM per tapped encoder level, shallowest first (the release: 0.1, 0.1, 0.01).
+    cfrm_level_weights: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.01])
+    # What the stage-2 decoder reads: `clean_estimate` (ẑ0 of the noised clean latent, the release)
+    # or `inference` (one DDIM step from the noised degraded latent, as at test time).
+    decoder_input: str = "clean_estimate"
+    # Autocast precision of the forward pass: fp32 (none), bf16 or fp16 (fp16 adds a gradient scaler on CUDA).
+    precision: str = "fp32"
+    # Write last.safetensors + last.state.pt every this many steps (and at the end of each stage).
+    checkpoint_every: int = 100
+    # Run the validation metrics every this many steps; 0: only at the end of each stage.
+    val_every: int = 0
+    # Validation images per task (a fixed set: the first ones of the val split).
+    val_samples: int = 8
+    # Images per task in the final evaluation table (a fixed set: the first ones of the test split).
+    eval_samples: int = 32
+    # Log loss terms and learning rate to MLflow every this many steps.
+    log_every: int = 10
+    # DataLoader worker processes (0: load in the training process).
+    num_workers: int = 0
+    # Seed of everything random: model init, the data stream, noise and timesteps.
+    seed: int = 0
+    # `auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`. Under torchrun each process takes its GPU.
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for name in ("stage1_steps", "stage2_steps", "stage3_steps", "val_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0")
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "lr_reference_batch",
+            "checkpoint_every",
+            "log_every",
+            "val_samples",
+            "eval_samples",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}={getattr(self, name)}: must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"train.lr={self.lr}: must be positive")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"train.warmup={self.warmup}: must be in [0, 1)")
+        if self.div_factor <= 0 or self.final_div_factor <= 0:
+            raise ConfigError("train.div_factor and train.final_div_factor must be positive")
+        if self.crop_size and self.crop_size < 32:
+            raise ConfigError(f"train.crop_size={self.crop_size}: must be 0 (native size) or at least 32")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision={self.precision!r}: use one of {', '.join(PRECISIONS)}")
+        if self.decoder_input not in DECODER_INPUTS:
+            raise ConfigError(
+                f"train.decoder_input={self.decoder_input!r}: use one of {', '.join(DECODER_INPUTS)}"
+            )
+        unknown = set(self.stage1_weights) - {"cfrm", "control"}
+        if unknown:
+            raise ConfigError(
+                f"train.stage1_weights: unknown term(s) {', '.join(sorted(unknown))}; use cfrm, control"
+            )
+        if any(w <= 0 for w in self.task_weights.values()):
+            raise ConfigError(f"train.task_weights={self.task_weights}: weights must be positive")
+        if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class Stage0Config:
+    """Stage 0, built-in prior only: pretrain the tiny prior's VAE, then its UNet, on built-in images."""
+
+    # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL).
+    vae_steps: int = 1500
+    # Optimiser steps of the UNet (ε-prediction loss on the trained VAE's latents).
+    unet_steps: int = 1500
+    # Images per step.
+    batch_size: int = 16
+    # AdamW learning rate (constant after a short warm-up).
+    lr: float = 1e-3
+    # Weight of the KL term of the VAE loss.
+    kl_weight: float = 1e-6
+    # Retrain even when the prior folder carries the "trained" marker.
+    force: bool = False
+
+    def validate(self) -> None:
+        if self.vae_steps < 0 or self.unet_steps < 0:
+            raise ConfigError("stage0.vae_steps and stage0.unet_steps must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"stage0.batch_size={self.batch_size}: must be at least 1")
+        if not self.lr > 0:
+            raise ConfigError(f"stage0.lr={self.lr}: must be positive")
+
+
+def _default_tracking_uri() -> str:
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+@dataclass
+class RunConfig:
+    """One `unirestore train` run: what to train on, where to write, how to track. YAML files are instances."""
+
+    # The frozen prior: `tiny` (built in, trained by stage 0), a diffusers folder, or a hub id.
+    prior: str = "tiny"
+    # `builtin` (generated scenes and scikit-image photos) or a data-config YAML file.
+    data: str = "builtin"
+    # Tasks trained in stage 2, each with its own prompt.
+    tasks: list[str] = field(default_factory=lambda: ["pir", "seg", "cls"])
+    # Run folder: stage checkpoints, training state, resolved config, image grids, MLflow artifacts.
+    output: str = "runs/unirestore"
+    # MLflow tracking store; the default is an absolute sqlite file in the working directory.
+    tracking_uri: str = field(default_factory=_default_tracking_uri)
+    # MLflow experiment name.
+    experiment: str = "unirestore"
+    # MLflow run name; empty: derived from the output folder.
+    run_name: str = ""
+    # Local checkpoints of real downstream models by name (e.g. resnet50: /ckpt/r50.pth); built-in data
+    # trains small ones instead.
+    downstream_checkpoints: dict[str, str] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    stage0: Stage0Config = field(default_factory=Stage0Config)
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ConfigError("tasks: give at least one task, e.g. tasks: [pir]")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks={self.tasks}: a task is named twice")
+        if not self.output:
+            raise ConfigError("output: give a run folder")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """A `RunConfig` from the defaults, a YAML instance (optional) and `key=value` overrides, all checked."""
+    config = from_dict(RunConfig, load_yaml(path), source=str(path)) if path else RunConfig()
+    return apply_overrides(config, list(overrides or [])) if overrides else config
+
+
+def dump_yaml(instance: Any) -> str:
+    """The resolved config as YAML (keys in schema order), the form saved beside every checkpoint."""
+    return yaml.safe_dump(to_dict(instance), sort_keys=False)

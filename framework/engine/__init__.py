@@ -1,0 +1,576 @@
+"""Training: `train` runs stages 0 → 1 → 2 of a `RunConfig`, `add_task` runs stage 3 from a checkpoint.
+
+Both are plain functions without import-time side effects, so a sweep can call them in its trials and
+receive validation metrics through `on_validation(step, metrics)`.
+
+Run folder (`config.output`):
+
+    config.yaml                  the resolved config of the last call
+    mlflow_run.json              the MLflow run id (a resumed run continues it)
+    stage1/  stage2/  stage3-<task>/
+        last.safetensors         periodic model checkpoint (trainable parts)
+        last.state.pt            optimiser, scheduler, RNG states, step, data position
+        config.yaml
+    stage1.safetensors  stage2.safetensors  stage3-<task>.safetensors     the final checkpoint of each stage
+    grids/<stage>-<task>.png     before/after grids (LQ | restored | HQ)
+    mlartifacts/                 the MLflow artifact store of the experiment (when this run created it)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
+from ..evaluate import EvalTable, evaluate, save_grids
+from ..model import UniRestore
+from ..prior import load_prior
+from ..registry import get_task_class, parse_task_list
+from .stages import Stage, StageLoss, apply_stage, check_stage, parameter_groups, stage1, stage2, stage3
+from .state import (
+    TrainingState,
+    capture_rng,
+    has_training_state,
+    load_training_weights,
+    read_training_state,
+    restore_rng,
+    save_training_state,
+)
+from .tracking import Tracker, load_run_id, save_run_id
+from .trainer import (
+    CallbackHook,
+    Checkpointer,
+    Distributed,
+    HookBase,
+    MetricLogger,
+    Progress,
+    TaskStream,
+    Trainer,
+    TrainingDiverged,
+    Validator,
+    batch_iterator,
+    build_optimizer,
+    build_scheduler,
+    effective_batch,
+    scaled_lr,
+    setup_distributed,
+    step_seed,
+)
+
+__all__ = [
+    "CallbackHook",
+    "HookBase",
+    "RunFolderError",
+    "TrainResult",
+    "Trainer",
+    "TrainingDiverged",
+    "add_task",
+    "build_tasks",
+    "train",
+]
+
+# Keys that may differ between a run and its resumption (they do not change what is computed).
+_OPERATIONAL = {
+    "output",
+    "tracking_uri",
+    "experiment",
+    "run_name",
+    "train.num_workers",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.val_samples",
+    "train.eval_samples",
+    "train.device",
+}
+
+
+class RunFolderError(ConfigError):
+    """The run folder holds a run that this call would overwrite (or cannot resume)."""
+
+
+@dataclass
+class TrainResult:
+    """What a training call produced."""
+
+    checkpoint: Path  # the final checkpoint of the last stage run (the prior folder after stage 0 alone)
+    metrics: dict[str, float]  # final evaluation (`test/<task>/<input>/<metric>`) and the last loss terms
+    run_id: str  # the MLflow run
+    table: EvalTable | None = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces shared by train and add_task
+
+
+def _crop_size(config: RunConfig, prior) -> int:
+    return config.train.crop_size or prior.native_size
+
+
+def _data_config(config: RunConfig):
+    """None for built-in data; else the parsed data config (a DataError names what is wrong in the file)."""
+    if config.data == "builtin":
+        return None
+    from ..data.config import load_data_config
+
+    return load_data_config(config.data)
+
+
+def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, size: int) -> dict:
+    """Task objects for `names`, with the run's data, crop size, seed, device and loss weights.
+
+    With a data config, each task reads its own entries (a task the file does not list gets built-in data).
+    """
+    from ...tasks.base import TaskContext
+
+    data = _data_config(config)
+    tasks = {}
+    for name in names:
+        cls = get_task_class(name)
+        context = TaskContext(
+            data=data, size=size, device=device, seed=config.train.seed,
+            checkpoints=dict(config.downstream_checkpoints),
+        )  # fmt: skip
+        try:
+            tasks[name] = cls(context, loss_weights=config.train.loss_weights.get(name))
+        except ValueError as error:
+            raise ConfigError(f"train.loss_weights.{name}: {error}") from None
+    return tasks
+
+
+def _prepare(tasks: dict, distributed: Distributed) -> None:
+    """Build or load each task's downstream model (rank 0 first, so the others read its cache)."""
+
+    def prepare_all() -> None:
+        for task in tasks.values():
+            prepare = getattr(task, "prepare", None)
+            if callable(prepare):
+                prepare()
+
+    if distributed.main:
+        prepare_all()
+    distributed.barrier()
+    if not distributed.main:
+        prepare_all()
+
+
+class _Run:
+    """What the stages of one training call share: config, folder, processes, tracking, hooks, console."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        output: Path,
+        distributed: Distributed,
+        device: torch.device,
+        tracker: Tracker,
+        hooks: Sequence[HookBase],
+        on_validation: Callable[[int, dict], None] | None,
+        progress: bool,
+    ):
+        self.config, self.output, self.distributed, self.device = config, output, distributed, device
+        self.tracker, self.hooks, self.on_validation, self.progress = (
+            tracker,
+            list(hooks),
+            on_validation,
+            progress,
+        )
+        self.console = None
+        if progress and distributed.main:
+            from rich.console import Console
+
+            self.console = Console()
+        self.last_terms: dict[str, float] = {}
+
+    def say(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if self.distributed.main:
+            self.tracker.log_metrics(metrics, step)
+
+    def run_stage(
+        self, stage: Stage, model: UniRestore, tasks: dict, resume: bool, trained_prompts: list[str]
+    ) -> Path:
+        """Train `model` through `stage` (resuming its folder when asked); returns the final checkpoint."""
+        config, distributed, device = self.config, self.distributed, self.device
+        folder = self.output / stage.name
+        final = self.output / f"{stage.name}.safetensors"
+        steps = stage.steps(config)
+        extra = {"stage": stage.name, "trained_prompts": trained_prompts, "run_id": self.tracker.run_id}
+        state = read_training_state(folder) if resume and has_training_state(folder) else None
+        if state is not None and state.done:
+            load_training_weights(folder, model)
+            if distributed.main and not final.is_file():
+                save_checkpoint(model, final, extra={**extra, "step": state.step})
+            self.say(f"[green]{stage.name}[/green]: already complete ({state.step} steps), skipped")
+            return final
+        trainable = apply_stage(model, stage)
+        check_stage(model, stage)
+        lr = scaled_lr(config.train, distributed.world_size)
+        optimizer = build_optimizer(parameter_groups(trainable, config.train.weight_decay), lr)
+        scheduler = build_scheduler(optimizer, config.train, steps, lr)
+        scaler = None
+        if config.train.precision == "fp16" and device.type == "cuda":
+            scaler = torch.amp.GradScaler("cuda")
+        start, position = 0, {}
+        if state is not None:
+            load_training_weights(folder, model)
+            optimizer.load_state_dict(state.optimizer)
+            scheduler.load_state_dict(state.scheduler)
+            if scaler is not None and state.scaler:
+                scaler.load_state_dict(state.scaler)
+            restore_rng(state.rng)
+            start, position = state.step, state.data_position
+            self.say(f"[yellow]{stage.name}[/yellow]: resuming at step {start} of {steps}")
+        if distributed.main:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.yaml").write_text(dump_yaml(config))
+
+        seed = step_seed(config.train.seed, stage.number)
+        from ..data.sample import collate
+
+        stream = TaskStream(
+            {name: tasks[name].dataset("train") for name in stage.tasks},
+            config.train.batch_size, config.train.grad_accum, seed, config.train.task_weights,
+            distributed.rank, distributed.world_size,
+        )  # fmt: skip
+        data = batch_iterator(stream, collate, start, steps, position, config.train.num_workers)
+        loss = StageLoss(model, stage, tasks, config)
+        if distributed.enabled:
+            loss = torch.nn.parallel.DistributedDataParallel(
+                loss, device_ids=[device.index] if device.type == "cuda" else None,
+                find_unused_parameters=stage.unused_parameters,
+            )  # fmt: skip
+
+        trainer: Trainer
+
+        def save(done: bool) -> None:
+            if distributed.main:
+                training_state = TrainingState(
+                    stage=stage.name, step=trainer.step, total_steps=steps, done=done,
+                    optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else {}, rng=capture_rng(),
+                    data_position=dict(trainer.position), mlflow_run_id=self.tracker.run_id,
+                )  # fmt: skip
+                save_training_state(folder, model, training_state, extra)
+            distributed.barrier()
+
+        validation_tasks = (
+            stage.tasks if stage.number != 1 else (("pir",) if "pir" in tasks else stage.tasks[:1])
+        )
+
+        def validate(step: int) -> None:
+            if distributed.main:
+                table = evaluate(
+                    model, {name: tasks[name] for name in validation_tasks}, split="val",
+                    samples=config.train.val_samples, batch_size=config.train.batch_size,
+                    seed=config.train.seed, inputs=("restored",), device=device,
+                )  # fmt: skip
+                metrics = table.flat(f"{stage.name}/val")
+                self.tracker.log_metrics(metrics, step)
+                if step == steps:
+                    for path in save_grids(table, self.output / "grids", stage.name):
+                        self.tracker.log_artifact(path, "grids")
+                if self.on_validation is not None:
+                    self.on_validation(step, metrics)
+            distributed.barrier()
+
+        hooks = [
+            Progress(f"{stage.name} ({', '.join(stage.tasks)})", enabled=self.progress and distributed.main),
+            MetricLogger(self.log, config.train.log_every, stage.name),
+            Checkpointer(save, config.train.checkpoint_every),
+            Validator(validate, config.train.val_every),
+            *self.hooks,
+        ]
+        trainer = Trainer(
+            loss, optimizer, scheduler, data, stage=stage.name, start_step=start, max_steps=steps,
+            config=config.train, device=device, distributed=distributed, position=position,
+            scaler=scaler, hooks=hooks, seed=seed,
+        )  # fmt: skip
+        try:
+            trainer.train()
+        except TrainingDiverged as error:
+            kept = read_training_state(folder).step if has_training_state(folder) else None
+            where = (
+                f"{folder / 'last.safetensors'} (step {kept})"
+                if kept is not None
+                else "none for this stage yet"
+            )
+            raise TrainingDiverged(f"{error}; last good checkpoint: {where}") from None
+        finally:
+            for hook in hooks:
+                hook.close()
+        model.requires_grad_(False)
+        self.last_terms = dict(trainer.terms)
+        if distributed.main:
+            save_checkpoint(model, final, extra={**extra, "step": steps})
+            self.tracker.log_artifact(final, "checkpoints")
+        distributed.barrier()
+        return final
+
+    def final_evaluation(self, model: UniRestore, tasks: dict, title: str) -> EvalTable | None:
+        if not self.distributed.main:
+            return None
+        config = self.config
+        table = evaluate(
+            model, tasks, split="test", samples=config.train.eval_samples,
+            batch_size=config.train.batch_size, seed=config.train.seed, device=self.device,
+        )  # fmt: skip
+        self.tracker.log_metrics(table.flat(), 0)
+        for path in save_grids(table, self.output / "grids", "final"):
+            self.tracker.log_artifact(path, "grids")
+        if self.console is not None:
+            self.console.print(table.rich_table(title=title))
+            self.console.print(f"before/after grids: {self.output / 'grids'}")
+        return table
+
+
+def _check_folder(output: Path, stage_names: Iterable[str], resume: bool) -> None:
+    if resume:
+        return
+    for name in stage_names:
+        if has_training_state(output / name) or (output / f"{name}.safetensors").is_file():
+            raise RunFolderError(
+                f"run folder {output} already holds {name}; add --resume to continue it, "
+                "or give another --output"
+            )
+
+
+def _check_resumed_config(output: Path, config: RunConfig) -> None:
+    saved_path = output / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved, current = _flatten(load_yaml(saved_path)), _flatten(to_dict(config))
+    changed = sorted(
+        k
+        for k in set(saved) | set(current)
+        if saved.get(k) != current.get(k) and k not in _OPERATIONAL and not k.startswith("stage0.")
+    )
+    if changed:
+        raise RunFolderError(
+            f"--resume with a config that differs from the run's ({', '.join(changed[:6])}); "
+            f"resume with the options of {saved_path}, or give another --output"
+        )
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and key not in ("beta", "loss_weights", "task_weights"):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _start(
+    config: RunConfig,
+    output: Path,
+    folder: Path,
+    distributed: Distributed,
+    resume: bool,
+    tags: dict,
+    params: dict,
+) -> Tracker:
+    """Start (or, resuming, continue) the MLflow run; `folder` keeps its id and the resolved config."""
+    tracker = Tracker(
+        config.tracking_uri, config.experiment, output / "mlartifacts", enabled=distributed.main
+    )
+    if distributed.main:
+        folder.mkdir(parents=True, exist_ok=True)
+        run_name = config.run_name or (output.name if folder == output else f"{output.name}/{folder.name}")
+        run_id = tracker.start(run_name, tags, run_id=load_run_id(folder) if resume else "")
+        save_run_id(folder, run_id)
+        (folder / "config.yaml").write_text(dump_yaml(config))
+        tracker.log_config(to_dict(config))
+        tracker.log_params(params)
+    return tracker
+
+
+def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: int) -> dict:
+    train_config = config.train
+    return {
+        "stages": stages,
+        "tasks": ",".join(tasks),
+        "prior": config.prior,
+        "data": config.data,
+        "beta": ",".join(f"{t}={train_config.beta.get(t, get_task_class(t).default_beta)}" for t in tasks),
+        "stage1_steps": train_config.stage1_steps,
+        "stage2_steps": train_config.stage2_steps,
+        "stage3_steps": train_config.stage3_steps,
+        "batch_size": train_config.batch_size,
+        "effective_batch": effective_batch(train_config, world_size),
+        "lr": scaled_lr(train_config, world_size),
+        "decoder_input": train_config.decoder_input,
+        "precision": train_config.precision,
+        "seed": train_config.seed,
+    }
+
+
+def _stage_list(stages: Iterable[int]) -> tuple[int, ...]:
+    chosen = tuple(sorted({int(s) for s in stages}))
+    if not chosen or any(s not in (0, 1, 2) for s in chosen):
+        raise ConfigError(f"stages {list(stages)}: choose among 0, 1, 2 (stage 3 is `task add`)")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+
+
+def train(
+    config: RunConfig,
+    stages: Iterable[int] = (0, 1, 2),
+    resume: bool = False,
+    on_validation: Callable[[int, dict], None] | None = None,
+    hooks: Sequence[HookBase] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Train the stages `stages` of `config` (0: the tiny prior, 1, 2: SPEC §6), then evaluate.
+
+    `resume` continues the stages found in the run folder where their last checkpoint left them (and skips
+    finished ones); without it, a run folder that already holds one of these stages is refused.
+    `on_validation(step, metrics)` receives each validation's metrics; `hooks` are added after the
+    built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite.
+    """
+    chosen = _stage_list(stages)
+    names = parse_task_list(list(config.tasks))
+    distributed, device = setup_distributed(config.train.device)
+    output = Path(config.output).expanduser().resolve()
+    model_stages = [s.name for s in (stage1(names), stage2(names)) if s.number in chosen]
+    _check_folder(output, model_stages, resume)
+    if resume:
+        _check_resumed_config(output, config)
+    # The data config, and a prior other than the tiny one (stage 0 may rewrite that), are checked before
+    # anything is started.
+    _data_config(config)
+    prior = load_prior(config.prior, device=device) if config.prior != "tiny" else None
+    label = ",".join(str(s) for s in chosen)
+    tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
+    params = _params(config, label, names, distributed.world_size)
+    tracker = _start(config, output, output, distributed, resume, tags, params)
+    run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+    status = "FAILED"
+    try:
+        result = _train_stages(run, chosen, names, resume, prior)
+        status = "FINISHED"
+        return result
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+
+
+def _train_stages(run: _Run, chosen: tuple[int, ...], names: list[str], resume: bool, prior) -> TrainResult:
+    config, distributed, device = run.config, run.distributed, run.device
+    if 0 in chosen:
+        if config.prior != "tiny":
+            run.say(f"stage 0 trains the built-in tiny prior only; skipped for prior '{config.prior}'")
+        else:
+            from .stage0 import train_tiny_prior
+
+            if distributed.main:
+                result = train_tiny_prior(config.stage0, config.train.seed, device, run.log, run.progress)
+                run.tracker.log_metrics(
+                    {k: v for k, v in result.metrics.items() if k.startswith("stage0/")}, 0
+                )
+                run.say(f"stage 0: tiny prior {'trained' if result.trained else 'already trained, skipped'} "
+                        f"({result.folder})")  # fmt: skip
+            distributed.barrier()
+    elif config.prior == "tiny":
+        from ..prior import tiny_prior_path
+        from .stage0 import is_trained
+
+        if not is_trained(tiny_prior_path()):
+            run.say("[yellow]warning[/yellow]: the tiny prior is untrained; run stage 0 first (--stage 0)")
+    if chosen == (0,):
+        from ..prior import tiny_prior_path
+
+        return TrainResult(checkpoint=tiny_prior_path(), metrics={}, run_id=run.tracker.run_id)
+
+    if prior is None:
+        prior = load_prior(config.prior, device=device)
+    tasks = build_tasks(config, names, device, _crop_size(config, prior))
+    _prepare(tasks, distributed)
+    model: UniRestore | None = None
+    final = None
+    if 1 in chosen:
+        torch.manual_seed(config.train.seed)
+        model = UniRestore(prior, config.model, tasks=names).to(device)
+        final = run.run_stage(stage1(names), model, tasks, resume, trained_prompts=[])
+    if 2 in chosen:
+        if model is None:
+            source = run.output / "stage1.safetensors"
+            if not source.is_file():
+                raise CheckpointError(
+                    f"stage 2 starts from {source}, which does not exist; run stage 1 first (--stage 1)"
+                )
+            model = load_checkpoint(source, prior=prior, device=device,
+                                    config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
+            for name in names:
+                model.add_task(name)
+        final = run.run_stage(stage2(names), model, tasks, resume, trained_prompts=list(names))
+    table = run.final_evaluation(
+        model, tasks, title=f"UniRestore after stage {max(chosen)}: {', '.join(names)}"
+    )
+    metrics = {**run.last_terms, **(table.flat() if table else {})}
+    return TrainResult(checkpoint=final, metrics=metrics, run_id=run.tracker.run_id, table=table)
+
+
+def add_task(
+    config: RunConfig,
+    source_checkpoint: str | Path,
+    task: str,
+    resume: bool = False,
+    on_validation: Callable[[int, dict], None] | None = None,
+    hooks: Sequence[HookBase] = (),
+    progress: bool = True,
+) -> TrainResult:
+    """Stage 3: add `task` to the model of `source_checkpoint` by training its prompt alone.
+
+    Writes `<output>/stage3-<task>.safetensors`, in which every tensor but the new prompt is identical to
+    the source checkpoint's, so the old tasks' outputs do not change.
+    """
+    get_task_class(task)
+    distributed, device = setup_distributed(config.train.device)
+    output = Path(config.output).expanduser().resolve()
+    stage = stage3(task)
+    _check_folder(output, [stage.name], resume)
+    _data_config(config)
+    _, metadata = read_checkpoint(source_checkpoint)
+    if task in metadata["tasks"]:
+        raise CheckpointError(
+            f"{metadata['path']} already has a prompt for '{task}'; add another task or start from a checkpoint without it"
+        )
+    trained = list(metadata["extra"].get("trained_prompts", metadata["tasks"]))
+    tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
+            "unirestore.source": metadata["path"]}  # fmt: skip
+    params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
+    tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
+    run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+    status = "FAILED"
+    try:
+        model = load_checkpoint(source_checkpoint, device=device,
+                                config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
+        model.add_task(task)
+        prior_size = config.train.crop_size or model.native_size
+        tasks = build_tasks(config, [task], device, prior_size)
+        _prepare(tasks, distributed)
+        final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
+        table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added")
+        status = "FINISHED"
+        metrics = {**run.last_terms, **(table.flat() if table else {})}
+        return TrainResult(checkpoint=final, metrics=metrics, run_id=tracker.run_id, table=table)
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)

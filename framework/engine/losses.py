@@ -44,7 +44,9 @@ def stage1_losses(
     target = clean_latents(model, clean, generator)
     restored = model.encode(degraded, use_cfrm=True)  # features with grad; latents cut from the CFRM
     if len(level_weights) != len(restored.features):
-        raise ValueError(f"{len(level_weights)} CFRM level weights for {len(restored.features)} tapped levels")
+        raise ValueError(
+            f"{len(level_weights)} CFRM level weights for {len(restored.features)} tapped levels"
+        )
     feature_loss = sum(
         weight * F.mse_loss(r.float(), c.float())
         for weight, r, c in zip(level_weights, restored.features, target.features)
@@ -102,7 +104,9 @@ def task_losses(
     if use_anchor:
         batch_size = latents.shape[0]
         stacked = [torch.cat([f, f]) for f in features] if features is not None else None
-        both = _decode_two_prompts(model, torch.cat([latents, latents]), stacked, task.name, "pir", batch_size)
+        both = _decode_two_prompts(
+            model, torch.cat([latents, latents]), stacked, task.name, "pir", batch_size
+        )
         restored, pir_output = both[:batch_size], both[batch_size:]
     else:
         restored = model.decode(latents, features, task.name)

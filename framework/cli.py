@@ -1,0 +1,431 @@
+"""The `unirestore` command line: a thin typer layer that parses options and calls the library.
+
+    unirestore train [--tasks pir,seg,cls] [--stage 0|1|2|all] [--prior tiny|PATH|HUB_ID] [--data builtin|FILE]
+                     [--steps N] [--batch-size B] [--beta pir=1,seg=0.1] [--config FILE] [--set key=value ...]
+                     [--resume] [--output DIR] [--tracking-uri URI]
+    unirestore task add NAME [--from CKPT] [--steps N] ...
+    unirestore task list [--output DIR]
+    unirestore restore IMAGES... --task pir --ckpt CKPT --out DIR
+    unirestore downstream train --task cls [--force]
+    unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S]
+
+A problem the user can fix (unknown task, unknown or wrong-typed `--set`, missing prior, missing or corrupt
+checkpoint, unusable data) ends with exit code 2 and one line on stderr; a diverged training with exit code 1.
+Heavy modules are imported inside the commands, so `--help` and `task list` stay quick.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="UniRestore: one image-restoration model for human viewers and downstream vision models.",
+)  # fmt: skip
+task_app = typer.Typer(no_args_is_help=True, help="Add tasks to a trained model; list the known tasks.")
+downstream_app = typer.Typer(
+    no_args_is_help=True, help="Built-in downstream models (classifier, segmenter, ...)."
+)
+app.add_typer(task_app, name="task")
+app.add_typer(downstream_app, name="downstream")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors: one line, exit code 2 (user-fixable) or 1 (the run failed)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .prior import PriorError
+    from .registry import UnknownTaskError
+
+    errors: list[type[BaseException]] = [ConfigError, PriorError, CheckpointError, UnknownTaskError]
+    with contextlib.suppress(ImportError):
+        from .data.io import DataError
+
+        errors.append(DataError)
+    with contextlib.suppress(ImportError):
+        from .downstream import DownstreamError
+
+        errors.append(DownstreamError)
+    return tuple(errors)
+
+
+def _fail(message: str, code: int) -> None:
+    lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    typer.echo(f"error: {lines[0] if lines else 'failed'}", err=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _errors():
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except Exception as error:
+        from .engine.trainer import TrainingDiverged
+
+        if isinstance(error, TrainingDiverged):
+            _fail(str(error), 1)
+        if isinstance(error, _user_errors()):
+            _fail(str(error), 2)
+        raise
+
+
+# --------------------------------------------------------------------------------------------------
+# Options shared by the training commands
+
+
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="A RunConfig YAML file (see experiments/configs).")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
+]
+OutputOption = Annotated[str | None, typer.Option("--output", help="Run folder (default: runs/unirestore).")]
+TrackingOption = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)."),
+]
+
+
+def _parse_pairs(text: str, option: str) -> dict[str, str]:
+    from .config import ConfigError
+
+    pairs = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if "=" not in item:
+            raise ConfigError(f"{option} '{item}': expected task=value pairs, e.g. {option} pir=1,seg=0.1")
+        key, value = item.split("=", 1)
+        pairs[key.strip()] = value.strip()
+    return pairs
+
+
+def _build_config(config_file: Path | None, overrides: list[str]):
+    from .config import apply_overrides, load_run_config
+
+    config = load_run_config(config_file)
+    return apply_overrides(config, overrides) if overrides else config
+
+
+def _stages(text: str) -> tuple[int, ...]:
+    from .config import ConfigError
+
+    if text.strip() == "all":
+        return (0, 1, 2)
+    try:
+        stages = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        stages = ()
+    if not stages or any(s not in (0, 1, 2) for s in stages):
+        raise ConfigError(f"--stage {text}: use 0, 1, 2, a list such as 1,2, or all")
+    return stages
+
+
+def _latest_checkpoint(folder: Path) -> Path:
+    from .checkpoint import CheckpointError
+
+    candidates = [p for p in folder.glob("*.safetensors") if p.is_file()] if folder.is_dir() else []
+    if not candidates:
+        raise CheckpointError(f"no trained checkpoint in {folder}; give one with --from CKPT (train first)")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+@app.command()
+def train(
+    tasks: Annotated[
+        str | None, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,seg,cls.")
+    ] = None,
+    stage: Annotated[str, typer.Option("--stage", help="0 (tiny prior), 1, 2, a list (1,2) or all.")] = "all",
+    prior: Annotated[
+        str | None, typer.Option("--prior", help="tiny, a diffusers folder or a hub id.")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="builtin or a data-config YAML file.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Steps of stages 1 and 2.")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch.")] = None,
+    beta: Annotated[
+        str | None, typer.Option("--beta", help="β per task, e.g. pir=1,seg=0.1,cls=0.1.")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output where it stopped.")
+    ] = False,
+    output: OutputOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Train UniRestore: the tiny prior (stage 0), then stages 1 and 2; print the evaluation table."""
+    with _errors():
+        overrides = []
+        if tasks is not None:
+            overrides.append(f"tasks=[{tasks}]")
+        if prior is not None:
+            overrides.append(f"prior={prior}")
+        if data is not None:
+            overrides.append(f"data={data}")
+        if steps is not None:
+            overrides += [f"train.stage1_steps={steps}", f"train.stage2_steps={steps}"]
+        if batch_size is not None:
+            overrides.append(f"train.batch_size={batch_size}")
+        for task, value in _parse_pairs(beta or "", "--beta").items():
+            overrides.append(f"train.beta.{task}={value}")
+        if output is not None:
+            overrides.append(f"output={output}")
+        if tracking_uri is not None:
+            overrides.append(f"tracking_uri={tracking_uri}")
+        run_config = _build_config(config, overrides + list(set_ or []))
+        chosen = _stages(stage)
+        from .registry import parse_task_list
+
+        parse_task_list(list(run_config.tasks))
+        from .engine import train as train_run
+
+        result = train_run(run_config, stages=chosen, resume=resume)
+        typer.echo(f"checkpoint: {result.checkpoint}")
+        if result.run_id:
+            typer.echo(f"MLflow run: {result.run_id} ({run_config.tracking_uri})")
+
+
+# --------------------------------------------------------------------------------------------------
+# task add / task list
+
+
+@task_app.command("add")
+def task_add(
+    name: Annotated[str, typer.Argument(help="The task to add, e.g. det.")],
+    source: Annotated[
+        Path | None,
+        typer.Option("--from", help="Checkpoint to start from (default: the newest in --output)."),
+    ] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Steps of stage 3.")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", help="β of the new task.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted `task add`.")] = False,
+    output: OutputOption = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
+    with _errors():
+        from .registry import get_task_class
+
+        get_task_class(name)
+        overrides = []
+        if steps is not None:
+            overrides.append(f"train.stage3_steps={steps}")
+        if beta is not None:
+            overrides.append(f"train.beta.{name}={beta}")
+        if output is not None:
+            overrides.append(f"output={output}")
+        if tracking_uri is not None:
+            overrides.append(f"tracking_uri={tracking_uri}")
+        run_config = _build_config(config, overrides + list(set_ or []))
+        checkpoint = source or _latest_checkpoint(Path(run_config.output))
+        from .engine import add_task
+
+        result = add_task(run_config, checkpoint, name, resume=resume)
+        typer.echo(f"checkpoint: {result.checkpoint}")
+
+
+def _checkpoint_prompts(path: Path) -> tuple[list[str], list[str]] | None:
+    """(tasks with a prompt, tasks whose prompt was trained) from a checkpoint's metadata, or None."""
+    import json
+
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tasks = json.loads(metadata.get("tasks", "[]"))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except Exception:  # noqa: BLE001 (not a readable unirestore checkpoint: not listed)
+        return None
+    return tasks, list(extra.get("trained_prompts", tasks))
+
+
+@task_app.command("list")
+def task_list(
+    output: Annotated[Path, typer.Option("--output", help="Folder searched for checkpoints.")] = Path("runs"),
+) -> None:
+    """Every known task, where it comes from, and the checkpoints under --output with a trained prompt for it."""
+    with _errors():
+        from rich.console import Console
+        from rich.table import Table
+
+        from .registry import broken_plugins, get_task_class, known_tasks, task_source
+
+        holders: dict[str, list[str]] = {}
+        if output.is_dir():
+            for path in sorted(output.rglob("*.safetensors")):
+                if path.name == "last.safetensors" or "mlartifacts" in path.parts:
+                    continue
+                found = _checkpoint_prompts(path)
+                for task in found[1] if found else []:
+                    holders.setdefault(task, []).append(str(path.relative_to(output)))
+        table = Table(title=f"tasks (checkpoints searched under {output})")
+        for column in ("task", "from", "description", "checkpoints with a trained prompt"):
+            table.add_column(column)
+        for name in known_tasks():
+            source = task_source(name)
+            where = "built-in" if source.startswith("unirestore.tasks") else source
+            description = getattr(get_task_class(name), "description", "")
+            table.add_row(name, where, description, "\n".join(holders.get(name, [])) or "-")
+        console = Console()
+        console.print(table)
+        for plugin, problem in broken_plugins().items():
+            console.print(f"[yellow]plugin {plugin} failed to load:[/yellow] {problem}")
+
+
+# --------------------------------------------------------------------------------------------------
+# restore
+
+
+def _collect_images(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
+    """(file, output name relative to --out) for every image; problems as messages."""
+    from .data.io import DataError, list_images
+
+    found, problems = [], []
+    for item in inputs:
+        if item.is_dir():
+            try:
+                files = list_images(item)
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            if not files:
+                problems.append(f"{item}: no image files in this folder")
+            found += [(path, path.relative_to(item).with_suffix(".png")) for path in files]
+        elif item.is_file():
+            found.append((item, Path(item.name).with_suffix(".png")))
+        else:
+            problems.append(f"{item}: no such file or folder")
+    return found, problems
+
+
+@app.command()
+def restore(
+    images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
+    task: Annotated[
+        str, typer.Option("--task", help="Whose prompt decodes the output (pir: for viewers).")
+    ] = "pir",
+    ckpt: Annotated[
+        Path, typer.Option("--ckpt", help="A trained checkpoint (.safetensors) or its folder.")
+    ] = Path("runs/unirestore"),
+    out: Annotated[Path, typer.Option("--out", help="Output folder (PNG files).")] = Path("restored"),
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps, 1 to 4.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the denoising noise.")] = 0,
+) -> None:
+    """Restore images with a trained checkpoint; unreadable files are reported and skipped."""
+    with _errors():
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from .checkpoint import CheckpointError, load_checkpoint
+        from .data.io import DataError, load_rgb, save_png
+        from .engine.trainer import resolve_device
+
+        console = Console(stderr=True)
+        torch_device = resolve_device(device)
+        if ckpt.is_dir():
+            ckpt = _latest_checkpoint(ckpt)
+        model = load_checkpoint(ckpt, device=torch_device)
+        if task not in model.tasks and not model.config.shared_prompt:
+            raise CheckpointError(
+                f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)}"
+            )
+        files, problems = _collect_images(list(images))
+        for problem in problems:
+            console.print(f"[yellow]skipped[/yellow] {problem}")
+        import torch
+
+        generator = torch.Generator(device=torch_device).manual_seed(seed)
+        written, skipped = 0, len(problems)
+        columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as bar:
+            job = bar.add_task("restore", total=len(files))
+            for path, name in files:
+                try:
+                    image = load_rgb(path).to(torch_device)
+                    restored = model.restore(image[None], task=task, steps=steps, generator=generator)[0]
+                    save_png(restored.cpu(), out / name)
+                    written += 1
+                except DataError as error:
+                    console.print(f"[yellow]skipped[/yellow] {error}")
+                    skipped += 1
+                bar.advance(job)
+        typer.echo(f"restored {written} image(s) to {out}; {skipped} skipped")
+        if written == 0:
+            raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# downstream, degrade
+
+
+@downstream_app.command("train")
+def downstream_train(
+    task: Annotated[str, typer.Option("--task", help="The task whose downstream model to build, e.g. cls.")],
+    force: Annotated[bool, typer.Option("--force", help="Retrain even when a cached model exists.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Train (or load from the cache) a task's built-in downstream model."""
+    with _errors():
+        from .engine import build_tasks
+        from .engine.trainer import resolve_device
+        from .prior import load_prior
+
+        run_config = _build_config(config, list(set_ or []))
+        size = run_config.train.crop_size or load_prior(run_config.prior).native_size
+        built = build_tasks(run_config, [task], resolve_device(run_config.train.device), size)[task]
+        prepare = getattr(built, "prepare", None)
+        if not callable(prepare):
+            typer.echo(f"task '{task}' has no downstream model to train")
+            return
+        prepare(force=force)
+        typer.echo(f"downstream model of '{task}' ready")
+
+
+@app.command()
+def degrade(
+    src: Annotated[Path, typer.Argument(help="Folder of clean images.")],
+    dst: Annotated[Path, typer.Argument(help="Output folder.")],
+    corruption: Annotated[
+        str, typer.Option("--corruption", help="A degradation name, a list, or all.")
+    ] = "all",
+    severity: Annotated[
+        int | None, typer.Option("--severity", help="1 to 5 (default: drawn per image).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the draws.")] = 0,
+) -> None:
+    """Write a degraded copy of a folder of images (ImageNet-C corruptions and the unseen-benchmark ones)."""
+    with _errors():
+        from .degrade import degrade_command
+
+        degrade_command(src, dst, corruption=corruption, severity=severity, seed=seed)
+
+
+def main() -> None:
+    # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU spinning threads slow
+    # training down many times over. Must be set before torch loads its OpenMP runtime.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""MLflow tracking of a training run, through an explicit `MlflowClient` (no global active run, so a sweep
+or a notebook that has its own run is left alone).
+
+Every `unirestore train` / `task add` call is one MLflow run holding: the resolved config (`config.json`),
+params (stage, tasks, β, prior, steps, batch), per-step loss terms and learning rate, periodic validation
+metrics, before/after image grids (LQ | restored | HQ) and the final checkpoints as artifacts, and tags for
+the stages, tasks and prior. The experiment is created with its artifact location under the run folder.
+`Tracker(enabled=False)` (non-zero DDP ranks) does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+RUN_FILE = "mlflow_run.json"
+
+
+class Tracker:
+    """One MLflow run. Methods are no-ops when disabled."""
+
+    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, enabled: bool = True):
+        self.enabled = enabled
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.artifact_root = Path(artifact_root)
+        self.run_id = ""
+        self._client = None
+
+    # ----------------------------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        if self._client is None:
+            import logging
+
+            from mlflow.tracking import MlflowClient
+
+            # creating a new sqlite store logs its schema migrations at INFO: not news for a user
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+            logging.getLogger("alembic").setLevel(logging.WARNING)
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def _experiment_id(self) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        self.artifact_root.mkdir(parents=True, exist_ok=True)
+        try:
+            return self.client.create_experiment(
+                self.experiment, artifact_location=self.artifact_root.resolve().as_uri()
+            )
+        except MlflowException:  # another process created it in between
+            found = self.client.get_experiment_by_name(self.experiment)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start(self, run_name: str, tags: Mapping[str, str], run_id: str = "") -> str:
+        """Start a new run, or continue `run_id` (a resumed training) when it still exists."""
+        if not self.enabled:
+            return ""
+        from mlflow.exceptions import MlflowException
+
+        if run_id:
+            try:
+                self.client.get_run(run_id)
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id = run_id
+            except MlflowException:
+                self.run_id = ""
+        if not self.run_id:
+            run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=dict(tags))
+            self.run_id = run.info.run_id
+        self.set_tags(tags)
+        return self.run_id
+
+    def end(self, status: str = "FINISHED") -> None:
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.enabled and self.run_id:
+            for key, value in tags.items():
+                self.client.set_tag(self.run_id, key, str(value))
+
+    def log_config(self, config: dict) -> None:
+        if self.enabled and self.run_id:
+            self.client.log_dict(self.run_id, config, "config.json")
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params are write-once in MLflow: a resumed run re-logs the same values, new keys are added."""
+        if not (self.enabled and self.run_id):
+            return
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
+        if fresh:
+            self.client.log_batch(self.run_id, params=fresh)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if not (self.enabled and self.run_id and metrics):
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        batch = [Metric(key, float(value), stamp, int(step or 0)) for key, value in metrics.items()]
+        for start in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 900])
+
+    def log_artifact(self, path: Path, folder: str | None = None) -> None:
+        if self.enabled and self.run_id and Path(path).exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+
+
+def save_run_id(folder: Path, run_id: str) -> None:
+    if run_id:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+
+
+def load_run_id(folder: Path) -> str:
+    try:
+        return json.loads((folder / RUN_FILE).read_text()).get("run_id", "")
+    except (OSError, json.JSONDecodeError):
+        return ""

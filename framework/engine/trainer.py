@@ -1,0 +1,498 @@
+"""The training loop: a short `run_step` and hooks around it (detectron2's `train_loop.py` pattern).
+
+Order of events for every optimiser step:
+
+1. `run_step`: for each of `grad_accum` micro-batches, seed the global RNGs from (seed, step, micro,
+   rank), draw the batch, compute the stage's loss terms (under autocast where asked), stop on a
+   non-finite total, backward; then the optimiser and the one-cycle scheduler step once.
+2. every hook's `after_step`, in the order given: by default `Progress` (bar), `MetricLogger` (MLflow),
+   `Checkpointer` (last.safetensors + last.state.pt), `Validator` (metrics, `on_validation`), then the
+   caller's own hooks. A hook that raises stops the run after the work of the hooks before it.
+
+`before_train` runs in the same order before the first step; `after_train` only when the last step is
+done (a failed run writes nothing more: its last good checkpoint stays as it was).
+
+The data stream is a pure function of the step (`TaskStream`): resuming from a checkpoint at step k
+reproduces steps k+1.. exactly as the uninterrupted run did them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..config import TrainConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes and devices
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a torchrun launch (rank 0 of 1 when launched plainly)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return Distributed(), resolve_device(device_name)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Distributed(rank, world_size, local_rank), device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={name} but this machine has no CUDA device; use auto or cpu")
+    return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """A 63-bit seed for one (step, micro-batch, rank, ...) from the run's seed."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The data stream
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which samples micro-batch `micro` of step `step` reads (picked in the main process)."""
+
+    step: int
+    micro: int
+    task: str
+    # Index of this micro-batch among all micro-batches of `task` so far (all ranks draw the same task).
+    number: int
+
+
+class TaskStream:
+    """The training data of a stage as a pure function of the step.
+
+    Each micro-batch holds one task. The task of (step, micro) is drawn from a generator seeded with
+    (seed, step, micro), with P(task) ∝ its dataset's length (a `WeightedConcat` already counts its
+    datasets' weights) × `task_weights`. Inside a task, position p of the stream (p = number × batch ×
+    world + rank × batch + i) reads index perm_e[p mod N] of epoch e = p div N, where perm_e is a fixed
+    permutation of (seed, task, e) and the dataset is moved to epoch e (`set_epoch`) before reading, so
+    crops and degradations differ from epoch to epoch. The data position (micro-batches drawn per task)
+    is saved with every checkpoint.
+    """
+
+    def __init__(
+        self,
+        datasets: Mapping[str, Dataset],
+        batch_size: int,
+        grad_accum: int,
+        seed: int,
+        task_weights: Mapping[str, float] | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        if not datasets:
+            raise ValueError("TaskStream needs at least one task dataset")
+        self.tasks = list(datasets)
+        self.datasets = dict(datasets)
+        self.sizes = {task: len(dataset) for task, dataset in self.datasets.items()}
+        empty = [task for task, size in self.sizes.items() if size == 0]
+        if empty:
+            raise ValueError(f"the training data of task(s) {', '.join(empty)} is empty")
+        weights = np.array([self.sizes[t] * float((task_weights or {}).get(t, 1.0)) for t in self.tasks])
+        self.probabilities = weights / weights.sum()
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.rank, self.world_size = rank, world_size
+        self._epochs: dict[str, int] = {}
+
+    def task_of(self, step: int, micro: int) -> str:
+        if len(self.tasks) == 1:
+            return self.tasks[0]
+        rng = np.random.default_rng([self.seed, step, micro])
+        return self.tasks[int(rng.choice(len(self.tasks), p=self.probabilities))]
+
+    def plans(self, start_step: int, stop_step: int, position: Mapping[str, int]) -> Iterator[BatchPlan]:
+        """The micro-batch plans of steps start_step+1 .. stop_step, from the data position `position`."""
+        counts = {task: int(position.get(task, 0)) for task in self.tasks}
+        for step in range(start_step + 1, stop_step + 1):
+            for micro in range(self.grad_accum):
+                task = self.task_of(step, micro)
+                yield BatchPlan(step, micro, task, counts[task])
+                counts[task] += 1
+
+    @staticmethod
+    @lru_cache(maxsize=8)
+    def _permutation(seed: int, task: str, epoch: int, size: int) -> np.ndarray:
+        return np.random.default_rng([seed, zlib.crc32(task.encode()), epoch]).permutation(size)
+
+    def samples(self, plan: BatchPlan) -> list[dict]:
+        dataset, size = self.datasets[plan.task], self.sizes[plan.task]
+        first = (plan.number * self.world_size + self.rank) * self.batch_size
+        samples = []
+        for position in range(first, first + self.batch_size):
+            epoch, offset = divmod(position, size)
+            if self._epochs.get(plan.task) != epoch and hasattr(dataset, "set_epoch"):
+                dataset.set_epoch(epoch)
+            self._epochs[plan.task] = epoch
+            samples.append(dataset[int(self._permutation(self.seed, plan.task, epoch, size)[offset])])
+        return samples
+
+
+class _PlannedBatches(Dataset):
+    """Map-style view of a `TaskStream` whose "indices" are `BatchPlan`s: DataLoader workers load whole
+    collated batches in parallel while the plan order stays fixed by the main process."""
+
+    def __init__(self, stream: TaskStream, collate: Callable[[list[dict]], dict]):
+        self.stream = stream
+        self.collate = collate
+
+    def __len__(self) -> int:  # not used: the sampler decides
+        return 1 << 62
+
+    def __getitem__(self, plan: BatchPlan) -> tuple[BatchPlan, dict]:
+        batch = self.collate(self.stream.samples(plan))
+        batch["task"] = plan.task
+        return plan, batch
+
+
+class _PlanSampler(Sampler):
+    def __init__(self, plans: Iterator[BatchPlan]):
+        self._plans = plans
+
+    def __iter__(self):
+        return self._plans
+
+
+def _keep(item):
+    return item
+
+
+def batch_iterator(
+    stream: TaskStream,
+    collate: Callable[[list[dict]], dict],
+    start_step: int,
+    stop_step: int,
+    position: Mapping[str, int],
+    num_workers: int = 0,
+) -> Iterator[tuple[BatchPlan, dict]]:
+    """(plan, batch) for every micro-batch of steps start_step+1 .. stop_step, in order."""
+    plans = stream.plans(start_step, stop_step, position)
+    if num_workers == 0:
+        view = _PlannedBatches(stream, collate)
+        return (view[plan] for plan in plans)
+    loader = DataLoader(
+        _PlannedBatches(stream, collate),
+        sampler=_PlanSampler(plans),
+        batch_size=None,
+        collate_fn=_keep,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=2,
+    )
+    return iter(loader)
+
+
+def move_to(batch: dict, device: torch.device) -> dict:
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.to(device, non_blocking=True)
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return {key: move(value) for key, value in batch.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Optimiser and schedule
+
+
+def effective_batch(config: TrainConfig, world_size: int = 1) -> int:
+    return config.batch_size * config.grad_accum * world_size
+
+
+def scaled_lr(config: TrainConfig, world_size: int = 1) -> float:
+    """lr × √(effective batch / reference batch) (1e-4 at 64 in the release)."""
+    return config.lr * math.sqrt(effective_batch(config, world_size) / config.lr_reference_batch)
+
+
+def build_optimizer(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int, lr: float):
+    """One cycle, stepped per iteration: warm-up share `warmup`, cosine, from lr / div_factor."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=lr,
+        total_steps=max(steps, 2),
+        pct_start=config.warmup,
+        anneal_strategy="cos",
+        div_factor=config.div_factor,
+        final_div_factor=config.final_div_factor,
+        cycle_momentum=False,  # AdamW's betas stay fixed
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer and hooks
+
+
+class HookBase:
+    """A hook sees the trainer (`self.trainer`) after each step: `trainer.step`, `trainer.terms`."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None:
+        pass
+
+    def after_step(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+    def close(self) -> None:
+        """Release what the hook holds (a live display); called after the stage, whatever happened."""
+
+
+class Trainer:
+    """Runs one stage from `start_step` to `max_steps` (steps are counted from 1)."""
+
+    def __init__(
+        self,
+        loss: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler,
+        data: Iterator[tuple[BatchPlan, dict]],
+        *,
+        stage: str,
+        start_step: int,
+        max_steps: int,
+        config: TrainConfig,
+        device: torch.device,
+        distributed: Distributed,
+        position: Mapping[str, int] | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        hooks: Sequence[HookBase] = (),
+        seed: int = 0,
+    ):
+        self.loss, self.optimizer, self.scheduler, self.data = loss, optimizer, scheduler, data
+        self.stage, self.step, self.max_steps = stage, start_step, max_steps
+        self.config, self.device, self.distributed, self.scaler = config, device, distributed, scaler
+        self.position = dict(position or {})
+        self.seed = seed
+        self.terms: dict[str, float] = {}
+        self.step_seconds = 0.0
+        self.hooks = list(hooks)
+        for hook in self.hooks:
+            hook.trainer = self
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train(self) -> None:
+        for hook in self.hooks:
+            hook.before_train()
+        while self.step < self.max_steps:
+            self.run_step()
+            for hook in self.hooks:
+                hook.after_step()
+        for hook in self.hooks:
+            hook.after_train()
+
+    def run_step(self) -> None:
+        started = time.perf_counter()
+        step, accum = self.step + 1, self.config.grad_accum
+        self.optimizer.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for micro in range(accum):
+            plan, batch = next(self.data)
+            torch.manual_seed(step_seed(self.seed, step, micro, self.distributed.rank))
+            sync = micro == accum - 1 or not isinstance(self.loss, torch.nn.parallel.DistributedDataParallel)
+            with contextlib.nullcontext() if sync else self.loss.no_sync():
+                with autocast(self.config.precision, self.device):
+                    terms = self.loss(move_to(batch, self.device))
+                total = sum(terms.values())
+                values = {key: float(value.detach()) for key, value in terms.items()}
+                if not math.isfinite(float(total.detach())):
+                    shown = ", ".join(f"{key}={value:.4g}" for key, value in values.items())
+                    raise TrainingDiverged(f"{self.stage}: loss is not finite at step {step} ({shown})")
+                scaled = total / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            self.position[plan.task] = plan.number + 1
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value / accum
+            sums["loss/total"] = sums.get("loss/total", 0.0) + float(total.detach()) / accum
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.terms = sums
+        self.step = step
+        self.step_seconds = time.perf_counter() - started
+
+
+class Progress(HookBase):
+    """A rich progress bar with the step rate, the ETA and the current loss."""
+
+    def __init__(self, description: str, enabled: bool = True):
+        self.description = description
+        self.enabled = enabled
+        self._progress = None
+        self._task = None
+
+    def before_train(self) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._progress = RichProgress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} steps/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[loss]}"),
+            transient=False,
+        )
+        self._progress.start()
+        trainer = self.trainer
+        self._task = self._progress.add_task(
+            self.description, total=trainer.max_steps, completed=trainer.step, rate="-", loss=""
+        )
+
+    def after_step(self) -> None:
+        if self._progress is None:
+            return
+        seconds = self.trainer.step_seconds
+        rate = f"{1.0 / seconds:.2f}" if seconds > 0 else "-"
+        loss = f"loss {self.trainer.terms.get('loss/total', float('nan')):.4f}"
+        self._progress.update(self._task, completed=self.trainer.step, rate=rate, loss=loss)
+
+    def after_train(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+class MetricLogger(HookBase):
+    """Logs the loss terms (mean since the last log), the learning rate and steps/s every `every` steps."""
+
+    def __init__(self, log: Callable[[dict, int], None], every: int, prefix: str):
+        self.log, self.every, self.prefix = log, every, prefix
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._seconds = 0.0
+
+    def after_step(self) -> None:
+        trainer = self.trainer
+        for key, value in trainer.terms.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        self._seconds += trainer.step_seconds
+        if trainer.step % self.every == 0 or trainer.step == trainer.max_steps:
+            metrics = {key: value / self._count for key, value in self._sums.items()}
+            metrics[f"{self.prefix}/loss_total"] = metrics.pop("loss/total")
+            metrics[f"{self.prefix}/lr"] = trainer.lr
+            metrics[f"{self.prefix}/steps_per_second"] = self._count / max(self._seconds, 1e-9)
+            self.log(metrics, trainer.step)
+            self._sums, self._count, self._seconds = {}, 0, 0.0
+
+
+class Checkpointer(HookBase):
+    """Calls `save(done)` every `every` steps and once after the last step (done=True)."""
+
+    def __init__(self, save: Callable[[bool], None], every: int):
+        self.save, self.every = save, every
+
+    def after_step(self) -> None:
+        if self.trainer.step % self.every == 0 and self.trainer.step < self.trainer.max_steps:
+            self.save(False)
+
+    def after_train(self) -> None:
+        self.save(True)
+
+
+class Validator(HookBase):
+    """Calls `validate(step)` every `every` steps (0: never during the stage) and after the last step."""
+
+    def __init__(self, validate: Callable[[int], None], every: int):
+        self.validate, self.every = validate, every
+
+    def after_step(self) -> None:
+        step = self.trainer.step
+        if self.every and step % self.every == 0 and step < self.trainer.max_steps:
+            self.validate(step)
+
+    def after_train(self) -> None:
+        self.validate(self.trainer.step)
+
+
+class CallbackHook(HookBase):
+    """A hook from a plain function `fn(trainer)` called after every step."""
+
+    def __init__(self, fn: Callable[[Trainer], None]):
+        self.fn = fn
+
+    def after_step(self) -> None:
+        self.fn(self.trainer)

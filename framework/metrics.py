@@ -1,0 +1,261 @@
+"""Evaluation metrics of SPEC §8, as plain functions and as accumulators the task evaluators feed.
+
+- PIR: PSNR and SSIM on RGB in [0, 1] after quantising the prediction (and the target) to 8 bits.
+  PSNR of identical images is capped at `PSNR_CAP_DB` (100 dB, i.e. the MSE is clamped at 1e-10)
+  instead of +inf, so that means over a set stay finite.
+- Classification: top-1 accuracy. Segmentation: mIoU (torchmetrics `MulticlassJaccardIndex`, ignore 255,
+  macro average over the classes present in the target or the prediction, from the accumulated confusion).
+- Detection: COCO mAP@[.5:.95] through pycocotools, computed in memory (no JSON files).
+- Retrieval: Recall@1 and MAP@R through pytorch-metric-learning's `AccuracyCalculator`, with a cosine
+  k-NN written in torch (no faiss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from collections.abc import Sequence
+
+import torch
+from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.functional.image import structural_similarity_index_measure
+
+from .data.sample import IGNORE_INDEX
+
+# PSNR of identical images: 10·log10(1 / 1e-10). Any real restoration is far below this.
+PSNR_CAP_DB = 100.0
+_MSE_FLOOR = 10.0 ** (-PSNR_CAP_DB / 10.0)
+
+
+def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
+    """Round images in [0, 1] to the 256 levels an 8-bit file would hold (values stay in [0, 1])."""
+    return (images.detach().float().clamp(0.0, 1.0) * 255.0).round() / 255.0
+
+
+def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of (B, C, H, W) images in [0, 1], both quantised to 8 bits first.
+
+    The MSE is clamped at 1e-10, so identical images give `PSNR_CAP_DB` (100 dB), never +inf.
+    """
+    prediction, target = quantize_8bit(prediction), quantize_8bit(target)
+    mse = (prediction - target).pow(2).flatten(1).mean(dim=1)  # (B,)
+    return 10.0 * torch.log10(1.0 / mse.clamp(min=_MSE_FLOOR))
+
+
+def ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (B, C, H, W) images in [0, 1] (8-bit quantised; Gaussian window 11, σ 1.5).
+
+    The window shrinks (odd, ≥ 3) for images smaller than 11 pixels.
+    """
+    prediction, target = quantize_8bit(prediction), quantize_8bit(target)
+    kernel = min(11, min(prediction.shape[-2:]))
+    kernel = max(3, kernel - (kernel + 1) % 2)
+    return structural_similarity_index_measure(
+        prediction, target, data_range=1.0, kernel_size=kernel, reduction="none"
+    ).reshape(-1)
+
+
+def accuracy(logits_or_labels: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy: (B, K) logits or (B,) predicted labels against (B,) labels; labels < 0 are ignored."""
+    predicted = logits_or_labels.argmax(dim=1) if logits_or_labels.ndim == 2 else logits_or_labels
+    valid = labels >= 0
+    if not bool(valid.any()):
+        return 0.0
+    return float((predicted[valid] == labels[valid]).float().mean())
+
+
+# --------------------------------------------------------------------------------------------------
+# Accumulators: `update(...)` per batch, `compute()` once.
+
+
+class ImageQuality:
+    """Mean per-image PSNR and SSIM over everything seen."""
+
+    def __init__(self) -> None:
+        self.psnr_sum = 0.0
+        self.ssim_sum = 0.0
+        self.count = 0
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        self.psnr_sum += float(psnr(prediction, target).sum())
+        self.ssim_sum += float(ssim(prediction, target).sum())
+        self.count += prediction.shape[0]
+
+    def compute(self) -> dict[str, float]:
+        count = max(self.count, 1)
+        return {"psnr": self.psnr_sum / count, "ssim": self.ssim_sum / count}
+
+
+class Accuracy:
+    """Top-1 accuracy over everything seen (labels < 0 ignored)."""
+
+    def __init__(self) -> None:
+        self.correct = 0
+        self.total = 0
+
+    def update(self, logits_or_labels: torch.Tensor, labels: torch.Tensor) -> None:
+        predicted = logits_or_labels.argmax(dim=1) if logits_or_labels.ndim == 2 else logits_or_labels
+        labels = labels.to(predicted.device)
+        valid = labels >= 0
+        self.correct += int((predicted[valid] == labels[valid]).sum())
+        self.total += int(valid.sum())
+
+    def compute(self) -> float:
+        return self.correct / self.total if self.total else 0.0
+
+
+class MeanIoU:
+    """mIoU from the confusion matrix accumulated over all pixels (ignore index 255)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        self.metric = MulticlassJaccardIndex(
+            num_classes=num_classes, ignore_index=ignore_index, average="macro"
+        )
+
+    def update(self, logits_or_labels: torch.Tensor, target: torch.Tensor) -> None:
+        """`logits_or_labels`: (B, K, H, W) logits or (B, H, W) predicted classes; `target` (B, H, W)."""
+        predicted = logits_or_labels.argmax(dim=1) if logits_or_labels.ndim == 4 else logits_or_labels
+        self.metric.update(predicted.detach().cpu(), target.detach().cpu())
+
+    def compute(self) -> float:
+        return float(self.metric.compute())
+
+
+def mean_iou(logits_or_labels: torch.Tensor, target: torch.Tensor, num_classes: int) -> float:
+    """mIoU of one set of predictions (see `MeanIoU`)."""
+    metric = MeanIoU(num_classes)
+    metric.update(logits_or_labels, target)
+    return metric.compute()
+
+
+# --------------------------------------------------------------------------------------------------
+# Detection: COCO mAP in memory.
+
+
+def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict[str, float]:
+    """COCO mAP@[.5:.95] (`map`) and mAP@.5 (`map50`) through pycocotools, without files.
+
+    predictions: per image, {"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}.
+    targets: per image, {"boxes": (M, 4) xyxy, "labels": (M,)} (the `boxes` / `box_labels` of a sample).
+    No predicted box at all gives 0.0; so does a set without any ground-truth box (pycocotools says -1:
+    undefined, reported as 0 so that the number stays a plain score).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if len(predictions) != len(targets):
+        raise ValueError(f"{len(predictions)} predictions for {len(targets)} images")
+    images, annotations, results, categories = [], [], [], set()
+    for image_id, (prediction, target) in enumerate(zip(predictions, targets)):
+        images.append({"id": image_id})
+        boxes = torch.as_tensor(target["boxes"], dtype=torch.float64).reshape(-1, 4).tolist()
+        labels = torch.as_tensor(target.get("labels", target.get("box_labels"))).reshape(-1).tolist()
+        for box, label in zip(boxes, labels):
+            width, height = box[2] - box[0], box[3] - box[1]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,  # pycocotools treats id 0 as "no match"
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [box[0], box[1], width, height],
+                    "area": width * height,
+                    "iscrowd": 0,
+                }
+            )
+            categories.add(int(label))
+        boxes = torch.as_tensor(prediction["boxes"], dtype=torch.float64).reshape(-1, 4).tolist()
+        scores = torch.as_tensor(prediction["scores"]).reshape(-1).tolist()
+        labels = torch.as_tensor(prediction["labels"]).reshape(-1).tolist()
+        for box, score, label in zip(boxes, scores, labels):
+            results.append(
+                {
+                    "image_id": image_id,
+                    "category_id": int(label),
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "score": float(score),
+                }
+            )
+            categories.add(int(label))
+    if not results or not annotations:
+        return {"map": 0.0, "map50": 0.0}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and summary
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": images,
+            "annotations": annotations,
+            "categories": [{"id": c} for c in sorted(categories)],
+        }
+        ground_truth.createIndex()
+        detections = ground_truth.loadRes(results)
+        evaluation = COCOeval(ground_truth, detections, iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    stats = [max(float(s), 0.0) for s in evaluation.stats[:2]]
+    return {"map": stats[0], "map50": stats[1]}
+
+
+class DetectionMAP:
+    """Collects per-image predictions and targets; `compute()` runs `coco_map` once."""
+
+    def __init__(self) -> None:
+        self.predictions: list[dict] = []
+        self.targets: list[dict] = []
+
+    def update(
+        self, predictions: Sequence[dict], boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+    ):
+        for prediction, box, label in zip(predictions, boxes, labels, strict=True):
+            self.predictions.append({k: v.detach().cpu() for k, v in prediction.items()})
+            self.targets.append({"boxes": box.detach().cpu(), "labels": label.detach().cpu()})
+
+    def compute(self) -> dict[str, float]:
+        return coco_map(self.predictions, self.targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Retrieval.
+
+
+def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Recall@1 and MAP@R of leave-one-out retrieval among (N, D) embeddings by cosine similarity.
+
+    Every embedding is a query against all the others (pytorch-metric-learning's `ref_includes_query`).
+    Recall@1 is the fraction whose nearest neighbour shares its label (PML's `precision_at_1`). Queries
+    whose label occurs once (no possible match) are left out by PML; none left → 0.0.
+    """
+    from pytorch_metric_learning.distances import CosineSimilarity
+    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+    from pytorch_metric_learning.utils.inference import CustomKNN
+
+    embeddings = embeddings.detach().float().cpu()
+    labels = labels.detach().cpu().reshape(-1)
+    if embeddings.shape[0] < 2 or bool((torch.unique(labels, return_counts=True)[1] < 2).all()):
+        return {"recall@1": 0.0, "map@r": 0.0}  # no query has a possible match
+    calculator = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        knn_func=CustomKNN(CosineSimilarity()),
+        device=torch.device("cpu"),
+    )
+    result = calculator.get_accuracy(embeddings, labels, embeddings, labels, ref_includes_query=True)
+    clean = {k: (0.0 if v is None or math.isnan(float(v)) else float(v)) for k, v in result.items()}
+    return {"recall@1": clean["precision_at_1"], "map@r": clean["mean_average_precision_at_r"]}
+
+
+class Retrieval:
+    """Collects embeddings and labels; `compute()` gives Recall@1 and MAP@R over the whole set."""
+
+    def __init__(self) -> None:
+        self.embeddings: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+        keep = labels >= 0
+        self.embeddings.append(embeddings.detach().float().cpu()[keep.cpu()])
+        self.labels.append(labels.detach().cpu()[keep.cpu()])
+
+    def compute(self) -> dict[str, float]:
+        if not self.embeddings:
+            return {"recall@1": 0.0, "map@r": 0.0}
+        return retrieval_metrics(torch.cat(self.embeddings), torch.cat(self.labels))

@@ -1,0 +1,178 @@
+"""Detection (the paper's extension task): restored images must be detected well by a frozen RetinaNet.
+
+Loss: RetinaNet's own terms on the restored image, `classification` (focal loss) and `box` (box
+regression), default weights 0.1 each (the scale of the other downstream tasks' terms). The detector runs
+in train mode to return losses, with its weights frozen and every normalisation layer in eval mode.
+Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools.
+Models: built-in data → a small torchvision RetinaNet (FPN on a small conv body) trained here on clean scenes
+(cached); real data → torchvision RetinaNet-ResNet-50-FPN from `checkpoints.retinanet_resnet50_fpn`. With a
+91-way COCO detector, dataset labels are mapped to COCO ids (RTTS by class name, COCO by category id).
+Any other detector joins through the `Detector` protocol: `task.use_detector(my_adapter)`.
+Anchored to PIR (a choice): a frozen network's loss alone can be satisfied by images a person would not
+accept; in stage 3, where only this task's prompt trains, the anchor carries no gradient and may be skipped.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..framework.downstream import Detector
+from ..framework.registry import register_task
+from .base import Evaluator, Task
+
+__all__ = ["DetectionEvaluator", "DetectionTask", "Detector"]
+
+# torchvision's COCO label space (91 indices, 0 = background) for the RTTS class names.
+COCO_IDS = {"person": 1, "bicycle": 2, "car": 3, "motorcycle": 4, "motorbike": 4, "bus": 6}
+COCO_NUM_CLASSES = 91
+
+
+def _find_attribute(dataset, name: str):
+    """`name` of the first dataset inside `dataset` (through `WeightedConcat.datasets`, `Degraded.dataset`)."""
+    stack = [dataset]
+    while stack:
+        current = stack.pop(0)
+        if hasattr(current, name):
+            return getattr(current, name)
+        stack.extend(getattr(current, "datasets", []))
+        if hasattr(current, "dataset"):
+            stack.append(current.dataset)
+    return None
+
+
+class DetectionEvaluator(Evaluator):
+    """COCO mAP of the detector's predictions on the restored images (labels mapped back to the dataset's)."""
+
+    def __init__(self, detector: Detector, label_map: torch.Tensor | None) -> None:
+        from ..framework.metrics import DetectionMAP
+
+        self.detector = detector
+        self.inverse = None
+        if label_map is not None:  # detector label -> dataset label, -1 where the dataset has no such class
+            self.inverse = torch.full((int(label_map.max()) + 1,), -1, dtype=torch.long)
+            self.inverse[label_map] = torch.arange(len(label_map))
+        self.map = DetectionMAP()
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, batch: dict) -> None:
+        if isinstance(self.detector, nn.Module):
+            self.detector.to(images.device)
+        predictions = []
+        for prediction in self.detector.predict(images):
+            prediction = {k: v.detach().cpu() for k, v in prediction.items()}
+            if self.inverse is not None:
+                labels = prediction["labels"].long()
+                known = labels < len(self.inverse)
+                mapped = torch.full_like(labels, -1)
+                mapped[known] = self.inverse[labels[known]]
+                keep = mapped >= 0
+                prediction = {"boxes": prediction["boxes"][keep], "scores": prediction["scores"][keep],
+                              "labels": mapped[keep]}  # fmt: skip
+            predictions.append(prediction)
+        self.map.update(predictions, batch["boxes"], batch["box_labels"])
+
+    def compute(self) -> dict[str, float]:
+        return self.map.compute()
+
+
+@register_task
+class DetectionTask(Task):
+    name = "det"
+    description = "Object detection by a frozen RetinaNet (COCO mAP)"
+    loss_weights: ClassVar[dict[str, float]] = {"classification": 0.1, "box": 0.1}
+    default_beta = 1.0
+    metric_names = ("map", "map50")
+    anchor_to_pir = True
+    # sample keys the losses and the evaluator read
+    sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq", "boxes", "box_labels")
+    # dataset type used when the data config gives this task none
+    builtin_type = "builtin_scenes"
+
+    def __init__(self, context=None, loss_weights=None):
+        super().__init__(context, loss_weights)
+        self._detector: Detector | None = None
+        # dataset label -> detector label (None: the same space); set it with `use_detector` if needed
+        self.label_map: torch.Tensor | None = None
+        self._label_map_resolved = False
+
+    def dataset(self, split: str):
+        from ..framework.downstream import build_task_data
+
+        context = self.context
+        return build_task_data(context.data, self.name, split, context.size, context.seed, self.builtin_type)
+
+    def _builtin(self) -> bool:
+        from ..framework.downstream import is_builtin, task_entries
+
+        return is_builtin(task_entries(self.context.data, self.name)[0])
+
+    def use_detector(self, detector: Detector, label_map: torch.Tensor | None = None) -> None:
+        """Use `detector` (anything with `losses` / `predict`, e.g. a detectron2 adapter) instead of the
+        built-in or torchvision one; `label_map[dataset_label]` = detector label (None: same labels)."""
+        if not isinstance(detector, Detector):
+            raise TypeError(f"{type(detector).__name__} does not implement Detector (losses, predict)")
+        self._detector = detector
+        self.label_map = None if label_map is None else torch.as_tensor(label_map, dtype=torch.long)
+        self._label_map_resolved = True
+
+    def prepare(self, force: bool = False, steps: int | None = None) -> None:
+        """Train and cache the built-in RetinaNet (skipped when cached, unless `force`); with real data,
+        check that the checkpoint loads."""
+        from ..framework import downstream
+
+        if not self._builtin():
+            self.downstream()
+            return
+        spec = downstream.builtin_spec("retinanet", self.context.size)
+        if force or downstream.read_record(spec, self.context.home) is None:
+            downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
+            self._detector = None
+
+    def downstream(self) -> Detector:
+        if self._detector is None:
+            from ..framework import downstream
+
+            context = self.context
+            if self._builtin():
+                spec = downstream.builtin_spec("retinanet", context.size)
+                self._detector = downstream.builtin_model(spec, home=context.home, device=context.device)
+            else:
+                detector = downstream.load_real_detector(context.checkpoints, context.size)
+                self._detector = detector.to(context.device)
+        return self._detector
+
+    def _labels(self) -> torch.Tensor | None:
+        """The dataset → detector label map, resolved once (identity for built-in data)."""
+        if not self._label_map_resolved:
+            self._label_map_resolved = True
+            detector = self.downstream()
+            head = getattr(
+                getattr(getattr(detector, "network", None), "head", None), "classification_head", None
+            )
+            if not self._builtin() and getattr(head, "num_classes", None) == COCO_NUM_CLASSES:
+                dataset = self.dataset("test")
+                category_ids = _find_attribute(dataset, "category_ids")
+                names = _find_attribute(dataset, "class_names")
+                if category_ids is not None:
+                    self.label_map = torch.as_tensor(list(category_ids), dtype=torch.long)
+                elif names is not None and all(n.lower() in COCO_IDS for n in names):
+                    self.label_map = torch.as_tensor([COCO_IDS[n.lower()] for n in names], dtype=torch.long)
+        return self.label_map
+
+    def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        label_map = self._labels()
+        targets = []
+        for boxes, labels in zip(batch["boxes"], batch["box_labels"], strict=True):
+            labels = labels.long() if label_map is None else label_map[labels.long().cpu()]
+            targets.append({"boxes": boxes.to(restored.device).float(), "labels": labels.to(restored.device)})
+        detector = self.downstream()
+        if isinstance(detector, nn.Module):
+            detector.to(restored.device)
+        raw = detector.losses(restored, targets)
+        return {f"loss/det_{term}": self.weights[term] * raw[term] for term in self.loss_weights}
+
+    def evaluator(self) -> Evaluator:
+        return DetectionEvaluator(self.downstream(), self._labels())

@@ -1,0 +1,137 @@
+"""The `unirestore` command line through typer's CliRunner: a full tiny training run end to end, the task
+list, restore with a bad file among good ones, and the one-line errors (exit code 2, no traceback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from unirestore.framework.cli import app
+
+runner = CliRunner()
+TINY = [
+    "--set", "stage0.vae_steps=2",
+    "--set", "stage0.unet_steps=2",
+    "--set", "stage0.batch_size=4",
+    "--set", "train.val_samples=2",
+    "--set", "train.log_every=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    with pytest.MonkeyPatch.context() as patch:
+        # the same private home as test_engine.py: the stage-0 trained prior and built-in downstream models
+        patch.setenv("UNIRESTORE_HOME", str(tmp_path_factory.getbasetemp() / "engine-home"))
+        patch.setenv("UNIRESTORE_DOWNSTREAM_STEPS", "3")
+        patch.chdir(folder)  # anything written to the working directory lands here
+        yield folder
+
+
+@pytest.fixture(scope="module")
+def trained(root):
+    output, uri = root / "run", f"sqlite:///{root / 'mlflow.db'}"
+    args = ["train", "--tasks", "pir,seg,cls", "--steps", "2", "--batch-size", "2", "--beta", "pir=1,seg=0.2,cls=0.1",
+            "--output", str(output), "--tracking-uri", uri, *TINY]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return output, uri, result
+
+
+def test_train_end_to_end_writes_checkpoint_grids_and_an_mlflow_run(trained):
+    output, uri, result = trained
+    assert (output / "stage2.safetensors").is_file()
+    assert (output / "stage2" / "last.safetensors").is_file() and (
+        output / "stage2" / "last.state.pt"
+    ).is_file()
+    assert (output / "grids" / "final-pir.png").is_file()
+    assert "restored" in result.stdout and "LQ" in result.stdout  # the final table
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["unirestore"])
+    assert len(runs) == 1
+    run = runs.iloc[0]
+    assert run["status"] == "FINISHED"
+    assert run["params.tasks"] == "pir,seg,cls" and run["params.beta"] == "pir=1.0,seg=0.2,cls=0.1"
+    assert run["tags.unirestore.prior"] == "tiny"
+    for key in ("loss/cfrm", "loss/control", "stage2/lr", "test/pir/restored/psnr", "test/seg/lq/miou/deeplab"):
+        assert f"metrics.{key}" in runs.columns and np.isfinite(run[f"metrics.{key}"]), key
+    stage2_terms = [
+        c for c in runs.columns if c.startswith(("metrics.loss/pir", "metrics.loss/seg", "metrics.loss/cls"))
+    ]
+    assert stage2_terms and all(np.isfinite(run[c]) for c in stage2_terms)
+    artifacts = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"], "checkpoints")]
+    assert "checkpoints/stage2.safetensors" in artifacts
+    assert str(output) in run["artifact_uri"]  # the experiment's artifacts live under the run folder
+
+
+def test_task_list_names_sources_and_checkpoints(trained, root):
+    result = runner.invoke(app, ["task", "list", "--output", str(root)])
+    assert result.exit_code == 0, result.output
+    lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
+    for task in ("pir", "seg", "cls", "det"):
+        assert task in lines and "built-in" in lines[task]
+    assert "stage2.safetensors" in result.stdout
+
+
+def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
+    output, _, _ = trained
+    images = root / "images"
+    images.mkdir()
+    pixels = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(images / "good.png")
+    (images / "broken.jpg").write_bytes(b"not a jpeg at all")
+    result = runner.invoke(app, ["restore", str(images), "--task", "seg", "--ckpt", str(output / "stage2.safetensors"),
+                                 "--out", str(root / "restored")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    restored = Image.open(root / "restored" / "good.png")
+    assert restored.size == (56, 40)
+    assert "broken.jpg" in result.output and "1 skipped" in result.output
+
+
+def _corrupt(root):
+    path = root / "corrupt.safetensors"
+    path.write_bytes(b"\x00" * 64)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["train", "--tasks", "pir,nope"], "unknown task 'nope'"),
+        (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        (["train", "--set", "train.batch_size=abc"], "expected an integer"),
+        (["train", "--beta", "seg=high"], "train.beta.seg: expected a number"),
+        (["train", "--stage", "7"], "--stage 7"),
+        (["train", "--stage", "1", "--prior", "{root}/no-such-prior"], "no-such-prior"),
+        (["task", "add", "nope"], "unknown task 'nope'"),
+        (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),
+        (["restore", "{root}", "--ckpt", "{corrupt}"], "corrupt"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(root, args, expected):
+    corrupt = _corrupt(root)
+    args = [a.format(root=root, corrupt=corrupt) for a in args]
+    result = runner.invoke(
+        app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if args[0] == "train" else [])]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0] and lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    assert not (root / "errors.db").exists()  # nothing was started
+
+
+def test_degrade_writes_a_degraded_copy(root):
+    source = root / "clean"
+    source.mkdir()
+    Image.fromarray(np.full((48, 48, 3), 128, np.uint8)).save(source / "a.png")
+    result = runner.invoke(app, ["degrade", str(source), str(root / "noisy"), "--corruption", "gaussian_noise",
+                                 "--severity", "3", "--seed", "1"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (root / "noisy" / "a.png").is_file()

@@ -1,0 +1,295 @@
+"""The training engine on the tiny preset (CPU, a few steps each): config, data stream, stage enforcement,
+exact resume, stage 3, divergence, deterministic evaluation.
+
+Every run here uses its own UNIRESTORE_HOME (the stage-0 trained tiny prior lives there, apart from the
+untrained one the other test files share) and tiny budgets.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unirestore.framework.checkpoint import load_checkpoint
+from unirestore.framework.config import (
+    ConfigError,
+    RunConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_yaml,
+    load_run_config,
+)
+from unirestore.framework.engine import (
+    CallbackHook,
+    RunFolderError,
+    TrainingDiverged,
+    add_task,
+    build_tasks,
+    train,
+)
+from unirestore.framework.engine.stages import (
+    apply_stage,
+    named_parameters,
+    parameter_groups,
+    stage1,
+    stage2,
+    stage3,
+)
+from unirestore.framework.engine.state import read_training_state
+from unirestore.framework.engine.tracking import load_run_id
+from unirestore.framework.engine.trainer import TaskStream, scaled_lr
+from unirestore.framework.evaluate import evaluate
+from unirestore.framework.model import UniRestore
+from unirestore.framework.prior import load_prior
+
+TASKS = ["pir", "seg", "cls"]
+TINY = [
+    "stage0.vae_steps=2",
+    "stage0.unet_steps=2",
+    "stage0.batch_size=4",
+    "train.batch_size=2",
+    "train.stage1_steps=3",
+    "train.stage2_steps=3",
+    "train.stage3_steps=2",
+    "train.checkpoint_every=2",
+    "train.val_samples=2",
+    "train.log_every=1",
+]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    """A module-wide folder, with UNIRESTORE_HOME pointing into it and small downstream-model budgets."""
+    folder = tmp_path_factory.mktemp("engine")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIRESTORE_HOME", str(tmp_path_factory.getbasetemp() / "engine-home"))
+        patch.setenv("UNIRESTORE_DOWNSTREAM_STEPS", "3")
+        yield folder
+
+
+def make_config(root, name: str, *extra: str) -> RunConfig:
+    return load_run_config(
+        overrides=[
+            f"output={root / name}",
+            f"tracking_uri=sqlite:///{root / 'mlflow.db'}",
+            f"tasks=[{','.join(TASKS)}]",
+            *TINY,
+            *extra,
+        ]
+    )
+
+
+class ModelSpy:
+    """A hook that remembers the model of each stage and the prior's weights it started from."""
+
+    def __init__(self):
+        self.models = {}
+
+    def __call__(self, trainer):
+        self.models.setdefault(trainer.stage, trainer.loss.model)
+
+
+@pytest.fixture(scope="module")
+def base_run(root):
+    """Stages 0 → 1 → 2 on pir, seg, cls: the run the other tests compare against."""
+    spy = ModelSpy()
+    config = make_config(root, "base")
+    result = train(config, stages=(0, 1, 2), hooks=[CallbackHook(spy)], progress=False)
+    return config, result, spy
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+
+
+def test_run_config_is_strict_and_round_trips(tmp_path):
+    config = load_run_config(
+        overrides=["train.beta.seg=0.5", "train.loss_weights.pir.l1=3", "model.denoise_steps=2"]
+    )
+    assert config.train.beta == {"seg": 0.5}
+    assert config.train.loss_weights == {"pir": {"l1": 3.0}}
+    assert config.tracking_uri.startswith("sqlite:////")  # absolute
+    path = tmp_path / "run.yaml"
+    path.write_text(dump_yaml(config))
+    assert load_run_config(path) == config
+    with pytest.raises(ConfigError, match="unknown key 'train.nope'"):
+        apply_overrides(config, ["train.nope=1"])
+    with pytest.raises(ConfigError, match="train.batch_size: expected an integer"):
+        apply_overrides(config, ["train.batch_size=two"])
+    with pytest.raises(ConfigError, match="precision"):
+        apply_overrides(config, ["train.precision=fp8"])
+    with pytest.raises(ConfigError, match="decoder_input"):
+        apply_overrides(config, ["train.decoder_input=other"])
+
+
+def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):
+    assert scaled_lr(TrainConfig(batch_size=64)) == pytest.approx(1e-4)
+    assert scaled_lr(TrainConfig(batch_size=4, grad_accum=4)) == pytest.approx(1e-4 * math.sqrt(16 / 64))
+    assert scaled_lr(TrainConfig(batch_size=8), world_size=8) == pytest.approx(1e-4)
+    model = UniRestore(tiny_prior, tasks=["pir"])
+    trainable = apply_stage(model, stage1(["pir"]))
+    decay, plain = parameter_groups(trainable, 0.01)
+    assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"])
+    names = {id(p): n for n, p in trainable.items()}
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in plain["params"])
+    assert len(decay["params"]) + len(plain["params"]) == len(trainable)
+
+
+def test_stage_declarations_set_requires_grad_exactly(tiny_prior):
+    model = UniRestore(tiny_prior, tasks=["pir", "cls"])
+    model.add_task("det")
+    for stage, allowed in [
+        (stage1(["pir"]), ("cfrm.", "controller.", "sc_tuners.")),
+        (stage2(["pir", "cls"]), ("tfa.", "prompts.")),
+        (stage3("det"), ("prompts.prompts.det",)),
+    ]:
+        apply_stage(model, stage)
+        trainable = [n for n, p in named_parameters(model).items() if p.requires_grad]
+        assert trainable and all(n.startswith(allowed) for n in trainable)
+        assert not any(p.requires_grad for p in model.vae.parameters())
+        assert not any(p.requires_grad for p in model.unet.parameters())
+    with pytest.raises(ValueError, match="no such parameters"):
+        apply_stage(model, stage3("seg"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data stream
+
+
+def test_task_stream_is_a_pure_function_of_the_step():
+    datasets = {"a": [{"i": i} for i in range(5)], "b": [{"i": 100 + i} for i in range(15)]}
+    stream = TaskStream(datasets, batch_size=2, grad_accum=2, seed=3)
+    assert stream.probabilities.tolist() == pytest.approx([0.25, 0.75])
+    plans = list(stream.plans(0, 40, {}))
+    assert {p.task for p in plans} == {"a", "b"}
+    # resuming at step 25 from the data position of step 25 gives the same plans and samples
+    position = {}
+    for plan in plans[: 25 * 2]:
+        position[plan.task] = plan.number + 1
+    resumed = list(TaskStream(datasets, 2, 2, seed=3).plans(25, 40, position))
+    assert resumed == plans[25 * 2 :]
+    fresh = TaskStream(datasets, 2, 2, seed=3)
+    assert [fresh.samples(p) for p in resumed] == [stream.samples(p) for p in plans[25 * 2 :]]
+    # one epoch of a task visits each of its samples once
+    seen = [s["i"] for p in plans if p.task == "a" and p.number < 5 for s in stream.samples(p)]
+    assert sorted(seen[:5]) == [0, 1, 2, 3, 4]
+    weighted = TaskStream(datasets, 2, 1, seed=3, task_weights={"a": 3.0})
+    assert weighted.probabilities.tolist() == pytest.approx([0.5, 0.5])
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through the API
+
+
+def test_stages_change_only_their_parameters_and_never_the_prior(root, base_run):
+    config, result, spy = base_run
+    prior = load_prior("tiny")  # the stage-0 trained prior on disk
+    torch.manual_seed(config.train.seed)
+    initial = UniRestore(prior, config.model, tasks=TASKS)
+    init = {f"{c}.{k}": v for c, m in initial.components().items() for k, v in m.state_dict().items()}
+    after1 = tensors(root / "base" / "stage1.safetensors")
+    after2 = tensors(result.checkpoint)
+
+    def changed(before, after, component):
+        keys = [k for k in before if k.startswith(component + ".")]
+        return [k for k in keys if not torch.equal(before[k], after[k])]
+
+    for component in ("cfrm", "controller", "sc_tuners"):
+        assert changed(init, after1, component), component  # stage 1 trains these ...
+        assert not changed(after1, after2, component), component  # ... and stage 2 leaves them
+    for component in ("tfa", "prompts"):
+        assert not changed(init, after1, component), component
+    assert changed(after1, after2, "tfa")
+    assert "prompts.prompts.pir" in changed(after1, after2, "prompts")  # the PIR anchor reaches it every step
+    # the frozen prior: the models that trained hold exactly the weights on disk
+    for model in spy.models.values():
+        for name, value in prior.vae.state_dict().items():
+            assert torch.equal(model.vae.state_dict()[name], value), name
+        for name, value in prior.unet.state_dict().items():
+            assert torch.equal(model.unet.state_dict()[name], value), name
+    assert set(spy.models) == {"stage1", "stage2"}
+    assert (root / "base" / "grids" / "final-pir.png").is_file()
+    assert {"test/pir/lq/psnr", "test/pir/restored/psnr", "test/cls/restored/acc/resnet"} <= set(
+        result.metrics
+    )
+
+
+def test_kill_and_resume_reaches_the_same_weights(root, base_run):
+    _, base, _ = base_run
+
+    class Killed(Exception):
+        pass
+
+    def kill(trainer):
+        if (
+            trainer.stage == "stage2" and trainer.step == 3
+        ):  # after the step-2 checkpoint, before the final one
+            raise Killed
+
+    config = make_config(root, "killed")
+    with pytest.raises(Killed):
+        train(config, stages=(1, 2), hooks=[CallbackHook(kill)], progress=False)
+    state = read_training_state(root / "killed" / "stage2")
+    assert state.step == 2 and not state.done
+    run_id = load_run_id(root / "killed")
+    with pytest.raises(RunFolderError, match="--resume"):
+        train(config, stages=(1, 2), progress=False)
+    with pytest.raises(RunFolderError, match="differs"):
+        train(make_config(root, "killed", "train.lr=3e-4"), stages=(1, 2), resume=True, progress=False)
+    resumed = train(config, stages=(1, 2), resume=True, progress=False)
+    assert resumed.run_id == run_id  # the same MLflow run goes on
+    expected, got = tensors(base.checkpoint), tensors(resumed.checkpoint)
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+
+def test_add_task_changes_only_the_new_prompt(root, base_run):
+    config, base, _ = base_run
+    result = add_task(config, base.checkpoint, "det", progress=False)
+    assert result.checkpoint == root / "base" / "stage3-det.safetensors"
+    before, after = tensors(base.checkpoint), tensors(result.checkpoint)
+    assert set(after) - set(before) == {"prompts.prompts.det"}
+    assert [k for k in before if not torch.equal(before[k], after[k])] == []
+    assert after["prompts.prompts.det"].abs().sum() > 0  # trained away from its zero init
+    old, new = load_checkpoint(base.checkpoint), load_checkpoint(result.checkpoint)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    for task in TASKS:
+        a = old.restore(images, task=task, generator=torch.Generator().manual_seed(0))
+        b = new.restore(images, task=task, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(a, b), task
+    assert {"test/det/lq/map", "test/det/restored/map", "test/det/hq/map"} <= set(result.metrics)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(root, base_run):
+    def poison(trainer):
+        if trainer.step == 2:  # after the step-2 checkpoint
+            with torch.no_grad():
+                next(trainer.loss.model.cfrm.parameters()).fill_(float("nan"))
+
+    config = make_config(root, "nan")
+    with pytest.raises(TrainingDiverged, match=r"step 3 \(.*loss/cfrm=nan") as caught:
+        train(config, stages=(1,), hooks=[CallbackHook(poison)], progress=False)
+    assert "last good checkpoint" in str(caught.value) and "step 2" in str(caught.value)
+    state = read_training_state(root / "nan" / "stage1")
+    assert state.step == 2
+    kept = tensors(root / "nan" / "stage1" / "last.safetensors")
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert not (root / "nan" / "stage1.safetensors").exists()
+
+
+def test_evaluation_is_deterministic(root, base_run):
+    config, base, _ = base_run
+    model = load_checkpoint(base.checkpoint)
+    tasks = build_tasks(config, ["pir"], torch.device("cpu"), 64)
+    first = evaluate(model, tasks, split="val", samples=2, batch_size=2)
+    second = evaluate(model, tasks, split="val", samples=2, batch_size=2)
+    assert first.results == second.results
+    assert set(first.results["pir"]) == {"lq", "restored", "hq"}

@@ -1,0 +1,131 @@
+"""Metrics on constructed inputs whose values are known by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from unirestore.framework import metrics
+
+
+def test_psnr_of_identical_images_is_finite_and_capped():
+    images = torch.rand(2, 3, 32, 32)
+    value = metrics.psnr(images, images)
+    assert torch.isfinite(value).all()
+    torch.testing.assert_close(value, torch.full((2,), metrics.PSNR_CAP_DB))
+
+
+def test_psnr_of_known_noise_matches_the_formula():
+    target = torch.full((1, 3, 16, 16), 128 / 255)
+    sign = (torch.arange(16 * 16).reshape(16, 16) % 2) * 2 - 1  # ±1 checkerboard
+    prediction = target + sign * 4 / 255  # every pixel off by exactly 4 levels
+    expected = 20 * math.log10(255 / 4)  # 10·log10(1 / (4/255)²)
+    assert metrics.psnr(prediction, target).item() == pytest.approx(expected, abs=1e-3)
+
+
+def test_psnr_quantises_to_8_bits_first():
+    target = torch.rand(1, 3, 16, 16)
+    noisy = (target + 0.05 * torch.randn_like(target)).clamp(0, 1)
+    mse = (metrics.quantize_8bit(noisy) - metrics.quantize_8bit(target)).pow(2).mean()
+    assert metrics.psnr(noisy, target).item() == pytest.approx(10 * math.log10(1 / mse.item()), abs=1e-3)
+    # a difference under half an 8-bit level vanishes
+    levels = metrics.quantize_8bit(target)
+    assert metrics.psnr(levels + 0.3 / 255, levels).item() == pytest.approx(metrics.PSNR_CAP_DB)
+
+
+def test_ssim_is_one_for_identical_images_and_lower_for_noise():
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(metrics.ssim(images, images), torch.ones(2))
+    noisy = (images + 0.2 * torch.randn_like(images)).clamp(0, 1)
+    assert (metrics.ssim(noisy, images) < 0.9).all()
+    assert metrics.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)).shape == (1,)  # small images work
+
+
+def test_image_quality_accumulates_the_mean_over_images():
+    a, b = torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16)
+    ta, tb = torch.rand_like(a), torch.rand_like(b)
+    quality = metrics.ImageQuality()
+    quality.update(a, ta)
+    quality.update(b, tb)
+    expected = torch.cat([metrics.psnr(a, ta), metrics.psnr(b, tb)]).mean().item()
+    assert quality.compute()["psnr"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_mean_iou_on_constructed_masks():
+    target = torch.tensor([[[0, 0, 1, 1, 255]]])
+    prediction = torch.tensor([[[0, 1, 1, 1, 0]]])  # the last pixel is ignored
+    # class 0: intersection 1, union 2 → 1/2; class 1: intersection 2, union 3 → 2/3
+    assert metrics.mean_iou(prediction, target, num_classes=3) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    logits = torch.nn.functional.one_hot(prediction, 3).permute(0, 3, 1, 2).float()
+    assert metrics.mean_iou(logits, target, num_classes=3) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    assert metrics.mean_iou(target.clamp(max=2), target, num_classes=3) == pytest.approx(1.0)
+
+
+def test_accuracy_on_constructed_logits():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [9.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 1, -100])  # the last one has no label
+    assert metrics.accuracy(logits, labels) == pytest.approx(3 / 4)
+    accumulated = metrics.Accuracy()
+    accumulated.update(logits[:2], labels[:2])
+    accumulated.update(logits[2:], labels[2:])
+    assert accumulated.compute() == pytest.approx(3 / 4)
+
+
+def _boxes():
+    return [
+        {
+            "boxes": torch.tensor([[2.0, 3.0, 20.0, 30.0], [30.0, 30.0, 60.0, 50.0]]),
+            "labels": torch.tensor([0, 3]),
+        },
+        {"boxes": torch.tensor([[10.0, 10.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+    ]
+
+
+def test_map_of_perfect_boxes_is_one():
+    targets = _boxes()
+    predictions = [{**t, "scores": torch.ones(len(t["labels"]))} for t in targets]
+    result = metrics.coco_map(predictions, targets)
+    assert result["map"] == pytest.approx(1.0) and result["map50"] == pytest.approx(1.0)
+
+
+def test_map_of_no_boxes_is_zero():
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    assert metrics.coco_map([empty, empty], _boxes())["map"] == 0.0
+
+
+def test_map_of_wrong_classes_is_zero_and_accumulates():
+    targets = _boxes()
+    wrong = [
+        {"boxes": t["boxes"], "scores": torch.ones(len(t["labels"])), "labels": t["labels"] + 5}
+        for t in targets
+    ]
+    assert metrics.coco_map(wrong, targets)["map"] == pytest.approx(0.0)
+    accumulated = metrics.DetectionMAP()
+    for target in targets:
+        prediction = {**target, "scores": torch.ones(len(target["labels"]))}
+        accumulated.update([prediction], [target["boxes"]], [target["labels"]])
+    assert accumulated.compute()["map"] == pytest.approx(1.0)
+
+
+def test_recall_at_1_on_a_constructed_embedding():
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 25.0, 90.0]))
+    embeddings = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    # nearest neighbours by angle: 0→10 (same), 10→0 (same), 25→10 (other class), 90→25 (same)
+    result = metrics.retrieval_metrics(embeddings, labels)
+    assert result["recall@1"] == pytest.approx(3 / 4)
+    clusters = torch.eye(4).repeat_interleave(3, dim=0) + 0.01 * torch.randn(12, 4)
+    perfect = metrics.retrieval_metrics(clusters, torch.arange(4).repeat_interleave(3))
+    assert perfect == {"recall@1": pytest.approx(1.0), "map@r": pytest.approx(1.0)}
+
+
+def test_retrieval_without_possible_matches_is_zero():
+    assert metrics.retrieval_metrics(torch.randn(3, 4), torch.tensor([0, 1, 2])) == {
+        "recall@1": 0.0,
+        "map@r": 0.0,
+    }
+    accumulated = metrics.Retrieval()
+    accumulated.update(torch.randn(4, 4), torch.tensor([0, 0, -100, 1]))
+    assert set(accumulated.compute()) == {"recall@1", "map@r"}

@@ -1,0 +1,246 @@
+"""Ray Tune sweeps on the tiny preset: one local Ray (2 CPUs, no dashboard) for the whole module, a tiny
+stage-1 checkpoint built once with the engine, trials of a few steps each."""
+
+import copy
+import os
+import time
+
+import pytest
+import torch
+
+from unirestore.framework.config import RunConfig, load_run_config
+from unirestore.framework.sweep import (
+    CAPPED_GAP,
+    SweepError,
+    _log_grid,
+    _union_seconds,
+    objective,
+    parse_ranges,
+    sweep_beta,
+    sweep_extend,
+    task_gaps,
+)
+
+
+def tiny_config(folder, *overrides: str) -> RunConfig:
+    """Stage 0, stage 1 and the downstream models at a few steps each, everything under `folder`."""
+    return load_run_config(
+        None,
+        [
+            f"output={folder / 'run'}",
+            f"tracking_uri=sqlite:///{folder / 'mlflow.db'}",
+            "experiment=sweep-test",
+            "stage0.vae_steps=2",
+            "stage0.unet_steps=2",
+            "stage0.batch_size=4",
+            "train.stage1_steps=2",
+            "train.stage2_steps=2",
+            "train.stage3_steps=2",
+            "train.batch_size=2",
+            "train.val_samples=2",
+            "train.eval_samples=2",
+            "train.log_every=1",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    """One local Ray for the module, started once UNIRESTORE_HOME points at this module's own cache (stage 0
+    trains the tiny prior there, apart from the untrained one other test files share) and the downstream
+    models' budget is small: the workers inherit both."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIRESTORE_HOME", str(tmp_path_factory.getbasetemp() / "sweep-home"))
+        patch.setenv("UNIRESTORE_DOWNSTREAM_STEPS", "3")
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=200_000_000)
+        try:
+            yield ray
+        finally:
+            ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    return tmp_path_factory.mktemp("sweep")
+
+
+@pytest.fixture(scope="module")
+def source(ray_cluster, workspace):
+    """A tiny stage-1 checkpoint (tasks pir and seg; cls and det come later) from the engine, and its config."""
+    from unirestore.framework.engine import train
+
+    config = tiny_config(workspace, "tasks=[pir,seg]")
+    result = train(config, stages=(0, 1), progress=False)
+    return result.checkpoint, config
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_parse_ranges_and_grid():
+    assert parse_ranges("pir=1,seg=0.01:1") == {"pir": (1.0, 1.0), "seg": (0.01, 1.0)}
+    with pytest.raises(SweepError, match="task=LOW:HIGH"):
+        parse_ranges("seg=a:b")
+    assert _log_grid(0.01, 1.0, 3) == [0.01, 0.1, 1.0]
+    assert _log_grid(0.5, 0.5, 4) == [0.5]
+
+
+def test_objective_normalises_by_the_lq_hq_gap():
+    baseline = {
+        "pir": {"lq": {"psnr": 20.0}, "hq": {"psnr": 100.0}},  # HQ row at the PSNR cap
+        "cls": {"lq": {"accuracy": 0.4}, "hq": {"accuracy": 0.9}},
+        "seg": {"lq": {"miou": 0.3}, "hq": {"miou": 0.3}},  # no gap: raw difference
+    }
+    metrics = {"pir": "psnr", "cls": "accuracy", "seg": "miou"}
+    gaps = task_gaps(baseline, metrics)
+    assert gaps == {"pir": CAPPED_GAP, "cls": pytest.approx(0.5), "seg": 1.0}
+    score, gains = objective({"pir": 25.0, "cls": 0.65, "seg": 0.4}, baseline, metrics, {"cls": 2.0}, gaps)
+    assert gains == {"pir": pytest.approx(0.5), "cls": pytest.approx(0.5), "seg": pytest.approx(0.1)}
+    assert score == pytest.approx(0.5 + 2 * 0.5 + 0.1)
+    assert task_gaps(baseline, metrics, {"pir": 5.0})["pir"] == 5.0
+
+
+def test_union_of_intervals():
+    assert _union_seconds([[0, 2], [1, 3], [5, 6]]) == pytest.approx(4.0)
+    assert _union_seconds([]) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# One-line errors, before any trial starts
+
+
+def test_user_errors_are_one_line(source, workspace):
+    checkpoint, config = source
+    cases = [
+        ({"tasks": "pir,nope"}, "unknown task 'nope'"),
+        ({"beta_ranges": {"seg": (1.0, 0.1)}}, "need 0 < LOW <= HIGH"),
+        ({"beta_ranges": {"det": (0.1, 1.0)}}, "not swept"),
+        ({"search": "bayes"}, "--search"),
+        ({"num_samples": 0}, "--num-samples"),
+    ]
+    for kwargs, message in cases:
+        kwargs = {"tasks": "pir,seg", **kwargs}
+        with pytest.raises(SweepError, match=message) as raised:
+            sweep_beta(checkpoint, config=config, output=workspace / "never", show=False, **kwargs)
+        assert "\n" not in str(raised.value)
+    with pytest.raises(SweepError, match="checkpoint not found"):
+        sweep_beta(workspace / "missing.safetensors", "pir", config=config, show=False)
+    with pytest.raises(SweepError, match="already has a prompt for pir"):
+        sweep_extend(checkpoint, "pir", config=config, show=False)
+    assert not (workspace / "never").exists()
+
+
+def test_gpus_requested_on_a_machine_without_fails_fast(source, workspace):
+    checkpoint, config = source
+    started = time.perf_counter()
+    with pytest.raises(SweepError, match=r"--gpus-per-trial 1 but this machine has 0 GPU"):
+        sweep_beta(
+            checkpoint, "pir,seg", config=config, gpus_per_trial=1, output=workspace / "gpu", show=False
+        )
+    with pytest.raises(SweepError, match=r"--gpus-per-trial 1"):
+        sweep_extend(checkpoint, "cls", config=config, gpus_per_trial=1, output=workspace / "gpu", show=False)
+    assert time.perf_counter() - started < 30
+
+
+# --------------------------------------------------------------------------------------------------
+# Sweeps
+
+
+def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(source, workspace):
+    from mlflow.tracking import MlflowClient
+
+    checkpoint, config = source
+    folder = workspace / "beta"
+    result = sweep_beta(checkpoint, "pir,seg,cls", config=config, num_samples=2, steps=2, val_every=1,
+                        output=folder, show=False)  # fmt: skip
+
+    assert len(result.trials) == 2
+    assert all(trial.status == "TERMINATED" and trial.objective is not None for trial in result.trials)
+    assert result.best.objective == max(trial.objective for trial in result.trials)
+    assert set(result.beta) == {"pir", "seg", "cls"}
+    for task, (low, high) in {"pir": (0.1, 10.0)}.items():
+        assert low <= result.beta[task] <= high
+    assert result.checkpoint.is_file() and result.checkpoint.is_relative_to(folder)
+    assert set(result.baseline) == {"pir", "seg", "cls"}
+
+    loaded = load_run_config(result.config_file)  # `unirestore train --config best.yaml`
+    assert loaded.train.beta == pytest.approx(result.beta)
+
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    assert len(children) == 2
+    assert {run.info.status for run in children} == {"FINISHED"}
+    assert {run.info.run_id for run in children} == {trial.run_id for trial in result.trials}
+    for run in children:  # the sweep's params and objective, and the engine's own params and metrics
+        assert {"sweep.beta.pir", "sweep.beta.seg", "sweep.beta.cls", "stages", "beta"} <= set(
+            run.data.params
+        )
+        assert {"sweep/objective", "stage2/loss_total"} <= set(run.data.metrics)
+
+    timing = result.timing
+    assert 0 < timing.trial_seconds <= timing.wall_seconds
+    assert 0 <= timing.overhead_share < 1
+    print(f"\nβ sweep, 2 trials × 2 steps on {os.cpu_count()} CPUs: wall {timing.wall_seconds:.1f} s, "
+          f"trials working {timing.trial_seconds:.1f} s ({timing.trial_seconds_summed:.1f} s summed), "
+          f"driver {timing.driver_seconds:.1f} s, Ray overhead {timing.overhead_seconds:.1f} s "
+          f"({100 * timing.overhead_share:.0f} %, trial start-up {timing.trial_setup_seconds:.1f} s summed)")  # fmt: skip
+
+    # The same folder again: refused without --resume; with it, every trial is done and nothing reruns.
+    with pytest.raises(SweepError, match="already holds a sweep"):
+        sweep_beta(checkpoint, "pir,seg,cls", config=config, num_samples=2, steps=2, val_every=1, output=folder,
+                   show=False)  # fmt: skip
+    resumed = sweep_beta(checkpoint, "pir,seg,cls", config=config, num_samples=2, steps=2, val_every=1,
+                         output=folder, resume=True, show=False)  # fmt: skip
+    assert resumed.beta == result.beta and resumed.run_id == result.run_id
+    assert resumed.timing.trial_seconds == 0.0
+
+
+def test_extend_merge_equals_adding_tasks_one_by_one(source, workspace):
+    from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
+
+    from unirestore.framework.engine import add_task
+
+    checkpoint, config = source
+    new_tasks = ["det", "cls"]
+    result = sweep_extend(checkpoint, new_tasks, config=config, num_samples=1, steps=2, output=workspace / "extend",
+                          show=False)  # fmt: skip
+    assert set(result.best) == set(new_tasks)
+    runs = MlflowClient(tracking_uri=config.tracking_uri).search_runs(
+        [MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id).info.experiment_id],
+        filter_string="attributes.run_name LIKE 'sweep-extend-%'",
+    )
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == result.run_id]
+    assert (
+        len(children) == len(runs) - 1 == 2
+    )  # the parent, and one run per trial that the engine logged into
+    assert all(run.info.status == "FINISHED" and "stages" in run.data.params for run in children)
+
+    # Ray gives each 1-CPU trial one thread; the reference does the same, so the arithmetic matches.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        previous = checkpoint
+        for task in new_tasks:
+            step_config = copy.deepcopy(config)
+            step_config.output = str(workspace / f"one-by-one-{task}")
+            step_config.train.stage3_steps = 2
+            step_config.train.val_every = 2
+            step_config.train.checkpoint_every = 2
+            step_config.train.device = "cpu"
+            previous = add_task(step_config, previous, task, progress=False).checkpoint
+    finally:
+        torch.set_num_threads(threads)
+
+    merged, sequential = load_file(str(result.checkpoint)), load_file(str(previous))
+    assert merged.keys() == sequential.keys()
+    different = [key for key in merged if not torch.equal(merged[key], sequential[key])]
+    assert not different, different

@@ -1,0 +1,296 @@
+"""The task contract, run over every registered task, plus the registry's plugin and lookup behaviour.
+
+Built-in downstream models train with tiny budgets here (2 steps on a handful of scenes): the contract is
+about shapes, keys, gradients and caching, not accuracy.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import time
+import warnings
+
+import pytest
+import torch
+
+from unirestore.framework import downstream, registry
+from unirestore.framework.data.config import DatasetEntry
+from unirestore.framework.data.sample import collate
+from unirestore.framework.registry import UnknownTaskError, get_task_class, known_tasks
+from unirestore.tasks.base import Evaluator, Task, TaskContext
+
+TASKS = known_tasks()
+SIZE = 64
+TINY_BUDGET = {"batch_size": 4, "train_scenes": 8, "val_scenes": 8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tiny_budgets():
+    """Every built-in downstream model trains for 2 steps on 8 scenes while this module runs."""
+    patch = pytest.MonkeyPatch()
+    for arch, defaults in downstream.BUILTIN_DEFAULTS.items():
+        patch.setitem(downstream.BUILTIN_DEFAULTS, arch, {**defaults, **TINY_BUDGET})
+    patch.setenv(downstream.STEPS_ENV, "2")
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="module")
+def tasks(tiny_budgets) -> dict[str, Task]:
+    """One instance of every registered task, sharing the session's downstream cache."""
+    return {name: get_task_class(name)(TaskContext(size=SIZE)) for name in TASKS}
+
+
+def _batch(task: Task, count: int = 3) -> dict:
+    dataset = task.dataset("train")
+    return collate([dataset[i] for i in range(count)])
+
+
+def test_builtin_tasks_are_registered():
+    assert {"pir", "cls", "seg", "det", "ret"} <= set(TASKS)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_declares_its_contract(name):
+    cls = get_task_class(name)
+    assert issubclass(cls, Task) and cls.name == name
+    assert cls.description and cls.metric_names and cls.loss_weights
+    assert cls.default_beta > 0
+    assert isinstance(cls.anchor_to_pir, bool)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_dataset_yields_the_keys_the_task_needs(tasks, name):
+    task = tasks[name]
+    sample = task.dataset("val")[0]
+    for key in getattr(task, "sample_keys", ("hq", "lq")):
+        assert key in sample, f"{name} samples lack {key!r}"
+    assert sample["hq"].shape == sample["lq"].shape == (3, SIZE, SIZE)
+    assert 0.0 <= float(sample["lq"].min()) and float(sample["lq"].max()) <= 1.0
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_losses_are_named_finite_and_differentiable(tasks, name):
+    task = tasks[name]
+    batch = _batch(task)
+    restored = batch["lq"].clone().requires_grad_(True)
+    terms = task.losses(restored, batch)
+    assert terms, f"{name} returned no loss term"
+    for key, value in terms.items():
+        assert key.startswith(f"loss/{name}_"), key
+        assert value.ndim == 0 and math.isfinite(float(value.detach())), (key, value)
+    (gradient,) = torch.autograd.grad(sum(terms.values()), restored)
+    assert torch.isfinite(gradient).all()
+    assert gradient.abs().sum() > 0, f"{name}'s loss does not reach the restored images"
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_loss_weights_come_from_the_task_configuration(tasks, name):
+    task = tasks[name]
+    batch = _batch(task)
+    doubled = type(task)(task.context, {term: 2.0 * weight for term, weight in task.weights.items()})
+    if hasattr(task, "downstream"):
+        doubled.downstream = task.downstream  # same frozen model, no reload
+    plain, scaled = task.losses(batch["lq"], batch), doubled.losses(batch["lq"], batch)
+    assert plain.keys() == scaled.keys()
+    for key in plain:
+        torch.testing.assert_close(scaled[key], 2.0 * plain[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_evaluator_reports_every_metric_on_random_predictions(tasks, name):
+    task = tasks[name]
+    evaluator = task.evaluator()
+    assert isinstance(evaluator, Evaluator)
+    for start in (0, 4):
+        dataset = task.dataset("val")
+        batch = collate([dataset[i] for i in range(start, start + 4)])
+        evaluator.update(torch.rand_like(batch["lq"]), batch)
+    metrics = evaluator.compute()
+    assert set(task.metric_names) <= set(metrics), (task.metric_names, metrics)
+    for key in task.metric_names:
+        assert isinstance(metrics[key], float) and math.isfinite(metrics[key]), (key, metrics[key])
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_downstream_models_are_frozen(tasks, name):
+    model = tasks[name].downstream()
+    if model is None:
+        return
+    if isinstance(model, torch.nn.Module):
+        model.train()  # a parent's train() must not unfreeze it
+        assert not model.training and not any(m.training for m in model.modules())
+        assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_prepare_caches_and_a_second_call_is_a_no_op(name, tmp_path):
+    task = get_task_class(name)(TaskContext(size=SIZE, home=tmp_path))
+    task.prepare()
+    files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    if task.downstream() is None:
+        assert files == {}
+        return
+    assert any(n.endswith(".safetensors") for n in files) and any(n.endswith(".json") for n in files)
+    assert not [n for n in files if n.endswith(".tmp")], "a temporary file was left behind"
+    for sidecar in tmp_path.glob("*.json"):
+        record = json.loads(sidecar.read_text())
+        assert {"architecture", "training", "clean_val", "train_seconds"} <= set(record)
+        assert record["training"]["steps"] == 2
+    start = time.perf_counter()
+    get_task_class(name)(TaskContext(size=SIZE, home=tmp_path)).prepare()
+    assert time.perf_counter() - start < 1.0
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files
+
+
+def test_prepare_force_retrains(tmp_path):
+    task = get_task_class("ret")(TaskContext(size=SIZE, home=tmp_path))
+    task.prepare(steps=1)
+    assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 1
+    task.prepare(steps=2)  # cached: a different budget alone does not retrain
+    assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 1
+    task.prepare(force=True, steps=2)
+    assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 2
+
+
+def test_pir_loss_is_selectable(tasks):
+    batch = _batch(tasks["pir"])
+    pir = get_task_class("pir")
+    assert set(pir().losses(batch["lq"], batch)) == {"loss/pir_l1"}
+    mse = pir(loss_weights={"l1": 0.0, "mse": 10.0}).losses(batch["lq"], batch)
+    assert set(mse) == {"loss/pir_mse"}
+    expected = 10.0 * torch.nn.functional.mse_loss(batch["lq"], batch["hq"])
+    torch.testing.assert_close(mse["loss/pir_mse"], expected)
+    with pytest.raises(ValueError, match="positive weight"):
+        pir(loss_weights={"l1": 0.0})
+    with pytest.raises(ValueError, match="no loss term"):
+        pir(loss_weights={"l2": 1.0})
+
+
+def test_real_data_without_a_checkpoint_names_the_config_key(tmp_path):
+    entries = [DatasetEntry(type="image_folder", options={"root": str(tmp_path)})]
+    for name, key in (("cls", "resnet50"), ("seg", "deeplabv3_resnet50"), ("det", "retinanet_resnet50_fpn")):
+        task = get_task_class(name)(TaskContext(data=entries, size=SIZE))
+        with pytest.raises(downstream.DownstreamError, match=f"checkpoints.{key}"):
+            task.prepare()
+    missing = TaskContext(data=entries, checkpoints={"resnet50": str(tmp_path / "nope.pth")})
+    with pytest.raises(downstream.DownstreamError, match="not found: checkpoints.resnet50"):
+        get_task_class("ret")(missing).prepare()
+
+
+def test_detection_accepts_any_detector_protocol(tasks):
+    from unirestore.tasks.det import Detector
+
+    class ConstantDetector:
+        def losses(self, images, targets):
+            value = images.mean()
+            return {"classification": value, "box": 2 * value}
+
+        def predict(self, images):
+            box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+            return [
+                {"boxes": box, "scores": torch.ones(1), "labels": torch.zeros(1, dtype=torch.long)}
+            ] * len(images)
+
+    assert isinstance(tasks["det"].downstream(), Detector)
+    task = get_task_class("det")(TaskContext(size=SIZE))
+    task.use_detector(ConstantDetector())
+    batch = _batch(task)
+    terms = task.losses(batch["lq"], batch)
+    torch.testing.assert_close(terms["loss/det_box"], 2 * terms["loss/det_classification"])
+    evaluator = task.evaluator()
+    evaluator.update(batch["lq"], batch)
+    assert 0.0 <= evaluator.compute()["map"] <= 1.0
+    with pytest.raises(TypeError, match="Detector"):
+        task.use_detector(object())
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+
+
+class _EntryPoint:
+    def __init__(self, name, value, load):
+        self.name, self.value, self._load = name, value, load
+
+    def load(self):
+        return self._load()
+
+
+def test_a_broken_plugin_is_reported_and_skipped(monkeypatch):
+    class PluginTask(Task):
+        name = "plugin_demo"
+        metric_names = ("score",)
+
+    def broken():
+        raise ImportError("No module named 'missing_dependency'")
+
+    points = [
+        _EntryPoint("broken", "broken_pkg.tasks", broken),
+        _EntryPoint("good", "good_pkg:PluginTask", lambda: PluginTask),
+    ]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: points)
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        names = registry.known_tasks()
+    assert any("broken" in str(w.message) and "skipped" in str(w.message) for w in caught)
+    assert "missing_dependency" in registry.broken_plugins()["broken"]
+    assert {"pir", "cls", "seg", "det", "ret", "plugin_demo"} <= set(names)
+    assert registry.task_source("plugin_demo").startswith("plugin ")
+
+
+def test_unknown_task_lists_the_known_ones():
+    with pytest.raises(UnknownTaskError) as error:
+        get_task_class("segmentation")
+    message = str(error.value)
+    assert "segmentation" in message
+    for name in TASKS:
+        assert name in message
+
+
+def test_real_classifier_loads_a_local_checkpoint(tmp_path):
+    import timm
+
+    network = timm.create_model("resnet50", pretrained=False, num_classes=7)
+    torch.save({"state_dict": network.state_dict()}, tmp_path / "r50.pth")
+    classifier = downstream.load_real_classifier("resnet", {"resnet50": str(tmp_path / "r50.pth")})
+    assert not classifier.training and not any(p.requires_grad for p in classifier.parameters())
+    images = torch.rand(2, 3, 64, 64, requires_grad=True)
+    logits = classifier(images)  # resized to 224 and normalised inside
+    assert logits.shape == (2, 7)
+    (gradient,) = torch.autograd.grad(logits.sum(), images)
+    assert gradient.abs().sum() > 0
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(downstream.DownstreamError, match="does not fit"):
+        downstream.load_real_classifier("resnet", {"resnet50": str(tmp_path / "other.pth")})
+
+
+def test_detection_evaluator_maps_detector_labels_back():
+    from unirestore.tasks.det import COCO_IDS, DetectionEvaluator
+
+    box = torch.tensor([[5.0, 5.0, 30.0, 30.0]])
+
+    class CocoDetector:  # predicts COCO id 3 ("car") and id 9 (no RTTS class)
+        def losses(self, images, targets):
+            return {}
+
+        def predict(self, images):
+            return [
+                {
+                    "boxes": box.repeat(2, 1),
+                    "scores": torch.tensor([0.9, 0.8]),
+                    "labels": torch.tensor([3, 9]),
+                }
+            ]
+
+    rtts_to_coco = torch.tensor([COCO_IDS[n] for n in ("person", "bicycle", "car", "motorbike", "bus")])
+    evaluator = DetectionEvaluator(CocoDetector(), rtts_to_coco)
+    evaluator.update(torch.rand(1, 3, 64, 64), {"boxes": [box], "box_labels": [torch.tensor([2])]})
+    assert evaluator.map.predictions[0]["labels"].tolist() == [2]  # car, in RTTS labels; id 9 dropped
+    assert evaluator.compute()["map"] == pytest.approx(1.0)
