@@ -23,7 +23,8 @@ Sweep folder (`output`, default `runs/sweep-beta` or `runs/sweep-extend`):
     sweep.json             what was swept (a resumed sweep must sweep the same thing)
     mlflow_run.json        the parent MLflow run
     tune/                  Ray Tune's experiment state (`Tuner.restore` resumes from it)
-    trials/<trial_id>/     each trial's run folder in the engine's layout, plus `timing.json`
+    trials/<trial_id>/     each trial's run folder in the engine's layout, plus `timing.json` and
+                           `outcome.json` (Tune's final verdict on the trial, written on the driver)
     best.yaml              β sweep: the best β, a RunConfig fragment
     merged.safetensors     extension: the source checkpoint plus every task's best prompt
     results.json           every trial's parameters, last metrics, checkpoint, MLflow run; the timing
@@ -52,8 +53,12 @@ From one machine to a cluster, the same code:
 - A trial asking for more GPUs (or CPUs) than any node has fails at once with a `SweepError`
   (checked against `ray.cluster_resources()` before `Tuner.fit`), instead of waiting forever.
 - A failed trial is retried `max_failures` times; each attempt resumes the trial's run folder from its
-  last checkpoint. An interrupted sweep resumes with `resume=True` (`--resume`) from its folder:
-  `Tuner.restore(..., resume_errored=True)`.
+  last checkpoint (the engine's exact resume) and continues its MLflow run. A sweep stopped with Ctrl+C
+  raises `SweepInterrupted`; `resume=True` (`--resume`, same `--output`) continues it with
+  `Tuner.restore(..., resume_errored=True)`: finished trials are kept, the others resume where their
+  checkpoints left them.
+- Trials reuse their worker processes (`reuse_actors`), so torch and the engine are imported once per
+  worker rather than once per trial.
 
 Timing: `SweepTiming` records the wall time of the whole call and the time spent inside the trials'
 training and evaluation functions (the engine's `train` / `add_task`, less the time blocked in
@@ -454,6 +459,7 @@ def _run_trial(params: dict, job: dict) -> None:
         config.train.beta = {**config.train.beta, **beta}
         flat_params = {f"beta.{task}": value for task, value in beta.items()}
         tasks, prefix = list(job["tasks"]), "stage2/val"
+        # The engine's stage 2 starts from <run folder>/stage1.safetensors: the sweep's source goes there.
         _link_source(Path(job["source"]), output / "stage1.safetensors")
 
         def call(on_validation):
@@ -469,6 +475,8 @@ def _run_trial(params: dict, job: dict) -> None:
                 config, job["source"], task, resume=True, on_validation=on_validation, progress=False
             )
 
+    # Always resume=True: a retry continues the trial's last checkpoint, and the engine continues the child
+    # run created here (named in its run folder) instead of starting a run of its own, outside the sweep.
     metrics = {task: job["metrics"][task] for task in tasks}
     client, run_id = _child_run(job, _engine_run_folder(output, job["kind"], tasks[0]), trial_id, flat_params)
     timer = _TrialTimer(output / TIMING_FILE, entered)
@@ -1241,6 +1249,9 @@ def print_summary(result: BetaSweepResult | ExtendSweepResult, console=None) -> 
         console.print(trials_table(result.trials, [r.trial_id for r in result.best.values()],
                                    title=f"extension sweep: {result.folder}"))  # fmt: skip
         console.print(f"merged checkpoint: {result.checkpoint} (+ {', '.join(result.best)})")
+    for record in result.trials:
+        if record.error:
+            console.print(f"[red]{record.trial_id} failed[/red]: {record.error}")
     timing = result.timing
     console.print(
         f"wall {timing.wall_seconds:.1f} s: trials working {timing.trial_seconds:.1f} s "

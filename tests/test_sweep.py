@@ -150,7 +150,7 @@ def test_gpus_requested_on_a_machine_without_fails_fast(source, workspace):
 # Sweeps
 
 
-def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(source, workspace):
+def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, source, workspace):
     from mlflow.tracking import MlflowClient
 
     checkpoint, config = source
@@ -180,10 +180,9 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(source, workspace)
     assert {run.info.status for run in children} == {"FINISHED"}
     assert {run.info.run_id for run in children} == {trial.run_id for trial in result.trials}
     for run in children:  # the sweep's params and objective, and the engine's own params and metrics
-        assert {"sweep.beta.pir", "sweep.beta.seg", "sweep.beta.cls", "stages", "beta"} <= set(
-            run.data.params
-        )
-        assert {"sweep/objective", "stage2/loss_total"} <= set(run.data.metrics)
+        params, metrics = set(run.data.params), set(run.data.metrics)
+        assert {"sweep.beta.pir", "sweep.beta.seg", "sweep.beta.cls", "stages", "beta"} <= params
+        assert {"sweep/objective", "stage2/loss_total"} <= metrics
 
     timing = result.timing
     assert 0 < timing.trial_seconds <= timing.wall_seconds
@@ -201,6 +200,7 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(source, workspace)
                          output=folder, resume=True, show=False)  # fmt: skip
     assert resumed.beta == result.beta and resumed.run_id == result.run_id
     assert resumed.timing.trial_seconds == 0.0
+    assert ray_cluster.is_initialized()  # the sweeps joined the module's Ray and left it running
 
 
 def test_extend_merge_equals_adding_tasks_one_by_one(source, workspace):
@@ -214,14 +214,12 @@ def test_extend_merge_equals_adding_tasks_one_by_one(source, workspace):
     result = sweep_extend(checkpoint, new_tasks, config=config, num_samples=1, steps=2, output=workspace / "extend",
                           show=False)  # fmt: skip
     assert set(result.best) == set(new_tasks)
-    runs = MlflowClient(tracking_uri=config.tracking_uri).search_runs(
-        [MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id).info.experiment_id],
-        filter_string="attributes.run_name LIKE 'sweep-extend-%'",
-    )
+    # The parent, and one run per trial that the engine itself logged into (no stray runs).
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    experiment = client.get_run(result.run_id).info.experiment_id
+    runs = client.search_runs([experiment], filter_string="attributes.run_name LIKE 'sweep-extend-%'")
     children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == result.run_id]
-    assert (
-        len(children) == len(runs) - 1 == 2
-    )  # the parent, and one run per trial that the engine logged into
+    assert len(children) == len(runs) - 1 == 2
     assert all(run.info.status == "FINISHED" and "stages" in run.data.params for run in children)
 
     # Ray gives each 1-CPU trial one thread; the reference does the same, so the arithmetic matches.
