@@ -420,6 +420,178 @@ def degrade(
         degrade_command(src, dst, corruption=corruption, severity=severity, seed=seed)
 
 
+# --------------------------------------------------------------------------------------------------
+# eval, runs compare, sweep
+
+runs_app = typer.Typer(no_args_is_help=True, help="Compare tracked runs (MLflow).")
+sweep_app = typer.Typer(no_args_is_help=True, help="Ray Tune sweeps: β weights, prompt-only extension.")
+app.add_typer(runs_app, name="runs")
+app.add_typer(sweep_app, name="sweep")
+
+
+@app.command("eval")
+def eval_(
+    ckpt: Annotated[Path, typer.Option("--ckpt", help="A unirestore checkpoint (.safetensors).")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,cls,seg.")] = "pir,seg,cls",
+    data: Annotated[str, typer.Option("--data", help="builtin or a data-config YAML file.")] = "builtin",
+    corruption: Annotated[
+        str | None, typer.Option("--corruption", help="Evaluate per degradation: a name, a list, or all.")
+    ] = None,
+    severity: Annotated[int | None, typer.Option("--severity", help="1 to 5 with --corruption (default 3).")] = None,
+    prompts: Annotated[
+        str | None, typer.Option("--prompts", help="Prompts to restore with (default: each task's own and pir).")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Test images per task.")] = 32,
+    out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / eval.json / eval.md and grids.")] = Path(
+        "runs/eval"
+    ),
+    prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
+    tracking_uri: TrackingOption = None,
+    experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "unirestore-eval",
+) -> None:
+    """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption)."""
+    with _errors():
+        from rich.console import Console
+
+        from .checkpoint import load_checkpoint
+        from .config import RunConfig, _default_tracking_uri
+        from .degrade import parse_corruptions
+        from .engine import build_tasks
+        from .evaluate import evaluate_checkpoint
+        from .registry import parse_task_list
+
+        names = parse_task_list(tasks)
+        prompt_names = parse_task_list(prompts) if prompts else None
+        corruptions = None
+        if corruption is not None:
+            try:
+                corruptions = parse_corruptions(corruption)
+            except ValueError as error:
+                raise typer.BadParameter(str(error), param_hint="--corruption") from None
+        if severity is not None and not 1 <= severity <= 5:
+            raise typer.BadParameter(f"{severity} is not in 1..5", param_hint="--severity")
+        model = load_checkpoint(ckpt, prior=prior)
+        config = RunConfig(data=data, tasks=names)
+        task_objects = build_tasks(config, names, next(model.cfrm.parameters()).device, model.native_size)
+        for task in task_objects.values():
+            prepare = getattr(task, "prepare", None)
+            if callable(prepare):
+                prepare()
+        report = evaluate_checkpoint(
+            model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
+            samples=samples, grids_folder=out / "grids",
+        )  # fmt: skip
+        files = report.write(out)
+        Console().print(report.rich_table())
+        import mlflow
+
+        mlflow.set_tracking_uri(tracking_uri or _default_tracking_uri())
+        mlflow.set_experiment(experiment)
+        with mlflow.start_run(run_name=f"eval-{Path(ckpt).stem}"):
+            mlflow.log_params({"checkpoint": str(ckpt), "tasks": tasks, "data": data,
+                               "corruption": corruption or "default", "severity": severity or "", "samples": samples})  # fmt: skip
+            mlflow.log_metrics(report.flat())
+            mlflow.log_metric("skipped_files", report.skipped_files)
+            for path in files + report.grids:
+                mlflow.log_artifact(str(path))
+        typer.echo(f"wrote {', '.join(str(p) for p in files)}; unreadable files skipped: {report.skipped_files}")
+
+
+@runs_app.command("compare")
+def runs_compare(
+    experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (default: all).")] = None,
+    metric: Annotated[list[str] | None, typer.Option("--metric", help="Metric to show (repeatable).")] = None,
+    filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stage = \'2\'".')] = "",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the metrics.")] = None,
+    tracking_uri: TrackingOption = None,
+) -> None:
+    """Runs side by side with their key params and metrics, the best per column marked."""
+    with _errors():
+        from rich.console import Console
+
+        from .compare import CompareError, compare_runs, plot_comparison, render_table
+        from .config import _default_tracking_uri
+
+        try:
+            comparison = compare_runs(tracking_uri or _default_tracking_uri(), experiment, metric, filter_)
+        except CompareError as error:
+            _fail(str(error), 2)
+        Console(width=200).print(render_table(comparison, title=experiment or "all experiments"))
+        if plot is not None:
+            typer.echo(f"plot: {plot_comparison(comparison, plot)}")
+
+
+SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]
+
+
+@sweep_app.command("beta")
+def sweep_beta(
+    source: SweepFrom,
+    tasks: Annotated[str, typer.Option("--tasks", help="Tasks of stage 2.")] = "pir,seg,cls",
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Trials.")] = 8,
+    search: Annotated[str, typer.Option("--search", help="random or grid.")] = "random",
+    scheduler: Annotated[str, typer.Option("--scheduler", help="asha or none.")] = "asha",
+    ranges: Annotated[str | None, typer.Option("--ranges", help="β ranges, e.g. seg=0.01:1,cls=0.01:1.")] = None,
+    gpus_per_trial: Annotated[float | None, typer.Option("--gpus-per-trial")] = None,
+    cpus_per_trial: Annotated[float, typer.Option("--cpus-per-trial")] = 1.0,
+    address: Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Stage-2 steps per trial.")] = None,
+    output: OutputOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
+    with _errors():
+        from .registry import parse_task_list
+        from .sweep import SweepError, parse_ranges
+        from .sweep import sweep_beta as run_sweep
+
+        run_config = _build_config(config, list(set_ or []))
+        try:
+            result = run_sweep(
+                source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
+                scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,
+                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
+                output=output, resume=resume,
+            )  # fmt: skip
+        except SweepError as error:
+            _fail(str(error), 2)
+        typer.echo(f"best β: {result.beta}\nconfig: {result.config_file}\ncheckpoint: {result.checkpoint}")
+
+
+@sweep_app.command("extend")
+def sweep_extend(
+    source: SweepFrom,
+    tasks: Annotated[str, typer.Option("--tasks", help="New tasks, e.g. det,ret.")] = "det",
+    num_samples: Annotated[int, typer.Option("--num-samples", help="Trials per task (over the lr).")] = 1,
+    gpus_per_trial: Annotated[float | None, typer.Option("--gpus-per-trial")] = None,
+    cpus_per_trial: Annotated[float, typer.Option("--cpus-per-trial")] = 1.0,
+    address: Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Stage-3 steps per trial.")] = None,
+    output: OutputOption = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Add new tasks by prompt alone, one Ray trial (or more) per task; merge the best prompts."""
+    with _errors():
+        from .registry import parse_task_list
+        from .sweep import SweepError
+        from .sweep import sweep_extend as run_extend
+
+        run_config = _build_config(config, list(set_ or []))
+        try:
+            result = run_extend(
+                source, parse_task_list(tasks), config=run_config, num_samples=num_samples,
+                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
+                output=output, resume=resume,
+            )  # fmt: skip
+        except SweepError as error:
+            _fail(str(error), 2)
+        typer.echo(f"merged checkpoint: {result.checkpoint}")
+
+
 def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU spinning threads slow
     # training down many times over. Must be set before torch loads its OpenMP runtime.

@@ -344,11 +344,11 @@ class Stage0Config:
     """Stage 0, built-in prior only: pretrain the tiny prior's VAE, then its UNet, on built-in images."""
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL).
-    vae_steps: int = 1500
+    vae_steps: int = 1000
     # Optimiser steps of the UNet (ε-prediction loss on the trained VAE's latents).
-    unet_steps: int = 1500
+    unet_steps: int = 1000
     # Images per step.
-    batch_size: int = 16
+    batch_size: int = 8
     # AdamW learning rate (constant after a short warm-up).
     lr: float = 1e-3
     # Weight of the KL term of the VAE loss.

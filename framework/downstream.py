@@ -31,6 +31,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Bump when a built-in architecture or its defaults change: caches of another version are retrained.
+BUILTIN_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 STEPS_ENV = "UNIRESTORE_DOWNSTREAM_STEPS"
@@ -346,7 +349,7 @@ class _FPNBackbone(nn.Module):
 
 
 def build_small_retinanet(
-    num_classes: int, image_size: int, width: int = 16, fpn_channels: int = 64
+    num_classes: int, image_size: int, width: int = 16, fpn_channels: int = 32
 ) -> nn.Module:
     """torchvision `RetinaNet` on a small FPN backbone; anchors 8/16/32 px (3 scales, 3 ratios) per level."""
     from torchvision.models.detection import RetinaNet
@@ -512,18 +515,49 @@ def is_builtin(entries: list | None) -> bool:
 
 
 def build_task_data(
-    data: Any, task: str, split: str, size: int, seed: int, builtin_type: str, length: int | None = None
+    data: Any,
+    task: str,
+    split: str,
+    size: int,
+    seed: int,
+    builtin_type: str,
+    length: int | None = None,
+    degradation_override: Any = None,
 ):
     """The task's dataset for `split`: its configured entries, or `builtin_type` degraded by default.
 
-    `length` overrides the built-in length (`BUILTIN_LENGTHS[split]` otherwise).
+    `length` overrides the built-in length (`BUILTIN_LENGTHS[split]` otherwise). `degradation_override`
+    (a `DegradationConfig`) replaces every entry's degradation, e.g. to evaluate one corruption alone.
     """
+    from dataclasses import replace
+
     from .data.config import DatasetEntry, build_task_dataset
 
     entries, degradation, config_seed = task_entries(data, task)
     if not entries:
         entries = [DatasetEntry(type=builtin_type, options={"length": length or BUILTIN_LENGTHS[split]})]
+    if degradation_override is not None:
+        entries = [replace(entry, corruption=None, severity=None) for entry in entries]
+        degradation = degradation_override
     return build_task_dataset(entries, split, size, seed if config_seed is None else config_seed, degradation)
+
+
+def context_dataset(context: Any, task: str, split: str, builtin_type: str):
+    """`build_task_data` with a `TaskContext`'s data, size, seed and degradation override."""
+    return build_task_data(
+        context.data,
+        task,
+        split,
+        context.size,
+        context.seed,
+        builtin_type,
+        degradation_override=getattr(context, "degradation", None),
+    )
+
+
+def context_is_builtin(context: Any, task: str) -> bool:
+    """True when `task` runs on built-in data in this context (so it uses the built-in downstream models)."""
+    return is_builtin(task_entries(context.data, task)[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -550,6 +584,7 @@ class BuiltinSpec:
     def architecture(self) -> dict[str, Any]:
         """What decides the weights' shapes and meaning: a cache with another architecture is rebuilt."""
         return {
+            "version": BUILTIN_VERSION,
             "name": self.name,
             "kind": self.kind,
             "arch": self.arch,
@@ -787,14 +822,20 @@ def builtin_model(
     Trains when there is no usable cache or `force` is set. Weights go to `<name>.safetensors`, then the
     JSON sidecar, each through a temporary file and `os.replace`, so a reader never sees half a file.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model, save_model
 
     folder = downstream_home(home)
     weights, sidecar = folder / f"{spec.name}.safetensors", folder / f"{spec.name}.json"
     if not force and read_record(spec, home) is not None:
         model = _builtin_network(spec)
-        load_model(model, str(weights), strict=True)
-        return freeze(model).to(device)
+        try:
+            load_model(model, str(weights), strict=True)
+            return freeze(model).to(device)
+        except (RuntimeError, OSError, ValueError, SafetensorError) as error:  # damaged or foreign: retrain
+            warnings.warn(
+                f"cached {weights} is unusable ({str(error).splitlines()[0]}); retraining", stacklevel=2
+            )
     steps = default_steps(spec, steps)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(spec.seed)
@@ -835,15 +876,17 @@ def builtin_spec(arch: str, size: int, **overrides: Any) -> BuiltinSpec:
 BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet": {"kind": "classifier", "steps": 200, "lr": 3e-3},
     "vit": {"kind": "classifier", "steps": 300, "lr": 1e-3, "weight_decay": 0.05},
-    "deeplab": {"kind": "segmenter", "steps": 300, "lr": 3e-3},
+    "deeplab": {"kind": "segmenter", "steps": 200, "lr": 6e-3},
     "fcn": {"kind": "segmenter", "steps": 300, "lr": 6e-3},
     "retinanet": {"kind": "detector", "steps": 600, "lr": 1e-3, "batch_size": 16},
     "embedder": {"kind": "embedder", "steps": 300, "lr": 3e-3, "arch_kwargs": {"dim": 32}},
 }
 
 __all__ = [
-    "BUILTIN_DEFAULTS", "BuiltinSpec", "Classifier", "Detector", "DownstreamError", "Embedder", "RetinaNetDetector",
-    "Segmenter", "build_small_deeplab", "build_small_fcn", "build_small_resnet", "build_small_retinanet",
-    "build_small_vit", "builtin_model", "builtin_spec", "checkpoint_path", "default_steps", "evaluate_clean",
-    "freeze", "load_real_classifier", "load_real_detector", "load_real_embedder", "load_real_segmenter", "read_record", "train_builtin",
+    "BUILTIN_DEFAULTS", "BUILTIN_VERSION", "BuiltinSpec", "Classifier", "Detector", "DownstreamError", "Embedder",
+    "RetinaNetDetector", "Segmenter", "build_small_deeplab", "build_small_fcn", "build_small_resnet",
+    "build_small_retinanet", "build_small_vit", "build_task_data", "builtin_model", "builtin_spec",
+    "checkpoint_path", "context_dataset", "context_is_builtin", "default_steps", "evaluate_clean", "freeze",
+    "is_builtin", "load_real_classifier", "load_real_detector", "load_real_embedder", "load_real_segmenter",
+    "read_record", "task_entries", "train_builtin",
 ]  # fmt: skip

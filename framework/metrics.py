@@ -232,7 +232,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
     embeddings = embeddings.detach().float().cpu()
     labels = labels.detach().cpu().reshape(-1)
     if embeddings.shape[0] < 2 or bool((torch.unique(labels, return_counts=True)[1] < 2).all()):
-        return {"recall@1": 0.0, "map@r": 0.0}  # no query has a possible match
+        return {"recall_at_1": 0.0, "map_at_r": 0.0}  # no query has a possible match
     calculator = AccuracyCalculator(
         include=("precision_at_1", "mean_average_precision_at_r"),
         knn_func=CustomKNN(CosineSimilarity()),
@@ -240,7 +240,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
     )
     result = calculator.get_accuracy(embeddings, labels, embeddings, labels, ref_includes_query=True)
     clean = {k: (0.0 if v is None or math.isnan(float(v)) else float(v)) for k, v in result.items()}
-    return {"recall@1": clean["precision_at_1"], "map@r": clean["mean_average_precision_at_r"]}
+    return {"recall_at_1": clean["precision_at_1"], "map_at_r": clean["mean_average_precision_at_r"]}
 
 
 class Retrieval:
@@ -257,5 +257,5 @@ class Retrieval:
 
     def compute(self) -> dict[str, float]:
         if not self.embeddings:
-            return {"recall@1": 0.0, "map@r": 0.0}
+            return {"recall_at_1": 0.0, "map_at_r": 0.0}
         return retrieval_metrics(torch.cat(self.embeddings), torch.cat(self.labels))

@@ -33,6 +33,8 @@ class TaskContext:
     home: Path | None = None
     # Local checkpoints of real downstream models, by model name (e.g. {"resnet50": "/ckpt/r50.pth"}).
     checkpoints: dict[str, str] = field(default_factory=dict)
+    # A `DegradationConfig` that replaces the datasets' degradation (evaluation of one corruption alone).
+    degradation: Any = None
 
 
 class Evaluator:

@@ -99,15 +99,14 @@ class DetectionTask(Task):
         self._label_map_resolved = False
 
     def dataset(self, split: str):
-        from ..framework.downstream import build_task_data
+        from ..framework.downstream import context_dataset
 
-        context = self.context
-        return build_task_data(context.data, self.name, split, context.size, context.seed, self.builtin_type)
+        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def _builtin(self) -> bool:
-        from ..framework.downstream import is_builtin, task_entries
+        from ..framework.downstream import context_is_builtin
 
-        return is_builtin(task_entries(self.context.data, self.name)[0])
+        return context_is_builtin(self.context, self.name)
 
     def use_detector(self, detector: Detector, label_map: torch.Tensor | None = None) -> None:
         """Use `detector` (anything with `losses` / `predict`, e.g. a detectron2 adapter) instead of the

@@ -52,10 +52,9 @@ class PIRTask(Task):
             raise ValueError(f"task 'pir' needs a positive weight on l1 or mse, got {self.weights}")
 
     def dataset(self, split: str):
-        from ..framework.downstream import build_task_data
+        from ..framework.downstream import context_dataset
 
-        context = self.context
-        return build_task_data(context.data, self.name, split, context.size, context.seed, self.builtin_type)
+        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Nothing to build: PIR has no downstream model."""

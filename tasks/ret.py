@@ -4,8 +4,8 @@ Loss: `metric` (default weight 0.1) = pytorch-metric-learning's `MultiSimilarity
 embeddings of the restored images (queries) and of the clean images of the same batch (references), by
 class label: every restored image has at least one positive (its own clean image), so the loss is never
 vacuous even for a batch of distinct classes. Samples without a label (-100) are left out.
-Metric: leave-one-out retrieval among the restored test images by cosine similarity, `recall@1`
-(primary) and `map@r` (pytorch-metric-learning's AccuracyCalculator with a torch k-NN, no faiss).
+Metric: leave-one-out retrieval among the restored test images by cosine similarity, `recall_at_1`
+(primary) and `map_at_r` (pytorch-metric-learning's AccuracyCalculator with a torch k-NN, no faiss).
 Models: built-in data → a small timm ResNet embedder (32-d, L2-normalised) trained here on clean scenes
 with a multi-similarity loss and miner (cached); real data → the pooled features of ResNet-50 from
 `checkpoints.resnet50` (e.g. CUB retrieval with ImageNet features).
@@ -46,7 +46,7 @@ class RetrievalTask(Task):
     description = "Image retrieval with a frozen embedding model (Recall@1, MAP@R)"
     loss_weights: ClassVar[dict[str, float]] = {"metric": 0.1}
     default_beta = 1.0
-    metric_names = ("recall@1", "map@r")
+    metric_names = ("recall_at_1", "map_at_r")
     anchor_to_pir = True
     # sample keys the losses and the evaluator read
     sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq", "label")
@@ -59,15 +59,14 @@ class RetrievalTask(Task):
         self._loss = None
 
     def dataset(self, split: str):
-        from ..framework.downstream import build_task_data
+        from ..framework.downstream import context_dataset
 
-        context = self.context
-        return build_task_data(context.data, self.name, split, context.size, context.seed, self.builtin_type)
+        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def _builtin(self) -> bool:
-        from ..framework.downstream import is_builtin, task_entries
+        from ..framework.downstream import context_is_builtin
 
-        return is_builtin(task_entries(self.context.data, self.name)[0])
+        return context_is_builtin(self.context, self.name)
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in embedder (skipped when cached, unless `force`); with real data,

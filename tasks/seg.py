@@ -61,15 +61,14 @@ class SegmentationTask(Task):
         self._segmenters: dict[str, nn.Module] | None = None
 
     def dataset(self, split: str):
-        from ..framework.downstream import build_task_data
+        from ..framework.downstream import context_dataset
 
-        context = self.context
-        return build_task_data(context.data, self.name, split, context.size, context.seed, self.builtin_type)
+        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def _builtin(self) -> bool:
-        from ..framework.downstream import is_builtin, task_entries
+        from ..framework.downstream import context_is_builtin
 
-        return is_builtin(task_entries(self.context.data, self.name)[0])
+        return context_is_builtin(self.context, self.name)
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in segmenters (skipped when cached, unless `force`); with real data,

@@ -67,7 +67,12 @@ def root(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("UNIRESTORE_HOME", str(tmp_path_factory.getbasetemp() / "engine-home"))
         patch.setenv("UNIRESTORE_DOWNSTREAM_STEPS", "3")
-        yield folder
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny ops: one thread is as fast, and immune to a busy machine's other jobs
+        try:
+            yield folder
+        finally:
+            torch.set_num_threads(threads)
 
 
 def make_config(root, name: str, *extra: str) -> RunConfig:

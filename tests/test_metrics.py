@@ -115,17 +115,17 @@ def test_recall_at_1_on_a_constructed_embedding():
     labels = torch.tensor([0, 0, 1, 1])
     # nearest neighbours by angle: 0→10 (same), 10→0 (same), 25→10 (other class), 90→25 (same)
     result = metrics.retrieval_metrics(embeddings, labels)
-    assert result["recall@1"] == pytest.approx(3 / 4)
+    assert result["recall_at_1"] == pytest.approx(3 / 4)
     clusters = torch.eye(4).repeat_interleave(3, dim=0) + 0.01 * torch.randn(12, 4)
     perfect = metrics.retrieval_metrics(clusters, torch.arange(4).repeat_interleave(3))
-    assert perfect == {"recall@1": pytest.approx(1.0), "map@r": pytest.approx(1.0)}
+    assert perfect == {"recall_at_1": pytest.approx(1.0), "map_at_r": pytest.approx(1.0)}
 
 
 def test_retrieval_without_possible_matches_is_zero():
     assert metrics.retrieval_metrics(torch.randn(3, 4), torch.tensor([0, 1, 2])) == {
-        "recall@1": 0.0,
-        "map@r": 0.0,
+        "recall_at_1": 0.0,
+        "map_at_r": 0.0,
     }
     accumulated = metrics.Retrieval()
     accumulated.update(torch.randn(4, 4), torch.tensor([0, 0, -100, 1]))
-    assert set(accumulated.compute()) == {"recall@1", "map@r"}
+    assert set(accumulated.compute()) == {"recall_at_1", "map_at_r"}

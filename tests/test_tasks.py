@@ -294,3 +294,13 @@ def test_detection_evaluator_maps_detector_labels_back():
     evaluator.update(torch.rand(1, 3, 64, 64), {"boxes": [box], "box_labels": [torch.tensor([2])]})
     assert evaluator.map.predictions[0]["labels"].tolist() == [2]  # car, in RTTS labels; id 9 dropped
     assert evaluator.compute()["map"] == pytest.approx(1.0)
+
+
+def test_a_damaged_cache_is_retrained(tmp_path):
+    spec = downstream.builtin_spec("embedder", SIZE)
+    downstream.builtin_model(spec, home=tmp_path, steps=1, progress=False)
+    (tmp_path / "embedder-64.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.warns(UserWarning, match="retraining"):
+        model = downstream.builtin_model(spec, home=tmp_path, steps=1, progress=False)
+    assert model(torch.rand(2, 3, SIZE, SIZE)).shape == (2, 32)
+    assert (tmp_path / "embedder-64.safetensors").stat().st_size > 1000

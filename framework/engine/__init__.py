@@ -303,9 +303,6 @@ class _Run:
                 else "none for this stage yet"
             )
             raise TrainingDiverged(f"{error}; last good checkpoint: {where}") from None
-        finally:
-            for hook in hooks:
-                hook.close()
         model.requires_grad_(False)
         self.last_terms = dict(trainer.terms)
         if distributed.main:

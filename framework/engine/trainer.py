@@ -10,7 +10,7 @@ Order of events for every optimiser step:
    caller's own hooks. A hook that raises stops the run after the work of the hooks before it.
 
 `before_train` runs in the same order before the first step; `after_train` only when the last step is
-done (a failed run writes nothing more: its last good checkpoint stays as it was).
+done (a failed run writes nothing more: its last good checkpoint stays as it was); `close` always.
 
 The data stream is a pure function of the step (`TaskStream`): resuming from a checkpoint at step k
 reproduces steps k+1.. exactly as the uninterrupted run did them.
@@ -337,14 +337,18 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def train(self) -> None:
-        for hook in self.hooks:
-            hook.before_train()
-        while self.step < self.max_steps:
-            self.run_step()
+        try:
             for hook in self.hooks:
-                hook.after_step()
-        for hook in self.hooks:
-            hook.after_train()
+                hook.before_train()
+            while self.step < self.max_steps:
+                self.run_step()
+                for hook in self.hooks:
+                    hook.after_step()
+            for hook in self.hooks:
+                hook.after_train()
+        finally:
+            for hook in self.hooks:
+                hook.close()
 
     def run_step(self) -> None:
         started = time.perf_counter()

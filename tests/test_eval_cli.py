@@ -1,0 +1,77 @@
+"""`unirestore eval` and `unirestore runs compare` end to end through the CLI on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from unirestore.framework.checkpoint import save_checkpoint
+from unirestore.framework.cli import app
+from unirestore.framework.config import ModelConfig
+from unirestore.framework.model import UniRestore
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_prior):
+    folder = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls"])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("UNIRESTORE_DOWNSTREAM_STEPS", "3")
+        yield folder, save_checkpoint(model, folder / "model.safetensors")
+
+
+def _eval(folder, path, out, *extra):
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    args = ["eval", "--ckpt", str(path), "--tasks", "pir,cls", "--samples", "4", "--out", str(out),
+            "--tracking-uri", uri, *extra]  # fmt: skip
+    return runner.invoke(app, args), uri
+
+
+def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
+    folder, path = checkpoint
+    first, uri = _eval(folder, path, folder / "a")
+    assert first.exit_code == 0, first.output
+    for name in ("eval.csv", "eval.json", "eval.md"):
+        assert (folder / "a" / name).is_file()
+    results = json.loads((folder / "a" / "eval.json").read_text())["results"]
+    rows = {(r["task"], r["input"]) for r in results}
+    # LQ, HQ, the task's own prompt and the PIR prompt on classification (as Table 2 shows)
+    assert {("cls", "LQ"), ("cls", "HQ"), ("cls", "restored[cls]"), ("cls", "restored[pir]"), ("pir", "restored[pir]")} <= rows
+    assert any(p.suffix == ".png" for p in (folder / "a" / "grids").iterdir())
+    second, _ = _eval(folder, path, folder / "b")
+    assert second.exit_code == 0, second.output
+    assert (folder / "a" / "eval.csv").read_text() == (folder / "b" / "eval.csv").read_text()
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["unirestore-eval"])
+    assert len(runs) == 2 and (runs["status"] == "FINISHED").all()
+    assert "metrics.eval/default/cls/LQ/acc/resnet" in runs.columns or any(
+        c.startswith("metrics.eval/default/cls/LQ/") for c in runs.columns
+    )
+
+    compare = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
+                                  "--metric", "eval/default/pir/restored_pir/psnr",
+                                  "--metric", "eval/default/cls/LQ/acc/resnet",
+                                  "--plot", str(folder / "compare.png")])  # fmt: skip
+    assert compare.exit_code == 0, compare.output
+    assert compare.output.count("eval-model") == 2 and "★" in compare.output
+    assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_per_corruption_and_missing_prompt(checkpoint):
+    folder, path = checkpoint
+    result, _ = _eval(folder, path, folder / "c", "--corruption", "gaussian_noise,rain", "--severity", "2")
+    assert result.exit_code == 0, result.output
+    results = json.loads((folder / "c" / "eval.json").read_text())["results"]
+    assert {r["corruption"] for r in results} == {"gaussian_noise@2", "rain@2"}
+    missing = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "seg", "--out", str(folder / "d")])
+    assert missing.exit_code == 2
+    assert "no prompt for 'seg'" in missing.output and "pir, cls" in missing.output
+    assert "Traceback" not in missing.output
