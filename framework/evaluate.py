@@ -199,7 +199,7 @@ class EvalReport:
 
     def flat(self) -> dict[str, float]:
         return {
-            f"eval/{corruption}/{task}/{row.replace('[', '_').replace(']', '')}/{metric}": value
+            f"eval/{corruption.replace('@', '_s')}/{task}/{row.replace('[', '_').replace(']', '')}/{metric}": value
             for (corruption, task, row), metrics in self.rows.items()
             for metric, value in metrics.items()
         }
