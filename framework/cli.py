@@ -486,6 +486,9 @@ def eval_(
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri or _default_tracking_uri())
+        if mlflow.get_experiment_by_name(experiment) is None:
+            # artifacts beside the evaluation's files, not in a ./mlruns of whatever folder this runs in
+            mlflow.create_experiment(experiment, artifact_location=(out / "mlartifacts").resolve().as_uri())
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=f"eval-{Path(ckpt).stem}"):
             mlflow.log_params({"checkpoint": str(ckpt), "tasks": tasks, "data": data,

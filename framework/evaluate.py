@@ -109,7 +109,9 @@ def evaluate(
     try:
         for task in task_list:
             sources = [
-                s for s in inputs if s != "restored" or task.name in model.tasks or model.config.shared_prompt
+                s for s in inputs
+                if s != "restored" or task.name in model.tasks or model.config.shared_prompt
+                or not getattr(model.config, "use_tfa", True)  # a plain decoder serves every task
             ]
             evaluators = {source: task.evaluator() for source in sources}
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []

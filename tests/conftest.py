@@ -3,6 +3,9 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Idle OpenMP threads sleep instead of spinning (set before torch loads): on a small shared CPU, spinning
+# threads slow small ops many times over.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")

@@ -510,8 +510,9 @@ def _train_stages(run: _Run, chosen: tuple[int, ...], names: list[str], resume: 
                 raise CheckpointError(
                     f"stage 2 starts from {source}, which does not exist; run stage 1 first (--stage 1)"
                 )
-            model = load_checkpoint(source, prior=prior, device=device,
-                                    config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
+            # Stage 1 trains neither the TFA nor the prompts: how stage 2 uses them comes from this run's config.
+            stage2_model = {key: getattr(config.model, key) for key in ("gradient_checkpointing", "shared_prompt", "use_tfa")}
+            model = load_checkpoint(source, prior=prior, device=device, config_overrides=stage2_model)
             for name in names:
                 model.add_task(name)
         final = run.run_stage(stage2(names), model, tasks, resume, trained_prompts=list(names))
