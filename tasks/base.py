@@ -87,3 +87,66 @@ class Task:
     def evaluator(self) -> Evaluator:
         """A fresh metric accumulator for this task."""
         raise NotImplementedError
+
+
+class FrozenModelsTask(Task):
+    """A task judged by several frozen downstream models of different kinds (e.g. ResNet and ViT).
+
+    Built-in data: small models of each kind trained here on clean scenes and cached; real data: the
+    models loaded from `context.checkpoints` by `real_loader` (a function name in framework/downstream.py).
+    The first kind drives the loss; every kind is evaluated.
+    """
+
+    # Model kinds, the first one driving the loss.
+    kinds: ClassVar[tuple[str, ...]] = ()
+    # Name of the framework.downstream function loading a real model: loader(kind, checkpoints).
+    real_loader: ClassVar[str] = ""
+
+    def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
+        super().__init__(context, loss_weights)
+        self._models: dict[str, nn.Module] | None = None
+
+    def dataset(self, split: str) -> Dataset:
+        from ..framework.downstream import context_dataset
+
+        return context_dataset(self.context, self.name, split, self.builtin_type)
+
+    def _builtin(self) -> bool:
+        from ..framework.downstream import context_is_builtin
+
+        return context_is_builtin(self.context, self.name)
+
+    def prepare(self, force: bool = False, steps: int | None = None) -> None:
+        """Train and cache the built-in models (skipped when cached, unless `force`); with real data,
+        check that the checkpoints load."""
+        from ..framework import downstream
+
+        if not self._builtin():
+            self.models()
+            return
+        for kind in self.kinds:
+            spec = downstream.builtin_spec(kind, self.context.size)
+            if force or downstream.read_record(spec, self.context.home) is None:
+                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
+                self._models = None
+
+    def models(self) -> dict[str, nn.Module]:
+        """Every frozen model, by kind (built or loaded once)."""
+        if self._models is None:
+            from ..framework import downstream
+
+            context = self.context
+            if self._builtin():
+                self._models = {
+                    kind: downstream.builtin_model(
+                        downstream.builtin_spec(kind, context.size), home=context.home, device=context.device
+                    )
+                    for kind in self.kinds
+                }
+            else:
+                load = getattr(downstream, self.real_loader)
+                self._models = {kind: load(kind, context.checkpoints).to(context.device) for kind in self.kinds}
+        return self._models
+
+    def downstream(self) -> nn.Module:
+        return self.models()[self.kinds[0]]

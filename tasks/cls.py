@@ -18,7 +18,7 @@ from torch import nn
 
 from ..framework.data.sample import IGNORE_LABEL
 from ..framework.registry import register_task
-from .base import Evaluator, Task
+from .base import Evaluator, FrozenModelsTask
 
 KINDS = ("resnet", "vit")  # the first drives the loss
 
@@ -43,7 +43,7 @@ class ClassificationEvaluator(Evaluator):
 
 
 @register_task
-class ClassificationTask(Task):
+class ClassificationTask(FrozenModelsTask):
     name = "cls"
     description = "Image classification by frozen ResNet and ViT classifiers (top-1 accuracy)"
     loss_weights: ClassVar[dict[str, float]] = {"ce": 0.1}
@@ -54,58 +54,8 @@ class ClassificationTask(Task):
     sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq", "label")
     # dataset type used when the data config gives this task none
     builtin_type = "builtin_scenes"
-
-    def __init__(self, context=None, loss_weights=None):
-        super().__init__(context, loss_weights)
-        self._classifiers: dict[str, nn.Module] | None = None
-
-    def dataset(self, split: str):
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
-
-    def _builtin(self) -> bool:
-        from ..framework.downstream import context_is_builtin
-
-        return context_is_builtin(self.context, self.name)
-
-    def prepare(self, force: bool = False, steps: int | None = None) -> None:
-        """Train and cache the built-in classifiers (skipped when cached, unless `force`); with real data,
-        check that the checkpoints load."""
-        from ..framework import downstream
-
-        if not self._builtin():
-            self.classifiers()
-            return
-        for kind in KINDS:
-            spec = downstream.builtin_spec(kind, self.context.size)
-            if force or downstream.read_record(spec, self.context.home) is None:
-                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-                self._classifiers = None
-
-    def classifiers(self) -> dict[str, nn.Module]:
-        """Every frozen classifier, by kind (built or loaded once)."""
-        if self._classifiers is None:
-            from ..framework import downstream
-
-            context = self.context
-            if self._builtin():
-                models = {
-                    kind: downstream.builtin_model(
-                        downstream.builtin_spec(kind, context.size), home=context.home, device=context.device
-                    )
-                    for kind in KINDS
-                }
-            else:
-                models = {
-                    kind: downstream.load_real_classifier(kind, context.checkpoints).to(context.device)
-                    for kind in KINDS
-                }
-            self._classifiers = models
-        return self._classifiers
-
-    def downstream(self) -> nn.Module:
-        return self.classifiers()[KINDS[0]]
+    kinds = KINDS
+    real_loader = "load_real_classifier"
 
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         labels = batch["label"].to(restored.device)
@@ -117,4 +67,4 @@ class ClassificationTask(Task):
         return {"loss/cls_ce": self.weights["ce"] * ce}
 
     def evaluator(self) -> Evaluator:
-        return ClassificationEvaluator(self.classifiers())
+        return ClassificationEvaluator(self.models())

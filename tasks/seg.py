@@ -19,7 +19,7 @@ from torch import nn
 
 from ..framework.data.sample import IGNORE_INDEX
 from ..framework.registry import register_task
-from .base import Evaluator, Task
+from .base import Evaluator, FrozenModelsTask
 
 KINDS = ("deeplab", "fcn")  # the first drives the loss
 
@@ -44,7 +44,7 @@ class SegmentationEvaluator(Evaluator):
 
 
 @register_task
-class SegmentationTask(Task):
+class SegmentationTask(FrozenModelsTask):
     name = "seg"
     description = "Semantic segmentation by frozen DeepLabV3 and FCN segmenters (mIoU)"
     loss_weights: ClassVar[dict[str, float]] = {"ce": 0.1}
@@ -55,55 +55,8 @@ class SegmentationTask(Task):
     sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq", "mask")
     # dataset type used when the data config gives this task none
     builtin_type = "builtin_scenes"
-
-    def __init__(self, context=None, loss_weights=None):
-        super().__init__(context, loss_weights)
-        self._segmenters: dict[str, nn.Module] | None = None
-
-    def dataset(self, split: str):
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
-
-    def _builtin(self) -> bool:
-        from ..framework.downstream import context_is_builtin
-
-        return context_is_builtin(self.context, self.name)
-
-    def prepare(self, force: bool = False, steps: int | None = None) -> None:
-        """Train and cache the built-in segmenters (skipped when cached, unless `force`); with real data,
-        check that the checkpoints load."""
-        from ..framework import downstream
-
-        if not self._builtin():
-            self.segmenters()
-            return
-        for kind in KINDS:
-            spec = downstream.builtin_spec(kind, self.context.size)
-            if force or downstream.read_record(spec, self.context.home) is None:
-                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-                self._segmenters = None
-
-    def segmenters(self) -> dict[str, nn.Module]:
-        """Every frozen segmenter, by kind (built or loaded once)."""
-        if self._segmenters is None:
-            from ..framework import downstream
-
-            context = self.context
-            if self._builtin():
-                models = {
-                    kind: downstream.builtin_model(
-                        downstream.builtin_spec(kind, context.size), home=context.home, device=context.device
-                    )
-                    for kind in KINDS
-                }
-            else:
-                models = {
-                    kind: downstream.load_real_segmenter(kind, context.checkpoints).to(context.device)
-                    for kind in KINDS
-                }
-            self._segmenters = models
-        return self._segmenters
+    kinds = KINDS
+    real_loader = "load_real_segmenter"
 
     def num_classes(self) -> int:
         """Classes the segmenters predict (the mIoU's class count): read from the loss segmenter."""
@@ -113,9 +66,6 @@ class SegmentationTask(Task):
             return NUM_SEG_CLASSES
         network = self.downstream().network
         return network.classifier[-1].out_channels
-
-    def downstream(self) -> nn.Module:
-        return self.segmenters()[KINDS[0]]
 
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         mask = batch["mask"].to(restored.device)
@@ -127,4 +77,4 @@ class SegmentationTask(Task):
         return {"loss/seg_ce": self.weights["ce"] * ce}
 
     def evaluator(self) -> Evaluator:
-        return SegmentationEvaluator(self.segmenters(), self.num_classes())
+        return SegmentationEvaluator(self.models(), self.num_classes())
