@@ -26,7 +26,7 @@ SHARED_PROMPT = "shared"
 
 @dataclass
 class EncoderOutput:
-    latents: torch.Tensor  # (B, 4, H/8, W/8), already × scaling_factor
+    latents: torch.Tensor  # (B, latent channels, H/8, W/8), already × scaling_factor
     features: list[torch.Tensor]  # the M tapped encoder features, shallowest first
 
 
@@ -173,7 +173,7 @@ class UniRestore(nn.Module):
             latents = mean + std * noise
         else:
             latents = mean
-        latents = latents * self.vae.config.scaling_factor  # (B, 4, H/8, W/8)
+        latents = latents * self.vae.config.scaling_factor  # (B, c, H/8, W/8)
         return EncoderOutput(latents=latents, features=features)
 
     # ----------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ class UniRestore(nn.Module):
             sample = block(**kwargs)
         if unet.conv_norm_out is not None:
             sample = unet.conv_act(unet.conv_norm_out(sample))
-        return unet.conv_out(sample)  # (B, 4, h, w)
+        return unet.conv_out(sample)  # (B, c, h, w)
 
     def _run_unet_block(self, block, sample, embedding, context):
         kwargs = {"encoder_hidden_states": context} if context is not None else {}
@@ -262,7 +262,7 @@ class UniRestore(nn.Module):
         timesteps = self.scheduler.timesteps
         if noise is None:
             noise = _randn_like(latents, generator)
-        sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, 4, h, w), almost pure noise
+        sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, c, h, w), almost pure noise
         for t in timesteps:
             control = self.control(latents, t)
             model_output = self.unet_forward(sample, t, control)

@@ -45,7 +45,7 @@ TINY_VAE = dict(
     block_out_channels=[16, 32, 64, 64],
     layers_per_block=1,
     act_fn="silu",
-    latent_channels=4,
+    latent_channels=8,  # 8 × 8 × 8 numbers for a 64² image: 4 channels lost colour within stage 0's budget
     norm_num_groups=8,
     sample_size=64,
     scaling_factor=0.18215,
@@ -53,8 +53,8 @@ TINY_VAE = dict(
 
 TINY_UNET = dict(
     sample_size=8,
-    in_channels=4,
-    out_channels=4,
+    in_channels=8,  # = TINY_VAE latent_channels
+    out_channels=8,
     down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
     block_out_channels=[32, 32, 64, 64],
@@ -77,6 +77,12 @@ SD_SCHEDULER = dict(
     prediction_type="epsilon",
     timestep_spacing="trailing",
 )
+
+# The tiny preset predicts v (as Stable Diffusion 2.x at 768² does) rather than ε. sd-turbo reaches a clean
+# latent in one step from t = 999 because it was adversarially distilled; an ε-predictor that was not must
+# divide its error by √ᾱ_999 ≈ 0.068 (×14.7) to get ẑ0, while a v-predictor's error reaches ẑ0 unamplified
+# (ẑ0 = √ᾱ·z_t − √(1−ᾱ)·v̂). Everything downstream reads the prediction type from the scheduler config.
+TINY_SCHEDULER = dict(SD_SCHEDULER, prediction_type="v_prediction")
 
 TINY_TEXT_ENCODER = dict(
     vocab_size=64,
@@ -256,7 +262,7 @@ def build_tiny_prior(folder: str | os.PathLike, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
     UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
-    DDIMScheduler(**SD_SCHEDULER).save_pretrained(folder / "scheduler")
+    DDIMScheduler(**TINY_SCHEDULER).save_pretrained(folder / "scheduler")
     CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER)).save_pretrained(folder / "text_encoder")
     _write_tiny_tokenizer(folder / "tokenizer")
     (folder / "model_index.json").write_text(

@@ -2,8 +2,12 @@
 
 1. The VAE: L1 reconstruction + `kl_weight` × KL on clean built-in images (BuiltinPhotos + BuiltinScenes).
    Its `scaling_factor` is then set to 1 / std of the latents, as Stable Diffusion's was.
-2. The UNet: the ε-prediction loss on those latents, noised at uniform timesteps of the prior's
-   schedule, conditioned on the stored empty-prompt embedding (the only condition UniRestore uses).
+2. The UNet: the denoising loss of the prior's prediction type (ε, or v for the tiny preset) on those
+   latents, noised at uniform timesteps of the prior's schedule, conditioned on the stored empty-prompt
+   embedding (the only condition UniRestore uses).
+
+Both draw from a pool of fresh images (one per sample seen, up to `_POOL_LIMIT`): a small fixed pool is
+memorised rather than learnt. The learning rate warms up over 5 % of the steps, then decays along a cosine.
 
 The result is written with `save_pretrained` into a staging folder next to the tiny prior and swapped in
 with renames, with a marker file (`stage0.json`); `load_prior("tiny")` then loads the trained prior, and
@@ -13,6 +17,7 @@ a later run skips stage 0 (unless `stage0.force`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +33,7 @@ from ..config import Stage0Config
 from ..prior import ensure_tiny_prior, load_prior
 
 MARKER = "stage0.json"
+_POOL_LIMIT = 4096
 _COPIED = ("scheduler", "text_encoder", "tokenizer", "model_index.json")
 
 
@@ -66,7 +72,12 @@ def _batches(images: torch.Tensor, batch_size: int, generator: torch.Generator):
 def _optimizer(module: torch.nn.Module, config: Stage0Config, steps: int):
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, weight_decay=0.0)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+
+    def factor(step: int) -> float:
+        progress = min(1.0, max(0, step - warmup) / max(1, steps - warmup))
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return optimizer, schedule
 
 
@@ -131,7 +142,7 @@ def train_tiny_prior(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images = _clean_images(
-        size, min(512, max(64, (config.vae_steps + config.unet_steps) * config.batch_size)), seed
+        size, min(_POOL_LIMIT, max(64, max(config.vae_steps, config.unet_steps) * config.batch_size)), seed
     )
     batches = _batches(images, config.batch_size, generator)
 
@@ -165,6 +176,8 @@ def train_tiny_prior(
         prediction = unet(
             noisy, timesteps, encoder_hidden_states=context.expand(latents.shape[0], -1, -1)
         ).sample
+        if scheduler.config.prediction_type == "v_prediction":
+            return {"loss/unet_v": F.mse_loss(prediction, scheduler.get_velocity(latents, noise, timesteps))}
         return {"loss/unet_eps": F.mse_loss(prediction, noise)}
 
     metrics.update(_loop("unet", config.unet_steps, unet_step, unet, config, log, progress, config.vae_steps))

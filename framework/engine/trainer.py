@@ -255,9 +255,9 @@ def effective_batch(config: TrainConfig, world_size: int = 1) -> int:
     return config.batch_size * config.grad_accum * world_size
 
 
-def scaled_lr(config: TrainConfig, world_size: int = 1) -> float:
-    """lr × √(effective batch / reference batch) (1e-4 at 64 in the release)."""
-    return config.lr * math.sqrt(effective_batch(config, world_size) / config.lr_reference_batch)
+def scaled_lr(config: TrainConfig, world_size: int = 1, prior: str = "") -> float:
+    """The peak lr for `prior` × √(effective batch / reference batch) (1e-4 at 64 in the release)."""
+    return config.peak_lr(prior) * math.sqrt(effective_batch(config, world_size) / config.lr_reference_batch)
 
 
 def build_optimizer(groups: list[dict], lr: float) -> torch.optim.AdamW:
