@@ -365,6 +365,8 @@ class Stage0Config:
     batch_size: int = 8
     # Peak AdamW learning rate (5 % warm-up, then a cosine decay to zero).
     lr: float = 2e-3
+    # 0: the VAE's reconstruction loss is L1 in RGB; > 0: L1 on luma + this × L1 on chroma (Cb, Cr).
+    chroma_weight: float = 0.0
     # Weight of the KL term of the VAE loss.
     kl_weight: float = 1e-6
     # Retrain even when the prior folder carries the "trained" marker.
@@ -377,6 +379,8 @@ class Stage0Config:
             raise ConfigError(f"stage0.batch_size={self.batch_size}: must be at least 1")
         if not self.lr > 0:
             raise ConfigError(f"stage0.lr={self.lr}: must be positive")
+        if self.chroma_weight < 0:
+            raise ConfigError(f"stage0.chroma_weight={self.chroma_weight}: must be >= 0")
 
 
 def _default_tracking_uri() -> str:
