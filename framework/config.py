@@ -359,7 +359,7 @@ class Stage0Config:
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL).
     vae_steps: int = 1200
-    # Optimiser steps of the UNet (ε-prediction loss on the trained VAE's latents).
+    # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
     unet_steps: int = 500
     # Images per step.
     batch_size: int = 8
