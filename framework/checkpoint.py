@@ -134,10 +134,14 @@ def load_checkpoint(
     if prior is None or isinstance(prior, str):
         prior = load_prior(prior or identity["name"], device=device, empty_prompt_embeds=embeds)
     if prior.fingerprint != identity["fingerprint"]:
+        fix = (  # the same name with another architecture: a checkpoint from an earlier version of that prior
+            "train it again on this one (unirestore train)" if identity["name"] == prior.name
+            else "load it with the prior it was trained on"
+        )
         raise CheckpointError(
             f"checkpoint {metadata['path']} was trained on prior '{identity['name']}' "
             f"(fingerprint {identity['fingerprint']}), not on '{prior.name}' (fingerprint {prior.fingerprint}); "
-            "load it with the prior it was trained on"
+            f"{fix}"
         )
     config_dict = dict(metadata["model_config"])
     config_dict.update(config_overrides or {})

@@ -238,6 +238,11 @@ def test_checkpoint_for_another_prior_is_refused(tmp_path, tiny_prior):
     AutoencoderKL.from_pretrained(other, subfolder="vae")  # the folder itself is a valid prior
     with pytest.raises(CheckpointError, match="trained on prior 'tiny'"):
         load_checkpoint(path, prior=str(other))
+    # The same name with another architecture (a checkpoint from an earlier tiny preset): the fix is to retrain.
+    renamed = load_prior(other)
+    renamed.name = "tiny"
+    with pytest.raises(CheckpointError, match=r"train it again on this one \(unirestore train\)"):
+        load_checkpoint(path, prior=renamed)
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
