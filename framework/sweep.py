@@ -1047,7 +1047,7 @@ def sweep_extend(
     show: bool = True,
 ) -> ExtendSweepResult:
     """Add the new `tasks` to the model of `source`: `num_samples` stage-3 trials per task, learning rates
-    log-uniform in `lr_range` (default: `train.lr` fixed), then the best prompt of each task (by its
+    log-uniform in `lr_range` (default: the run's peak lr fixed), then the best prompt of each task (by its
     primary validation metric) merged into `<output>/merged.safetensors`, in the order of `tasks`.
     """
     started = time.time()
