@@ -44,7 +44,8 @@ ROWS = ("LQ", "NAFNet", "w/o CFRM", "w/o TFA", "UniRestore-SP", "UniRestore", "H
 
 @dataclass(frozen=True)
 class Budget:
-    stage0_steps: int  # VAE steps and UNet steps of the tiny prior
+    vae_steps: int  # stage 0: the tiny prior's VAE
+    unet_steps: int  # stage 0: the tiny prior's UNet
     stage1_steps: int
     stage2_steps: int
     stage3_steps: int
@@ -54,9 +55,10 @@ class Budget:
 
 
 BUDGETS = {
-    "toy": Budget(4, 2, 2, 2, 2, 4, 4),
-    "small": Budget(1500, 300, 300, 150, 8, 48, None),
-    "medium": Budget(3000, 1500, 1500, 500, 8, 128, None),
+    "toy": Budget(4, 4, 2, 2, 2, 2, 4, 4),
+    # the README main command's budget (the stage-0, stage-1/2 and batch defaults): ~25 min on 2 CPU cores
+    "small": Budget(1200, 500, 400, 400, 200, 4, 48, None),
+    "medium": Budget(3000, 1500, 1500, 1500, 500, 8, 128, None),
 }
 
 
@@ -95,7 +97,8 @@ def _config(budget: Budget, output: Path, tracking_uri: str, **model) -> RunConf
     config = RunConfig(
         tasks=["pir", "seg", "cls"], output=str(output), tracking_uri=tracking_uri, experiment="paper-tables"
     )
-    config.stage0 = replace(config.stage0, vae_steps=budget.stage0_steps, unet_steps=budget.stage0_steps)
+    config.stage0 = replace(config.stage0, vae_steps=budget.vae_steps, unet_steps=budget.unet_steps)
+    config.stage0 = replace(config.stage0, force=not _prior_matches(config.stage0))
     config.train = replace(
         config.train,
         stage1_steps=budget.stage1_steps,
@@ -107,6 +110,21 @@ def _config(budget: Budget, output: Path, tracking_uri: str, **model) -> RunConf
     )
     config.model = replace(config.model, **model)
     return config
+
+
+def _prior_matches(stage0) -> bool:
+    """Whether the cached tiny prior was trained with exactly this stage-0 config (else the budget retrains it)."""
+    from dataclasses import asdict
+
+    from unirestore.framework.engine.stage0 import MARKER
+    from unirestore.framework.prior import tiny_prior_path
+
+    marker = tiny_prior_path() / MARKER
+    if not marker.is_file():
+        return True  # untrained: stage 0 runs anyway
+    recorded = json.loads(marker.read_text()).get("config", {})
+    wanted = {key: value for key, value in asdict(stage0).items() if key != "force"}
+    return {key: recorded.get(key) for key in wanted} == wanted
 
 
 def _train_nafnet(tasks, budget: Budget, steps: int, seed: int) -> NAFNet:
@@ -380,12 +398,25 @@ def _chart(rows: dict, path: Path) -> Path:
     return path
 
 
+BEGIN, END = "<!-- paper_tables: begin -->", "<!-- paper_tables: end -->"
+
+
 def _write_benchmarks(path: Path, tables: str, chart: Path) -> None:
-    """BENCHMARKS.md: these tables, then the GPU figures kept under experiments/results/."""
+    """BENCHMARKS.md: these tables, then the GPU figures kept under experiments/results/.
+
+    When the file already holds a generated block (between the BEGIN/END markers), only that block is
+    replaced, so notes written around it are kept.
+    """
     path = path.resolve()
     shutil.copy(chart, path.parent / chart.name)
+    block = f"{BEGIN}\n{tables}\n{END}"
+    existing = path.read_text() if path.is_file() else ""
+    if BEGIN in existing and END in existing:
+        head, rest = existing.split(BEGIN, 1)
+        path.write_text(head + block + rest.split(END, 1)[1])
+        return
     gpu = sorted((Path(__file__).parent / "results").glob("bench_gpu_*.md"))
-    parts = ["# Benchmarks", "", tables, "## Speed at the real scale (sd-turbo architecture, random weights)", "",
+    parts = ["# Benchmarks", "", block, "", "## Speed at the real scale (sd-turbo architecture, random weights)", "",
              "Command: `python -m unirestore.experiments.bench_gpu --out DIR`.", ""]  # fmt: skip
     parts += [p.read_text() for p in gpu] or ["No GPU figures recorded yet."]
     path.write_text("\n".join(parts) + "\n")

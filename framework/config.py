@@ -358,7 +358,7 @@ class Stage0Config:
     """Stage 0, built-in prior only: pretrain the tiny prior's VAE, then its UNet, on built-in images."""
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL).
-    vae_steps: int = 1200
+    vae_steps: int = 2400
     # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
     unet_steps: int = 500
     # Images per step.

@@ -42,8 +42,10 @@ TINY_VAE = dict(
     out_channels=3,
     down_block_types=["DownEncoderBlock2D"] * 4,
     up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[16, 32, 64, 64],
-    layers_per_block=1,
+    # No resnets in the down blocks (one per up block): a shallow VAE learns colour and shapes about twice as
+    # fast per CPU second as [16, 32, 64, 64] with one resnet each, which stays desaturated blobs at equal time.
+    block_out_channels=[32, 32, 32, 32],
+    layers_per_block=0,
     act_fn="silu",
     latent_channels=8,  # 8 × 8 × 8 numbers per 64² image: ~0.9 dB above 4 channels at equal stage-0 steps
     norm_num_groups=8,

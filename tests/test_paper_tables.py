@@ -31,3 +31,21 @@ def test_toy_budget_writes_every_table(private_home):
     assert (private_home / "paper_tables.png").read_bytes()[:4] == b"\x89PNG"
     saved = json.loads((private_home / "out" / "paper_tables.json").read_text())
     assert saved["wall_s"] > 0
+
+
+def test_rewriting_benchmarks_keeps_the_notes_around_the_generated_block(tmp_path):
+    from unirestore.experiments.paper_tables import BEGIN, END, _write_benchmarks
+
+    chart = tmp_path / "runs" / "paper_tables.png"
+    chart.parent.mkdir()
+    chart.write_bytes(b"\x89PNG fake")
+    benchmarks = tmp_path / "BENCHMARKS.md"
+    _write_benchmarks(benchmarks, "old tables", chart)  # a fresh file: the block, then the GPU section
+    first = benchmarks.read_text()
+    assert first.startswith("# Benchmarks") and f"{BEGIN}\nold tables\n{END}" in first
+    benchmarks.write_text(first.replace(END, END + "\n\nHand-written note.") + "Closing note.\n")
+    _write_benchmarks(benchmarks, "new tables", chart)
+    text = benchmarks.read_text()
+    assert "new tables" in text and "old tables" not in text
+    assert "Hand-written note." in text and text.endswith("Closing note.\n")
+    assert text.count(BEGIN) == 1 and (tmp_path / "paper_tables.png").is_file()
