@@ -21,7 +21,7 @@ import platform
 import resource
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -99,8 +99,8 @@ def _config(budget: Budget, output: Path, tracking_uri: str, **model) -> RunConf
     config = RunConfig(
         tasks=["pir", "seg", "cls"], output=str(output), tracking_uri=tracking_uri, experiment="paper-tables"
     )
-    config.stage0 = replace(config.stage0, vae_steps=budget.vae_steps, unet_steps=budget.unet_steps)
-    config.stage0 = replace(config.stage0, force=not _prior_matches(config.stage0))
+    stage0 = replace(config.stage0, vae_steps=budget.vae_steps, unet_steps=budget.unet_steps)
+    config.stage0 = replace(stage0, force=not _prior_matches(stage0))
     config.train = replace(
         config.train,
         stage1_steps=budget.stage1_steps,
@@ -116,8 +116,6 @@ def _config(budget: Budget, output: Path, tracking_uri: str, **model) -> RunConf
 
 def _prior_matches(stage0) -> bool:
     """Whether the cached tiny prior was trained with exactly this stage-0 config (else the budget retrains it)."""
-    from dataclasses import asdict
-
     from unirestore.framework.engine.stage0 import MARKER
     from unirestore.framework.prior import tiny_prior_path
 
