@@ -145,6 +145,19 @@ def _latest_checkpoint(folder: Path) -> Path:
 # train
 
 
+def _check_task_keys(run_config) -> None:
+    """A β, loss weight or task weight keyed by a task that does not exist is a typo: say so before training."""
+    from .registry import UnknownTaskError, known_tasks
+
+    known = known_tasks()
+    for key in ("beta", "loss_weights", "task_weights"):
+        for name in getattr(run_config.train, key):
+            if name not in known:
+                raise UnknownTaskError(
+                    f"train.{key} names unknown task '{name}'; known tasks: {', '.join(known)}"
+                )
+
+
 @app.command()
 def train(
     tasks: Annotated[
@@ -192,6 +205,7 @@ def train(
         from .registry import parse_task_list
 
         parse_task_list(list(run_config.tasks))
+        _check_task_keys(run_config)
         from .engine import train as train_run
 
         result = train_run(run_config, stages=chosen, resume=resume)
@@ -330,7 +344,7 @@ def restore(
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the denoising noise.")] = 0,
 ) -> None:
-    """Restore images with a trained checkpoint; unreadable files are reported and skipped."""
+    """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors():
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -369,7 +383,7 @@ def restore(
                     skipped += 1
                 bar.advance(job)
         typer.echo(f"restored {written} image(s) to {out}; {skipped} skipped")
-        if written == 0:
+        if skipped:  # the good files are written; the exit status still says that some were not
             raise typer.Exit(1)
 
 

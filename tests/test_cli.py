@@ -99,7 +99,7 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     (images / "broken.jpg").write_bytes(b"not a jpeg at all")
     result = runner.invoke(app, ["restore", str(images), "--task", "seg", "--ckpt", str(output / "stage2.safetensors"),
                                  "--out", str(root / "restored")])  # fmt: skip
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # the good file is still written
     restored = Image.open(root / "restored" / "good.png")
     assert restored.size == (56, 40)
     assert "broken.jpg" in result.output and "1 skipped" in result.output
@@ -118,6 +118,8 @@ def _corrupt(root):
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),
         (["train", "--beta", "seg=high"], "train.beta.seg: expected a number"),
+        (["train", "--beta", "pri=1"], "train.beta names unknown task 'pri'"),
+        (["train", "--set", "train.task_weights.sge=2"], "train.task_weights names unknown task 'sge'"),
         (["train", "--stage", "7"], "--stage 7"),
         (["train", "--stage", "1", "--prior", "{root}/no-such-prior"], "no-such-prior"),
         (["task", "add", "nope"], "unknown task 'nope'"),
