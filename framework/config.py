@@ -22,12 +22,31 @@ class ConfigError(ValueError):
     """A configuration problem, stated in one line with the fix."""
 
 
+# Per tapped encoder level, shallowest first, at Stable Diffusion's three levels (the release).
+RELEASE_CFRM_BLOCKS = (1, 1, 9)
+RELEASE_CFRM_LEVEL_WEIGHTS = (0.1, 0.1, 0.01)
+
+
+def per_level(value: list | None, release: tuple, levels: int, key: str) -> list:
+    """`value` checked against a VAE with `levels` tapped levels, or when unset the release's values: as they
+    are for three levels; otherwise the deepest level's value at the deepest level and the shallowest's above."""
+    if value is None:
+        return list(release) if levels == len(release) else [release[0]] * (levels - 1) + [release[-1]]
+    if len(value) != levels:
+        raise ConfigError(
+            f"{key}={list(value)} has {len(value)} entries but the prior's VAE encoder has {levels} tapped "
+            f"levels; give {levels} values, or leave {key} unset for the default"
+        )
+    return list(value)
+
+
 @dataclass
 class ModelConfig:
     """The UniRestore modules around the frozen prior (SPEC §2–5)."""
 
-    # NAFBlocks before the adaptive block at each CFRM level (the release: 1, 1, 9).
-    cfrm_blocks: list[int] = field(default_factory=lambda: [1, 1, 9])
+    # NAFBlocks before the adaptive block at each tapped encoder level, shallowest first. Unset: the release's
+    # 1, 1, 9 for Stable Diffusion's three levels; for another VAE, 9 at the deepest and 1 at the others.
+    cfrm_blocks: list[int] | None = None
     # Groups l of the adaptive block (the paper: 16).
     cfrm_groups: int = 16
     # Controller width; 0 derives it from the UNet (0.8 × its first width: 256 at SD scale).
@@ -54,8 +73,12 @@ class ModelConfig:
             raise ConfigError(f"model.denoise_steps={self.denoise_steps}: must be 1 to 4")
         if self.prompt_length < 1:
             raise ConfigError(f"model.prompt_length={self.prompt_length}: must be at least 1")
-        if any(n < 0 for n in self.cfrm_blocks):
+        if any(n < 0 for n in self.cfrm_blocks or ()):
             raise ConfigError(f"model.cfrm_blocks={self.cfrm_blocks}: block counts must be >= 0")
+
+    def cfrm_blocks_for(self, levels: int) -> list[int]:
+        """`cfrm_blocks` for a VAE encoder with `levels` tapped levels (the default when unset)."""
+        return per_level(self.cfrm_blocks, RELEASE_CFRM_BLOCKS, levels, "model.cfrm_blocks")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,8 +305,9 @@ class TrainConfig:
     task_weights: dict[str, float] = field(default_factory=dict)
     # Weights of the two stage-1 terms, L_CFRM and L_Control.
     stage1_weights: dict[str, float] = field(default_factory=lambda: {"cfrm": 1.0, "control": 1.0})
-    # λ_i of L_CFRM per tapped encoder level, shallowest first (the release: 0.1, 0.1, 0.01).
-    cfrm_level_weights: list[float] = field(default_factory=lambda: [0.1, 0.1, 0.01])
+    # λ_i of L_CFRM per tapped encoder level, shallowest first. Unset: the release's 0.1, 0.1, 0.01 for Stable
+    # Diffusion's three levels; for another VAE, 0.01 at the deepest and 0.1 at the others.
+    cfrm_level_weights: list[float] | None = None
     # What the stage-2 decoder reads: `inference` (one DDIM step from the noised degraded latent, as at test
     # time) or `clean_estimate` (ẑ0 of the noised clean latent, the release). Inference measured better on the
     # tiny preset (PIR PSNR, BENCHMARKS.md), as SPEC §6 expects.
@@ -306,6 +330,10 @@ class TrainConfig:
     seed: int = 0
     # `auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`. Under torchrun each process takes its GPU.
     device: str = "auto"
+
+    def cfrm_weights_for(self, levels: int) -> list[float]:
+        """`cfrm_level_weights` for a VAE encoder with `levels` tapped levels (the default when unset)."""
+        return per_level(self.cfrm_level_weights, RELEASE_CFRM_LEVEL_WEIGHTS, levels, "train.cfrm_level_weights")
 
     def peak_lr(self, prior: str = "") -> float:
         """`lr`, or when unset the default for `prior` (the tiny preset's or the release's)."""
@@ -358,7 +386,7 @@ class Stage0Config:
     """Stage 0, built-in prior only: pretrain the tiny prior's VAE, then its UNet, on built-in images."""
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL).
-    vae_steps: int = 2400
+    vae_steps: int = 1500
     # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
     unet_steps: int = 500
     # Images per step.

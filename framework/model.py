@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -56,12 +56,8 @@ class UniRestore(nn.Module):
         self.encoder_channels = vae_channels[: self.num_taps]
         reversed_channels = vae_channels[::-1]
         decoder_inputs = [reversed_channels[max(i - 1, 0)] for i in range(self.num_taps)]
-        blocks = list(self.config.cfrm_blocks)
-        if len(blocks) != self.num_taps:
-            raise ValueError(
-                f"model.cfrm_blocks has {len(blocks)} entries but the prior's encoder has {self.num_taps} "
-                "tapped levels; give one count per level"
-            )
+        blocks = self.config.cfrm_blocks_for(self.num_taps)
+        self.config = replace(self.config, cfrm_blocks=blocks)  # checkpoints record the counts built
         self.cfrm = CFRM(self.encoder_channels, num_blocks=blocks, groups=self.config.cfrm_groups)
 
         unet_channels = list(self.unet.config.block_out_channels)

@@ -121,6 +121,8 @@ def _corrupt(root):
         (["train", "--beta", "pri=1"], "train.beta names unknown task 'pri'"),
         (["train", "--set", "train.task_weights.sge=2"], "train.task_weights names unknown task 'sge'"),
         (["train", "--stage", "7"], "--stage 7"),
+        (["train", "--set", "model.cfrm_blocks=[1,1,9]"], "model.cfrm_blocks=[1, 1, 9] has 3 entries"),
+        (["train", "--set", "train.cfrm_level_weights=[0.1]"], "train.cfrm_level_weights=[0.1] has 1 entries"),
         (["train", "--stage", "1", "--prior", "{root}/no-such-prior"], "no-such-prior"),
         (["task", "add", "nope"], "unknown task 'nope'"),
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),

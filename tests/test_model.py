@@ -8,9 +8,11 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from unirestore.framework.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from unirestore.framework.config import ModelConfig
+from unirestore.framework.config import ConfigError, ModelConfig, TrainConfig
 from unirestore.framework.model import UniRestore, count_parameters
-from unirestore.framework.prior import PriorError, build_prior_from_configs, load_prior, tiny_prior_path
+from unirestore.framework.prior import (
+    TINY_VAE, PriorError, build_prior_from_configs, ensure_tiny_prior, load_prior, tiny_prior_path,
+)
 
 # Stable Diffusion 2.1 / sd-turbo, written here so the structure check does not trust the package's presets.
 SD21_VAE = dict(
@@ -56,6 +58,38 @@ def test_parameter_counts_at_sd_turbo_scale():
     assert counts["prompts"] == 3 * 512  # one 512-number prompt per task
     assert model._unet_skip_channels() == [320] * 4 + [640] * 3 + [1280] * 5
     assert model.native_size == 512 and model.size_multiple == 64
+
+
+def test_cfrm_levels_follow_the_priors_encoder(tiny_prior):
+    prior = build_prior_from_configs(SD21_VAE, SD21_UNET, device="meta")
+    with torch.device("meta"):
+        release = UniRestore(prior, ModelConfig())
+    assert release.config.cfrm_blocks == [1, 1, 9]  # the release's counts at Stable Diffusion's three levels
+    assert [len(level.nafblocks) for level in release.cfrm.levels] == [1, 1, 9]
+    tiny = UniRestore(tiny_prior, ModelConfig())  # the 4× tiny VAE taps two levels: the deepest keeps its 9
+    assert tiny.num_taps == 2 and [len(level.nafblocks) for level in tiny.cfrm.levels] == [1, 9]
+    assert tiny.config.cfrm_blocks == [1, 9]  # recorded, so a checkpoint rebuilds the same model
+    assert TrainConfig().cfrm_weights_for(3) == [0.1, 0.1, 0.01]
+    assert TrainConfig().cfrm_weights_for(2) == [0.1, 0.01]
+    with pytest.raises(ConfigError, match=r"model.cfrm_blocks=\[1, 1, 9\] has 3 entries .* 2 tapped levels"):
+        UniRestore(tiny_prior, ModelConfig(cfrm_blocks=[1, 1, 9]))
+    with pytest.raises(ConfigError, match="train.cfrm_level_weights"):
+        TrainConfig(cfrm_level_weights=[1.0]).cfrm_weights_for(2)
+
+
+def test_a_cached_tiny_prior_of_another_architecture_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path))
+    folder = ensure_tiny_prior()
+    marker = folder / "stage0.json"
+    marker.write_text("{}")  # as if stage 0 had trained it
+    assert ensure_tiny_prior() == folder and marker.is_file()  # the current architecture is kept, trained
+    config_file = folder / "vae" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["latent_channels"] = 8  # a cache written by an older version
+    config_file.write_text(json.dumps(config))
+    assert ensure_tiny_prior() == folder
+    assert not marker.exists()  # rebuilt untrained, so stage 0 trains it again
+    assert json.loads(config_file.read_text())["latent_channels"] == TINY_VAE["latent_channels"]
 
 
 def test_prior_is_frozen_and_in_eval(model):

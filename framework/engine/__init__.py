@@ -18,6 +18,7 @@ Run folder (`config.output`):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -449,6 +450,7 @@ def train(
     # anything is started.
     _data_config(config)
     prior = load_prior(config.prior, device=device) if config.prior != "tiny" else None
+    _check_prior_levels(config, prior)
     label = ",".join(str(s) for s in chosen)
     tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
     params = _params(config, label, names, distributed.world_size)
@@ -464,6 +466,19 @@ def train(
         raise
     finally:
         tracker.end(status)
+
+
+def _check_prior_levels(config: RunConfig, prior) -> None:
+    """Per-level settings against the prior's VAE before anything trains (stage 0 alone takes minutes)."""
+    if prior is not None:
+        channels = prior.vae.config.block_out_channels
+    else:
+        from ..prior import ensure_tiny_prior
+
+        channels = json.loads((ensure_tiny_prior() / "vae" / "config.json").read_text())["block_out_channels"]
+    levels = len(channels) - 1
+    config.model.cfrm_blocks_for(levels)
+    config.train.cfrm_weights_for(levels)
 
 
 def _train_stages(run: _Run, chosen: tuple[int, ...], names: list[str], resume: bool, prior) -> TrainResult:

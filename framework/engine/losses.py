@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..config import RELEASE_CFRM_LEVEL_WEIGHTS, per_level
 from ..model import UniRestore
 
 # Timesteps stage 1 draws from: the release favours t = 999, the one used at inference.
@@ -37,16 +38,13 @@ def stage1_losses(
     clean: torch.Tensor,
     degraded: torch.Tensor,
     weights: Mapping[str, float],
-    level_weights: Sequence[float],
+    level_weights: Sequence[float] | None = None,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """L_CFRM (restored vs clean encoder features) and L_Control (ẑ0 from the noised clean latent vs h0)."""
     target = clean_latents(model, clean, generator)
     restored = model.encode(degraded, use_cfrm=True)  # features with grad; latents cut from the CFRM
-    if len(level_weights) != len(restored.features):
-        raise ValueError(
-            f"{len(level_weights)} CFRM level weights for {len(restored.features)} tapped levels"
-        )
+    level_weights = per_level(level_weights, RELEASE_CFRM_LEVEL_WEIGHTS, len(restored.features), "level_weights")
     feature_loss = sum(
         weight * F.mse_loss(r.float(), c.float())
         for weight, r, c in zip(level_weights, restored.features, target.features)

@@ -128,7 +128,8 @@ class StageLoss(nn.Module):
         config = self.train_config
         if self.stage.loss == "stage1":
             return stage1_losses(
-                self.model, batch["hq"], batch["lq"], config.stage1_weights, config.cfrm_level_weights
+                self.model, batch["hq"], batch["lq"], config.stage1_weights,
+                config.cfrm_weights_for(self.model.num_taps)
             )
         task = self.tasks[batch["task"]]
         latents, features = decoder_inputs(self.model, batch["hq"], batch["lq"], mode=config.decoder_input)
