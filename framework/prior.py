@@ -43,7 +43,7 @@ TINY_VAE = dict(
     # Three levels (a 4× VAE, as Stable Diffusion's ×4 upscaler has) with 16 latent channels: 16 × 16 × 16
     # numbers per 64² image. An 8× VAE keeps too little of a 64² image for the downstream models: after 2400
     # stage-0 steps its reconstructions of clean scenes classify and segment worse than the corrupted inputs
-    # (mIoU 0.51 / 0.44 against 0.56 / 0.53); this one, after 1500 steps, better (0.69 / 0.65). BENCHMARKS.md.
+    # (mIoU 0.51 / 0.44 against 0.56 / 0.53); this one, after 1500 steps, better (0.69 / 0.65): BENCHMARKS.md.
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
     # No resnets in the down blocks (one per up block): a shallow VAE learns colour and shapes about twice as
@@ -298,9 +298,9 @@ def _is_current_tiny(folder: Path) -> bool:
         unet = json.loads((folder / "unet" / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    same = lambda config, preset: all(  # noqa: E731
-        config.get(key) == value for key, value in preset.items() if key != "scaling_factor"  # stage 0 sets it
-    )
+    def same(config: dict, preset: dict) -> bool:  # scaling_factor is set by stage 0, not the architecture
+        return all(config.get(key) == value for key, value in preset.items() if key != "scaling_factor")
+
     return same(vae, TINY_VAE) and same(unet, TINY_UNET)
 
 

@@ -123,13 +123,13 @@ class StageLoss(nn.Module):
         self.stage = stage
         self.tasks = dict(tasks)
         self.train_config = config.train
+        self.cfrm_level_weights = config.train.cfrm_weights_for(model.num_taps)  # once, not per step
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         config = self.train_config
         if self.stage.loss == "stage1":
             return stage1_losses(
-                self.model, batch["hq"], batch["lq"], config.stage1_weights,
-                config.cfrm_weights_for(self.model.num_taps)
+                self.model, batch["hq"], batch["lq"], config.stage1_weights, self.cfrm_level_weights
             )
         task = self.tasks[batch["task"]]
         latents, features = decoder_inputs(self.model, batch["hq"], batch["lq"], mode=config.decoder_input)
