@@ -353,7 +353,11 @@ def restore(
         from .data.io import DataError, load_rgb, save_png
         from .engine.trainer import resolve_device
 
+        from .config import ConfigError
+
         console = Console(stderr=True)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
         torch_device = resolve_device(device)
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)

@@ -262,8 +262,12 @@ def _write_tiny_tokenizer(folder: Path) -> None:
 
 def build_tiny_prior(folder: str | os.PathLike, seed: int = 0) -> Path:
     """Write an untrained tiny prior in diffusers format to `folder` (stage 0 trains it)."""
+    from diffusers.utils import logging as diffusers_logging
     from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers.utils import logging as transformers_logging
 
+    diffusers_logging.disable_progress_bar()  # no "Writing model shards" bars before a one-line error
+    transformers_logging.disable_progress_bar()
     folder = Path(folder)
     torch.manual_seed(seed)
     AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")

@@ -127,6 +127,7 @@ def _corrupt(root):
         (["task", "add", "nope"], "unknown task 'nope'"),
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),
         (["restore", "{root}", "--ckpt", "{corrupt}"], "corrupt"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--out", "{corrupt}"], "is a file; give a folder"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):
