@@ -57,7 +57,7 @@ class Budget:
 _STAGE0, _TRAIN = Stage0Config(), TrainConfig()
 BUDGETS = {
     "toy": Budget(4, 4, 2, 2, 2, 2, 4, 4),
-    # the README main command's budget (the stage-0, stage-1/2 and batch defaults): ~20 min on 2 CPU cores
+    # the README main command's budget (the stage-0, stage-1/2 and batch defaults): ~25 min on 2 CPU cores
     "small": Budget(_STAGE0.vae_steps, _STAGE0.unet_steps, _TRAIN.stage1_steps, _TRAIN.stage2_steps,
                     _TRAIN.stage3_steps, _TRAIN.batch_size, 48, None),
     "medium": Budget(3000, 1500, 1500, 1500, 500, 8, 128, None),

@@ -273,9 +273,9 @@ class TrainConfig:
     the release trained 200k (stage 1) and 250k (stage 2) steps at an effective batch of 48, 512² crops."""
 
     # Optimiser steps of stage 1 (CFRM, Controller, SC-Tuners).
-    stage1_steps: int = 400
+    stage1_steps: int = 600
     # Optimiser steps of stage 2 (TFA and every task prompt).
-    stage2_steps: int = 400
+    stage2_steps: int = 600
     # Optimiser steps of stage 3 (one new task's prompt, `unirestore task add`).
     stage3_steps: int = 200
     # Samples per micro-batch and process.
