@@ -15,6 +15,7 @@ from unirestore.framework.data.builtin import (
     BuiltinPhotos,
     BuiltinScenes,
     coco_annotations,
+    dead_leaves,
     load_photo,
 )
 from unirestore.framework.data.sample import IGNORE_LABEL, collate
@@ -108,3 +109,26 @@ def test_coco_form():
     x, y, w, h = annotations[0]["bbox"]
     assert [x, y, x + w, y + h] == sample["boxes"][0].tolist()
     assert annotations[0]["category_id"] == int(sample["box_labels"][0]) + 1
+
+
+def test_dead_leaves_are_deterministic_varied_images():
+    photos = SPLIT_PHOTOS["train"]
+    first = dead_leaves(48, np.random.default_rng(3), photos)
+    assert first.shape == (48, 48, 3) and first.dtype == np.uint8
+    assert np.array_equal(first, dead_leaves(48, np.random.default_rng(3), photos))
+    assert not np.array_equal(first, dead_leaves(48, np.random.default_rng(4), photos))
+    # many shapes of many colours, not a flat canvas
+    assert len(np.unique(first.reshape(-1, 3), axis=0)) > 50 and first.std() > 10
+
+
+def test_train_photos_mix_in_dead_leaves_and_evaluation_splits_do_not():
+    train = BuiltinPhotos("train", size=32, length=200)
+    paths = [train[i]["path"] for i in range(200)]
+    leaves = sum(path.startswith("builtin:leaves/train/") for path in paths)
+    assert 60 < leaves < 140  # TRAIN_LEAVES_SHARE = 0.5
+    assert BuiltinPhotos("train", size=32, leaves=0.0)[0]["path"].startswith("builtin:photos/")
+    assert BuiltinPhotos("train", size=32, leaves=1.0)[0]["path"].startswith("builtin:leaves/")
+    for split in ("val", "test"):
+        assert not any(BuiltinPhotos(split, size=32)[i]["path"].startswith("builtin:leaves") for i in range(50))
+    with pytest.raises(ValueError, match="leaves must be a share"):
+        BuiltinPhotos("train", leaves=1.5)

@@ -1,6 +1,9 @@
 """Built-in data that needs no download: the demo's and the tests' datasets.
 
-`BuiltinPhotos`: random crops of the RGB photos that ship inside scikit-image (restoration).
+`BuiltinPhotos`: random crops of the RGB photos that ship inside scikit-image (restoration); on the train
+split, half the samples are dead-leaves images instead (`dead_leaves`), coloured and textured from the split's
+photos: six photos are too few to learn restoration from, and the dead-leaves model (occluding shapes with
+power-law sizes) has the edge and scale statistics of natural images in endless variety.
 `BuiltinScenes`: procedurally drawn scenes at any resolution: a photo crop as background (contrast
 lowered so objects stand out) and 1 to `max_objects` objects of `NUM_CLASSES` shape classes, each with
 its own shape and its own colour or texture. One scene carries all targets at once:
@@ -44,6 +47,8 @@ SPLIT_PHOTOS: dict[str, tuple[str, ...]] = {
 }
 SPLITS = tuple(SPLIT_PHOTOS)
 _STREAM = {"scenes": 1, "photos": 2}  # keeps the two datasets' random streams apart
+# Share of BuiltinPhotos' train samples that are dead-leaves images (val and test: photos only).
+TRAIN_LEAVES_SHARE = 0.5
 
 
 @cache
@@ -87,8 +92,80 @@ def random_crop(photo: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     return np.ascontiguousarray(crop)
 
 
+# --------------------------------------------------------------------------------------------------
+# Dead leaves
+
+
+@cache
+def _palette(photos: tuple[str, ...]) -> np.ndarray:
+    """(N, 3) float32 colours in [0, 1]: the same number of pixels drawn evenly from each photo."""
+    rng = np.random.default_rng(0)
+    colours = []
+    for name in photos:
+        pixels = load_photo(name).reshape(-1, 3)
+        colours.append(pixels[rng.choice(len(pixels), 4096, replace=False)])
+    return np.concatenate(colours).astype(np.float32) / 255.0
+
+
+def dead_leaves(
+    size: int, rng: np.random.Generator, photos: tuple[str, ...], min_radius: float = 2.0, alpha: float = 3.0
+) -> np.ndarray:
+    """A (size, size, 3) uint8 dead-leaves image: 2 × size shapes stacked on a plain background.
+
+    Radii follow p(r) ∝ r^-alpha on [min_radius, size / 2] (alpha = 3: scale invariance), shapes are disks,
+    ellipses or rectangles at random angles, each with a colour drawn from `photos` and a random linear
+    shading; 30 % of the larger ones are filled with a crop of one of `photos` and 20 % with a grating. A
+    Gaussian blur of random width (0 to 1 px) stands for the optics.
+    """
+    from PIL import ImageFilter
+
+    colours = _palette(photos)
+    canvas = np.empty((size, size, 3), np.float32)
+    canvas[:] = colours[rng.integers(len(colours))]
+    count, max_radius, power = 2 * size, size / 2, 1.0 - alpha
+    radii = (min_radius**power + rng.random(count) * (max_radius**power - min_radius**power)) ** (1 / power)
+    centres = rng.uniform(-max_radius / 2, size + max_radius / 2, (count, 2))
+    for radius, (cy, cx) in zip(radii, centres):
+        y0, y1 = max(0, math.floor(cy - radius)), min(size, math.ceil(cy + radius) + 1)
+        x0, x1 = max(0, math.floor(cx - radius)), min(size, math.ceil(cx + radius) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+        dy, dx = yy - cy, xx - cx
+        kind = int(rng.integers(3))
+        if kind == 0:  # disk
+            mask = dy * dy + dx * dx <= radius * radius
+        else:
+            angle = rng.uniform(0, math.pi)
+            u = math.cos(angle) * dx + math.sin(angle) * dy
+            v = math.cos(angle) * dy - math.sin(angle) * dx
+            if kind == 1:  # ellipse
+                mask = u * u + (v / rng.uniform(0.3, 1.0)) ** 2 <= radius * radius
+            else:  # rectangle
+                mask = (np.abs(u) <= 0.8 * radius) & (np.abs(v) <= radius * rng.uniform(0.3, 0.8))
+        if not mask.any():
+            continue
+        gradient = rng.normal(0.0, 0.15, 2) / max(radius, 1.0)
+        fill = colours[rng.integers(len(colours))] * (1 + gradient[0] * dy + gradient[1] * dx)[..., None]
+        if radius > 5 and rng.random() < 0.3:  # photo texture
+            side = max(y1 - y0, x1 - x0)
+            name = photos[int(rng.integers(len(photos)))]
+            fill = random_crop(load_photo(name), side, rng)[: y1 - y0, : x1 - x0].astype(np.float32) / 255.0
+        elif radius > 3 and rng.random() < 0.2:  # grating
+            frequency, angle = rng.uniform(0.3, 1.5), rng.uniform(0, math.pi)
+            fill = fill * (1 + 0.25 * np.sin(frequency * (math.cos(angle) * xx + math.sin(angle) * yy)))[..., None]
+        region = canvas[y0:y1, x0:x1]
+        region[mask] = fill[mask]
+    image = Image.fromarray((np.clip(canvas, 0.0, 1.0) * 255 + 0.5).astype(np.uint8))
+    sigma = rng.uniform(0.0, 1.0)
+    if sigma > 0.2:
+        image = image.filter(ImageFilter.GaussianBlur(sigma))
+    return np.asarray(image)
+
+
 class BuiltinPhotos(Dataset):
-    """Random `size` x `size` crops of the split's scikit-image photos (restoration data, HQ only).
+    """Random `size` x `size` crops of the split's scikit-image photos (restoration data, HQ only), and on
+    the train split dead-leaves images made from those photos.
 
     Args:
         split: "train", "val" or "test" (disjoint photos, see the module docstring).
@@ -96,6 +173,8 @@ class BuiltinPhotos(Dataset):
         length: samples per epoch (the data is generated: any index works).
         seed: base seed; sample `index` depends on (seed, split, index) only.
         photos: override the split's photo list (names from `PHOTOS`).
+        leaves: share of samples that are `dead_leaves` images; default `TRAIN_LEAVES_SHARE` on the train
+            split, 0 on val and test (the evaluation is on photos).
     """
 
     def __init__(
@@ -105,10 +184,14 @@ class BuiltinPhotos(Dataset):
         length: int = 1000,
         seed: int = 0,
         photos: tuple[str, ...] | None = None,
+        leaves: float | None = None,
     ):
         _check_split(split)
         if size < 16:
             raise ValueError(f"size must be at least 16, got {size}")
+        self.leaves = (TRAIN_LEAVES_SHARE if split == "train" else 0.0) if leaves is None else float(leaves)
+        if not 0.0 <= self.leaves <= 1.0:
+            raise ValueError(f"leaves must be a share in [0, 1], got {leaves}")
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.photos = tuple(photos) if photos else SPLIT_PHOTOS[split]
         for name in self.photos:
@@ -120,6 +203,10 @@ class BuiltinPhotos(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng([self.seed, _STREAM["photos"], SPLITS.index(self.split), index])
+        if self.leaves and rng.random() < self.leaves:
+            leaves = dead_leaves(self.size, rng, self.photos)
+            hq = torch.from_numpy(leaves.transpose(2, 0, 1).copy()).float() / 255.0
+            return make_sample(hq, path=f"builtin:leaves/{self.split}/{index}")
         name = self.photos[int(rng.integers(len(self.photos)))]
         crop = random_crop(load_photo(name), self.size, rng)
         hq = torch.from_numpy(crop.transpose(2, 0, 1).copy()).float() / 255.0

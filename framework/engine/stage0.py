@@ -52,7 +52,7 @@ def _clean_images(size: int, count: int, seed: int) -> torch.Tensor:
     """`count` clean built-in images, half photo crops, half scenes: (count, 3, size, size) in [0, 1]."""
     from ..data.builtin import BuiltinPhotos, BuiltinScenes
 
-    photos = BuiltinPhotos("train", size=size, length=count, seed=seed)
+    photos = BuiltinPhotos("train", size=size, length=count, seed=seed, leaves=0.0)
     scenes = BuiltinScenes("train", size=size, length=count, seed=seed)
     images = [photos[i]["hq"] for i in range(count - count // 2)] + [
         scenes[i]["hq"] for i in range(count // 2)
