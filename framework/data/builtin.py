@@ -26,7 +26,7 @@ from functools import cache
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
 from .sample import Sample, make_sample
@@ -117,8 +117,6 @@ def dead_leaves(
     shading; 30 % of the larger ones are filled with a crop of one of `photos` and 20 % with a grating. A
     Gaussian blur of random width (0 to 1 px) stands for the optics.
     """
-    from PIL import ImageFilter
-
     colours = _palette(photos)
     canvas = np.empty((size, size, 3), np.float32)
     canvas[:] = colours[rng.integers(len(colours))]
@@ -204,13 +202,13 @@ class BuiltinPhotos(Dataset):
     def __getitem__(self, index: int) -> Sample:
         rng = np.random.default_rng([self.seed, _STREAM["photos"], SPLITS.index(self.split), index])
         if self.leaves and rng.random() < self.leaves:
-            leaves = dead_leaves(self.size, rng, self.photos)
-            hq = torch.from_numpy(leaves.transpose(2, 0, 1).copy()).float() / 255.0
-            return make_sample(hq, path=f"builtin:leaves/{self.split}/{index}")
-        name = self.photos[int(rng.integers(len(self.photos)))]
-        crop = random_crop(load_photo(name), self.size, rng)
-        hq = torch.from_numpy(crop.transpose(2, 0, 1).copy()).float() / 255.0
-        return make_sample(hq, path=f"builtin:photos/{self.split}/{index}/{name}")
+            image, path = dead_leaves(self.size, rng, self.photos), f"builtin:leaves/{self.split}/{index}"
+        else:
+            name = self.photos[int(rng.integers(len(self.photos)))]
+            image = random_crop(load_photo(name), self.size, rng)
+            path = f"builtin:photos/{self.split}/{index}/{name}"
+        hq = torch.from_numpy(image.transpose(2, 0, 1).copy()).float() / 255.0
+        return make_sample(hq, path=path)
 
 
 # --------------------------------------------------------------------------------------------------
