@@ -153,3 +153,9 @@ def test_task_dataset_is_deterministic_by_seed_and_loader_safe(hq_root):
     loader = DataLoader(a, batch_size=3, num_workers=2, collate_fn=collate)
     lq = torch.cat([batch["lq"] for batch in loader])
     assert torch.equal(lq, torch.stack([a[i]["lq"] for i in range(len(a))]))
+
+
+def test_a_value_the_dataset_class_refuses_is_a_data_error(tmp_path):
+    config = load_data_config(_write(tmp_path, "size: 32\ntasks: {pir: [{type: builtin_photos, leaves: 2.0}]}"))
+    with pytest.raises(DataError, match=r"builtin_photos: leaves must be a share in \[0, 1\], got 2.0"):
+        build_task_datasets(config, "train")

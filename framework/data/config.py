@@ -310,7 +310,12 @@ def build_dataset(
     options = dict(entry.options)
     if cls in (BuiltinScenes, BuiltinPhotos) and size is None:
         raise DataError(f"{entry.type}: generated data needs a size; set `size` in the data config")
-    dataset = cls(split=split, size=size, seed=_derive(seed, 0), **options)
+    try:
+        dataset = cls(split=split, size=size, seed=_derive(seed, 0), **options)
+    except DataError:
+        raise
+    except ValueError as error:  # a value the class itself refuses, e.g. builtin_photos leaves: 2
+        raise DataError(f"{entry.type}: {error}; fix it in the data config") from None
     if entry.degrade:
         degrader = _degrader(
             degradation or DegradationConfig(), entry.corruption, entry.severity, _derive(seed, 1)
