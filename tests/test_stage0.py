@@ -1,11 +1,12 @@
-"""Stage 0's pieces that decide what the tiny prior learns first: the VAE's reconstruction loss."""
+"""Stage 0's pieces that decide what the tiny prior learns first: the VAE's reconstruction loss and crops."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from unirestore.framework.config import ConfigError, RunConfig, apply_overrides
-from unirestore.framework.engine.stage0 import _reconstruction_loss
+from unirestore.framework.config import ConfigError, RunConfig, Stage0Config, apply_overrides
+from unirestore.framework.engine import stage0
+from unirestore.framework.engine.stage0 import _reconstruction_loss, _vae_crop
 
 
 def test_chroma_weight_zero_is_plain_rgb_l1():
@@ -28,3 +29,32 @@ def test_chroma_weight_scales_colour_errors_only():
 def test_negative_chroma_weight_is_refused():
     with pytest.raises(ConfigError, match="chroma_weight"):
         apply_overrides(RunConfig(), ["stage0.chroma_weight=-1"])
+
+
+def test_vae_crop_side_is_checked_against_the_vae_factor():
+    assert _vae_crop(0, 64, 4) == 64  # 0: whole images
+    assert _vae_crop(64, 64, 4) == 64
+    assert _vae_crop(32, 64, 4) == 32
+    for bad in (30, 4):  # not a multiple of the factor; under two latent pixels
+        with pytest.raises(ConfigError, match="vae_crop"):
+            _vae_crop(bad, 64, 4)
+    with pytest.raises(ConfigError, match="vae_crop"):
+        apply_overrides(RunConfig(), ["stage0.vae_crop=-8"])
+
+
+def test_stage0_trains_the_vae_on_crops_and_scales_latents_on_whole_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path))
+    seen: list[tuple[int, int]] = []
+    load = stage0.load_prior
+
+    def spying_load(*args, **kwargs):
+        prior = load(*args, **kwargs)
+        prior.vae.encoder.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape[-2:])))
+        return prior
+
+    monkeypatch.setattr(stage0, "load_prior", spying_load)
+    config = Stage0Config(vae_steps=2, unet_steps=0, batch_size=2, vae_crop=32)
+    result = stage0.train_tiny_prior(config, progress=False)
+    assert result.trained
+    assert seen[:2] == [(32, 32), (32, 32)]  # the two training steps
+    assert seen[2:] and set(seen[2:]) == {(64, 64)}  # the scaling factor: whole images

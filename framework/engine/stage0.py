@@ -1,6 +1,7 @@
 """Stage 0, built-in prior only: pretrain the tiny prior so that it is a (small) diffusion prior at all.
 
-1. The VAE: L1 reconstruction + `kl_weight` × KL on clean built-in images (BuiltinPhotos + BuiltinScenes).
+1. The VAE: L1 reconstruction + `kl_weight` × KL on clean built-in images (BuiltinPhotos + BuiltinScenes),
+   on random `vae_crop`² windows of them (the VAE is convolutional; small windows train it faster per second).
    Its `scaling_factor` is then set to 1 / std of the latents, as Stable Diffusion's was.
 2. The UNet: the denoising loss of the prior's prediction type (ε, or v for the tiny preset) on those
    latents, noised at uniform timesteps of the prior's schedule, conditioned on the stored empty-prompt
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import Stage0Config
+from ..config import ConfigError, Stage0Config
 from ..prior import ensure_tiny_prior, load_prior
 
 MARKER = "stage0.json"
@@ -75,6 +76,17 @@ def _reconstruction_loss(reconstruction: torch.Tensor, clean: torch.Tensor, chro
     matrix = _YCBCR.to(reconstruction)
     error = torch.einsum("ij,bjhw->bihw", matrix, reconstruction - clean).abs().mean(dim=(0, 2, 3))
     return error[0] + chroma_weight * error[1:].sum()
+
+
+def _vae_crop(crop: int, size: int, factor: int) -> int:
+    """The VAE's training crop side: `crop` (0: the whole `size`), checked against the VAE's factor."""
+    if crop == 0 or crop >= size:
+        return size
+    if crop % factor or crop < 2 * factor:
+        raise ConfigError(
+            f"stage0.vae_crop={crop}: must be a multiple of the VAE factor {factor} and at least {2 * factor}"
+        )
+    return crop
 
 
 def _batches(images: torch.Tensor, batch_size: int, generator: torch.Generator):
@@ -162,9 +174,13 @@ def train_tiny_prior(
         size, min(_POOL_LIMIT, max(64, max(config.vae_steps, config.unet_steps) * config.batch_size)), seed
     )
     batches = _batches(images, config.batch_size, generator)
+    crop = _vae_crop(config.vae_crop, size, prior.vae_scale_factor)
 
     def vae_step() -> dict[str, torch.Tensor]:
         clean = next(batches).to(device) * 2 - 1
+        if crop < size:  # one random window per batch: the VAE is convolutional
+            top, left = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
+            clean = clean[..., top : top + crop, left : left + crop]
         posterior = vae.encode(clean).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         return {
