@@ -386,8 +386,8 @@ class Stage0Config:
     """Stage 0, built-in prior only: pretrain the tiny prior's VAE, then its UNet, on built-in images."""
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL). Its reconstruction of the test photos
-    # gains ~0.5 dB per 500 steps up to 3000 (22.9 dB at 1500, 23.4 at 2000, 24.4 at 3000): the ceiling of every
-    # restoration through its latent. The UNet gains the table little (1000 more steps: the same figures to ±0.01).
+    # gains ~0.5 dB per 500 steps up to 3000 (whole images: 22.9 dB at 1500, 23.4 at 2000, 24.4 at 3000):
+    # the ceiling of every restoration through its latent. The UNet gains the table little (1000 more steps: the same figures to ±0.01).
     vae_steps: int = 2000
     # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
     unet_steps: int = 250
@@ -399,8 +399,8 @@ class Stage0Config:
     chroma_weight: float = 0.0
     # The VAE trains on random square crops of this side (0: whole images). The VAE is convolutional: 32²
     # crops of the 64² images train it nearly as well per step (its reconstruction of 128 test photos after
-    # 2000 steps: 22.95 dB against 23.14; the main command's table level) at three times the steps per
-    # second (BENCHMARKS.md). A multiple of the VAE factor.
+    # 2000 steps: 22.95 dB against 23.14; the main command's table within a few hundredths) at three times
+    # the steps per second (BENCHMARKS.md). A multiple of the VAE factor.
     vae_crop: int = 32
     # Weight of the KL term of the VAE loss (summed over the latent, against a per-pixel mean L1): 4e-6 on
     # 32² crops keeps the balance that 1e-6 had on whole 64² images, whose latent holds 4× the elements.
