@@ -387,7 +387,8 @@ class Stage0Config:
 
     # Optimiser steps of the VAE (L1 reconstruction + kl_weight × KL). Its reconstruction of the test photos
     # gains ~0.5 dB per 500 steps up to 3000 (whole images: 22.9 dB at 1500, 23.4 at 2000, 24.4 at 3000):
-    # the ceiling of every restoration through its latent. The UNet gains the table little (1000 more steps: the same figures to ±0.01).
+    # the ceiling of every restoration through its latent. The UNet gains the table little (1000 more steps:
+    # the same figures to ±0.01).
     vae_steps: int = 2000
     # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
     unet_steps: int = 250
