@@ -168,19 +168,20 @@ def train_tiny_prior(
     prior = load_prior(folder, device=device)  # fresh copies of the weights, and the empty-prompt embedding
     vae, unet, scheduler = prior.vae, prior.unet, prior.scheduler
     size = prior.native_size
+    crop = _vae_crop(config.vae_crop, size, prior.vae_scale_factor)  # before any work
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     images = _clean_images(
         size, min(_POOL_LIMIT, max(64, max(config.vae_steps, config.unet_steps) * config.batch_size)), seed
     )
     batches = _batches(images, config.batch_size, generator)
-    crop = _vae_crop(config.vae_crop, size, prior.vae_scale_factor)
 
     def vae_step() -> dict[str, torch.Tensor]:
-        clean = next(batches).to(device) * 2 - 1
-        if crop < size:  # one random window per batch: the VAE is convolutional
+        clean = next(batches)
+        if crop < size:  # one random window per batch (the VAE is convolutional), cut before any other work
             top, left = torch.randint(0, size - crop + 1, (2,), generator=generator).tolist()
             clean = clean[..., top : top + crop, left : left + crop]
+        clean = clean.to(device) * 2 - 1
         posterior = vae.encode(clean).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
         return {
