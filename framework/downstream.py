@@ -872,12 +872,13 @@ def builtin_spec(arch: str, size: int, **overrides: Any) -> BuiltinSpec:
     return BuiltinSpec(name=f"{arch}-{size}", arch=arch, size=size, **defaults)
 
 
-# Per-architecture defaults, calibrated for ≤ ~60 s each on 2 CPU cores at 64² (see the sidecars).
+# Per-architecture defaults at 64²: 30–65 s each on 2 CPU cores (the sidecars record the time). Clean
+# validation: ResNet accuracy 1.000, ViT 0.996, DeepLab mIoU 0.857, FCN 0.889.
 BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "resnet": {"kind": "classifier", "steps": 200, "lr": 3e-3},
-    "vit": {"kind": "classifier", "steps": 300, "lr": 1e-3, "weight_decay": 0.05},
-    "deeplab": {"kind": "segmenter", "steps": 200, "lr": 6e-3},
-    "fcn": {"kind": "segmenter", "steps": 300, "lr": 6e-3},
+    "vit": {"kind": "classifier", "steps": 200, "lr": 1e-3, "weight_decay": 0.05},
+    "deeplab": {"kind": "segmenter", "steps": 150, "lr": 6e-3},
+    "fcn": {"kind": "segmenter", "steps": 200, "lr": 6e-3},
     "retinanet": {"kind": "detector", "steps": 600, "lr": 1e-3, "batch_size": 16},
     "embedder": {"kind": "embedder", "steps": 300, "lr": 3e-3, "arch_kwargs": {"dim": 32}},
 }
