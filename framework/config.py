@@ -275,8 +275,8 @@ class TrainConfig:
     the release trained 200k (stage 1) and 250k (stage 2) steps at an effective batch of 48, 512² crops."""
 
     # Optimiser steps of stage 1 (CFRM, Controller, SC-Tuners). 450 for stages 1 and 2 keep the README main
-    # command under 15 minutes on a slow 2-core machine (13 min 20 s); 500 each gain a little on every task
-    # (BENCHMARKS.md, "Known limits").
+    # command under 15 minutes on a slow 2-core machine (12–13 min); at lr 4e-3, 500 each gained a little on
+    # every task (BENCHMARKS.md, "Known limits").
     stage1_steps: int = 450
     # Optimiser steps of stage 2 (TFA and every task prompt).
     stage2_steps: int = 450
