@@ -328,8 +328,9 @@ class TrainConfig:
     eval_samples: int = 32
     # Log loss terms and learning rate to MLflow every this many steps.
     log_every: int = 10
-    # DataLoader worker processes (0: load in the training process).
-    num_workers: int = 0
+    # DataLoader worker processes (0: load in the training process). One worker makes the degradations
+    # while the model trains; on the CPU the training process then runs one torch thread fewer.
+    num_workers: int = 1
     # Seed of everything random: model init, the data stream, noise and timesteps.
     seed: int = 0
     # `auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`. Under torchrun each process takes its GPU.

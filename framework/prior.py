@@ -308,6 +308,11 @@ def _is_current_tiny(folder: Path) -> bool:
     return same(vae, TINY_VAE) and same(unet, TINY_UNET)
 
 
+def tiny_native_size() -> int:
+    """The tiny preset's native image side (its `Prior.native_size`) without loading it."""
+    return TINY_UNET["sample_size"] * 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
+
+
 def ensure_tiny_prior() -> Path:
     """The cached tiny prior; written (untrained) on first use, atomically, if absent or of another architecture.
 

@@ -80,6 +80,11 @@ class Task:
         """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
         return None
 
+    def builtin_specs(self) -> list:
+        """The built-in downstream models `prepare` trains and caches for this run (none with real data).
+        The engine trains the uncached ones in a second process while stages 0 and 1 run."""
+        return []
+
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms on the restored images (B, 3, H, W) in [0, 1], keyed `loss/<task>_<term>`."""
         raise NotImplementedError
@@ -124,11 +129,17 @@ class FrozenModelsTask(Task):
         if not self._builtin():
             self.models()
             return
-        for kind in self.kinds:
-            spec = downstream.builtin_spec(kind, self.context.size)
+        for spec in self.builtin_specs():
             if force or downstream.read_record(spec, self.context.home) is None:
                 downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
                 self._models = None
+
+    def builtin_specs(self) -> list:
+        from ..framework import downstream
+
+        if not self._builtin():
+            return []
+        return [downstream.builtin_spec(kind, self.context.size) for kind in self.kinds]
 
     def models(self) -> dict[str, nn.Module]:
         """Every frozen model, by kind (built or loaded once)."""

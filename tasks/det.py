@@ -125,10 +125,15 @@ class DetectionTask(Task):
         if not self._builtin():
             self.downstream()
             return
-        spec = downstream.builtin_spec("retinanet", self.context.size)
-        if force or downstream.read_record(spec, self.context.home) is None:
-            downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-            self._detector = None
+        for spec in self.builtin_specs():
+            if force or downstream.read_record(spec, self.context.home) is None:
+                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
+                self._detector = None
+
+    def builtin_specs(self) -> list:
+        from ..framework import downstream
+
+        return [downstream.builtin_spec("retinanet", self.context.size)] if self._builtin() else []
 
     def downstream(self) -> Detector:
         if self._detector is None:

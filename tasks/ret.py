@@ -76,10 +76,15 @@ class RetrievalTask(Task):
         if not self._builtin():
             self.downstream()
             return
-        spec = downstream.builtin_spec("embedder", self.context.size)
-        if force or downstream.read_record(spec, self.context.home) is None:
-            downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-            self._embedder = None
+        for spec in self.builtin_specs():
+            if force or downstream.read_record(spec, self.context.home) is None:
+                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
+                self._embedder = None
+
+    def builtin_specs(self) -> list:
+        from ..framework import downstream
+
+        return [downstream.builtin_spec("embedder", self.context.size)] if self._builtin() else []
 
     def downstream(self) -> nn.Module:
         if self._embedder is None:

@@ -233,6 +233,32 @@ def test_stages_change_only_their_parameters_and_never_the_prior(root, base_run)
     )
 
 
+def test_missing_downstream_models_train_in_a_second_process_as_in_this_one(root, tmp_path, monkeypatch):
+    """With no cached downstream model, a second process trains them while stage 1 runs, the run logs how
+    long each took, and the weights are those training in this process gives."""
+    import mlflow
+
+    from unirestore.framework import downstream
+
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))  # nothing cached
+    config = make_config(root, "background", "train.eval_samples=2")
+    result = train(config, stages=(1,), progress=False)
+    logged = mlflow.MlflowClient(config.tracking_uri).get_run(result.run_id).data.metrics
+    names = [downstream.builtin_spec(arch, 64).name for arch in ("deeplab", "fcn", "resnet", "vit")]
+    assert {f"downstream/{name}/seconds" for name in names} <= set(logged)
+    for name in names:
+        assert logged[f"downstream/{name}/seconds"] > 0
+    spec = downstream.builtin_spec("resnet", 64)
+    cached = downstream.read_record(spec)
+    assert cached is not None and cached["training"]["steps"] == 3
+    downstream.builtin_model(spec, home=tmp_path / "here", force=True, progress=False)
+    here = tensors(tmp_path / "here" / f"{spec.name}.safetensors")
+    there = tensors(downstream.downstream_home() / f"{spec.name}.safetensors")
+    assert here.keys() == there.keys()
+    # Equal up to float rounding: the second process runs half the cores' threads, this one runs one.
+    assert all(torch.allclose(here[key], there[key], rtol=1e-4, atol=1e-6) for key in here)
+
+
 def test_kill_and_resume_reaches_the_same_weights(root, base_run):
     _, base, _ = base_run
 
@@ -277,6 +303,21 @@ def test_add_task_changes_only_the_new_prompt(root, base_run):
         b = new.restore(images, task=task, generator=torch.Generator().manual_seed(0))
         assert torch.equal(a, b), task
     assert {"test/det/lq/map", "test/det/restored/map", "test/det/hq/map"} <= set(result.metrics)
+
+
+def test_a_cpu_stage_leaves_a_core_to_its_data_worker(root, base_run):
+    _, base, _ = base_run
+    seen = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        config = make_config(root, "threads", "train.num_workers=1")
+        hook = CallbackHook(lambda trainer: seen.append(torch.get_num_threads()))
+        add_task(config, base.checkpoint, "det", hooks=[hook], progress=False)
+        assert torch.get_num_threads() == 2  # given back when the stage ends
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(root, base_run):

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..background import BackgroundJob, train_builtin_models
 from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
 from ..evaluate import EvalTable, evaluate, save_grids
@@ -157,6 +159,20 @@ def _prepare(tasks: dict, distributed: Distributed) -> None:
     distributed.barrier()
     if not distributed.main:
         prepare_all()
+
+
+@contextmanager
+def _threads_beside_workers(device: torch.device, workers: int):
+    """On the CPU, leave a core to each DataLoader worker while a stage trains: OpenMP threads that share
+    cores with busy workers wait on each other (on 2 cores, one thread and one worker run stages 1 and 2
+    faster than two threads with or without the worker: BENCHMARKS.md)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and workers > 0:
+        torch.set_num_threads(max(1, threads - workers))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 class _Run:
@@ -295,7 +311,8 @@ class _Run:
             scaler=scaler, hooks=hooks, seed=seed,
         )  # fmt: skip
         try:
-            trainer.train()
+            with _threads_beside_workers(device, config.train.num_workers):
+                trainer.train()
         except TrainingDiverged as error:
             kept = read_training_state(folder).step if has_training_state(folder) else None
             where = (
@@ -482,6 +499,47 @@ def _check_prior_levels(config: RunConfig, prior) -> None:
 
 
 def _train_stages(run: _Run, chosen: tuple[int, ...], names: list[str], resume: bool, prior) -> TrainResult:
+    background = _start_downstream(run, names, prior) if chosen != (0,) else None
+    try:
+        return _run_stages(run, chosen, names, resume, prior, background)
+    finally:
+        if background is not None:
+            background.cancel()
+
+
+def _start_downstream(run: _Run, names: list[str], prior) -> BackgroundJob | None:
+    """Train the uncached built-in downstream models in a second process (single-process runs only):
+    stage 0 and stage 1 do not need them, and on a CPU they share the cores well (BENCHMARKS.md)."""
+    from ..downstream import read_record
+    from ..prior import tiny_native_size
+
+    if run.distributed.enabled:
+        return None
+    config = run.config
+    size = config.train.crop_size or (prior.native_size if prior is not None else tiny_native_size())
+    tasks = build_tasks(config, names, run.device, size)
+    specs = [
+        spec
+        for task in tasks.values()
+        for spec in getattr(task, "builtin_specs", list)()
+        if read_record(spec, task.context.home) is None
+    ]
+    if not specs:
+        return None
+    listed = ", ".join(spec.name for spec in specs)
+    run.say(f"training the built-in downstream models ({listed}) in a second process")
+    what = "training the built-in downstream models"
+    return BackgroundJob(what, train_builtin_models, specs, None, threads=max(1, torch.get_num_threads() // 2))
+
+
+def _run_stages(
+    run: _Run,
+    chosen: tuple[int, ...],
+    names: list[str],
+    resume: bool,
+    prior,
+    background: BackgroundJob | None,
+) -> TrainResult:
     config, distributed, device = run.config, run.distributed, run.device
     if 0 in chosen:
         if config.prior != "tiny":
@@ -511,13 +569,28 @@ def _train_stages(run: _Run, chosen: tuple[int, ...], names: list[str], resume: 
     if prior is None:
         prior = load_prior(config.prior, device=device)
     tasks = build_tasks(config, names, device, _crop_size(config, prior))
-    _prepare(tasks, distributed)
+
+    def prepare() -> None:
+        nonlocal background
+        if background is not None:
+            if not background.done():
+                run.say("waiting for the built-in downstream models (second process) ...")
+            seconds = background.result()
+            took = ", ".join(f"{name} {value:.0f} s" for name, value in seconds.items())
+            run.say(f"built-in downstream models ready: {took}")
+            run.log({f"downstream/{name}/seconds": value for name, value in seconds.items()}, 0)
+            background = None
+        _prepare(tasks, distributed)
+
     model: UniRestore | None = None
     final = None
     if 1 in chosen:
+        if "pir" not in tasks:  # stage 1 validates the first task, which then needs its model
+            prepare()
         torch.manual_seed(config.train.seed)
         model = UniRestore(prior, config.model, tasks=names).to(device)
         final = run.run_stage(stage1(names), model, tasks, resume, trained_prompts=[])
+    prepare()
     if 2 in chosen:
         if model is None:
             source = run.output / "stage1.safetensors"
