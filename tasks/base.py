@@ -85,6 +85,18 @@ class Task:
         The engine trains the uncached ones in a second process while stages 0 and 1 run."""
         return []
 
+    def _train_builtin(self, force: bool, steps: int | None) -> bool:
+        """Train and cache each model of `builtin_specs` that has no cache (every one with `force`);
+        True when one was trained, so the caller drops the models it holds."""
+        from ..framework import downstream
+
+        trained = False
+        for spec in self.builtin_specs():
+            if force or downstream.read_record(spec, self.context.home) is None:
+                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
+                trained = True
+        return trained
+
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         """Weighted loss terms on the restored images (B, 3, H, W) in [0, 1], keyed `loss/<task>_<term>`."""
         raise NotImplementedError
@@ -124,15 +136,10 @@ class FrozenModelsTask(Task):
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in models (skipped when cached, unless `force`); with real data,
         check that the checkpoints load."""
-        from ..framework import downstream
-
         if not self._builtin():
             self.models()
-            return
-        for spec in self.builtin_specs():
-            if force or downstream.read_record(spec, self.context.home) is None:
-                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-                self._models = None
+        elif self._train_builtin(force, steps):
+            self._models = None
 
     def builtin_specs(self) -> list:
         from ..framework import downstream

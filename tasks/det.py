@@ -120,15 +120,10 @@ class DetectionTask(Task):
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in RetinaNet (skipped when cached, unless `force`); with real data,
         check that the checkpoint loads."""
-        from ..framework import downstream
-
         if not self._builtin():
             self.downstream()
-            return
-        for spec in self.builtin_specs():
-            if force or downstream.read_record(spec, self.context.home) is None:
-                downstream.builtin_model(spec, home=self.context.home, force=True, steps=steps)
-                self._detector = None
+        elif self._train_builtin(force, steps):
+            self._detector = None
 
     def builtin_specs(self) -> list:
         from ..framework import downstream
