@@ -261,12 +261,15 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DECODER_INPUTS = ("clean_estimate", "inference")
 
 
-# The release's peak learning rate at a batch of 64, and the tiny preset's: its stages run a few hundred
-# steps on a CPU, where 1e-4 would barely move the Controller (measured in BENCHMARKS.md). 8e-3 (2e-3 at the
-# demo's batch of 4) against 4e-3: on 128 test images PIR 17.68 against 17.47 dB, mIoU 0.588 / 0.559 against
-# 0.581 / 0.540, accuracy 0.836 / 0.891 against 0.805 / 0.906.
+# The release's peak learning rate at a batch of 64, and the tiny preset's per stage: its stages run a few
+# hundred steps on a CPU, where 1e-4 would barely move the Controller (measured in BENCHMARKS.md). Stage 1 at
+# 8e-3 (2e-3 at the demo's batch of 4) against 4e-3: on 128 test images PIR 17.68 against 17.47 dB, mIoU
+# 0.588 / 0.559 against 0.581 / 0.540, accuracy 0.836 / 0.891 against 0.805 / 0.906; 1.6e-2 gained 0.04 dB
+# but lost 0.03 mIoU and 0.04 accuracy. Stage 2 (TFA and prompts) at 3.2e-2 against 8e-3, from the same
+# stage-1 checkpoint: PIR 18.12 against 17.78 dB, mIoU 0.618 / 0.578 against 0.615 / 0.575, accuracy
+# 0.859 / 0.953 against 0.820 / 0.945; 6.4e-2 gave the same PSNR. Stage 3 trains one prompt as stage 2 does.
 RELEASE_LR = 1e-4
-TINY_LR = 8e-3
+TINY_LR = {1: 8e-3, 2: 3.2e-2, 3: 3.2e-2}
 
 
 @dataclass
@@ -286,8 +289,9 @@ class TrainConfig:
     batch_size: int = 4
     # Micro-batches accumulated per optimiser step; effective batch = batch_size × grad_accum × processes.
     grad_accum: int = 1
-    # Peak learning rate at an effective batch of `lr_reference_batch`, scaled by √(effective / reference).
-    # Unset: 1e-4 (the release) for a real prior, 8e-3 for the tiny preset (a few hundred steps, not 200k).
+    # Peak learning rate of every stage at an effective batch of `lr_reference_batch`, scaled by
+    # √(effective / reference). Unset: 1e-4 (the release) for a real prior; for the tiny preset (a few hundred
+    # steps, not 200k) 8e-3 in stage 1 and 3.2e-2 in stages 2 and 3 (`TINY_LR`).
     lr: float | None = None
     # The effective batch at which `lr` holds unscaled (the release: 64).
     lr_reference_batch: int = 64
@@ -340,11 +344,11 @@ class TrainConfig:
         """`cfrm_level_weights` for a VAE encoder with `levels` tapped levels (the default when unset)."""
         return per_level(self.cfrm_level_weights, RELEASE_CFRM_LEVEL_WEIGHTS, levels, "train.cfrm_level_weights")
 
-    def peak_lr(self, prior: str = "") -> float:
-        """`lr`, or when unset the default for `prior` (the tiny preset's or the release's)."""
+    def peak_lr(self, prior: str = "", stage: int = 1) -> float:
+        """`lr`, or when unset the default for `prior` and `stage` (the tiny preset's or the release's)."""
         if self.lr is not None:
             return self.lr
-        return TINY_LR if prior == "tiny" else RELEASE_LR
+        return TINY_LR[stage] if prior == "tiny" else RELEASE_LR
 
     def validate(self) -> None:
         for name in ("stage1_steps", "stage2_steps", "stage3_steps", "val_every", "num_workers"):

@@ -1064,7 +1064,7 @@ def sweep_extend(
             f"{source_path} uses one prompt shared by all tasks; it cannot be extended task by task"
         )
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
-    default_lr = config.train.peak_lr(config.prior)
+    default_lr = config.train.peak_lr(config.prior, stage=3)
     low, high = _check_range("--lr", *(lr_range or (default_lr, default_lr)))
     steps = int(steps if steps is not None else config.train.stage3_steps)
     if steps < 1:

@@ -3,6 +3,8 @@ list, restore with a bad file among good ones, and the one-line errors (exit cod
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from unirestore.framework.cli import app
+from unirestore.framework.config import TINY_LR
 
 runner = CliRunner()
 TINY = [
@@ -64,6 +67,9 @@ def test_train_end_to_end_writes_checkpoint_grids_and_an_mlflow_run(trained):
     assert run["status"] == "FINISHED"
     assert run["params.tasks"] == "pir,seg,cls" and run["params.beta"] == "pir=1.0,seg=0.2,cls=0.1"
     assert run["tags.unirestore.prior"] == "tiny"
+    # each stage's peak lr is the tiny preset's own, scaled to the batch of 2
+    for stage in (1, 2, 3):
+        assert float(run[f"params.lr/stage{stage}"]) == pytest.approx(TINY_LR[stage] * math.sqrt(2 / 64))
     for key in (
         "loss/cfrm",
         "loss/control",

@@ -140,10 +140,14 @@ def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):
     assert scaled_lr(TrainConfig(batch_size=64)) == pytest.approx(1e-4)
     assert scaled_lr(TrainConfig(batch_size=4, grad_accum=4)) == pytest.approx(1e-4 * math.sqrt(16 / 64))
     assert scaled_lr(TrainConfig(batch_size=8), world_size=8) == pytest.approx(1e-4)
-    # Unset, the peak lr is the release's for a real prior and the tiny preset's for `tiny`; set, it wins.
-    assert scaled_lr(TrainConfig(batch_size=64), prior="/models/sd-turbo") == pytest.approx(RELEASE_LR)
-    assert scaled_lr(TrainConfig(batch_size=64), prior="tiny") == pytest.approx(TINY_LR)
-    assert scaled_lr(TrainConfig(batch_size=64, lr=3e-4), prior="tiny") == pytest.approx(3e-4)
+    # Unset, the peak lr is the release's for a real prior in every stage and the tiny preset's own per stage
+    # for `tiny`; set, it wins in every stage.
+    for stage in (1, 2, 3):
+        release = scaled_lr(TrainConfig(batch_size=64), prior="/models/sd-turbo", stage=stage)
+        assert release == pytest.approx(RELEASE_LR)
+        assert scaled_lr(TrainConfig(batch_size=64), prior="tiny", stage=stage) == pytest.approx(TINY_LR[stage])
+        assert scaled_lr(TrainConfig(batch_size=64, lr=3e-4), prior="tiny", stage=stage) == pytest.approx(3e-4)
+    assert TINY_LR[2] > TINY_LR[1]
     model = UniRestore(tiny_prior, tasks=["pir"])
     trainable = apply_stage(model, stage1(["pir"]))
     decay, plain = parameter_groups(trainable, 0.01)

@@ -229,7 +229,7 @@ class _Run:
             return final
         trainable = apply_stage(model, stage)
         check_stage(model, stage)
-        lr = scaled_lr(config.train, distributed.world_size, config.prior)
+        lr = scaled_lr(config.train, distributed.world_size, config.prior, stage.number)
         optimizer = build_optimizer(parameter_groups(trainable, config.train.weight_decay), lr)
         scheduler = build_scheduler(optimizer, config.train, steps, lr)
         scaler = None
@@ -422,7 +422,7 @@ def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: in
         "stage3_steps": train_config.stage3_steps,
         "batch_size": train_config.batch_size,
         "effective_batch": effective_batch(train_config, world_size),
-        "lr": scaled_lr(train_config, world_size, config.prior),
+        **{f"lr/stage{n}": scaled_lr(train_config, world_size, config.prior, n) for n in (1, 2, 3)},
         "decoder_input": train_config.decoder_input,
         "precision": train_config.precision,
         "seed": train_config.seed,

@@ -255,9 +255,10 @@ def effective_batch(config: TrainConfig, world_size: int = 1) -> int:
     return config.batch_size * config.grad_accum * world_size
 
 
-def scaled_lr(config: TrainConfig, world_size: int = 1, prior: str = "") -> float:
-    """The peak lr for `prior` × √(effective batch / reference batch) (1e-4 at 64 in the release)."""
-    return config.peak_lr(prior) * math.sqrt(effective_batch(config, world_size) / config.lr_reference_batch)
+def scaled_lr(config: TrainConfig, world_size: int = 1, prior: str = "", stage: int = 1) -> float:
+    """The peak lr for `prior` and `stage` × √(effective batch / reference batch) (1e-4 at 64 in the release)."""
+    scale = math.sqrt(effective_batch(config, world_size) / config.lr_reference_batch)
+    return config.peak_lr(prior, stage) * scale
 
 
 def build_optimizer(groups: list[dict], lr: float) -> torch.optim.AdamW:
