@@ -400,8 +400,9 @@ class Stage0Config:
     # the ceiling of every restoration through its latent.
     vae_steps: int = 2000
     # Optimiser steps of the UNet (the denoising loss of the prior's prediction type, on the VAE's latents).
-    # The table hardly depends on it: 1000 more steps gave the same figures to ±0.01, and 150 instead of 250
-    # (with stages 1–2 at 500 steps) the same PIR PSNR on 128 test images, 17.58 against 17.59 dB.
+    # 500 steps give a better one-step latent (decoded: 16.99 against 16.36 dB on 128 test images) but not a
+    # better table: the README main command with 500 took 2 min longer for PIR 18.04 against 18.12 dB and
+    # accuracy / mIoU within 0.02 (BENCHMARKS.md, "What else was tried against the PIR plateau").
     unet_steps: int = 150
     # Images per step.
     batch_size: int = 8
