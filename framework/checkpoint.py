@@ -2,7 +2,8 @@
 
 Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
 prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
-the identity of the prior (name and a fingerprint of its configs). Loading onto another prior is refused.
+the identity of the prior (name, a fingerprint of its configs and, for the tiny prior, a hash of its weights).
+Loading onto another prior is refused.
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ def load_checkpoint(
             f"checkpoint {metadata['path']} was trained on prior '{identity['name']}' "
             f"(fingerprint {identity['fingerprint']}), not on '{prior.name}' (fingerprint {prior.fingerprint}); "
             f"{fix}"
+        )
+    if identity.get("weights") and prior.weights and identity["weights"] != prior.weights:
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on other weights of prior '{prior.name}' "
+            f"(weights {identity['weights']}) than the ones loaded now ({prior.weights}): stage 0 trained it again "
+            "since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
         )
     config_dict = dict(metadata["model_config"])
     config_dict.update(config_overrides or {})

@@ -113,6 +113,9 @@ class Prior:
     empty_prompt_embeds: torch.Tensor  # (1, tokens, cross_attention_dim)
     name: str
     fingerprint: str
+    # The tiny prior only (its weights are trained here, and stage 0 may train them again): a hash of its VAE
+    # and UNet weight files, so that a checkpoint is not loaded onto other weights of the same architecture.
+    weights: str | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -131,7 +134,10 @@ class Prior:
         return int(sample_size) * self.vae_scale_factor
 
     def identity(self) -> dict:
-        return {"name": self.name, "fingerprint": self.fingerprint}
+        identity = {"name": self.name, "fingerprint": self.fingerprint}
+        if self.weights is not None:
+            identity["weights"] = self.weights
+        return identity
 
     def to(self, device=None, dtype=None) -> Prior:
         self.vae.to(device=device, dtype=dtype)
@@ -160,6 +166,18 @@ def fingerprint_configs(vae_config, unet_config, scheduler_config) -> str:
         default=str,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def weights_digest(folder: Path) -> str:
+    """A short hash of a prior folder's VAE and UNet weight files (cheap for the tiny prior's few MB)."""
+    digest = hashlib.sha256()
+    for sub in ("vae", "unet"):
+        for file in sorted((folder / sub).glob("*.safetensors")) + sorted((folder / sub).glob("*.bin")):
+            digest.update(f"{sub}/{file.name}".encode())
+            with open(file, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -236,6 +254,7 @@ def load_prior(
         empty_prompt_embeds=empty_prompt_embeds.detach().to(device).float(),
         name="tiny" if name == "tiny" else name,
         fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
+        weights=weights_digest(Path(source)) if name == "tiny" else None,
     )
 
 

@@ -279,6 +279,26 @@ def test_checkpoint_for_another_prior_is_refused(tmp_path, tiny_prior):
         load_checkpoint(path, prior=renamed)
 
 
+def test_checkpoint_on_retrained_tiny_prior_weights_is_refused(tmp_path, tiny_prior, monkeypatch):
+    """Stage 0 can train the tiny prior again (same architecture, other weights): its old checkpoints must not
+    load onto it silently."""
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    assert model.prior_identity["weights"] == tiny_prior.weights
+    source = tiny_prior_path()
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))
+    target = tiny_prior_path()
+    shutil.copytree(source, target)
+    assert load_checkpoint(path).prior_identity == model.prior_identity  # a copy of the same weights loads
+    unet = UNet2DConditionModel.from_pretrained(target, subfolder="unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(0.1)
+    unet.save_pretrained(target / "unet")
+    with pytest.raises(CheckpointError, match=r"other weights of prior 'tiny'.*UNIRESTORE_HOME") as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path, content):
     path = tmp_path / "broken.safetensors"
