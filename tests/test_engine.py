@@ -309,6 +309,29 @@ def test_add_task_changes_only_the_new_prompt(root, base_run):
     assert {"test/det/lq/map", "test/det/restored/map", "test/det/hq/map"} <= set(result.metrics)
 
 
+def test_add_task_from_a_checkpoint_of_other_prior_weights_leaves_no_run(root, base_run):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from unirestore.framework.checkpoint import CheckpointError
+
+    config, base, _ = base_run
+    with safe_open(str(base.checkpoint), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors_ = {key: handle.get_tensor(key) for key in handle.keys()}
+    identity = json.loads(metadata["prior"])
+    assert identity["weights"]  # the tiny prior's weights are part of its identity
+    metadata["prior"] = json.dumps({**identity, "weights": "0" * 16})  # as if stage 0 had trained it again
+    source = root / "other-weights.safetensors"
+    save_file(tensors_, str(source), metadata=metadata)
+    other = make_config(root, "other-weights")
+    with pytest.raises(CheckpointError, match="other weights of prior 'tiny'"):
+        add_task(other, source, "det", progress=False)
+    assert not (root / "other-weights").exists()  # refused before the run started
+
+
 def test_a_cpu_stage_leaves_a_core_to_its_data_worker(root, base_run):
     _, base, _ = base_run
     seen = []

@@ -637,6 +637,10 @@ def add_task(
             f"{metadata['path']} already has a prompt for '{task}'; add another task or start from a checkpoint without it"
         )
     trained = list(metadata["extra"].get("trained_prompts", metadata["tasks"]))
+    # Before the run starts: a checkpoint that cannot be used (another prior, other weights) leaves no run behind.
+    model = load_checkpoint(source_checkpoint, device=device,
+                            config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
+    model.add_task(task)
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
             "unirestore.source": metadata["path"]}  # fmt: skip
     params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
@@ -644,9 +648,6 @@ def add_task(
     run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
     status = "FAILED"
     try:
-        model = load_checkpoint(source_checkpoint, device=device,
-                                config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
-        model.add_task(task)
         prior_size = config.train.crop_size or model.native_size
         tasks = build_tasks(config, [task], device, prior_size)
         _prepare(tasks, distributed)
