@@ -170,14 +170,12 @@ def fingerprint_configs(vae_config, unet_config, scheduler_config) -> str:
 
 def weights_digest(folder: Path) -> str:
     """A short hash of a prior folder's VAE and UNet weight files (cheap for the tiny prior's few MB)."""
-    digest = hashlib.sha256()
-    for sub in ("vae", "unet"):
-        for file in sorted((folder / sub).glob("*.safetensors")) + sorted((folder / sub).glob("*.bin")):
-            digest.update(f"{sub}/{file.name}".encode())
-            with open(file, "rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
-    return digest.hexdigest()[:16]
+    files = sorted((folder / "vae").glob("*.safetensors")) + sorted((folder / "unet").glob("*.safetensors"))
+    parts = []
+    for file in files:
+        with open(file, "rb") as handle:
+            parts.append(f"{file.parent.name}/{file.name}:{hashlib.file_digest(handle, 'sha256').hexdigest()}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
