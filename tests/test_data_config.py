@@ -159,3 +159,14 @@ def test_a_value_the_dataset_class_refuses_is_a_data_error(tmp_path):
     config = load_data_config(_write(tmp_path, "size: 32\ntasks: {pir: [{type: builtin_photos, leaves: 2.0}]}"))
     with pytest.raises(DataError, match=r"builtin_photos: leaves must be a share in \[0, 1\], got 2.0"):
         build_task_datasets(config, "train")
+
+
+def test_the_shipped_paper_config_parses_with_the_release_mix():
+    """`experiments/configs/paper.yaml`, named in the README, is a valid data config with the release's weights."""
+    from pathlib import Path
+
+    config = load_data_config(Path(__file__).parents[1] / "experiments" / "configs" / "paper.yaml")
+    weights = {task: [entry.weight for entry in entries] for task, entries in config.tasks.items()}
+    assert weights == {"pir": [1.0, 1.0, 1.0], "cls": [0.2], "seg": [10.0], "det": [1.0]}
+    assert [entry.type for entry in config.tasks["pir"]] == ["hq_folder"] * 3
+    assert config.size == 512 and config.degradation.severity is None
