@@ -130,7 +130,9 @@ def _corrupt(root):
         (["train", "--set", "model.cfrm_blocks=[1,1,9]"], "model.cfrm_blocks=[1, 1, 9] has 3 entries"),
         (["train", "--set", "train.cfrm_level_weights=[0.1]"], "train.cfrm_level_weights=[0.1] has 1 entries"),
         (["train", "--stage", "1", "--prior", "{root}/no-such-prior"], "no-such-prior"),
+        (["train", "--data", "{missing_root}"], "tasks.pir[0] (hq_folder): root /no/such/DIV2K is not a folder"),
         (["task", "add", "nope"], "unknown task 'nope'"),
+        (["task", "add", "det", "--from", "{corrupt}", "--set", "data={missing_root}"], "tasks.det[0] (coco): root /no/such/coco is not"),
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),
         (["restore", "{root}", "--ckpt", "{corrupt}"], "corrupt"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--out", "{corrupt}"], "is a file; give a folder"),
@@ -138,16 +140,20 @@ def _corrupt(root):
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):
     corrupt = _corrupt(root)
-    args = [a.format(root=root, corrupt=corrupt) for a in args]
-    result = runner.invoke(
-        app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if args[0] == "train" else [])]
+    missing_root = root / "missing-root.yaml"  # a data config whose roots do not exist on this machine
+    missing_root.write_text(
+        "tasks:\n  pir: [{type: hq_folder, root: /no/such/DIV2K}]\n  det: [{type: coco, root: /no/such/coco}]\n"
     )
+    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root) for a in args]
+    tracked = args[0] == "train" or args[:2] == ["task", "add"]
+    result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert expected in lines[0] and lines[0].startswith("error: ")
     assert "Traceback" not in result.output
     assert not (root / "errors.db").exists()  # nothing was started
+    assert not (root / "runs").exists()  # and no run folder was made
 
 
 def test_degrade_writes_a_degraded_copy(root):

@@ -276,6 +276,19 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     return parse_data_config(raw, str(path))
 
 
+def check_roots(config: DataConfig, tasks: list[str], source: str = "<data config>") -> None:
+    """Raise a `DataError` naming the first entry of `tasks` whose `root` is not a folder (a cheap check
+    made before a run starts; the datasets themselves are built, and their files listed, later)."""
+    for task in tasks:
+        for k, entry in enumerate(config.tasks.get(task, [])):
+            root = entry.options.get("root")
+            if root is not None and not Path(root).expanduser().is_dir():
+                raise DataError(
+                    f"{source}: tasks.{task}[{k}] ({entry.type}): root {root} is not a folder; "
+                    "fix the path in the data config (it must exist and hold the data)"
+                )
+
+
 # --------------------------------------------------------------------------------------------------
 # Building
 

@@ -123,6 +123,15 @@ def _data_config(config: RunConfig):
     return load_data_config(config.data)
 
 
+def _check_data(config: RunConfig, names: Sequence[str]) -> None:
+    """Before a run starts: the data config parses and the roots of `names`' datasets are folders."""
+    data = _data_config(config)
+    if data is not None:
+        from ..data.config import check_roots
+
+        check_roots(data, list(names), source=config.data)
+
+
 def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, size: int) -> dict:
     """Task objects for `names`, with the run's data, crop size, seed, device and loss weights.
 
@@ -463,9 +472,9 @@ def train(
     _check_folder(output, model_stages, resume)
     if resume:
         _check_resumed_config(output, config)
-    # The data config, and a prior other than the tiny one (stage 0 may rewrite that), are checked before
-    # anything is started.
-    _data_config(config)
+    # The data config and its roots, and a prior other than the tiny one (stage 0 may rewrite that), are
+    # checked before anything is started.
+    _check_data(config, names)
     prior = load_prior(config.prior, device=device) if config.prior != "tiny" else None
     _check_prior_levels(config, prior)
     label = ",".join(str(s) for s in chosen)
@@ -630,7 +639,7 @@ def add_task(
     output = Path(config.output).expanduser().resolve()
     stage = stage3(task)
     _check_folder(output, [stage.name], resume)
-    _data_config(config)
+    _check_data(config, [task])
     _, metadata = read_checkpoint(source_checkpoint)
     if task in metadata["tasks"]:
         raise CheckpointError(
