@@ -472,7 +472,7 @@ def eval_(
         from rich.console import Console
 
         from .checkpoint import load_checkpoint
-        from .config import RunConfig, _default_tracking_uri
+        from .config import ConfigError, RunConfig, _default_tracking_uri
         from .degrade import parse_corruptions
         from .engine import build_tasks
         from .evaluate import evaluate_checkpoint
@@ -485,9 +485,11 @@ def eval_(
             try:
                 corruptions = parse_corruptions(corruption)
             except ValueError as error:
-                raise typer.BadParameter(str(error), param_hint="--corruption") from None
+                raise ConfigError(f"--corruption: {error}") from None
         if severity is not None and not 1 <= severity <= 5:
-            raise typer.BadParameter(f"{severity} is not in 1..5", param_hint="--severity")
+            raise ConfigError(f"--severity {severity}: give 1 to 5")
+        if samples < 1:
+            raise ConfigError(f"--samples {samples}: give at least 1 test image per task")
         model = load_checkpoint(ckpt, prior=prior)
         config = RunConfig(data=data, tasks=names)
         task_objects = build_tasks(config, names, next(model.cfrm.parameters()).device, model.native_size)

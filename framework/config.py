@@ -385,6 +385,15 @@ class TrainConfig:
             raise ConfigError(
                 f"train.stage1_weights: unknown term(s) {', '.join(sorted(unknown))}; use cfrm, control"
             )
+        negative = {task: beta for task, beta in self.beta.items() if beta < 0}
+        if negative:
+            raise ConfigError(
+                f"train.beta={negative}: a task's β must be >= 0 (a negative β would maximise its loss)"
+            )
+        for task, weights in self.loss_weights.items():
+            negative = {term: weight for term, weight in weights.items() if weight < 0}
+            if negative:
+                raise ConfigError(f"train.loss_weights.{task}={negative}: loss term weights must be >= 0")
         if any(w <= 0 for w in self.task_weights.values()):
             raise ConfigError(f"train.task_weights={self.task_weights}: weights must be positive")
         if not (self.device in ("auto", "cpu", "cuda", "mps") or self.device.startswith("cuda:")):

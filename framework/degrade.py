@@ -530,7 +530,8 @@ def degrade_command(
 ) -> DegradeReport:
     """Body of `unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S]`.
 
-    Bad arguments raise `typer.BadParameter` (exit code 2); a folder without any readable image exits 1.
+    Bad arguments and a missing source folder raise `DataError` (one line, exit code 2, from the CLI); a
+    folder without any readable image exits 1.
     """
     import typer
     from rich.console import Console
@@ -538,19 +539,20 @@ def degrade_command(
     try:
         parse_corruptions(corruption)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--corruption") from None
+        raise DataError(f"--corruption: {error}") from None
     try:
         _check_severity(severity)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--severity") from None
+        raise DataError(f"--severity: {error}") from None
     console = Console(stderr=True)
     try:
         with warnings.catch_warnings():  # skipped files are listed below, once, without a code line
             warnings.simplefilter("ignore", BadFileWarning)
             report = degrade_folder(src, dst, corruption, severity, seed, rescale)
-    except (DataError, ValueError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(1) from None
+    except DataError:
+        raise
+    except ValueError as error:
+        raise DataError(str(error)) from None
     for path, reason in report.skipped:
         console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
     console.print(
