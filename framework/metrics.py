@@ -109,8 +109,9 @@ class MeanIoU:
     """mIoU from the confusion matrix accumulated over all pixels (ignore index 255)."""
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
+        # Evaluation runs in one process (rank 0 of a distributed run): a sync would wait for the others forever.
         self.metric = MulticlassJaccardIndex(
-            num_classes=num_classes, ignore_index=ignore_index, average="macro"
+            num_classes=num_classes, ignore_index=ignore_index, average="macro", sync_on_compute=False
         )
 
     def update(self, logits_or_labels: torch.Tensor, target: torch.Tensor) -> None:

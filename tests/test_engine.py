@@ -372,3 +372,42 @@ def test_evaluation_is_deterministic(root, base_run):
     second = evaluate(model, tasks, split="val", samples=2, batch_size=2)
     assert first.results == second.results
     assert set(first.results["pir"]) == {"lq", "restored", "hq"}
+
+
+def test_two_processes_train_with_data_parallel_and_evaluate_on_rank_0(root, base_run):
+    """`torchrun --nproc_per_node 2` on the CPU (gloo): the DistributedDataParallel path of a multi-GPU run.
+    Rank 0 validates and evaluates alone (a metric that synchronised across ranks there would wait forever),
+    and each stage's DataLoader workers stop with the stage."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    output, uri = root / "ddp", f"sqlite:///{root / 'ddp.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}  # UNIRESTORE_HOME from the fixture
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "unirestore.framework.cli", "train", "--tasks", "pir,seg,cls", "--steps", "2",
+               "--batch-size", "2", "--output", str(output), "--tracking-uri", uri,
+               "--set", "train.val_samples=2", "--set", "train.eval_samples=2", "--set", "train.num_workers=1"]  # fmt: skip
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = launcher.communicate(timeout=400)
+    except subprocess.TimeoutExpired:
+        import psutil
+
+        # the launcher and the ranks (each in a session of its own): a hung collective never returns by itself
+        for process in [*psutil.Process(launcher.pid).children(recursive=True), launcher]:
+            process.kill()
+        stdout, stderr = launcher.communicate()
+        pytest.fail(f"two-process training hung; its last output:\n{stderr[-3000:]}")
+    done = subprocess.CompletedProcess(command, launcher.returncode, stdout, stderr)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (output / "stage2.safetensors").is_file() and (output / "grids" / "stage2-seg.png").is_file()
+    assert "restored" in done.stdout  # rank 0's final table
+    assert "can only test a child process" not in done.stderr  # no stale DataLoader iterator in a new worker
+    assert "Traceback" not in done.stderr
+    mlflow.set_tracking_uri(uri)
+    runs = mlflow.search_runs(experiment_names=["unirestore"])
+    assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # one run, from rank 0
+    assert int(runs.iloc[0]["params.effective_batch"]) == 4  # two processes of 2

@@ -19,6 +19,7 @@ Run folder (`config.output`):
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,6 +274,9 @@ class _Run:
                 loss, device_ids=[device.index] if device.type == "cuda" else None,
                 find_unused_parameters=stage.unused_parameters,
             )  # fmt: skip
+            # A depthwise conv's weight (C, 1, 3, 3) gets its grad with another stride on the size-1 axis: the
+            # same memory layout, which DDP's stride check reports anyway, once per process.
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
 
         trainer: Trainer
 
@@ -330,6 +334,8 @@ class _Run:
                 else "none for this stage yet"
             )
             raise TrainingDiverged(f"{error}; last good checkpoint: {where}") from None
+        finally:
+            data.close()  # stop this stage's DataLoader workers now, not when the garbage collector runs
         model.requires_grad_(False)
         self.last_terms = dict(trainer.terms)
         if distributed.main:

@@ -219,7 +219,11 @@ def batch_iterator(
     position: Mapping[str, int],
     num_workers: int = 0,
 ) -> Iterator[tuple[BatchPlan, dict]]:
-    """(plan, batch) for every micro-batch of steps start_step+1 .. stop_step, in order."""
+    """(plan, batch) for every micro-batch of steps start_step+1 .. stop_step, in order.
+
+    `close()` the result when done with it: it stops the DataLoader workers at once. (Left to the garbage
+    collector, a stage's workers outlive it, and a later fork copies their iterator into the new workers.)
+    """
     plans = stream.plans(start_step, stop_step, position)
     if num_workers == 0:
         view = _PlannedBatches(stream, collate)
@@ -233,7 +237,12 @@ def batch_iterator(
         persistent_workers=False,
         prefetch_factor=2,
     )
-    return iter(loader)
+    return _closing(iter(loader))
+
+
+def _closing(iterator: Iterator) -> Iterator:
+    """`iterator` as a generator whose `close()` drops it (a DataLoader iterator stops its workers when dropped)."""
+    yield from iterator  # closing the generator drops its frame, and with it the iterator
 
 
 def move_to(batch: dict, device: torch.device) -> dict:
