@@ -9,6 +9,12 @@ counter) and the share of the GPU's measured bf16 matrix peak that the timing re
 
     python -m unirestore.experiments.bench_gpu --out bench/              # on a GPU: the real figures
     python -m unirestore.experiments.bench_gpu --device cpu --size 64 --throughput-batch 2 --train-batch 1 --iters 1
+    python -m unirestore.experiments.bench_gpu --skip-training --compile reduce-overhead --out bench-compiled/
+
+Each run also times every part of both passes alone (encoder with and without the CFRM, Controller, UNet with
+and without SC-Tuners, decoder with and without the TFA), which says which module the restore's extra time is
+spent in. `--compile MODE` adds both passes under torch.compile; each batch size compiles anew (minutes at
+sd-turbo scale), so run it apart from the training figures.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from unirestore.framework.config import ModelConfig
+from unirestore.framework.config import ModelConfig, TrainConfig
 from unirestore.framework.engine.losses import decoder_inputs, stage1_losses, task_losses
 from unirestore.framework.model import UniRestore, count_parameters
 from unirestore.framework.prior import SD_TURBO_UNET, SD_TURBO_VAE, TINY_UNET, TINY_VAE, build_prior_from_configs
@@ -114,6 +120,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--compile",
+        choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default="none",
+        help="also time both passes under torch.compile in this mode (bf16 weights; compiling takes minutes)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_gpu.json and bench_gpu.md")
     args = parser.parse_args(argv)
 
@@ -189,6 +201,12 @@ def main(argv=None) -> dict:
     results["restore_over_bare_bf16_b1"] = restore_bf16 / timings["bare_prior/bf16/b1"]["seconds"]
     results["fp32_over_bf16_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / restore_bf16
 
+    # Where the restore's extra time goes: each part of both passes timed alone (bf16 autocast, batch 1).
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+        results["parts_bf16_b1"] = time_parts(model, images, device, args)
+    for part, seconds in results["parts_bf16_b1"].items():
+        print(f"part {part:22s} {seconds * 1e3:8.2f} ms")
+
     if not args.skip_training:
         results["training"] = bench_training(model, device, args)
 
@@ -211,6 +229,8 @@ def main(argv=None) -> dict:
     deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
     results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
     results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
+    if args.compile != "none":
+        results["compiled"] = bench_compiled(model, bare_pass, device, args)
     results["wall_s"] = time.perf_counter() - started
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
@@ -218,6 +238,59 @@ def main(argv=None) -> dict:
         (args.out / "bench_gpu.md").write_text(markdown(results))
     print(markdown(results))
     return results
+
+
+def time_parts(model: UniRestore, images: torch.Tensor, device, args) -> dict[str, float]:
+    """Seconds of each part of the restore and of the bare prior pass, each run alone on the same input.
+
+    The restore's extra cost over the bare pass is (encoder with CFRM − encoder) + Controller + (UNet with
+    SC-Tuners − UNet) + (decoder with TFA − decoder).
+    """
+    prior_unet = model.unet
+    encoded = model.encode(images, use_cfrm=True)
+    latents, features = encoded.latents, encoded.features
+    context = model.empty_prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
+    control = model.control(latents, 999)
+    parts = {
+        "encoder": lambda: model.encode(images, use_cfrm=False),
+        "encoder with CFRM": lambda: model.encode(images, use_cfrm=True),
+        "Controller": lambda: model.control(latents, 999),
+        "UNet": lambda: prior_unet(latents, 999, encoder_hidden_states=context).sample,
+        "UNet with SC-Tuners": lambda: model.unet_forward(latents, 999, control),
+        "decoder": lambda: model.decode(latents, None, None),
+        "decoder with TFA": lambda: model.decode(latents, features, "pir"),
+    }
+    return {name: timed(fn, device, args.warmup, args.iters) for name, fn in parts.items()}
+
+
+def bench_compiled(model: UniRestore, bare_pass, device, args) -> dict:
+    """Both passes under torch.compile (`--compile MODE`), with bf16 weights and channels_last as deployed.
+
+    The restore starts from fixed noise (no generator inside the compiled graph). Compilation time is
+    reported apart from the timing.
+    """
+    out = {"mode": args.compile}
+    compiled_bare = torch.compile(bare_pass, mode=args.compile)
+    for batch in (1, args.throughput_batch):
+        images = torch.rand(batch, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
+        images = images.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            latent_shape = model.encode(images).latents.shape
+        noise = torch.randn(latent_shape, device=device, dtype=torch.bfloat16)
+        compiled_restore = torch.compile(
+            lambda x, noise=noise: model.forward_padded(x, "pir", noise=noise), mode=args.compile
+        )
+        for name, fn in (("bare_prior", compiled_bare), ("restore", compiled_restore)):
+            with torch.no_grad():
+                start = time.perf_counter()
+                fn(images)
+                synchronize(device)
+                compile_s = time.perf_counter() - start
+                seconds = timed(lambda fn=fn, images=images: fn(images), device, args.warmup, args.iters)
+            out[f"{name}/b{batch}"] = {"seconds": seconds, "images_per_s": batch / seconds, "compile_s": compile_s}
+            print(f"compiled {name:10s} batch {batch:2d}: {seconds * 1e3:8.1f} ms (compiled in {compile_s:.0f} s)")
+    out["restore_over_bare_b1"] = out["restore/b1"]["seconds"] / out["bare_prior/b1"]["seconds"]
+    return out
 
 
 def bench_training(model: UniRestore, device, args) -> dict:
@@ -228,6 +301,7 @@ def bench_training(model: UniRestore, device, args) -> dict:
     batch = {"hq": clean, "lq": degraded, "label": torch.randint(0, 1000, (batch_size,), device=device)}
     stage_sets = {1: ("cfrm", "controller", "sc_tuners"), 2: ("tfa", "prompts")}
     task = StandInClassification(device)
+    level_weights = TrainConfig().cfrm_weights_for(model.num_taps)  # the release's (0.1, 0.1, 0.01) at SD scale
     for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         for checkpointing in (False, True):
             model.config.gradient_checkpointing = checkpointing
@@ -244,7 +318,7 @@ def bench_training(model: UniRestore, device, args) -> dict:
                     with autocast:
                         if stage == 1:
                             terms = stage1_losses(
-                                model, clean, degraded, {"cfrm": 1.0, "control": 1.0}, (0.1, 0.1, 0.01), generator
+                                model, clean, degraded, {"cfrm": 1.0, "control": 1.0}, level_weights, generator
                             )
                         else:
                             latents, features = decoder_inputs(model, clean, degraded, generator=generator)
@@ -335,6 +409,30 @@ def markdown(results: dict) -> str:
             f"and {results['achieved_tflops_bf16_throughput']:.0f} TFLOP/s at batch 16 "
             f"({100 * results['share_of_peak_throughput']:.1f} %)"
         )
+    parts = results.get("parts_bf16_b1")
+    if parts:
+        lines += ["", "| part (bf16, batch 1, each alone) | ms |", "|---|---|"]
+        lines += [f"| {name} | {seconds * 1e3:.2f} |" for name, seconds in parts.items()]
+        extra = {
+            "CFRM": parts["encoder with CFRM"] - parts["encoder"],
+            "Controller": parts["Controller"],
+            "SC-Tuners": parts["UNet with SC-Tuners"] - parts["UNet"],
+            "TFA": parts["decoder with TFA"] - parts["decoder"],
+        }
+        lines += [""]
+        lines.append(
+            "- the restore's extra over the bare pass, by module: "
+            + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in extra.items())
+        )
+    compiled = results.get("compiled")
+    if compiled:
+        lines += ["", f"| torch.compile ({compiled['mode']}), bf16 weights | batch | ms / batch | compile s |",
+                  "|---|---|---|---|"]
+        for key, value in compiled.items():
+            if "/" in key:
+                name, batch = key.split("/")
+                lines.append(f"| {name} | {batch[1:]} | {value['seconds'] * 1e3:.1f} | {value['compile_s']:.0f} |")
+        lines += ["", f"- compiled restore / compiled bare prior pass, batch 1: **{compiled['restore_over_bare_b1']:.2f}×**"]
     training = results.get("training")
     if training:
         lines += ["", "| training step | precision | gradient checkpointing | s / step | peak GiB |", "|---|---|---|---|---|"]

@@ -268,17 +268,20 @@ class UniRestore(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # decode: VAE decoder with the TFA and a task prompt
 
-    def decode(
-        self,
-        latents: torch.Tensor,
-        features: Sequence[torch.Tensor] | None,
-        task: str | None,
-        prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, task: str | None) -> torch.Tensor:
         """Decode latents to images in [0, 1] (unclamped), fusing `features` through the TFA with `task`'s prompt.
 
-        `prompts` (B, T, D0), when given, sets each sample's prompt instead (several tasks in one pass).
         With the TFA switched off (or `features` None) this is the prior's plain decoder.
+        """
+        return self.decode_tasks(latents, features, [task])[0]
+
+    def decode_tasks(
+        self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, tasks: Sequence[str | None]
+    ) -> list[torch.Tensor]:
+        """Decode the same latents and features once per task in `tasks`: one (B, 3, H, W) image batch each.
+
+        The decoder runs on the K tasks' copies stacked in one batch, and what does not depend on the prompt
+        (the decoder up to the first TFA layer, the TFA's projections of the encoder features) runs once.
         """
         decoder = self.vae.decoder
         z = latents / self.vae.config.scaling_factor
@@ -287,23 +290,29 @@ class UniRestore(nn.Module):
         sample = decoder.conv_in(z)  # (B, C, h, w)
         sample = decoder.mid_block(sample, None)
         use_tfa = self.config.use_tfa and features is not None
+        copies = len(tasks) if use_tfa else 1  # the plain decoder's output is the same for every task
         prompt = None
-        if use_tfa and prompts is not None:
-            prompt = prompts.to(sample.dtype)
-        elif use_tfa:
-            if task is None:
+        if use_tfa:
+            if any(task is None for task in tasks):
                 raise ValueError("decode with the TFA needs a task; give one of " + ", ".join(self.tasks))
-            prompt = self.prompt_for(task).to(sample.dtype)
-            prompt = prompt.unsqueeze(0).expand(sample.shape[0], -1, -1)  # (B, T, D0)
+            batch = sample.shape[0]
+            prompt = torch.cat(
+                [self.prompt_for(task).to(sample.dtype).unsqueeze(0).expand(batch, -1, -1) for task in tasks]
+            )  # (K·B, T, D0), task-major
+            if copies > 1:
+                sample = sample.repeat(copies, 1, 1, 1)  # (K·B, C, h, w)
         for i, up_block in enumerate(decoder.up_blocks):
             if use_tfa and i < self.num_taps:
-                feature = features[self.num_taps - 1 - i]  # deepest first
+                feature = features[self.num_taps - 1 - i]  # deepest first; (B, ...), shared by the K copies
                 sample, prompt = self._run(self.tfa.layers[i], sample, feature, prompt)
             sample = up_block(sample, None)
         sample = decoder.conv_norm_out(sample)
         sample = decoder.conv_act(sample)
-        sample = decoder.conv_out(sample)  # (B, 3, H, W) in about [-1, 1]
-        return (sample + 1) / 2
+        sample = decoder.conv_out(sample)  # (K·B, 3, H, W) in about [-1, 1]
+        images = (sample + 1) / 2
+        if copies == 1:
+            return [images] * len(tasks)
+        return list(images.chunk(copies))
 
     # ----------------------------------------------------------------------------------------------
     # restore: SPEC §1 end to end

@@ -125,6 +125,32 @@ def test_shapes_through_every_stage(model, size):
     assert torch.isfinite(restored).all()
 
 
+def test_decoding_several_prompts_in_one_pass_matches_one_at_a_time(tiny_prior):
+    torch.manual_seed(0)
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls"])
+    with torch.no_grad():
+        for prompt in model.prompts.parameters():
+            prompt.normal_()  # zero-initialised prompts would decode alike
+        encoded = model.encode(torch.rand(2, 3, 64, 64))
+    trained = [*model.tfa.parameters(), *model.prompts.parameters()]
+
+    def loss(outputs):
+        return outputs[0].square().mean() + outputs[1].abs().mean()
+
+    together = model.decode_tasks(encoded.latents, encoded.features, ["cls", "pir"])
+    grads_together = torch.autograd.grad(loss(together), trained)
+    apart = [model.decode(encoded.latents, encoded.features, task) for task in ("cls", "pir")]
+    grads_apart = torch.autograd.grad(loss(apart), trained)
+
+    assert [o.shape for o in together] == [(2, 3, 64, 64)] * 2
+    assert not torch.allclose(together[0], together[1], atol=1e-3)  # the prompts do steer the output
+    for one, other in zip(together, apart, strict=True):
+        torch.testing.assert_close(one, other, atol=1e-5, rtol=1e-5)
+    for one, other in zip(grads_together, grads_apart, strict=True):
+        torch.testing.assert_close(one, other, atol=1e-5, rtol=1e-4)
+    assert all(g.abs().sum() > 0 for g in grads_together)
+
+
 def test_restore_is_deterministic_with_a_generator(model):
     images = torch.rand(1, 3, 64, 80)
     first = model.restore(images, "pir", generator=generator(3))

@@ -100,12 +100,8 @@ def task_losses(
     features = list(features) if model.config.use_tfa else None
     use_anchor = anchor and task.anchor_to_pir and "pir" in model.prompts and not model.config.shared_prompt
     if use_anchor:
-        batch_size = latents.shape[0]
-        stacked = [torch.cat([f, f]) for f in features] if features is not None else None
-        both = _decode_two_prompts(
-            model, torch.cat([latents, latents]), stacked, task.name, "pir", batch_size
-        )
-        restored, pir_output = both[:batch_size], both[batch_size:]
+        # One pass decodes both prompts; the prompt-independent part runs once.
+        restored, pir_output = model.decode_tasks(latents, features, [task.name, "pir"])
     else:
         restored = model.decode(latents, features, task.name)
     terms = dict(task.losses(restored, batch))
@@ -113,15 +109,3 @@ def task_losses(
         terms[f"loss/{task.name}_pir_l1"] = F.l1_loss(pir_output.float(), batch["hq"].float())
     return {key: beta * value for key, value in terms.items()}
 
-
-def _decode_two_prompts(model, latents, features, first, second, split):
-    """Decode a doubled batch whose first `split` samples use `first`'s prompt and the rest `second`'s."""
-    if features is None:
-        return model.decode(latents, None, first)
-    prompts = torch.cat(
-        [
-            model.prompt_for(first).unsqueeze(0).expand(split, -1, -1),
-            model.prompt_for(second).unsqueeze(0).expand(latents.shape[0] - split, -1, -1),
-        ]
-    )
-    return model.decode(latents, features, first, prompts=prompts)

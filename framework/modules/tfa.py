@@ -76,7 +76,9 @@ class TFALayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Fuse `feature` into `sample` under `prompt`; returns (new sample, prompt for the next layer or None).
 
-        `prompt` is (B, T, C) or a task's (T, C) prompt, shared by the whole batch.
+        `prompt` is (N, T, C) or a task's (T, C) prompt, shared by the whole batch. `sample` holds N = K·B
+        samples for K prompts over the same B features (`feature` is (B, C, h, w), K stacked prompt-major): the
+        parts that do not depend on the prompt (the three projections and the tuner's input conv) run once.
         """
         batch = sample.shape[0]
         if prompt.shape[-2:] != (self.prompt_length, self.channels):
@@ -84,7 +86,12 @@ class TFALayer(nn.Module):
                 f"TFALayer expects a prompt of shape (B, {self.prompt_length}, {self.channels}) or "
                 f"({self.prompt_length}, {self.channels}); got {tuple(prompt.shape)}"
             )
-        prompt = prompt.expand(batch, -1, -1)  # (B, T, C)
+        if batch % feature.shape[0]:
+            raise ValueError(
+                f"TFALayer: {batch} decoder samples are not a whole number of copies of {feature.shape[0]} features"
+            )
+        copies = batch // feature.shape[0]  # K prompts over the same features
+        prompt = prompt.expand(batch, -1, -1)  # (N, T, C)
 
         # The encoder's downsamplers floor odd sizes while the decoder's upsamplers double, so for inputs that
         # are not a multiple of 8 the two can differ by a pixel; the decoder path keeps its own size.
@@ -95,21 +102,24 @@ class TFALayer(nn.Module):
         forget = self.forget_gate(feature).softmax(dim=-1)  # (B, T, C)
         remember = self.input_gate(feature).softmax(dim=-1)  # (B, T, C)
         content = torch.tanh(self.content(feature))  # (B, T, C)
-        prompt = forget * prompt + remember * content  # (B, T, C)
+        hidden = self.tuner_in(feature)  # (B, C, h, w)
+        if copies > 1:
+            forget, remember, content = (x.repeat(copies, 1, 1) for x in (forget, remember, content))
+            feature, hidden = (x.repeat(copies, 1, 1, 1) for x in (feature, hidden))  # (N, C, h, w)
+        prompt = forget * prompt + remember * content  # (N, T, C)
 
-        attention = torch.tanh(self.out_gate(prompt.flatten(1)))  # (B, C)
+        attention = torch.tanh(self.out_gate(prompt.flatten(1)))  # (N, C)
 
         # psi: a tuner on the encoder feature with channel attention from the prompt
-        hidden = self.tuner_in(feature)  # (B, C, h, w)
         hidden = hidden * attention[:, :, None, None]
-        feature = feature + self.tuner_out(hidden)  # (B, C, h, w)
+        feature = feature + self.tuner_out(hidden)  # (N, C, h, w)
 
         # omega: fuse into the decoder feature
-        sample = sample + self.fuse(torch.cat([sample, feature], dim=1))  # (B, D, h, w)
+        sample = sample + self.fuse(torch.cat([sample, feature], dim=1))  # (N, D, h, w)
 
         next_prompt = None
         if self.prompt_out is not None:
-            next_prompt = F.gelu(self.prompt_out(prompt))  # (B, T, C_next)
+            next_prompt = F.gelu(self.prompt_out(prompt))  # (N, T, C_next)
         return sample, next_prompt
 
 
