@@ -278,6 +278,7 @@ def task_list(
     """Every known task, where it comes from, and the checkpoints under --output with a trained prompt for it."""
     with _errors():
         from rich.console import Console
+        from rich.markup import escape
         from rich.table import Table
 
         from .registry import broken_plugins, get_task_class, known_tasks, task_source
@@ -297,7 +298,8 @@ def task_list(
             source = task_source(name)
             where = "built-in" if source.startswith("unirestore.tasks") else source
             description = getattr(get_task_class(name), "description", "")
-            table.add_row(name, where, description, "\n".join(holders.get(name, [])) or "-")
+            cells = (name, where, description, "\n".join(holders.get(name, [])) or "-")
+            table.add_row(*map(escape, cells))  # paths and descriptions are data, not rich markup
         console = Console()
         console.print(table)
         for plugin, problem in broken_plugins().items():
@@ -343,10 +345,22 @@ def restore(
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps, 1 to 4.")] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Seed of the denoising noise.")] = 0,
+    tile_size: Annotated[
+        int,
+        typer.Option(
+            "--tile-size",
+            help="Restore images larger than this many pixels a side tile by tile (memory bounded by the tile); "
+            "0: always whole.",
+        ),
+    ] = 1024,
+    precision: Annotated[
+        str, typer.Option("--precision", help="fp32, or bf16 / fp16 autocast (faster on a GPU).")
+    ] = "fp32",
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors():
         from rich.console import Console
+        from rich.markup import escape
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from .checkpoint import CheckpointError, load_checkpoint
@@ -358,6 +372,11 @@ def restore(
         console = Console(stderr=True)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
+        dtypes = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
+        if precision not in dtypes:
+            raise ConfigError(f"--precision {precision}: use one of {', '.join(dtypes)}")
+        if tile_size < 0:
+            raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         torch_device = resolve_device(device)
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)
@@ -368,9 +387,18 @@ def restore(
             )
         files, problems = _collect_images(list(images))
         for problem in problems:
-            console.print(f"[yellow]skipped[/yellow] {problem}")
+            console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
+        from contextlib import nullcontext
+
         import torch
 
+        if 0 < tile_size < model.size_multiple:
+            raise ConfigError(
+                f"--tile-size {tile_size}: a tile must be at least {model.size_multiple} pixels for this prior; "
+                "give a larger one, or 0 to restore whole images"
+            )
+        dtype = dtypes[precision]
+        autocast = torch.autocast(torch_device.type, dtype=getattr(torch, dtype)) if dtype else nullcontext()
         generator = torch.Generator(device=torch_device).manual_seed(seed)
         written, skipped = 0, len(problems)
         columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -379,11 +407,23 @@ def restore(
             for path, name in files:
                 try:
                     image = load_rgb(path).to(torch_device)
-                    restored = model.restore(image[None], task=task, steps=steps, generator=generator)[0]
-                    save_png(restored.cpu(), out / name)
+                    with autocast:
+                        restored = model.restore(
+                            image[None], task=task, steps=steps, generator=generator, tile_size=tile_size
+                        )[0]
+                    save_png(restored.float().cpu(), out / name)
                     written += 1
                 except DataError as error:
-                    console.print(f"[yellow]skipped[/yellow] {error}")
+                    console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
+                    skipped += 1
+                except torch.OutOfMemoryError:
+                    # One image too large for the device must not stop the others.
+                    if torch_device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    console.print(
+                        f"[yellow]skipped[/yellow] {escape(str(path))}: out of memory at "
+                        f"{image.shape[-1]}×{image.shape[-2]}; restore it with a smaller --tile-size (now {tile_size})"
+                    )
                     skipped += 1
                 bar.advance(job)
         typer.echo(f"restored {written} image(s) to {out}; {skipped} skipped")

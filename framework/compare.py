@@ -92,11 +92,12 @@ def compare_runs(
 
 def render_table(comparison: Comparison, title: str = "runs"):
     """A rich table; the best value of each metric column in bold green with a ★."""
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for column in comparison.columns:
-        table.add_column(column, justify="right" if column in comparison.metrics else "left")
+        table.add_column(escape(column), justify="right" if column in comparison.metrics else "left")
     for row in comparison.rows:
         cells = []
         for column in comparison.columns:
@@ -109,7 +110,7 @@ def render_table(comparison: Comparison, title: str = "runs"):
                 else:
                     cells.append(f"{value:.4g}")
             else:
-                cells.append(str(value))
+                cells.append(escape(str(value)))  # a run name or parameter is data, not markup
         table.add_row(*cells)
     return table
 

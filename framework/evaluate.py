@@ -39,6 +39,7 @@ class EvalTable:
         }
 
     def rich_table(self, title: str | None = None):
+        from rich.markup import escape
         from rich.table import Table
 
         sources = [s for s in INPUTS if any(s in rows for rows in self.results.values())]
@@ -51,7 +52,7 @@ class EvalTable:
             metrics = list(dict.fromkeys(m for source in sources for m in rows.get(source, {})))
             for metric in metrics:
                 cells = [_format(rows.get(source, {}).get(metric)) for source in sources]
-                table.add_row(task, metric, *cells)
+                table.add_row(escape(task), escape(metric), *cells)
         return table
 
 
@@ -222,13 +223,16 @@ class EvalReport:
         return "\n".join(lines)
 
     def rich_table(self):
+        from rich.markup import escape
         from rich.table import Table
 
-        table = Table(title=f"{self.checkpoint}: {self.split} split, {self.samples} images per task")
+        # Cells are data, not markup: "restored[pir]" would otherwise print as "restored".
+        table = Table(title=escape(f"{self.checkpoint}: {self.split} split, {self.samples} images per task"))
         for column in ("degradation", "task", "input", "metric", "value"):
             table.add_column(column, justify="right" if column == "value" else "left")
         for record in self.records():
-            table.add_row(record["corruption"], record["task"], record["input"], record["metric"], _format(record["value"]))
+            cells = (record["corruption"], record["task"], record["input"], record["metric"], _format(record["value"]))
+            table.add_row(*map(escape, cells))
         return table
 
     def write(self, folder) -> list:

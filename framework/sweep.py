@@ -1212,16 +1212,17 @@ def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord,
 
 def trials_table(trials: Sequence[TrialRecord], best: Sequence[str] = (), title: str | None = None):
     """A rich table of the trials (the best ones starred)."""
+    from rich.markup import escape
     from rich.table import Table
 
     params = list(dict.fromkeys(key for record in trials for key in record.params))
     metrics = list(dict.fromkeys(key for record in trials for key in record.metrics))
     table = Table(title=title)
     for column in ("", "trial", "status", *params, "step", "objective", *metrics, "work s", "MLflow run"):
-        table.add_column(column, justify="right" if column not in ("trial", "status", "task") else "left")
+        table.add_column(escape(column), justify="right" if column not in ("trial", "status", "task") else "left")
     for record in trials:
         status = record.status if not record.stopped_early else "stopped early"
-        cells = [_cell(record.params.get(key)) for key in params]
+        cells = [escape(_cell(record.params.get(key))) for key in params]  # data, not rich markup
         values = [_cell(record.metrics.get(key)) for key in metrics]
         table.add_row("★" if record.trial_id in best else "", record.trial_id, status, *cells, str(record.step),
                       _cell(record.objective), *values, f"{record.work_seconds:.1f}", record.run_id[:8])  # fmt: skip

@@ -111,6 +111,54 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     assert "broken.jpg" in result.output and "1 skipped" in result.output
 
 
+def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(trained, root, monkeypatch):
+    import torch
+
+    from unirestore.framework.checkpoint import load_checkpoint
+    from unirestore.framework.model import UniRestore
+
+    output, _, _ = trained
+    ckpt = output / "stage2.safetensors"
+    folder = root / "large"
+    folder.mkdir()
+    pixels = (np.random.default_rng(1).random((64, 200, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(folder / "wide.png")
+
+    def restore(name, *options):
+        args = ["restore", str(folder), "--ckpt", str(ckpt), "--out", str(root / name), *options]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        return np.asarray(Image.open(root / name / "wide.png"), dtype=np.float32) / 255
+
+    tiled, whole = restore("tiled", "--tile-size", "64"), restore("whole", "--tile-size", "0")
+    half = restore("bf16", "--tile-size", "0", "--precision", "bf16")
+    assert tiled.shape == whole.shape == half.shape == (64, 200, 3)
+    model = load_checkpoint(ckpt)
+    image = torch.from_numpy(pixels).permute(2, 0, 1).float()[None] / 255
+    expected = model.restore(image, "pir", generator=torch.Generator().manual_seed(0), tile_size=64)[0]
+    assert np.abs(tiled - expected.permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6  # the tiled path ran
+    assert np.abs(tiled - whole).max() > 2 / 255  # and it is not the whole-image pass
+    assert np.abs(half - whole).mean() < 0.05  # bf16 autocast restores the same image, to rounding
+
+    # An image too large for the device is reported with the fix, and the others still finish.
+    Image.fromarray(pixels[:40, :48]).save(folder / "small.png")
+    original = UniRestore.restore
+
+    def restore_or_run_out(self, images, *args, **kwargs):
+        if images.shape[-1] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(UniRestore, "restore", restore_or_run_out)
+    result = runner.invoke(app, ["restore", str(folder), "--ckpt", str(ckpt), "--out", str(root / "some"),
+                                 "--tile-size", "0"])  # fmt: skip
+    assert result.exit_code == 1, result.output
+    assert (root / "some" / "small.png").is_file() and not (root / "some" / "wide.png").exists()
+    words = " ".join(result.output.split())  # the console wraps long lines
+    assert "wide.png" in result.output.replace("\n", "") and "out of memory at 200×64" in words
+    assert "smaller --tile-size" in words
+
+
 def _corrupt(root):
     path = root / "corrupt.safetensors"
     path.write_bytes(b"\x00" * 64)
@@ -144,6 +192,8 @@ def _corrupt(root):
         (["degrade", "{root}", "{root}/degraded", "--severity", "0"], "--severity:"),
         (["restore", "{root}", "--ckpt", "{corrupt}"], "corrupt"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--out", "{corrupt}"], "is a file; give a folder"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--precision", "fp8"], "--precision fp8: use one of"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--tile-size", "-1"], "--tile-size -1: give a tile side"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):

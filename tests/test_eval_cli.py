@@ -44,6 +44,8 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     # LQ, HQ, the task's own prompt and the PIR prompt on classification (as Table 2 shows)
     assert {("cls", "LQ"), ("cls", "HQ"), ("cls", "restored[cls]"), ("cls", "restored[pir]"), ("pir", "restored[pir]")} <= rows
     assert any(p.suffix == ".png" for p in (folder / "a" / "grids").iterdir())
+    # the printed table names the prompt of each restored row (rich must not read "[pir]" as markup)
+    assert "restored[cls]" in first.output and "restored[pir]" in first.output
     second, _ = _eval(folder, path, folder / "b")
     assert second.exit_code == 0, second.output
     assert (folder / "a" / "eval.csv").read_text() == (folder / "b" / "eval.csv").read_text()
