@@ -310,18 +310,28 @@ def task_list(
 # restore
 
 
-def _collect_images(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """(file, output name relative to --out) for every image; problems as messages."""
+def _collect_images(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
+    """(file, output name relative to `out`) for every image; problems and renames as messages.
+
+    Files already under `out` are left out (an output folder inside an input folder is not restored again),
+    and no two files get the same output name: `a.jpg` beside `a.png`, or `x.png` from two folders, would
+    overwrite each other, so later ones are named `a_jpg.png`, then `x-2.png`, ...
+    """
     from .data.io import DataError, list_images
 
+    out = out.resolve()
     found, problems = [], []
     for item in inputs:
+        if item.is_dir() and item.resolve().is_relative_to(out):
+            problems.append(f"{item}: inside --out {out}; write the restored images to another folder")
+            continue
         if item.is_dir():
             try:
                 files = list_images(item)
             except DataError as error:
                 problems.append(str(error))
                 continue
+            files = [path for path in files if not path.resolve().is_relative_to(out)]
             if not files:
                 problems.append(f"{item}: no image files in this folder")
             found += [(path, path.relative_to(item).with_suffix(".png")) for path in files]
@@ -329,7 +339,23 @@ def _collect_images(inputs: list[Path]) -> tuple[list[tuple[Path, Path]], list[s
             found.append((item, Path(item.name).with_suffix(".png")))
         else:
             problems.append(f"{item}: no such file or folder")
-    return found, problems
+    taken: set[Path] = set()
+    unique, renamed = [], []
+    for path, name in found:
+        wanted = name
+        if name in taken:
+            name = name.with_name(f"{name.stem}_{path.suffix[1:].lower()}.png")
+        stem, number = name.stem, 2
+        while name in taken:
+            name, number = name.with_name(f"{stem}-{number}.png"), number + 1
+        taken.add(name)
+        if (out / name).resolve() == path.resolve():
+            problems.append(f"{path}: its output would overwrite it; write the restored images to another folder")
+            continue
+        if name != wanted:
+            renamed.append(f"{path} → {name} ({wanted} is another input's)")
+        unique.append((path, name))
+    return unique, problems, renamed
 
 
 @app.command()
@@ -385,9 +411,11 @@ def restore(
             raise CheckpointError(
                 f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)}"
             )
-        files, problems = _collect_images(list(images))
+        files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
+        for rename in renamed:
+            console.print(f"[cyan]renamed[/cyan] {escape(rename)}")
         from contextlib import nullcontext
 
         import torch

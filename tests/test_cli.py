@@ -159,6 +159,31 @@ def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(tra
     assert "smaller --tile-size" in words
 
 
+def test_restore_never_overwrites_an_input_or_another_output(trained, root):
+    output, _, _ = trained
+    ckpt = str(output / "stage2.safetensors")
+    photos, other = root / "photos", root / "other"
+    (photos / "more").mkdir(parents=True)
+    other.mkdir()
+    pixels = (np.random.default_rng(2).random((40, 48, 3)) * 255).astype(np.uint8)
+    for path in (photos / "x.png", photos / "x.jpg", photos / "more" / "y.png", other / "x.png"):
+        Image.fromarray(pixels).save(path)
+    out = photos / "restored"  # an output folder inside an input folder
+    for _ in range(2):  # the second run does not restore the first one's outputs
+        result = runner.invoke(app, ["restore", str(photos), str(other), "--ckpt", ckpt, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        names = sorted(str(path.relative_to(out)) for path in out.rglob("*.png"))
+        assert names == ["more/y.png", "x.png", "x_png-2.png", "x_png.png"], names
+        assert "restored 4 image(s)" in result.output and "renamed" in result.output
+
+    before = (photos / "x.png").read_bytes()
+    result = runner.invoke(app, ["restore", str(photos / "x.png"), "--ckpt", ckpt, "--out", str(photos)])
+    assert result.exit_code == 1 and "would overwrite it" in " ".join(result.output.split())
+    assert (photos / "x.png").read_bytes() == before
+    result = runner.invoke(app, ["restore", str(photos / "more"), "--ckpt", ckpt, "--out", str(photos)])
+    assert result.exit_code == 1 and "inside --out" in " ".join(result.output.split())
+
+
 def _corrupt(root):
     path = root / "corrupt.safetensors"
     path.write_bytes(b"\x00" * 64)
