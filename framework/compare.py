@@ -30,6 +30,17 @@ def _lower_is_better(metric: str) -> bool:
     return metric.startswith(LOWER_IS_BETTER_PREFIXES)
 
 
+def _local_store(tracking_uri: str) -> Path | None:
+    """The file an sqlite URI, or the folder a file URI or plain path, names; None for a server."""
+    if tracking_uri.startswith("sqlite:///"):  # sqlite:///relative.db, sqlite:////absolute.db
+        return Path(tracking_uri[len("sqlite:///") :])
+    if tracking_uri.startswith("file:"):
+        return Path(tracking_uri[len("file:") :].removeprefix("//"))
+    if "://" not in tracking_uri:
+        return Path(tracking_uri)
+    return None
+
+
 def compare_runs(
     tracking_uri: str,
     experiment: str | None = None,
@@ -40,6 +51,12 @@ def compare_runs(
     """Collect runs with `mlflow.search_runs`; metrics default to every metric the runs share but loss terms."""
     import mlflow
 
+    store = _local_store(tracking_uri)
+    if store is not None and not store.exists():
+        # MLflow would create an empty store here and report no runs: say where the runs are looked for instead.
+        raise CompareError(
+            f"no tracking store at {store}; run this in the folder you trained in, or give --tracking-uri"
+        )
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.tracking.MlflowClient()
     if experiment:

@@ -218,6 +218,7 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{corrupt}"], "corrupt"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--out", "{corrupt}"], "is a file; give a folder"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--precision", "fp8"], "--precision fp8: use one of"),
+        (["runs", "compare", "--tracking-uri", "sqlite:///{root}/errors.db"], "no tracking store at"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--tile-size", "-1"], "--tile-size -1: give a tile side"),
     ],
 )

@@ -41,3 +41,10 @@ def test_filter_and_metric_selection(store):
         compare_runs(store, experiment="demo", metrics=["nope"])
     with pytest.raises(CompareError, match="no experiment 'missing'"):
         compare_runs(store, experiment="missing")
+
+
+def test_a_missing_store_is_named_and_not_created(tmp_path):
+    for uri in (f"sqlite:///{tmp_path / 'none.db'}", str(tmp_path / "mlruns"), f"file://{tmp_path / 'mlruns'}"):
+        with pytest.raises(CompareError, match="no tracking store at .*; run this in the folder you trained in"):
+            compare_runs(uri)
+    assert not any(tmp_path.iterdir())  # MLflow would have made an empty store
