@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict, to_dict
 from .model import UniRestore
-from .prior import Prior, load_prior
+from .prior import Prior, PriorError, load_prior
 
 FORMAT = "unirestore/1"
 EMBEDDING_KEY = "prior.empty_prompt_embeds"
@@ -132,8 +132,16 @@ def load_checkpoint(
     tensors, metadata = read_checkpoint(path)
     identity = metadata["prior"]
     embeds = tensors.get(EMBEDDING_KEY)
-    if prior is None or isinstance(prior, str):
-        prior = load_prior(prior or identity["name"], device=device, empty_prompt_embeds=embeds)
+    if prior is None:
+        try:
+            prior = load_prior(identity["name"], device=device, empty_prompt_embeds=embeds)
+        except PriorError as error:  # trained elsewhere, or the prior moved since
+            raise PriorError(
+                f"checkpoint {metadata['path']} was trained on prior '{identity['name']}', which does not load "
+                f"here ({error}); give --prior with where that prior is now"
+            ) from None
+    elif isinstance(prior, str):
+        prior = load_prior(prior, device=device, empty_prompt_embeds=embeds)
     if prior.fingerprint != identity["fingerprint"]:
         fix = (  # the same name with another architecture: a checkpoint from an earlier version of that prior
             "train it again on this one (unirestore train)" if identity["name"] == prior.name

@@ -232,6 +232,7 @@ def task_add(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted `task add`.")] = False,
     output: OutputOption = None,
     tracking_uri: TrackingOption = None,
+    prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
 ) -> None:
     """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
     with _errors():
@@ -251,7 +252,7 @@ def task_add(
         checkpoint = source or _latest_checkpoint(Path(run_config.output))
         from .engine import add_task
 
-        result = add_task(run_config, checkpoint, name, resume=resume)
+        result = add_task(run_config, checkpoint, name, resume=resume, prior=prior)
         typer.echo(f"checkpoint: {result.checkpoint}")
 
 
@@ -382,6 +383,7 @@ def restore(
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, or bf16 / fp16 autocast (faster on a GPU).")
     ] = "fp32",
+    prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors():
@@ -406,7 +408,7 @@ def restore(
         torch_device = resolve_device(device)
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)
-        model = load_checkpoint(ckpt, device=torch_device)
+        model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         if task not in model.tasks and not model.config.shared_prompt:
             raise CheckpointError(
                 f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)}"

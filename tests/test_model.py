@@ -305,6 +305,36 @@ def test_checkpoint_for_another_prior_is_refused(tmp_path, tiny_prior):
         load_checkpoint(path, prior=renamed)
 
 
+def test_checkpoint_whose_prior_moved_names_the_fix_and_loads_with_it(tmp_path, tiny_prior):
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    first = tmp_path / "models" / "prior"
+    shutil.copytree(tiny_prior_path(), first)
+    model = UniRestore(load_prior(str(first)), ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    moved = first.rename(tmp_path / "prior-moved")
+    with pytest.raises(PriorError, match=r"trained on prior '.*models/prior', which does not load here .*give --prior"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, prior=str(moved)).tasks == ["pir"]
+
+    Image = pytest.importorskip("PIL.Image")
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (40, 32), (90, 120, 30)).save(tmp_path / "in" / "a.png")
+    args = ["restore", str(tmp_path / "in"), "--ckpt", str(path), "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "give --prior" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, [*args, "--prior", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "a.png").is_file()
+    add = ["task", "add", "det", "--from", str(path), "--output", str(tmp_path / "runs"),
+           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
+    result = CliRunner().invoke(app, add)
+    assert result.exit_code == 2 and "give --prior" in " ".join(result.output.split())
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the run started
+
+
 def test_checkpoint_on_retrained_tiny_prior_weights_is_refused(tmp_path, tiny_prior, monkeypatch):
     """Stage 0 can train the tiny prior again (same architecture, other weights): its old checkpoints must not
     load onto it silently."""

@@ -634,8 +634,11 @@ def add_task(
     on_validation: Callable[[int, dict], None] | None = None,
     hooks: Sequence[HookBase] = (),
     progress: bool = True,
+    prior: str | None = None,
 ) -> TrainResult:
     """Stage 3: add `task` to the model of `source_checkpoint` by training its prompt alone.
+
+    `prior` is where the checkpoint's prior is now, if it moved since training (default: where it was).
 
     Writes `<output>/stage3-<task>.safetensors`, in which every tensor but the new prompt is identical to
     the source checkpoint's, so the old tasks' outputs do not change.
@@ -653,7 +656,7 @@ def add_task(
         )
     trained = list(metadata["extra"].get("trained_prompts", metadata["tasks"]))
     # Before the run starts: a checkpoint that cannot be used (another prior, other weights) leaves no run behind.
-    model = load_checkpoint(source_checkpoint, device=device,
+    model = load_checkpoint(source_checkpoint, prior=prior, device=device,
                             config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
     model.add_task(task)
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
