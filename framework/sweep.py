@@ -951,7 +951,7 @@ def sweep_beta(
         raise SweepError(f"val_every={val_every}: must be between 1 and --steps ({steps})")
     if reduction_factor <= 1:
         raise SweepError(f"reduction_factor={reduction_factor:g}: must be above 1")
-    ranges = _beta_ranges(names, beta_ranges)
+    ranges = _beta_ranges(names, beta_ranges, config)
     for name in [*(weights or {}), *(gaps or {})]:
         if name not in names:
             raise SweepError(
@@ -1143,8 +1143,9 @@ def merge_prompts(source: str | Path, prompts: Mapping[str, str | Path], output:
 
 
 def _beta_ranges(
-    names: Sequence[str], given: Mapping[str, tuple[float, float]] | None
+    names: Sequence[str], given: Mapping[str, tuple[float, float]] | None, config: RunConfig
 ) -> dict[str, tuple[float, float]]:
+    """Each task's (low, high): `given`, else a decade either side of the β the config trains with."""
     from .registry import get_task_class
 
     given = dict(given or {})
@@ -1155,7 +1156,7 @@ def _beta_ranges(
         )
     ranges = {}
     for name in names:
-        default = float(get_task_class(name).default_beta)
+        default = float(config.train.beta_for(name, get_task_class(name).default_beta, config.prior))
         low, high = given.get(name, (default / 10, default * 10))
         ranges[name] = _check_range(f"β of '{name}'", low, high)
     return ranges

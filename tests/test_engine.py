@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from unirestore.framework.checkpoint import load_checkpoint
 from unirestore.framework.config import (
     RELEASE_LR,
+    TINY_BETA,
     TINY_LR,
     ConfigError,
     RunConfig,
@@ -33,6 +34,7 @@ from unirestore.framework.engine import (
     train,
 )
 from unirestore.framework.engine.stages import (
+    StageLoss,
     apply_stage,
     named_parameters,
     parameter_groups,
@@ -156,6 +158,27 @@ def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):
     names = {id(p): n for n, p in trainable.items()}
     assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in plain["params"])
     assert len(decay["params"]) + len(plain["params"]) == len(trainable)
+
+
+def test_stage2_weighs_each_task_by_its_beta_the_tiny_presets_by_default(tiny_prior):
+    class Constant:
+        name, anchor_to_pir, default_beta = "seg", False, 1.0
+
+        def losses(self, restored, batch):
+            return {"loss/seg_ce": restored.sum() * 0 + 1}
+
+    model = UniRestore(tiny_prior, tasks=["pir", "seg"])
+    batch = {"hq": torch.rand(1, 3, 64, 64), "lq": torch.rand(1, 3, 64, 64), "task": "seg"}
+    assert TINY_BETA["seg"] != Constant.default_beta
+    for prior, beta, expected in (
+        ("tiny", {}, TINY_BETA["seg"]),  # the tiny preset's own
+        ("/models/sd-turbo", {}, Constant.default_beta),  # a real prior: the task's default
+        ("tiny", {"seg": 0.3}, 0.3),  # set, it wins
+    ):
+        config = RunConfig(prior=prior, train=TrainConfig(beta=beta))
+        loss = StageLoss(model, stage2(["pir", "seg"]), {"seg": Constant()}, config)
+        with torch.no_grad():
+            assert float(loss(batch)["loss/seg_ce"]) == pytest.approx(expected)
 
 
 def test_stage_declarations_set_requires_grad_exactly(tiny_prior):

@@ -431,7 +431,7 @@ def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: in
         "tasks": ",".join(tasks),
         "prior": config.prior,
         "data": config.data,
-        "beta": ",".join(f"{t}={train_config.beta.get(t, get_task_class(t).default_beta)}" for t in tasks),
+        "beta": ",".join(f"{t}={train_config.beta_for(t, get_task_class(t).default_beta, config.prior)}" for t in tasks),
         "stage1_steps": train_config.stage1_steps,
         "stage2_steps": train_config.stage2_steps,
         "stage3_steps": train_config.stage3_steps,

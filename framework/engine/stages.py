@@ -123,6 +123,7 @@ class StageLoss(nn.Module):
         self.stage = stage
         self.tasks = dict(tasks)
         self.train_config = config.train
+        self.prior = config.prior
         self.cfrm_level_weights = config.train.cfrm_weights_for(model.num_taps)  # once, not per step
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
@@ -133,5 +134,5 @@ class StageLoss(nn.Module):
             )
         task = self.tasks[batch["task"]]
         latents, features = decoder_inputs(self.model, batch["hq"], batch["lq"], mode=config.decoder_input)
-        beta = config.beta.get(task.name, task.default_beta)
+        beta = config.beta_for(task.name, task.default_beta, self.prior)
         return task_losses(self.model, task, batch, latents, features, beta, anchor=self.stage.anchor)
