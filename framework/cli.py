@@ -435,8 +435,11 @@ def restore(
         with Progress(*columns, console=console) as bar:
             job = bar.add_task("restore", total=len(files))
             for path, name in files:
+                size = "?"
                 try:
-                    image = load_rgb(path).to(torch_device)
+                    image = load_rgb(path)
+                    size = f"{image.shape[-1]}×{image.shape[-2]}"
+                    image = image.to(torch_device)
                     with autocast:
                         restored = model.restore(
                             image[None], task=task, steps=steps, generator=generator, tile_size=tile_size
@@ -451,8 +454,8 @@ def restore(
                     if torch_device.type == "cuda":
                         torch.cuda.empty_cache()
                     console.print(
-                        f"[yellow]skipped[/yellow] {escape(str(path))}: out of memory at "
-                        f"{image.shape[-1]}×{image.shape[-2]}; restore it with a smaller --tile-size (now {tile_size})"
+                        f"[yellow]skipped[/yellow] {escape(str(path))}: out of memory at {size}; "
+                        f"restore it with a smaller --tile-size (now {tile_size})"
                     )
                     skipped += 1
                 bar.advance(job)
