@@ -419,11 +419,8 @@ def markdown(results: dict) -> str:
             "SC-Tuners": parts["UNet with SC-Tuners"] - parts["UNet"],
             "TFA": parts["decoder with TFA"] - parts["decoder"],
         }
-        lines += [""]
-        lines.append(
-            "- the restore's extra over the bare pass, by module: "
-            + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in extra.items())
-        )
+        lines += ["", "- the restore's extra over the bare pass, by module: "
+                  + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in extra.items())]
     compiled = results.get("compiled")
     if compiled:
         lines += ["", f"| torch.compile ({compiled['mode']}), bf16 weights | batch | ms / batch | compile s |",
