@@ -405,6 +405,8 @@ def restore(
             raise ConfigError(f"--precision {precision}: use one of {', '.join(dtypes)}")
         if tile_size < 0:
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
+        if steps is not None and not 1 <= steps <= 4:
+            raise ConfigError(f"--steps {steps}: give 1 to 4 denoising steps")
         torch_device = resolve_device(device)
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)

@@ -220,6 +220,7 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{corrupt}", "--precision", "fp8"], "--precision fp8: use one of"),
         (["runs", "compare", "--tracking-uri", "sqlite:///{root}/errors.db"], "no tracking store at"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--tile-size", "-1"], "--tile-size -1: give a tile side"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--steps", "9"], "--steps 9: give 1 to 4 denoising steps"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):
