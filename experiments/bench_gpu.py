@@ -1,7 +1,8 @@
 """Speed at the real scale: UniRestore built at sd-turbo scale with random weights (no checkpoint needed).
 
 Measures, in one run: restore latency (batch 1) and throughput (batch 16) at 512² in fp32 and bf16 beside a
-bare prior pass (VAE encode → one UNet step → VAE decode) in the same run; stage-1 and stage-2 training step
+bare prior pass (VAE encode → one UNet step → VAE decode, diffusers' modules as they are, and again with the
+decode through the framework's plain decoder, whose upsamplers run as 2×2 convs) in the same run; stage-1 and stage-2 training step
 time and peak memory (batch 4, with and without gradient checkpointing); stage 2 as implemented (decoder
 inputs once, without gradients; both prompts decoded in one pass) against a straightforward step that re-runs
 the whole pipeline for each prompt, with their losses compared; the FLOPs of one restore (torch's FLOP
@@ -157,6 +158,13 @@ def main(argv=None) -> dict:
         noise_prediction = prior.unet(latents, 999, encoder_hidden_states=context).sample
         return prior.vae.decode(noise_prediction / prior.vae.config.scaling_factor).sample
 
+    def bare_pass_subpixel(images):
+        # The same, decoded by the framework's plain decoder: its upsamplers as four 2×2 convs (same result).
+        latents = prior.vae.encode(images * 2 - 1).latent_dist.mode() * prior.vae.config.scaling_factor
+        context = prior.empty_prompt_embeds.to(latents.dtype).expand(latents.shape[0], -1, -1)
+        noise_prediction = prior.unet(latents, 999, encoder_hidden_states=context).sample
+        return model.decode(noise_prediction, None, None)
+
     def restore_pass(images):
         generator = torch.Generator(device=device).manual_seed(0)
         return model.forward_padded(images, "pir", generator=generator)
@@ -166,7 +174,8 @@ def main(argv=None) -> dict:
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
         for batch in (1, args.throughput_batch):
             images = torch.rand(batch, 3, args.size, args.size, device=device)
-            for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
+            passes = (("bare_prior", bare_pass), ("bare_prior_subpixel", bare_pass_subpixel), ("restore", restore_pass))
+            for name, fn in passes:
                 with torch.no_grad(), autocast:
                     reset_peak(device)
                     seconds = timed(lambda: fn(images), device, args.warmup, args.iters)
@@ -199,6 +208,7 @@ def main(argv=None) -> dict:
         results["share_of_peak_b1"] = results["achieved_tflops_bf16_b1"] / results["bf16_peak_tflops"]
         results["share_of_peak_throughput"] = results["achieved_tflops_bf16_throughput"] / results["bf16_peak_tflops"]
     results["restore_over_bare_bf16_b1"] = restore_bf16 / timings["bare_prior/bf16/b1"]["seconds"]
+    results["restore_over_bare_subpixel_bf16_b1"] = restore_bf16 / timings["bare_prior_subpixel/bf16/b1"]["seconds"]
     results["fp32_over_bf16_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / restore_bf16
 
     # Where the restore's extra time goes: each part of both passes timed alone (bf16 autocast, batch 1).
@@ -257,6 +267,7 @@ def time_parts(model: UniRestore, images: torch.Tensor, device, args) -> dict[st
         "Controller": lambda: model.control(latents, 999),
         "UNet": lambda: prior_unet(latents, 999, encoder_hidden_states=context).sample,
         "UNet with SC-Tuners": lambda: model.unet_forward(latents, 999, control),
+        "decoder, diffusers' upsamplers": lambda: model.vae.decode(latents / model.vae.config.scaling_factor).sample,
         "decoder": lambda: model.decode(latents, None, None),
         "decoder with TFA": lambda: model.decode(latents, features, "pir"),
     }
@@ -395,6 +406,10 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         f"- restore / bare prior pass, bf16 batch 1: **{results['restore_over_bare_bf16_b1']:.2f}×** (target ≤ 1.3×)",
+        (
+            "- restore / bare prior pass decoded with the same sub-pixel upsamplers, bf16 batch 1: "
+            f"**{results.get('restore_over_bare_subpixel_bf16_b1', float('nan')):.2f}×**"
+        ),
         f"- fp32 / bf16 restore time, batch 1: **{results['fp32_over_bf16_restore_b1']:.2f}×** (target ≥ 2×)",
         f"- with bf16 weights and channels_last: restore / bare prior **"
         f"{results.get('restore_over_bare_bf16_weights_b1', float('nan')):.2f}×**, fp32 / bf16 **"

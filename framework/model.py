@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from .config import ModelConfig
 from .modules import CFRM, TFA, Controller, SCTuners, TaskPrompts
 from .prior import Prior
+from .upsampling import up_decoder_block
 
 SHARED_PROMPT = "shared"
 
@@ -305,7 +306,7 @@ class UniRestore(nn.Module):
             if use_tfa and i < self.num_taps:
                 feature = features[self.num_taps - 1 - i]  # deepest first; (B, ...), shared by the K copies
                 sample, prompt = self._run(self.tfa.layers[i], sample, feature, prompt)
-            sample = up_block(sample, None)
+            sample = up_decoder_block(up_block, sample)  # diffusers' block, its upsampler in 4/9 of the work
         sample = decoder.conv_norm_out(sample)
         sample = decoder.conv_act(sample)
         sample = decoder.conv_out(sample)  # (K·B, 3, H, W) in about [-1, 1]

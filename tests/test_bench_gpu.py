@@ -1,0 +1,27 @@
+"""The real-scale speed benchmark, run at the tiny scale on the CPU so that the script keeps working."""
+
+import json
+
+from unirestore.experiments.bench_gpu import main
+
+
+def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
+    args = ["--scale", "tiny", "--device", "cpu", "--size", "64", "--throughput-batch", "2", "--train-batch", "1",
+            "--iters", "1", "--warmup", "0", "--out", str(tmp_path)]
+    results = main(args)
+    saved = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert saved["restore_over_bare_bf16_b1"] == results["restore_over_bare_bf16_b1"] > 0
+    for precision in ("fp32", "bf16", "bf16-weights-cl"):
+        for batch in (1, 2):
+            assert saved["timings"][f"restore/{precision}/b{batch}"]["seconds"] > 0
+    assert saved["timings"]["bare_prior_subpixel/bf16/b1"]["seconds"] > 0
+    assert saved["flops"]["restore"] > saved["flops"]["bare_prior"] > 0
+    assert set(saved["parts_bf16_b1"]) >= {"encoder with CFRM", "Controller", "decoder with TFA"}
+    training = saved["training"]
+    assert {f"stage{s}/{p}/{c}" for s in (1, 2) for p in ("fp32", "bf16") for c in ("ckpt", "no-ckpt")} <= set(training)
+    comparison = training["stage2_comparison"]
+    # The implemented stage 2 computes the straightforward step's losses (bf16 rounding apart).
+    for key, value in comparison["implemented"]["losses"].items():
+        assert abs(value - comparison["straightforward"]["losses"][key]) <= 0.02 * abs(value) + 1e-3
+    report = (tmp_path / "bench_gpu.md").read_text()
+    assert "restore / bare prior pass" in report and "stage 2 (bf16)" in report
