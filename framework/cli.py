@@ -145,17 +145,21 @@ def _latest_checkpoint(folder: Path) -> Path:
 # train
 
 
-def _check_task_keys(run_config) -> None:
-    """A β, loss weight or task weight keyed by a task that does not exist is a typo: say so before training."""
-    from .registry import UnknownTaskError, known_tasks
+def _check_tasks(run_config) -> None:
+    """Tasks by their registered names (aliases replaced); a β, loss weight or task weight keyed by a task that
+    does not exist is a typo: say so before training."""
+    from .registry import UnknownTaskError, known_tasks, parse_task_list, task_key
 
+    run_config.tasks = parse_task_list(list(run_config.tasks))
     known = known_tasks()
     for key in ("beta", "loss_weights", "task_weights"):
-        for name in getattr(run_config.train, key):
+        weights = {task_key(name): value for name, value in getattr(run_config.train, key).items()}
+        for name in weights:
             if name not in known:
                 raise UnknownTaskError(
                     f"train.{key} names unknown task '{name}'; known tasks: {', '.join(known)}"
                 )
+        setattr(run_config.train, key, weights)
 
 
 @app.command()
@@ -202,10 +206,7 @@ def train(
             overrides.append(f"tracking_uri={tracking_uri}")
         run_config = _build_config(config, overrides + list(set_ or []))
         chosen = _stages(stage)
-        from .registry import parse_task_list
-
-        parse_task_list(list(run_config.tasks))
-        _check_task_keys(run_config)
+        _check_tasks(run_config)
         from .engine import train as train_run
 
         result = train_run(run_config, stages=chosen, resume=resume)
@@ -236,9 +237,9 @@ def task_add(
 ) -> None:
     """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
     with _errors():
-        from .registry import get_task_class
+        from .registry import resolve_task_name
 
-        get_task_class(name)
+        name = resolve_task_name(name)
         overrides = []
         if steps is not None:
             overrides.append(f"train.stage3_steps={steps}")
@@ -298,7 +299,11 @@ def task_list(
         for name in known_tasks():
             source = task_source(name)
             where = "built-in" if source.startswith("unirestore.tasks") else source
-            description = getattr(get_task_class(name), "description", "")
+            task_cls = get_task_class(name)
+            description = getattr(task_cls, "description", "")
+            aliases = getattr(task_cls, "aliases", ())
+            if aliases:
+                description += "; also " + ", ".join(f"'{alias}'" for alias in aliases)
             cells = (name, where, description, "\n".join(holders.get(name, [])) or "-")
             table.add_row(*map(escape, cells))  # paths and descriptions are data, not rich markup
         console = Console()
@@ -393,10 +398,11 @@ def restore(
 
         from .checkpoint import CheckpointError, load_checkpoint
         from .data.io import DataError, load_rgb, save_png
-        from .engine.trainer import resolve_device
-
         from .config import ConfigError
+        from .engine.trainer import resolve_device
+        from .registry import task_key
 
+        task = task_key(task)  # `segmentation` → `seg`; a name the checkpoint lacks is reported below
         console = Console(stderr=True)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
@@ -482,7 +488,9 @@ def downstream_train(
         from .engine import build_tasks
         from .engine.trainer import resolve_device
         from .prior import load_prior
+        from .registry import resolve_task_name
 
+        task = resolve_task_name(task)
         run_config = _build_config(config, list(set_ or []))
         size = run_config.train.crop_size or load_prior(run_config.prior).native_size
         built = build_tasks(run_config, [task], resolve_device(run_config.train.device), size)[task]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 _TASKS: dict[str, type] = {}
 _SOURCES: dict[str, str] = {}
 _BROKEN: dict[str, str] = {}
+# Other names of a task, e.g. "detection" for "det"; everything downstream uses the registered name.
+_ALIASES: dict[str, str] = {}
 _LOADED = False
 
 
@@ -32,6 +34,12 @@ def register_task(cls: type | None = None, *, source: str | None = None) -> Call
             raise ValueError(
                 f"task '{name}' is registered twice ({_SOURCES[name]} and {task_cls.__module__}); rename one"
             )
+        aliases = tuple(getattr(task_cls, "aliases", ()))
+        for taken in (name, *aliases):
+            owner = _ALIASES.get(taken, taken if taken in _TASKS else name)
+            if owner != name:
+                raise ValueError(f"task '{name}': '{taken}' already names task '{owner}'; rename one")
+        _ALIASES.update(dict.fromkeys(aliases, name))
         _TASKS[name] = task_cls
         _SOURCES[name] = source or task_cls.__module__
         return task_cls
@@ -79,19 +87,39 @@ def broken_plugins() -> dict[str, str]:
     return dict(_BROKEN)
 
 
-def get_task_class(name: str) -> type:
+def _known_listing() -> str:
+    aliases: dict[str, list[str]] = {}
+    for alias, name in sorted(_ALIASES.items()):
+        aliases.setdefault(name, []).append(alias)
+    return ", ".join(f"{name} ({', '.join(aliases[name])})" if name in aliases else name for name in sorted(_TASKS))
+
+
+def resolve_task_name(name: str) -> str:
+    """The registered name of a task given by its name or an alias (`detection` → `det`)."""
     load_tasks()
+    name = _ALIASES.get(name, name)
     if name not in _TASKS:
-        raise UnknownTaskError(f"unknown task '{name}'; known tasks: {', '.join(sorted(_TASKS))}")
-    return _TASKS[name]
+        raise UnknownTaskError(f"unknown task '{name}'; known tasks: {_known_listing()}")
+    return name
+
+
+def task_key(name: str) -> str:
+    """`name` with an alias replaced by its task's registered name; anything else unchanged (for dict keys
+    such as `--beta detection=2`, which their own checks report when unknown)."""
+    load_tasks()
+    return _ALIASES.get(name, name)
+
+
+def get_task_class(name: str) -> type:
+    return _TASKS[resolve_task_name(name)]
 
 
 def parse_task_list(text: str | list[str]) -> list[str]:
-    """`pir,seg,cls` → ['pir', 'seg', 'cls'], each checked against the registry, order kept, no repeats."""
+    """`pir,seg,cls` → ['pir', 'seg', 'cls'], each checked against the registry and aliases replaced by
+    registered names (`pir,segmentation` → ['pir', 'seg']), order kept, no repeats."""
     names = text if isinstance(text, list) else [t.strip() for t in text.split(",")]
     names = [n for n in names if n]
     if not names:
-        raise UnknownTaskError(f"no task given; known tasks: {', '.join(known_tasks())}")
-    for name in names:
-        get_task_class(name)
-    return list(dict.fromkeys(names))
+        known_tasks()
+        raise UnknownTaskError(f"no task given; known tasks: {_known_listing()}")
+    return list(dict.fromkeys(resolve_task_name(name) for name in names))

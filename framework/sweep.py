@@ -194,6 +194,7 @@ class ExtendSweepResult:
 
 def parse_ranges(text: str | None) -> dict[str, tuple[float, float]]:
     """`pir=1:1,seg=0.01:1` → {"pir": (1.0, 1.0), "seg": (0.01, 1.0)} (a single value fixes it)."""
+    from .registry import task_key
     ranges: dict[str, tuple[float, float]] = {}
     for item in (text or "").split(","):
         if not item.strip():
@@ -201,7 +202,7 @@ def parse_ranges(text: str | None) -> dict[str, tuple[float, float]]:
         name, _, value = item.partition("=")
         low, _, high = value.partition(":")
         try:
-            ranges[name.strip()] = (float(low), float(high or low))
+            ranges[task_key(name.strip())] = (float(low), float(high or low))
         except ValueError:
             raise SweepError(f"range '{item}': expected task=LOW:HIGH, e.g. seg=0.01:1") from None
     return ranges
@@ -209,13 +210,14 @@ def parse_ranges(text: str | None) -> dict[str, tuple[float, float]]:
 
 def parse_weights(text: str | None) -> dict[str, float]:
     """`pir=1,seg=2` → {"pir": 1.0, "seg": 2.0}."""
+    from .registry import task_key
     weights: dict[str, float] = {}
     for item in (text or "").split(","):
         if not item.strip():
             continue
         name, _, value = item.partition("=")
         try:
-            weights[name.strip()] = float(value)
+            weights[task_key(name.strip())] = float(value)
         except ValueError:
             raise SweepError(f"weight '{item}': expected task=NUMBER, e.g. seg=2") from None
     return weights

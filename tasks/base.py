@@ -52,6 +52,8 @@ class Task:
 
     # Registry name, as used on the command line (`--tasks pir,seg,cls`).
     name: ClassVar[str] = ""
+    # Other names the command line accepts for it (`task add detection`); checkpoints and configs keep `name`.
+    aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     # Default weights of the task's loss terms (SPEC §6), overridable by config; names become metric keys.
     loss_weights: ClassVar[dict[str, float]] = {}

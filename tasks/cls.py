@@ -45,6 +45,7 @@ class ClassificationEvaluator(Evaluator):
 @register_task
 class ClassificationTask(FrozenModelsTask):
     name = "cls"
+    aliases = ("classification",)
     description = "Image classification by frozen ResNet and ViT classifiers (top-1 accuracy)"
     loss_weights: ClassVar[dict[str, float]] = {"ce": 0.1}
     default_beta = 1.0

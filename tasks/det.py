@@ -81,6 +81,7 @@ class DetectionEvaluator(Evaluator):
 @register_task
 class DetectionTask(Task):
     name = "det"
+    aliases = ("detection",)
     description = "Object detection by a frozen RetinaNet (COCO mAP)"
     loss_weights: ClassVar[dict[str, float]] = {"classification": 0.1, "box": 0.1}
     default_beta = 1.0

@@ -36,6 +36,7 @@ class PIREvaluator(Evaluator):
 @register_task
 class PIRTask(Task):
     name = "pir"
+    aliases = ("restoration",)
     description = "Perceptual image restoration for human viewers (PSNR / SSIM)"
     loss_weights: ClassVar[dict[str, float]] = {"l1": 10.0, "mse": 0.0}
     default_beta = 1.0

@@ -43,6 +43,7 @@ class RetrievalEvaluator(Evaluator):
 @register_task
 class RetrievalTask(Task):
     name = "ret"
+    aliases = ("retrieval",)
     description = "Image retrieval with a frozen embedding model (Recall@1, MAP@R)"
     loss_weights: ClassVar[dict[str, float]] = {"metric": 0.1}
     default_beta = 1.0

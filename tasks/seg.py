@@ -46,6 +46,7 @@ class SegmentationEvaluator(Evaluator):
 @register_task
 class SegmentationTask(FrozenModelsTask):
     name = "seg"
+    aliases = ("segmentation",)
     description = "Semantic segmentation by frozen DeepLabV3 and FCN segmenters (mIoU)"
     loss_weights: ClassVar[dict[str, float]] = {"ce": 0.1}
     default_beta = 1.0

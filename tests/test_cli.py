@@ -93,6 +93,7 @@ def test_task_list_names_sources_and_checkpoints(trained, root):
     lines = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.count("│") > 3}
     for task in ("pir", "seg", "cls", "det"):
         assert task in lines and "built-in" in lines[task]
+    assert "'detection'" in result.stdout and "'segmentation'" in result.stdout  # the aliases
     assert "stage2.safetensors" in result.stdout
 
 
@@ -207,6 +208,8 @@ def _corrupt(root):
         (["train", "--beta", "pir=-1"], "train.beta={'pir': -1.0}: a task's β must be >= 0"),
         (["train", "--set", "train.loss_weights.pir.l1=-2"], "loss term weights must be >= 0"),
         (["task", "add", "nope"], "unknown task 'nope'"),
+        (["task", "add", "detection", "--from", "{corrupt}"], "corrupt"),  # the alias names det
+        (["train", "--tasks", "pir,segmentaton"], "known tasks: cls (classification), det (detection)"),
         (["task", "add", "det", "--from", "{corrupt}", "--set", "data={missing_root}"], "tasks.det[0] (coco): root /no/such/coco is not"),
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),
         (["eval", "--ckpt", "{corrupt}", "--corruption", "gaussian_nose"], "--corruption: unknown"),
@@ -249,3 +252,13 @@ def test_degrade_writes_a_degraded_copy(root):
                                  "--severity", "3", "--seed", "1"])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (root / "noisy" / "a.png").is_file()
+
+
+def test_train_reads_task_aliases_as_the_registered_names():
+    from unirestore.framework.cli import _build_config, _check_tasks
+
+    run_config = _build_config(None, ["tasks=[pir,segmentation,classification]", "train.beta.segmentation=2",
+                                      "train.task_weights.classification=3"])
+    _check_tasks(run_config)
+    assert run_config.tasks == ["pir", "seg", "cls"]
+    assert run_config.train.beta == {"seg": 2.0} and run_config.train.task_weights == {"cls": 3.0}

@@ -247,11 +247,31 @@ def test_a_broken_plugin_is_reported_and_skipped(monkeypatch):
 
 def test_unknown_task_lists_the_known_ones():
     with pytest.raises(UnknownTaskError) as error:
-        get_task_class("segmentation")
+        get_task_class("segmentaton")
     message = str(error.value)
-    assert "segmentation" in message
+    assert "segmentaton" in message
     for name in TASKS:
         assert name in message
+    assert "det (detection)" in message and "seg (segmentation)" in message
+
+
+def test_aliases_resolve_to_the_registered_name():
+    assert registry.resolve_task_name("detection") == "det"
+    assert get_task_class("classification") is get_task_class("cls")
+    assert registry.parse_task_list("pir,segmentation,seg,classification") == ["pir", "seg", "cls"]
+    assert registry.task_key("detection") == "det" and registry.task_key("nope") == "nope"
+
+
+def test_a_name_or_alias_already_taken_is_refused(monkeypatch):
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    for name, aliases, owner in (("clash", ("seg",), "seg"), ("clash", ("detection",), "det"), ("detection", (), "det")):
+        task_cls = type("Clash", (Task,), {"name": name, "aliases": aliases})
+        with pytest.raises(ValueError, match=f"already names task '{owner}'"):
+            registry.register_task(task_cls)
+        assert name not in registry._TASKS
+    registry.register_task(type("Fine", (Task,), {"name": "fine", "aliases": ("finer",)}))
+    assert registry.resolve_task_name("finer") == "fine"
 
 
 def test_real_classifier_loads_a_local_checkpoint(tmp_path):
