@@ -349,10 +349,16 @@ class UniRestore(nn.Module):
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """encode → denoise → decode on images whose size is already a valid multiple."""
-        encoded = self.encode(images, generator=generator)
+        """encode → denoise → decode on images whose size is already a valid multiple.
+
+        The pass runs in the model's dtype (a model cast to bf16 runs in bf16 throughout); the output has the
+        images' dtype.
+        """
+        dtype = self.vae.dtype
+        encoded = self.encode(images.to(dtype), generator=generator)
+        noise = None if noise is None else noise.to(dtype)
         latents = self.denoise(encoded.latents, steps=steps, generator=generator, noise=noise)
-        return self.decode(latents, encoded.features if self.config.use_tfa else None, task)
+        return self.decode(latents, encoded.features if self.config.use_tfa else None, task).to(images.dtype)
 
     @torch.no_grad()
     def restore(
