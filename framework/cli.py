@@ -421,7 +421,8 @@ def restore(
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         if task not in model.tasks and not model.config.shared_prompt:
             raise CheckpointError(
-                f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)}"
+                f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
+                f"(add one with `unirestore task add {task} --from {ckpt}`)"
             )
         files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:

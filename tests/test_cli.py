@@ -110,6 +110,12 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     restored = Image.open(root / "restored" / "good.png")
     assert restored.size == (56, 40)
     assert "broken.jpg" in result.output and "1 skipped" in result.output
+    # A task whose prompt the checkpoint lacks (given by its alias) names the command that adds it.
+    ckpt = output / "stage2.safetensors"
+    result = runner.invoke(app, ["restore", str(images), "--task", "detection", "--ckpt", str(ckpt),
+                                 "--out", str(root / "restored-det")])  # fmt: skip
+    assert result.exit_code == 2 and not (root / "restored-det").exists()
+    assert "no prompt for task 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
 
 
 def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(trained, root, monkeypatch):
