@@ -424,6 +424,13 @@ def restore(
                 f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
                 f"(add one with `unirestore task add {task} --from {ckpt}`)"
             )
+        prompts = _checkpoint_prompts(ckpt)
+        if prompts is not None and model.config.use_tfa and task not in prompts[1]:
+            console.print(
+                f"[yellow]note[/yellow] {escape(str(ckpt))} holds no trained '{escape(task)}' prompt"
+                + (" or TFA (saved after stage 1)" if not prompts[1] else "")
+                + "; its outputs are not the finished model's: give the checkpoint of stage 2 (or of `task add`)"
+            )
         files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")

@@ -118,6 +118,19 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     assert "no prompt for task 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
 
 
+def test_restore_notes_a_checkpoint_whose_tfa_is_untrained(trained, root):
+    output, _, _ = trained
+    images = root / "note-images"
+    images.mkdir()
+    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(images / "a.png")
+    for stage, noted in (("stage1", True), ("stage2", False)):
+        args = ["restore", str(images), "--ckpt", str(output / f"{stage}.safetensors"), "--out", str(root / stage)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert (root / stage / "a.png").is_file()
+        assert ("saved after stage 1" in " ".join(result.stderr.split())) is noted
+
+
 def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(trained, root, monkeypatch):
     import torch
 
