@@ -122,6 +122,23 @@ def load_components(model: UniRestore, tensors: Mapping[str, torch.Tensor], path
             ) from None
 
 
+def extension_problem(metadata: Mapping) -> str | None:
+    """Why a task cannot be added to the checkpoint with this metadata by training its prompt alone, or None.
+
+    A prompt acts only through a trained TFA: a checkpoint saved after stage 1 (no prompt trained yet) or one
+    that decodes without the TFA (the w/o-TFA ablation) has none.
+    """
+    path = metadata["path"]
+    if not metadata["extra"].get("trained_prompts", metadata["tasks"]):
+        return (
+            f"{path} was saved after stage 1, before its TFA and prompts were trained; add tasks to the stage-2 "
+            "checkpoint (or one that `task add` wrote)"
+        )
+    if not metadata["model_config"].get("use_tfa", True):
+        return f"{path} decodes without the TFA, through which alone a task's prompt acts; add tasks to a model with one"
+    return None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     prior: Prior | str | None = None,

@@ -424,12 +424,16 @@ def restore(
                 f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
                 f"(add one with `unirestore task add {task} --from {ckpt}`)"
             )
-        prompts = _checkpoint_prompts(ckpt)
-        if prompts is not None and model.config.use_tfa and task not in prompts[1]:
+        trained = (_checkpoint_prompts(ckpt) or (None, None))[1]
+        if trained == []:
             console.print(
-                f"[yellow]note[/yellow] {escape(str(ckpt))} holds no trained '{escape(task)}' prompt"
-                + (" or TFA (saved after stage 1)" if not prompts[1] else "")
-                + "; its outputs are not the finished model's: give the checkpoint of stage 2 (or of `task add`)"
+                f"[yellow]note[/yellow] {escape(str(ckpt))} was saved after stage 1: no TFA or prompt is trained "
+                "yet, so it is not the finished model; the stage-2 checkpoint (or that of `task add`) is"
+            )
+        elif trained and model.config.use_tfa and not model.config.shared_prompt and task not in trained:
+            console.print(
+                f"[yellow]note[/yellow] the '{escape(task)}' prompt of {escape(str(ckpt))} was never trained; "
+                f"train it with `unirestore task add {escape(task)} --from {escape(str(ckpt))}`"
             )
         files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:

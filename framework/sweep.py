@@ -1065,6 +1065,11 @@ def sweep_extend(
         raise SweepError(
             f"{source_path} uses one prompt shared by all tasks; it cannot be extended task by task"
         )
+    from .checkpoint import extension_problem
+
+    problem = extension_problem(metadata)
+    if problem:
+        raise SweepError(problem)
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
     default_lr = config.train.peak_lr(config.prior, stage=3)
     low, high = _check_range("--lr", *(lr_range or (default_lr, default_lr)))

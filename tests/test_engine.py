@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from unirestore.framework.checkpoint import load_checkpoint
+from unirestore.framework.checkpoint import load_checkpoint, read_checkpoint
 from unirestore.framework.config import (
     RELEASE_LR,
     TINY_BETA,
@@ -254,6 +254,10 @@ def test_stages_change_only_their_parameters_and_never_the_prior(root, base_run)
         for name, value in prior.unet.state_dict().items():
             assert torch.equal(model.unet.state_dict()[name], value), name
     assert set(spy.models) == {"stage1", "stage2"}
+    # Stage 1 trains no TFA, so its model (validation, checkpoint) decodes with the prior's plain decoder;
+    # stage 2 switches the TFA on.
+    assert read_checkpoint(root / "base" / "stage1.safetensors")[1]["model_config"]["use_tfa"] is False
+    assert read_checkpoint(result.checkpoint)[1]["model_config"]["use_tfa"] is True
     assert (root / "base" / "grids" / "final-pir.png").is_file()
     assert {"test/pir/lq/psnr", "test/pir/restored/psnr", "test/cls/restored/acc/resnet"} <= set(
         result.metrics
@@ -330,6 +334,12 @@ def test_add_task_changes_only_the_new_prompt(root, base_run):
         b = new.restore(images, task=task, generator=torch.Generator().manual_seed(0))
         assert torch.equal(a, b), task
     assert {"test/det/lq/map", "test/det/restored/map", "test/det/hq/map"} <= set(result.metrics)
+    # A prompt acts only through a trained TFA: a stage-1 checkpoint is refused before any run starts.
+    from unirestore.framework.checkpoint import CheckpointError
+
+    with pytest.raises(CheckpointError, match="saved after stage 1, before its TFA and prompts were trained"):
+        add_task(config, root / "base" / "stage1.safetensors", "ret", progress=False)
+    assert not (root / "base" / "stage3-ret").exists()
 
 
 def test_add_task_from_a_checkpoint_of_other_prior_weights_leaves_no_run(root, base_run):

@@ -77,6 +77,15 @@ def source(ray_cluster, workspace):
     return result.checkpoint, config
 
 
+@pytest.fixture(scope="module")
+def trained_source(source):
+    """Stage 2 on top of `source`: tasks are added by prompt to a model whose TFA is trained."""
+    from unirestore.framework.engine import train
+
+    _, config = source
+    return train(config, stages=(2,), progress=False).checkpoint, config
+
+
 # --------------------------------------------------------------------------------------------------
 # Pure pieces
 
@@ -131,10 +140,12 @@ def test_user_errors_are_one_line(source, workspace):
         sweep_beta(workspace / "missing.safetensors", "pir", config=config, show=False)
     with pytest.raises(SweepError, match="already has a prompt for pir"):
         sweep_extend(checkpoint, "pir", config=config, show=False)
+    with pytest.raises(SweepError, match="saved after stage 1, before its TFA and prompts were trained"):
+        sweep_extend(checkpoint, "cls", config=config, output=workspace / "never", show=False)
     assert not (workspace / "never").exists()
 
 
-def test_gpus_requested_on_a_machine_without_fails_fast(source, workspace):
+def test_gpus_requested_on_a_machine_without_fails_fast(source, trained_source, workspace):
     checkpoint, config = source
     started = time.perf_counter()
     with pytest.raises(SweepError, match=r"--gpus-per-trial 1 but this machine has 0 GPU"):
@@ -142,7 +153,7 @@ def test_gpus_requested_on_a_machine_without_fails_fast(source, workspace):
             checkpoint, "pir,seg", config=config, gpus_per_trial=1, output=workspace / "gpu", show=False
         )
     with pytest.raises(SweepError, match=r"--gpus-per-trial 1"):
-        sweep_extend(checkpoint, "cls", config=config, gpus_per_trial=1, output=workspace / "gpu", show=False)
+        sweep_extend(trained_source[0], "cls", config=config, gpus_per_trial=1, output=workspace / "gpu", show=False)
     assert time.perf_counter() - started < 30
 
 
@@ -205,13 +216,13 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
     assert ray_cluster.is_initialized()  # the sweeps joined the module's Ray and left it running
 
 
-def test_extend_merge_equals_adding_tasks_one_by_one(source, workspace):
+def test_extend_merge_equals_adding_tasks_one_by_one(trained_source, workspace):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
 
     from unirestore.framework.engine import add_task
 
-    checkpoint, config = source
+    checkpoint, config = trained_source
     new_tasks = ["det", "cls"]
     result = sweep_extend(checkpoint, new_tasks, config=config, num_samples=1, steps=2, output=workspace / "extend",
                           show=False)  # fmt: skip

@@ -22,13 +22,13 @@ import json
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from ..background import BackgroundJob, train_builtin_models
-from ..checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, extension_problem, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
 from ..evaluate import EvalTable, evaluate, save_grids
 from ..model import UniRestore
@@ -603,21 +603,25 @@ def _run_stages(
         if "pir" not in tasks:  # stage 1 validates the first task, which then needs its model
             prepare()
         torch.manual_seed(config.train.seed)
-        model = UniRestore(prior, config.model, tasks=names).to(device)
+        # Stage 1 trains no TFA (SPEC §6): its model decodes with the prior's plain decoder, in its validation,
+        # its final table and its checkpoint, not through the TFA's untrained initial weights.
+        model = UniRestore(prior, replace(config.model, use_tfa=False), tasks=names).to(device)
         final = run.run_stage(stage1(names), model, tasks, resume, trained_prompts=[])
     prepare()
     if 2 in chosen:
+        # Stage 1 trains neither the TFA nor the prompts: how stage 2 uses them comes from this run's config.
+        stage2_model = {key: getattr(config.model, key) for key in ("gradient_checkpointing", "shared_prompt", "use_tfa")}
         if model is None:
             source = run.output / "stage1.safetensors"
             if not source.is_file():
                 raise CheckpointError(
                     f"stage 2 starts from {source}, which does not exist; run stage 1 first (--stage 1)"
                 )
-            # Stage 1 trains neither the TFA nor the prompts: how stage 2 uses them comes from this run's config.
-            stage2_model = {key: getattr(config.model, key) for key in ("gradient_checkpointing", "shared_prompt", "use_tfa")}
             model = load_checkpoint(source, prior=prior, device=device, config_overrides=stage2_model)
             for name in names:
                 model.add_task(name)
+        else:
+            model.config = replace(model.config, **stage2_model)
         final = run.run_stage(stage2(names), model, tasks, resume, trained_prompts=list(names))
     table = run.final_evaluation(
         model, tasks, title=f"UniRestore after stage {max(chosen)}: {', '.join(names)}"
@@ -654,6 +658,9 @@ def add_task(
         raise CheckpointError(
             f"{metadata['path']} already has a prompt for '{task}'; add another task or start from a checkpoint without it"
         )
+    problem = extension_problem(metadata)
+    if problem:
+        raise CheckpointError(problem)
     trained = list(metadata["extra"].get("trained_prompts", metadata["tasks"]))
     # Before the run starts: a checkpoint that cannot be used (another prior, other weights) leaves no run behind.
     model = load_checkpoint(source_checkpoint, prior=prior, device=device,
