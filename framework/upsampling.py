@@ -6,7 +6,7 @@ so it equals a 2×2 conv of the *undoubled* map whose kernel sums the repeated t
 phase (even/odd row × even/odd column). Four 2×2 convs at the input's resolution do 16 multiply-adds per
 input pixel where the 3×3 conv at twice the resolution does 36: the same function in 4/9 of the work, and
 without the interpolated map in memory. The results agree with diffusers' to float rounding
-(`tests/test_upsampling.py`). At sd-turbo scale the three upsamplers are about a third of the decoder's
+(`tests/test_upsampling.py`). At sd-turbo scale the three upsamplers are about a quarter of the decoder's
 work; BENCHMARKS.md has the timings.
 """
 
