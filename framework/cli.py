@@ -442,6 +442,7 @@ def restore(
             console.print(f"[cyan]renamed[/cyan] {escape(rename)}")
 
         import torch
+        from torchvision.transforms.functional import rgb_to_grayscale
 
         if 0 < tile_size < model.size_multiple:
             raise ConfigError(
@@ -466,6 +467,9 @@ def restore(
                     restored = model.restore(
                         image[None], task=task, steps=steps, generator=generator, tile_size=tile_size
                     )[0]
+                    if bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
+                        # A grayscale input (its three channels equal) gets a grayscale output: the luma.
+                        restored = rgb_to_grayscale(restored.float())
                     save_png(restored.float().cpu(), out / name)
                     written += 1
                 except DataError as error:

@@ -110,6 +110,14 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     restored = Image.open(root / "restored" / "good.png")
     assert restored.size == (56, 40)
     assert "broken.jpg" in result.output and "1 skipped" in result.output
+    # A grayscale input comes back grayscale, in its size.
+    Image.fromarray(pixels[:, :, 1]).save(images / "gray.png")
+    result = runner.invoke(app, ["restore", str(images / "gray.png"), "--ckpt", str(output / "stage2.safetensors"),
+                                 "--out", str(root / "restored-gray")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    gray = Image.open(root / "restored-gray" / "gray.png")
+    assert gray.mode == "L" and gray.size == (56, 40)
+    assert Image.open(root / "restored" / "good.png").mode == "RGB"
     # A task whose prompt the checkpoint lacks (given by its alias) names the command that adds it.
     ckpt = output / "stage2.safetensors"
     result = runner.invoke(app, ["restore", str(images), "--task", "detection", "--ckpt", str(ckpt),

@@ -175,11 +175,14 @@ def check_same_size(
 
 
 def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
-    """Write a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array as an 8-bit RGB PNG."""
+    """Write a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array as an 8-bit RGB PNG; one channel,
+    (1, H, W) or (H, W, 1), as an 8-bit grayscale PNG."""
     if isinstance(image, torch.Tensor):
         array = (image.detach().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     else:
         array = image
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
