@@ -366,24 +366,40 @@ class UniRestore(nn.Module):
         images: torch.Tensor,
         task: str = "pir",
         steps: int | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         tile_size: int | None = None,
         tile_overlap: int | None = None,
     ) -> torch.Tensor:
         """Restore a batch of images in [0, 1] (B, 3, H, W) of any size for `task`; returns [0, 1], same size.
 
         Images whose padded side exceeds `tile_size` pixels (0 or None: never) are restored tile by tile
-        (`framework/tiling.py`), so memory is bounded by the tile, not the image.
+        (`framework/tiling.py`), so memory is bounded by the tile, not the image. `generator` may be one per
+        image: each image then gets the noise it would get restored alone, whatever else is in the batch.
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
         if self.config.use_tfa:
             self.prompt_for(task)  # fail before any work when the task has no prompt
+        per_image = generator is not None and not isinstance(generator, torch.Generator)
+        if per_image and len(generator) != images.shape[0]:
+            raise ValueError(f"restore got {len(generator)} generators for {images.shape[0]} images")
         padded, resized, original = self.preprocess(images)
         if tile_size and max(padded.shape[-2:]) > tile_size:
             from .tiling import tiled_forward
 
-            restored = tiled_forward(self, padded, task, tile_size, tile_overlap, steps=steps, generator=generator)
+            if per_image:
+                restored = torch.cat([
+                    tiled_forward(self, one[None], task, tile_size, tile_overlap, steps=steps, generator=g)
+                    for one, g in zip(padded, generator, strict=True)
+                ])  # fmt: skip
+            else:
+                restored = tiled_forward(self, padded, task, tile_size, tile_overlap, steps=steps, generator=generator)
+        elif per_image:
+            factor = 2**self.num_taps  # pixels per latent cell
+            shape = (1, self.vae.config.latent_channels, padded.shape[-2] // factor, padded.shape[-1] // factor)
+            like = padded.new_empty(shape, dtype=self.vae.dtype)  # drawn as the single-generator path draws it
+            noise = torch.cat([_randn_like(like, g) for g in generator])
+            restored = self.forward_padded(padded, task, steps=steps, noise=noise)
         else:
             restored = self.forward_padded(padded, task, steps=steps, generator=generator)
         return self.postprocess(restored, resized, original)

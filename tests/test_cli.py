@@ -126,6 +126,26 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     assert "no prompt for task 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
 
 
+def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):
+    output, _, _ = trained
+    folder = root / "batch-images"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for index, size in enumerate([(40, 56), (40, 56), (32, 32), (40, 56)]):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
+    (folder / "4.png").write_bytes(b"broken")
+    written = {}
+    for batch in ("1", "3"):
+        args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(root / f"b{batch}"),
+                "--batch-size", batch]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1 and "restored 4 image(s)" in result.stdout and "1 skipped" in result.stdout
+        written[batch] = {i: np.asarray(Image.open(root / f"b{batch}" / f"{i}.png"), np.float32) for i in range(4)}
+    for index in range(4):  # each image gets its own noise, whatever shares its batch
+        assert np.abs(written["1"][index] - written["3"][index]).max() <= 1.0, index
+    assert np.abs(written["1"][0] - written["1"][1]).max() > 10  # different inputs, different outputs
+
+
 def test_restore_notes_a_checkpoint_whose_tfa_is_untrained(trained, root):
     output, _, _ = trained
     images = root / "note-images"
@@ -254,6 +274,7 @@ def _corrupt(root):
         (["runs", "compare", "--tracking-uri", "sqlite:///{root}/errors.db"], "no tracking store at"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--tile-size", "-1"], "--tile-size -1: give a tile side"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--steps", "9"], "--steps 9: give 1 to 4 denoising steps"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):

@@ -431,3 +431,18 @@ def test_clean_latent_estimate_follows_the_priors_prediction_type(tiny_prior, pr
     # The wrong parameterisation does not give it back: the formula really depends on the type.
     other = model.scheduler.get_velocity(clean, noise, timesteps) if prediction_type == "epsilon" else noise
     assert (model.predict_original(noisy, timesteps, other) - clean).abs().max() > 0.5
+
+
+def test_restore_with_a_generator_per_image_matches_restoring_each_alone(model):
+    images = torch.rand(3, 3, 40, 56, generator=generator(5))
+    alone = {}
+    for tile_size in (None, 32):
+        alone[tile_size] = torch.cat([model.restore(images[i : i + 1], "pir", generator=generator(),
+                                                    tile_size=tile_size) for i in range(3)])  # fmt: skip
+        batched = model.restore(images, "pir", generator=[generator() for _ in range(3)], tile_size=tile_size)
+        torch.testing.assert_close(batched, alone[tile_size], rtol=1e-5, atol=1e-5)
+    shared = model.restore(images, "pir", generator=generator())  # one generator: one noise draw for the batch
+    torch.testing.assert_close(shared[:1], alone[None][:1], rtol=1e-5, atol=1e-5)
+    assert (shared[1:] - alone[None][1:]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="2 generators for 3 images"):
+        model.restore(images, "pir", generator=[generator(), generator()])
