@@ -490,10 +490,7 @@ def restore(
                 for group in by_size.values():
                     try:
                         outputs = restore_group(group)
-                    except torch.OutOfMemoryError:
-                        # An image too large for the device must not stop the others.
-                        if torch_device.type == "cuda":
-                            torch.cuda.empty_cache()
+                    except torch.OutOfMemoryError:  # restore_group freed the cache; the others go on
                         height, width = group[0][2].shape[-2:]
                         for path, _, _ in group:
                             console.print(

@@ -117,6 +117,12 @@ class UniRestore(nn.Module):
         if name not in self.prompts:
             self.prompts.add(name)
 
+    def latent_shape(self, images: torch.Tensor) -> tuple[int, int, int, int]:
+        """(B, c, h, w) of the latents of padded images (B, 3, H, W): one latent cell per 2^taps pixels."""
+        factor = 2**self.num_taps
+        batch, _, height, width = images.shape
+        return batch, self.vae.config.latent_channels, height // factor, width // factor
+
     def prompt_for(self, task: str) -> torch.Tensor:
         return self.prompts(SHARED_PROMPT if self.config.shared_prompt else task)
 
@@ -395,8 +401,7 @@ class UniRestore(nn.Module):
             else:
                 restored = tiled_forward(self, padded, task, tile_size, tile_overlap, steps=steps, generator=generator)
         elif per_image:
-            factor = 2**self.num_taps  # pixels per latent cell
-            shape = (1, self.vae.config.latent_channels, padded.shape[-2] // factor, padded.shape[-1] // factor)
+            shape = (1, *self.latent_shape(padded)[1:])
             like = padded.new_empty(shape, dtype=self.vae.dtype)  # drawn as the single-generator path draws it
             noise = torch.cat([_randn_like(like, g) for g in generator])
             restored = self.forward_padded(padded, task, steps=steps, noise=noise)

@@ -51,8 +51,8 @@ def tiled_forward(
     overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
     overlap = min(overlap // multiple * multiple, tile // 2)
     stride = tile - overlap
-    batch, _, height, width = images.shape
-    latent_shape = (batch, model.vae.config.latent_channels, height // factor, width // factor)
+    height, width = images.shape[-2:]
+    latent_shape = model.latent_shape(images)
     device = generator.device if generator is not None else images.device
     noise = torch.randn(latent_shape, generator=generator, device=device).to(images.device, images.dtype)
     output = torch.zeros_like(images)
