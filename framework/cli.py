@@ -742,7 +742,29 @@ def main() -> None:
     # Idle OpenMP threads sleep instead of spinning: on a small, shared CPU spinning threads slow
     # training down many times over. Must be set before torch loads its OpenMP runtime.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app()
+    import sys
+
+    try:  # typer ≥ 0.20 raises the errors of the click it vendors; older ones raise click's own
+        from typer._click import exceptions as click_errors
+    except ImportError:
+        from click import exceptions as click_errors
+
+    try:
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as error:  # the help is already printed
+        sys.exit(error.exit_code)
+    except click_errors.UsageError as error:
+        # A mistyped command, option or value is a user error like the others: one line, exit 2.
+        command = error.ctx.command_path if error.ctx else "unirestore"
+        print(f"error: {error.format_message().rstrip('.')}; see `{command} --help`", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except click_errors.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

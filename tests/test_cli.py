@@ -313,3 +313,26 @@ def test_train_reads_task_aliases_as_the_registered_names():
     _check_tasks(run_config)
     assert run_config.tasks == ["pir", "seg", "cls"]
     assert run_config.train.beta == {"seg": 2.0} and run_config.train.task_weights == {"cls": 3.0}
+
+
+def test_the_command_reports_a_mistyped_command_option_or_value_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "unirestore.framework.cli", *args], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+
+    for args, expected in [
+        (["nope"], "No such command 'nope'"),
+        (["train", "--stagee", "1"], "No such option: --stagee"),
+        (["restore", str(tmp_path), "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    ]:
+        result = run(*args)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert run("--help").returncode == 0 and "restore" in run("--help").stdout
+    bare = run()  # no command: the help, as before
+    assert bare.returncode == 2 and "train" in bare.stdout and not bare.stderr.strip()
+    assert run("degrade", str(tmp_path / "missing"), str(tmp_path / "out")).returncode == 2  # a command's own error
