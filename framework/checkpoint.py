@@ -30,14 +30,25 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(temporary_path)`, then rename it over `path`: a kill never leaves half a file."""
+    """Call `write(temporary_path)`, then rename it over `path`: a kill never leaves half a file.
+
+    The file gets the permissions a plain `open` would give it (mkstemp's are owner-only), so the other
+    users and nodes of a shared cluster can read checkpoints as they read any other output.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

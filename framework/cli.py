@@ -574,7 +574,9 @@ app.add_typer(sweep_app, name="sweep")
 def eval_(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="A unirestore checkpoint (.safetensors).")],
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,cls,seg.")] = "pir,seg,cls",
-    data: Annotated[str, typer.Option("--data", help="builtin or a data-config YAML file.")] = "builtin",
+    data: Annotated[
+        str | None, typer.Option("--data", help="builtin or a data-config YAML file (default: --config's, or builtin).")
+    ] = None,
     corruption: Annotated[
         str | None, typer.Option("--corruption", help="Evaluate per degradation: a name, a list, or all.")
     ] = None,
@@ -589,13 +591,18 @@ def eval_(
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
     tracking_uri: TrackingOption = None,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "unirestore-eval",
+    config: ConfigOption = None,
+    set_: SetOption = None,
 ) -> None:
-    """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption)."""
+    """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
+
+    Real data needs the real downstream models: give the run's config (--config, e.g. the run folder's
+    config.yaml) or --set downstream_checkpoints.resnet50=PATH and the like."""
     with _errors():
         from rich.console import Console
 
         from .checkpoint import load_checkpoint
-        from .config import ConfigError, RunConfig, _default_tracking_uri
+        from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
         from .engine import build_tasks
         from .evaluate import evaluate_checkpoint
@@ -613,16 +620,20 @@ def eval_(
             raise ConfigError(f"--severity {severity}: give 1 to 5")
         if samples < 1:
             raise ConfigError(f"--samples {samples}: give at least 1 test image per task")
+        run_config = _build_config(config, list(set_ or []))
+        run_config.tasks = names
+        if data is not None:
+            run_config.data = data
+        data = run_config.data
         model = load_checkpoint(ckpt, prior=prior)
-        config = RunConfig(data=data, tasks=names)
-        task_objects = build_tasks(config, names, next(model.cfrm.parameters()).device, model.native_size)
+        task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
         for task in task_objects.values():
             prepare = getattr(task, "prepare", None)
             if callable(prepare):
                 prepare()
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
-            samples=samples, grids_folder=out / "grids",
+            samples=samples, grids_folder=out / "grids", progress=True,
         )  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())

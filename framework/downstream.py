@@ -13,7 +13,7 @@ Two sources:
 
 - Real data: torchvision / timm architectures (ResNet-50, ViT-B/16, DeepLabV3-ResNet-50, FCN-ResNet-50,
   RetinaNet-ResNet-50-FPN) built with `weights=None, weights_backbone=None` and loaded from local
-  checkpoint files named in the run's `checkpoints` map (nothing is ever downloaded).
+  checkpoint files named in the run's `downstream_checkpoints` map (nothing is ever downloaded).
 - Built-in data: small models of the same kinds, trained here on the clean `BuiltinScenes` train split
   and cached in `UNIRESTORE_HOME/downstream/<name>.safetensors` with a JSON sidecar (`<name>.json`: the
   architecture config, the training settings, the clean validation metrics and the training time).
@@ -29,11 +29,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache, partial
 from pathlib import Path
@@ -379,15 +378,25 @@ def build_small_retinanet(
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file or of a torch state dict (bare or under state_dict / model /
+    model_state, DataParallel's `module.` prefix dropped); a `DownstreamError` for anything else."""
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (truncated, corrupt, pickled objects: the reason is reported)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DownstreamError(
+            f"{path}: not a readable checkpoint ({reason}); give a state dict saved with torch.save or safetensors"
+        ) from None
     for key in ("state_dict", "model", "model_state"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DownstreamError(f"{path}: holds no state dict of tensors; save the model's state_dict()")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -396,12 +405,12 @@ def checkpoint_path(checkpoints: dict[str, str], key: str, what: str) -> Path:
     value = checkpoints.get(key)
     if not value:
         raise DownstreamError(
-            f"no checkpoint for the {what}: set checkpoints.{key} to a local .pth/.safetensors file "
-            "(real data needs real downstream models; nothing is downloaded)"
+            f"no checkpoint for the {what}: set downstream_checkpoints.{key} to a local .pth/.safetensors file "
+            f"(--set downstream_checkpoints.{key}=PATH; real data needs real downstream models, nothing is downloaded)"
         )
     path = Path(value).expanduser()
     if not path.is_file():
-        raise DownstreamError(f"checkpoint of the {what} not found: checkpoints.{key} = {path}")
+        raise DownstreamError(f"checkpoint of the {what} not found: downstream_checkpoints.{key} = {path}")
     return path
 
 
@@ -432,7 +441,7 @@ def load_real_classifier(kind: str, checkpoints: dict[str, str]) -> Classifier:
     path = checkpoint_path(checkpoints, key, f"{key} classifier")
     state = _read_state_dict(path)
     if head not in state:
-        raise DownstreamError(f"{path} does not hold a {key} ({head} missing); set checkpoints.{key} to one")
+        raise DownstreamError(f"{path} does not hold a {key} ({head} missing); set downstream_checkpoints.{key} to one")
     network = timm.create_model(key, pretrained=False, num_classes=state[head].shape[0])
     _load_into(network, state, f"{key} classifier", path)
     config = network.pretrained_cfg
@@ -783,18 +792,6 @@ def downstream_home(home: str | os.PathLike | None = None) -> Path:
     return unirestore_home() / "downstream"
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def read_record(spec: BuiltinSpec, home: str | os.PathLike | None = None) -> dict[str, Any] | None:
     """The sidecar of a usable cached model of `spec` (weights present, same architecture), else None."""
     folder = downstream_home(home)
@@ -846,8 +843,10 @@ def builtin_model(
         "training": {**_training_settings(spec), "steps": steps},
         **record,
     }
-    _atomic_write(weights, lambda path: save_model(model, str(path)))
-    _atomic_write(sidecar, lambda path: path.write_text(json.dumps(record, indent=2)))
+    from .checkpoint import atomic_write
+
+    atomic_write(weights, lambda path: save_model(model, str(path)))
+    atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(record, indent=2)))
     if progress:
         clean = ", ".join(f"{k} {v:.3f}" for k, v in record["clean_val"].items())
         print(f"trained {spec.name} in {record['train_seconds']:.1f} s (clean val: {clean}) -> {weights}")

@@ -11,6 +11,7 @@ for the denoising noise, so two calls on the same weights give the same numbers.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,25 @@ def _to(batch: dict, device: torch.device) -> dict:
     }
 
 
+@contextmanager
+def _image_bar(description: str, total: int, enabled: bool):
+    """A rich bar over images (done / total, images/s, time left); `advance(n)` after each batch."""
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, disable=not enabled) as bar:
+        task = bar.add_task(description, total=total, rate="-")
+
+        def advance(count: int) -> None:
+            bar.advance(task, count)
+            speed = bar.tasks[0].speed
+            bar.update(task, rate=f"{speed:.2f}" if speed else "-")
+
+        yield advance
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -94,10 +114,14 @@ def evaluate(
     inputs: Sequence[str] = INPUTS,
     examples: int = 4,
     device: torch.device | str | None = None,
+    progress: bool = False,
+    label: str = "",
 ) -> EvalTable:
     """Evaluate `model` on each task (Task objects, or a name → Task mapping) for every input in `inputs`.
 
-    A task the model has no prompt for gets only its `lq` and `hq` rows.
+    A task the model has no prompt for gets only its `lq` and `hq` rows. `progress` shows a bar per task
+    (images done, images/s, time left), headed by the task's name and `label`; leave it off while another
+    bar is live (validation inside a training stage).
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
@@ -117,18 +141,22 @@ def evaluate(
             evaluators = {source: task.evaluator() for source in sources}
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             generator = torch.Generator(device=device).manual_seed(seed)
-            for batch in _fixed_batches(task.dataset(split), samples, batch_size):
-                batch = _to(batch, device)
-                restored = None
-                if "restored" in sources:
-                    restored = model.restore(batch["lq"], task=task.name, generator=generator)
-                for source in sources:
-                    images = {"lq": batch["lq"], "hq": batch["hq"], "restored": restored}[source]
-                    evaluators[source].update(images, batch)
-                if len(kept) < examples:
-                    take = examples - len(kept)
-                    shown = restored if restored is not None else batch["lq"]
-                    kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
+            dataset = task.dataset(split)
+            description = f"evaluating {task.name} {label}".strip()
+            with _image_bar(description, min(samples, len(dataset)), progress) as advance:
+                for batch in _fixed_batches(dataset, samples, batch_size):
+                    batch = _to(batch, device)
+                    restored = None
+                    if "restored" in sources:
+                        restored = model.restore(batch["lq"], task=task.name, generator=generator)
+                    for source in sources:
+                        images = {"lq": batch["lq"], "hq": batch["hq"], "restored": restored}[source]
+                        evaluators[source].update(images, batch)
+                    advance(batch["lq"].shape[0])
+                    if len(kept) < examples:
+                        take = examples - len(kept)
+                        shown = restored if restored is not None else batch["lq"]
+                        kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
             table.results[task.name] = {source: evaluators[source].compute() for source in sources}
             if kept:
                 table.examples[task.name] = tuple(torch.stack(column) for column in zip(*kept))
@@ -266,6 +294,7 @@ def evaluate_checkpoint(
     seed: int = 0,
     grids_folder=None,
     device: torch.device | str | None = None,
+    progress: bool = False,
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
@@ -290,13 +319,15 @@ def evaluate_checkpoint(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadFileWarning)
         for corruption, label in settings:
+            where = "" if corruption is None else f", {label}"
             for name, task in tasks.items():
                 task.context.degradation = (
                     None if corruption is None
                     else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
                 )  # fmt: skip
                 base = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
-                                inputs=("lq", "hq"), examples=0, device=device)  # fmt: skip
+                                inputs=("lq", "hq"), examples=0, device=device, progress=progress,
+                                label=f"LQ and HQ{where}")  # fmt: skip
                 report.rows[(label, name, "LQ")] = base.results[name]["lq"]
                 report.rows[(label, name, "HQ")] = base.results[name]["hq"]
                 chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
@@ -304,7 +335,8 @@ def evaluate_checkpoint(
                     if prompt not in available and model.config.use_tfa and not model.config.shared_prompt:
                         continue
                     table = evaluate(_Prompted(model, prompt), [task], split=split, samples=samples,
-                                     batch_size=batch_size, seed=seed, inputs=("restored",), device=device)  # fmt: skip
+                                     batch_size=batch_size, seed=seed, inputs=("restored",), device=device,
+                                     progress=progress, label=f"restored[{prompt}]{where}")  # fmt: skip
                     report.rows[(label, name, f"restored[{prompt}]")] = table.results[name]["restored"]
                     if grids_folder is not None and prompt == name:
                         report.grids += save_grids(table, grids_folder, label.replace("@", "-s"))

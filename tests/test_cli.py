@@ -257,6 +257,10 @@ def _corrupt(root):
         (["train", "--beta", "pir=-1"], "train.beta={'pir': -1.0}: a task's β must be >= 0"),
         (["train", "--set", "train.loss_weights.pir.l1=-2"], "loss term weights must be >= 0"),
         (["task", "add", "nope"], "unknown task 'nope'"),
+        # real data needs real downstream models: refused before stage 1, not when stage 2 starts
+        (["train", "--tasks", "pir,cls", "--data", "{real_cls}"], "set downstream_checkpoints.resnet50 to a local"),
+        (["train", "--tasks", "pir,cls", "--data", "{real_cls}", "--set", "downstream_checkpoints.resnet50={corrupt}",
+          "--set", "downstream_checkpoints.vit_base_patch16_224={corrupt}"], "corrupt.safetensors"),
         (["task", "add", "detection", "--from", "{corrupt}"], "corrupt"),  # the alias names det
         (["train", "--tasks", "pir,segmentaton"], "known tasks: cls (classification), det (detection)"),
         (["task", "add", "det", "--from", "{corrupt}", "--set", "data={missing_root}"], "tasks.det[0] (coco): root /no/such/coco is not"),
@@ -283,7 +287,11 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     missing_root.write_text(
         "tasks:\n  pir: [{type: hq_folder, root: /no/such/DIV2K}]\n  det: [{type: coco, root: /no/such/coco}]\n"
     )
-    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root) for a in args]
+    real_cls = root / "real-cls.yaml"  # ImageNet's layout: a folder per class
+    (root / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40)).save(root / "imagenet" / "n01440764" / "a.png")
+    real_cls.write_text(f"tasks:\n  cls: [{{type: image_folder, root: {root / 'imagenet'}}}]\n")
+    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls) for a in args]
     tracked = args[0] == "train" or args[:2] == ["task", "add"]
     result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])
     assert result.exit_code == 2, result.output

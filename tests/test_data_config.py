@@ -170,3 +170,31 @@ def test_the_shipped_paper_config_parses_with_the_release_mix():
     assert weights == {"pir": [1.0, 1.0, 1.0], "cls": [0.2], "seg": [10.0], "det": [1.0]}
     assert [entry.type for entry in config.tasks["pir"]] == ["hq_folder"] * 3
     assert config.size == 512 and config.degradation.severity is None
+
+
+def test_the_shipped_release_run_config_names_every_downstream_model_its_tasks_load(tmp_path):
+    """`experiments/configs/release.yaml`, named in the README: a valid run config whose downstream_checkpoints
+    hold the key of every real model the cls, seg and det tasks load (each then reports its file as missing
+    here, not its key as unset)."""
+    from pathlib import Path
+
+    from unirestore.framework import downstream
+    from unirestore.framework.config import load_run_config
+    from unirestore.framework.data.config import DatasetEntry
+    from unirestore.framework.registry import get_task_class
+    from unirestore.tasks.base import TaskContext
+
+    config = load_run_config(Path(__file__).parents[1] / "experiments" / "configs" / "release.yaml")
+    assert config.prior == "/models/sd-turbo" and config.tasks == ["pir", "seg", "cls"]
+    assert config.train.batch_size * 8 == 48 and config.train.precision == "fp32"
+    checkpoints = config.downstream_checkpoints
+    loads = [(name, kind) for name in ("cls", "seg") for kind in get_task_class(name).kinds]
+    for name, kind in loads:
+        load = getattr(downstream, get_task_class(name).real_loader)
+        with pytest.raises(downstream.DownstreamError, match=r"not found: downstream_checkpoints\.\w+ = /models/"):
+            load(kind, checkpoints)
+    assert len(loads) == 4
+    entries = [DatasetEntry(type="image_folder", options={"root": str(tmp_path)})]  # any real entry
+    detection = get_task_class("det")(TaskContext(data=entries, size=64, checkpoints=checkpoints))
+    with pytest.raises(downstream.DownstreamError, match=r"not found: downstream_checkpoints\.retinanet"):
+        detection.prepare()

@@ -37,6 +37,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     folder, path = checkpoint
     first, uri = _eval(folder, path, folder / "a")
     assert first.exit_code == 0, first.output
+    assert "evaluating cls restored[pir]" in first.output  # a progress bar per task and input
     for name in ("eval.csv", "eval.json", "eval.md"):
         assert (folder / "a" / name).is_file()
     results = json.loads((folder / "a" / "eval.json").read_text())["results"]
@@ -77,3 +78,35 @@ def test_eval_per_corruption_and_missing_prompt(checkpoint):
     assert missing.exit_code == 2
     assert "no prompt for 'seg'" in missing.output and "pir, cls" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_eval_on_real_data_reads_the_downstream_checkpoints_from_config_or_set(checkpoint):
+    """Real data needs the real classifiers: eval takes them from the run's config or --set, as train does."""
+    from PIL import Image
+
+    folder, path = checkpoint
+    (folder / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40)).save(folder / "imagenet" / "n01440764" / "a.png")
+    data = folder / "real-cls.yaml"
+    data.write_text(f"tasks:\n  cls: [{{type: image_folder, root: {folder / 'imagenet'}}}]\n")
+    broken = folder / "resnet50.pth"
+    broken.write_bytes(b"not a state dict")
+
+    def run(*extra):
+        uri = f"sqlite:///{folder / 'real.db'}"
+        result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "cls", "--samples", "1",
+                                     "--out", str(folder / "real"), "--tracking-uri", uri, *extra])  # fmt: skip
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+        return lines[0]
+
+    assert "set downstream_checkpoints.resnet50 to a local" in run("--data", str(data))
+    # --set reaches the loader, which names the file it cannot read
+    given = run("--data", str(data), "--set", f"downstream_checkpoints.resnet50={broken}")
+    assert f"{broken}: not a readable checkpoint" in given
+    # so does a run config (the run folder's config.yaml), its data included
+    config = folder / "run.yaml"
+    config.write_text(f"data: {data}\ndownstream_checkpoints: {{resnet50: {broken}}}\n")
+    assert f"{broken}: not a readable checkpoint" in run("--config", str(config))
+    assert not (folder / "real.db").exists()

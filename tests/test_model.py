@@ -446,3 +446,21 @@ def test_restore_with_a_generator_per_image_matches_restoring_each_alone(model):
     assert (shared[1:] - alone[None][1:]).abs().max() > 1e-3
     with pytest.raises(ValueError, match="2 generators for 3 images"):
         model.restore(images, "pir", generator=[generator(), generator()])
+
+
+def test_checkpoints_get_the_permissions_of_a_plain_file(tmp_path, tiny_prior):
+    """Written through a private temporary file, a checkpoint must still be readable as any other output (other
+    users, other nodes of a cluster), under the process's umask."""
+    import os
+
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    previous = os.umask(0o022)
+    try:
+        path = save_checkpoint(model, tmp_path / "model.safetensors")
+        os.umask(0o077)
+        private = save_checkpoint(model, tmp_path / "private.safetensors")
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -173,10 +173,10 @@ def test_real_data_without_a_checkpoint_names_the_config_key(tmp_path):
     entries = [DatasetEntry(type="image_folder", options={"root": str(tmp_path)})]
     for name, key in (("cls", "resnet50"), ("seg", "deeplabv3_resnet50"), ("det", "retinanet_resnet50_fpn")):
         task = get_task_class(name)(TaskContext(data=entries, size=SIZE))
-        with pytest.raises(downstream.DownstreamError, match=f"checkpoints.{key}"):
+        with pytest.raises(downstream.DownstreamError, match=f"downstream_checkpoints.{key}"):
             task.prepare()
     missing = TaskContext(data=entries, checkpoints={"resnet50": str(tmp_path / "nope.pth")})
-    with pytest.raises(downstream.DownstreamError, match="not found: checkpoints.resnet50"):
+    with pytest.raises(downstream.DownstreamError, match="not found: downstream_checkpoints.resnet50"):
         get_task_class("ret")(missing).prepare()
 
 

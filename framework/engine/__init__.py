@@ -133,6 +133,19 @@ def _check_data(config: RunConfig, names: Sequence[str]) -> None:
         check_roots(data, list(names), source=config.data)
 
 
+def _check_downstream(config: RunConfig, names: Sequence[str], size: int) -> None:
+    """Before a run starts: the real downstream models of `names` load from `downstream_checkpoints`.
+
+    They are first needed when stage 2 starts, so a missing or unfitting checkpoint would otherwise stop a
+    run only after all of stage 1. They load on the CPU here and are dropped; built-in ones are not touched.
+    """
+    if config.data == "builtin":
+        return
+    for task in build_tasks(config, names, torch.device("cpu"), size).values():
+        if not task.builtin_specs():  # real data (or none to load, as for PIR)
+            task.prepare()
+
+
 def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, size: int) -> dict:
     """Task objects for `names`, with the run's data, crop size, seed, device and loss weights.
 
@@ -350,7 +363,7 @@ class _Run:
         config = self.config
         table = evaluate(
             model, tasks, split="test", samples=config.train.eval_samples,
-            batch_size=config.train.batch_size, seed=config.train.seed, device=self.device,
+            batch_size=config.train.batch_size, seed=config.train.seed, device=self.device, progress=self.progress,
         )  # fmt: skip
         self.tracker.log_metrics(table.flat(), 0)
         for path in save_grids(table, self.output / "grids", "final"):
@@ -483,6 +496,10 @@ def train(
     _check_data(config, names)
     prior = load_prior(config.prior, device=device) if config.prior != "tiny" else None
     _check_prior_levels(config, prior)
+    if chosen != (0,):
+        from ..prior import tiny_native_size
+
+        _check_downstream(config, names, config.train.crop_size or (prior.native_size if prior else tiny_native_size()))
     label = ",".join(str(s) for s in chosen)
     tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
     params = _params(config, label, names, distributed.world_size)
@@ -666,6 +683,7 @@ def add_task(
     model = load_checkpoint(source_checkpoint, prior=prior, device=device,
                             config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
     model.add_task(task)
+    _check_downstream(config, [task], config.train.crop_size or model.native_size)
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
             "unirestore.source": metadata["path"]}  # fmt: skip
     params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
