@@ -597,6 +597,15 @@ def _check_common(
         raise SweepError(f"max_failures={max_failures}: use -1 (retry forever), 0 (never) or a count")
 
 
+def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
+    """Before Ray starts: the data config and its roots, and the real downstream models the tasks load
+    (the size only sets the detector's input side, which the check does not depend on)."""
+    from .engine import _check_data, _check_downstream
+
+    _check_data(config, list(tasks))
+    _check_downstream(config, list(tasks), config.train.crop_size or 512)
+
+
 def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
     """Create the sweep folder; returns True when a Tune experiment there is to be restored."""
     from ray import tune
@@ -945,6 +954,7 @@ def sweep_beta(
     if scheduler not in SCHEDULERS:
         raise SweepError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
+    _check_inputs(config, names)
     steps = int(steps if steps is not None else config.train.stage2_steps)
     if steps < 1:
         raise SweepError(f"--steps {steps}: need at least 1")
@@ -1071,6 +1081,7 @@ def sweep_extend(
     if problem:
         raise SweepError(problem)
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
+    _check_inputs(config, names)
     default_lr = config.train.peak_lr(config.prior, stage=3)
     low, high = _check_range("--lr", *(lr_range or (default_lr, default_lr)))
     steps = int(steps if steps is not None else config.train.stage3_steps)

@@ -145,6 +145,32 @@ def test_user_errors_are_one_line(source, workspace):
     assert not (workspace / "never").exists()
 
 
+def test_real_data_without_its_downstream_model_is_refused_before_ray_starts(source, trained_source, workspace):
+    """The trials would each fail on the missing model (and be retried); the sweep refuses at once."""
+    from dataclasses import replace
+
+    from PIL import Image
+
+    from unirestore.framework.downstream import DownstreamError
+
+    (workspace / "voc" / "JPEGImages").mkdir(parents=True, exist_ok=True)
+    (workspace / "voc" / "Annotations").mkdir(parents=True, exist_ok=True)
+    (workspace / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40)).save(workspace / "imagenet" / "n01440764" / "a.png")
+    data = workspace / "real.yaml"
+    data.write_text(
+        f"tasks:\n  det: [{{type: rtts, root: {workspace / 'voc'}}}]\n"
+        f"  cls: [{{type: image_folder, root: {workspace / 'imagenet'}}}]\n"
+    )
+    with pytest.raises(DownstreamError, match="set downstream_checkpoints.retinanet_resnet50_fpn"):
+        sweep_extend(trained_source[0], "det", config=replace(trained_source[1], data=str(data)),
+                     output=workspace / "never-real", show=False)  # fmt: skip
+    with pytest.raises(DownstreamError, match="set downstream_checkpoints.resnet50"):
+        sweep_beta(source[0], "pir,cls", config=replace(source[1], data=str(data)),
+                   output=workspace / "never-real", show=False)  # fmt: skip
+    assert not (workspace / "never-real").exists()
+
+
 def test_gpus_requested_on_a_machine_without_fails_fast(source, trained_source, workspace):
     checkpoint, config = source
     started = time.perf_counter()
