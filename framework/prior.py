@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,15 +230,24 @@ def load_prior(
             f"prior '{name}' is neither a folder on disk nor a hub id (owner/name); "
             "use --prior tiny, a diffusers-format folder, or a hub id such as stabilityai/sd-turbo"
         )
-    local_only = local or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    local_only = local or offline
     try:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
-        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
-        if empty_prompt_embeds is None:
-            empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
-    except (OSError, ValueError, EnvironmentError) as error:
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
+            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
+            scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+            if empty_prompt_embeds is None:
+                empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
+    except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if offline and not local:
+            raise PriorError(
+                f"cannot load the prior '{name}': downloads are off (HF_HUB_OFFLINE=1) and the Hugging Face "
+                f"cache does not hold it; give its local diffusers folder (--prior /path/to/folder) or allow "
+                f"downloads ({first})"
+            ) from None
         raise PriorError(f"cannot load the prior from '{name}': {first}") from None
     # DDIM with trailing spacing whatever scheduler the folder names (sd-turbo ships Euler).
     scheduler = DDIMScheduler.from_config(

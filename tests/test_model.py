@@ -464,3 +464,10 @@ def test_checkpoints_get_the_permissions_of_a_plain_file(tmp_path, tiny_prior):
     assert path.stat().st_mode & 0o777 == 0o644
     assert private.stat().st_mode & 0o777 == 0o600
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_hub_id_with_downloads_off_names_the_local_folder_as_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(PriorError, match=r"downloads are off \(HF_HUB_OFFLINE=1\).*--prior /path/to/folder") as error:
+        load_prior("unirestore-tests/no-such-prior")
+    assert "\n" not in str(error.value)
