@@ -593,6 +593,9 @@ def eval_(
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "unirestore-eval",
     config: ConfigOption = None,
     set_: SetOption = None,
+    tile_size: Annotated[
+        int, typer.Option("--tile-size", help="Restore test images larger than this a side tile by tile; 0: whole.")
+    ] = 1024,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
@@ -620,6 +623,8 @@ def eval_(
             raise ConfigError(f"--severity {severity}: give 1 to 5")
         if samples < 1:
             raise ConfigError(f"--samples {samples}: give at least 1 test image per task")
+        if tile_size < 0:
+            raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         run_config = _build_config(config, list(set_ or []))
         run_config.tasks = names
         if data is not None:
@@ -633,7 +638,7 @@ def eval_(
                 prepare()
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
-            samples=samples, grids_folder=out / "grids", progress=True,
+            samples=samples, grids_folder=out / "grids", progress=True, tile_size=tile_size or None,
         )  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())

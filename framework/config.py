@@ -310,7 +310,8 @@ class TrainConfig:
     div_factor: float = 10.0
     # ... and ends at lr / (div_factor × final_div_factor) (torch's default).
     final_div_factor: float = 1e4
-    # Training crop side in pixels; 0 uses the prior's native size (64 for the tiny prior, 512 for sd-turbo).
+    # Training crop side in pixels; 0 uses the data config's `size` if it gives one, else the prior's native size
+    # (64 for the tiny prior, 512 for sd-turbo). Set, it wins over the data config's.
     crop_size: int = 0
     # β_k of each task in the stage-2 total Σ β_k L_k (Eq. 5/6); a task not named uses its own default
     # (`TINY_BETA` on the tiny prior).

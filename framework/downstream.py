@@ -545,6 +545,8 @@ def build_task_data(
     entries, degradation, config_seed = task_entries(data, task)
     if not entries:
         entries = [DatasetEntry(type=builtin_type, options={"length": length or BUILTIN_LENGTHS[split]})]
+    elif getattr(data, "size", 0) != 0:  # the data config's own crop side (None: full images)
+        size = data.size
     if degradation_override is not None:
         entries = [replace(entry, corruption=None, severity=None) for entry in entries]
         degradation = degradation_override

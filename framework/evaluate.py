@@ -70,7 +70,11 @@ def _fixed_batches(dataset, count: int, batch_size: int):
         dataset.set_epoch(0)
     count = min(count, len(dataset))
     for start in range(0, count, batch_size):
-        yield collate([dataset[i] for i in range(start, min(start + batch_size, count))])
+        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
+        if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
+            yield from (collate([sample]) for sample in samples)
+        else:
+            yield collate(samples)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -82,6 +86,11 @@ def _to(batch: dict, device: torch.device) -> dict:
         else value
         for key, value in batch.items()
     }
+
+
+def _pad_white(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(C, h, w) padded right and bottom to (C, height, width) with 1 (white)."""
+    return torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]), value=1.0)
 
 
 @contextmanager
@@ -116,12 +125,14 @@ def evaluate(
     device: torch.device | str | None = None,
     progress: bool = False,
     label: str = "",
+    tile_size: int | None = None,
 ) -> EvalTable:
     """Evaluate `model` on each task (Task objects, or a name → Task mapping) for every input in `inputs`.
 
     A task the model has no prompt for gets only its `lq` and `hq` rows. `progress` shows a bar per task
     (images done, images/s, time left), headed by the task's name and `label`; leave it off while another
-    bar is live (validation inside a training stage).
+    bar is live (validation inside a training stage). Images whose side exceeds `tile_size` are restored
+    tile by tile (full-size test images: memory bounded by the tile).
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
@@ -148,7 +159,7 @@ def evaluate(
                     batch = _to(batch, device)
                     restored = None
                     if "restored" in sources:
-                        restored = model.restore(batch["lq"], task=task.name, generator=generator)
+                        restored = model.restore(batch["lq"], task=task.name, generator=generator, tile_size=tile_size)
                     for source in sources:
                         images = {"lq": batch["lq"], "hq": batch["hq"], "restored": restored}[source]
                         evaluators[source].update(images, batch)
@@ -158,8 +169,12 @@ def evaluate(
                         shown = restored if restored is not None else batch["lq"]
                         kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
             table.results[task.name] = {source: evaluators[source].compute() for source in sources}
-            if kept:
-                table.examples[task.name] = tuple(torch.stack(column) for column in zip(*kept))
+            if kept:  # full images differ in size: pad each to the largest, in the grids' white
+                height = max(image.shape[-2] for image, _, _ in kept)
+                width = max(image.shape[-1] for image, _, _ in kept)
+                table.examples[task.name] = tuple(
+                    torch.stack([_pad_white(image, height, width) for image in column]) for column in zip(*kept)
+                )
     finally:
         model.train(was_training)
     return table
@@ -295,6 +310,7 @@ def evaluate_checkpoint(
     grids_folder=None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    tile_size: int | None = None,
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
@@ -336,7 +352,8 @@ def evaluate_checkpoint(
                         continue
                     table = evaluate(_Prompted(model, prompt), [task], split=split, samples=samples,
                                      batch_size=batch_size, seed=seed, inputs=("restored",), device=device,
-                                     progress=progress, label=f"restored[{prompt}]{where}")  # fmt: skip
+                                     progress=progress, label=f"restored[{prompt}]{where}",
+                                     tile_size=tile_size)  # fmt: skip
                     report.rows[(label, name, f"restored[{prompt}]")] = table.results[name]["restored"]
                     if grids_folder is not None and prompt == name:
                         report.grids += save_grids(table, grids_folder, label.replace("@", "-s"))

@@ -257,6 +257,7 @@ def _corrupt(root):
         (["train", "--beta", "pir=-1"], "train.beta={'pir': -1.0}: a task's β must be >= 0"),
         (["train", "--set", "train.loss_weights.pir.l1=-2"], "loss term weights must be >= 0"),
         (["task", "add", "nope"], "unknown task 'nope'"),
+        (["train", "--tasks", "pir", "--data", "{full_size}", "--batch-size", "2"], "size: null trains on full images"),
         # real data needs real downstream models: refused before stage 1, not when stage 2 starts
         (["train", "--tasks", "pir,cls", "--data", "{real_cls}"], "set downstream_checkpoints.resnet50 to a local"),
         (["train", "--tasks", "pir,cls", "--data", "{real_cls}", "--set", "downstream_checkpoints.resnet50={corrupt}",
@@ -291,7 +292,10 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     (root / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (40, 40)).save(root / "imagenet" / "n01440764" / "a.png")
     real_cls.write_text(f"tasks:\n  cls: [{{type: image_folder, root: {root / 'imagenet'}}}]\n")
-    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls) for a in args]
+    full_size = root / "full-size.yaml"
+    full_size.write_text(f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n")
+    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size)
+            for a in args]  # fmt: skip
     tracked = args[0] == "train" or args[:2] == ["task", "add"]
     result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])
     assert result.exit_code == 2, result.output

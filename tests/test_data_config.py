@@ -198,3 +198,59 @@ def test_the_shipped_release_run_config_names_every_downstream_model_its_tasks_l
     detection = get_task_class("det")(TaskContext(data=entries, size=64, checkpoints=checkpoints))
     with pytest.raises(downstream.DownstreamError, match=r"not found: downstream_checkpoints\.retinanet"):
         detection.prepare()
+
+
+def _photos(folder, sizes):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for k, (width, height) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(folder / f"{k}.png")
+    return folder
+
+
+def test_the_data_configs_size_sets_the_crops_unless_the_run_sets_crop_size(tmp_path, tiny_prior):
+    """`size` in the data config was ignored: every run cropped at train.crop_size or the prior's native size."""
+    from unirestore.framework.config import load_run_config
+    from unirestore.framework.engine import build_tasks
+
+    root = _photos(tmp_path / "hq", [(120, 100), (130, 110)])
+
+    def crop(text, *overrides):
+        path = tmp_path / f"data{len(text)}-{len(overrides)}.yaml"
+        path.write_text(text + f"tasks:\n  pir: [{{type: hq_folder, root: {root}}}]\n")
+        config = load_run_config(None, [f"data={path}", *overrides])
+        size = config.train.crop_size or tiny_prior.native_size  # what the engine gives the tasks
+        task = build_tasks(config, ["pir"], torch.device("cpu"), size)["pir"]
+        return tuple(task.dataset("train")[0]["hq"].shape[-2:])
+
+    native = tiny_prior.native_size
+    assert crop("") == (native, native)  # no size: the run's
+    assert crop("size: 48\n") == (48, 48)  # the file's
+    assert crop("size: 48\n", "train.crop_size=40") == (40, 40)  # the run's, set, wins
+    assert crop("size: null\n") in {(100, 120), (110, 130)}  # full images
+
+
+def test_evaluation_on_full_images_of_several_sizes(tmp_path, tiny_prior):
+    """size: null gives images of different sizes: evaluated one at a time where a batch would not stack,
+    and padded to one size for the grids."""
+    from unirestore.framework.evaluate import evaluate
+    from unirestore.framework.model import UniRestore
+    from unirestore.framework.registry import get_task_class
+    from unirestore.tasks.base import TaskContext
+
+    root = _photos(tmp_path / "hq", [(70, 64), (64, 90), (80, 72)])
+    data = parse_data_config({"size": None, "tasks": {"pir": [{"type": "hq_folder", "root": str(root)}]}})
+    task = get_task_class("pir")(TaskContext(data=data, size=tiny_prior.native_size))
+    model = UniRestore(tiny_prior, tasks=["pir"])
+    table = evaluate(model, [task], split="test", samples=3, batch_size=2)
+    lq, restored, hq = table.examples["pir"]
+    assert lq.shape == restored.shape == hq.shape == (3, 3, 90, 80)  # the tallest and the widest
+    dataset = task.dataset("test")
+    for k in range(3):
+        height, width = dataset[k]["lq"].shape[-2:]
+        assert (lq[k, :, height:, :] == 1).all() and (lq[k, :, :, width:] == 1).all()  # white below and beside
+        assert lq[k, :, :height, :width].ne(1).any()
+    whole = table.results["pir"]["restored"]["psnr"]
+    # the same images tile by tile (their padded sides, 96, exceed 64): bounded memory, another float path
+    tiled = evaluate(model, [task], split="test", samples=3, batch_size=2, tile_size=64).results["pir"]["restored"]
+    assert whole > 0 and tiled["psnr"] > 0 and tiled["psnr"] != whole

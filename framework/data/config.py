@@ -1,7 +1,7 @@
 """The data config: which datasets feed each task, with what weight, and how HQ-only sets are degraded.
 
 ```yaml
-size: 256                 # crop side (null: full images, batch size 1)
+size: 256                 # crop side (null: full images, batch size 1; absent: the run's crop size)
 seed: 0
 degradation:              # optional; these are the release's defaults
   corruptions: all        # "all" = clean + the 15 ImageNet-C corruptions, or a list of names
@@ -97,7 +97,9 @@ class DatasetEntry:
 
 @dataclass
 class DataConfig:
-    size: int | None = 256  # crop side; None keeps full images
+    # Crop side; None keeps full images; 0 (the key absent) follows the run: train.crop_size, else the prior's
+    # native size. A train.crop_size set for the run takes precedence over the file's.
+    size: int | None = 0
     seed: int = 0  # base seed of crops and degradations
     degradation: DegradationConfig = field(default_factory=DegradationConfig)
     tasks: dict[str, list[DatasetEntry]] = field(default_factory=dict)  # task name -> its datasets
@@ -353,11 +355,15 @@ def build_task_dataset(
     return WeightedConcat(datasets, [e.weight for e in entries], seed=_derive(seed, len(entries)))
 
 
-def build_task_datasets(config: DataConfig, split: str = "train") -> dict[str, WeightedConcat]:
-    """Every task's dataset for `split`, task name -> `WeightedConcat`."""
+def build_task_datasets(
+    config: DataConfig, split: str = "train", run_size: int = 256
+) -> dict[str, WeightedConcat]:
+    """Every task's dataset for `split`, task name -> `WeightedConcat` (crops of `run_size` where the config
+    gives no size)."""
+    size = run_size if config.size == 0 else config.size
     return {
         task: build_task_dataset(
-            entries, split, config.size, _derive(config.seed, zlib.crc32(task.encode())), config.degradation
+            entries, split, size, _derive(config.seed, zlib.crc32(task.encode())), config.degradation
         )
         for task, entries in config.tasks.items()
     }

@@ -131,6 +131,11 @@ def _check_data(config: RunConfig, names: Sequence[str]) -> None:
         from ..data.config import check_roots
 
         check_roots(data, list(names), source=config.data)
+        if data.size is None and not config.train.crop_size and config.train.batch_size > 1:
+            raise ConfigError(
+                f"{config.data}: size: null trains on full images, one per batch; set --batch-size 1 "
+                "(or give the data config a crop size)"
+            )
 
 
 def _check_downstream(config: RunConfig, names: Sequence[str], size: int) -> None:
@@ -154,6 +159,8 @@ def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, s
     from ...tasks.base import TaskContext
 
     data = _data_config(config)
+    if data is not None and config.train.crop_size and data.size != 0:
+        data = replace(data, size=0)  # train.crop_size, set for this run, wins over the data config's size
     tasks = {}
     for name in names:
         cls = get_task_class(name)
