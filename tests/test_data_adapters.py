@@ -175,6 +175,13 @@ def test_cityscapes_label_ids_to_train_ids(tmp_path):
         Cityscapes(tmp_path, split="train")
 
 
+def test_cityscapes_test_split_reads_val_whose_labels_are_public(tmp_path):
+    _cityscapes(tmp_path)
+    test = Cityscapes(tmp_path, split="test", size=None)
+    assert test.split == "val" and len(test) == 2
+    assert test[0]["mask"].ne(255).any()
+
+
 def test_cityscapes_prefers_train_ids(tmp_path):
     _cityscapes(tmp_path, train_ids=True)
     assert Cityscapes(tmp_path, split="val", size=None)[0]["mask"].eq(5).all()

@@ -167,8 +167,12 @@ def test_the_shipped_paper_config_parses_with_the_release_mix():
 
     config = load_data_config(Path(__file__).parents[1] / "experiments" / "configs" / "paper.yaml")
     weights = {task: [entry.weight for entry in entries] for task, entries in config.tasks.items()}
-    assert weights == {"pir": [1.0, 1.0, 1.0], "cls": [0.2], "seg": [10.0], "det": [1.0]}
-    assert [entry.type for entry in config.tasks["pir"]] == ["hq_folder"] * 3
+    assert weights == {"pir": [1.0, 1.0, 1.0, 1.0], "cls": [0.2, 1.0], "seg": [10.0], "det": [1.0]}
+    assert [entry.type for entry in config.tasks["pir"]] == ["hq_folder"] * 4
+    # the training folders serve training only; a held-out set serves validation and the final table
+    for task in ("pir", "cls"):
+        splits = [entry.splits for entry in config.tasks[task]]
+        assert splits[-1] == ["val", "test"] and all(s == ["train"] for s in splits[:-1])
     assert config.size == 512 and config.degradation.severity is None
 
 
@@ -254,3 +258,24 @@ def test_evaluation_on_full_images_of_several_sizes(tmp_path, tiny_prior):
     # the same images tile by tile (their padded sides, 96, exceed 64): bounded memory, another float path
     tiled = evaluate(model, [task], split="test", samples=3, batch_size=2, tile_size=64).results["pir"]["restored"]
     assert whole > 0 and tiled["psnr"] > 0 and tiled["psnr"] != whole
+
+
+def test_entries_serve_only_their_splits(tmp_path):
+    """A training folder listed with splits: [train] never feeds validation or the table (ImageNet's train
+    images were evaluated as its test set when the file listed only them)."""
+    train = _photos(tmp_path / "train", [(40, 40)] * 3)
+    held_out = _photos(tmp_path / "val", [(50, 50)] * 2)
+    config = parse_data_config({
+        "size": None,
+        "tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["train"]},
+                          {"type": "hq_folder", "root": str(held_out), "splits": ["val", "test"]}]},
+    })  # fmt: skip
+    built = {split: build_task_datasets(config, split)["pir"] for split in ("train", "val", "test")}
+    assert len(built["train"]) == 3 and len(built["val"]) == len(built["test"]) == 2
+    assert {tuple(built["train"][i]["hq"].shape) for i in range(3)} == {(3, 40, 40)}
+    assert {tuple(built["test"][i]["hq"].shape) for i in range(2)} == {(3, 50, 50)}
+    only_train = parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["train"]}]}})
+    with pytest.raises(DataError, match=r"serves the test split.*splits: \[test\]"):
+        build_task_datasets(only_train, "test")
+    with pytest.raises(DataError, match=r"splits: unknown split 'tset'"):
+        parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["tset"]}]}})

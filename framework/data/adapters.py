@@ -337,7 +337,7 @@ class Cityscapes(FileDataset):
 
     Images `leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`, labels `gtFine/<split>/<city>/<name>_gtFine_
     labelTrainIds.png` when present, else `..._gtFine_labelIds.png` (mapped). A missing label file is a
-    `DataError` at construction.
+    `DataError` at construction. The split "test" reads `val`: the test labels are not public.
     """
 
     class_names = CITYSCAPES_CLASSES
@@ -352,7 +352,9 @@ class Cityscapes(FileDataset):
         labels_root: str | Path | None = None,
     ):
         self.labels_root = Path(labels_root) if labels_root else Path(root)
-        super().__init__(root, split, size, seed)
+        # The test split's labels are not public (its gtFine files are placeholders): test reads val, as the
+        # paper's tables do.
+        super().__init__(root, "val" if split == "test" else split, size, seed)
 
     def _label_path(self, city: str, base: str) -> tuple[Path, bool]:
         folder = self.labels_root / "gtFine" / self.split / city
@@ -469,7 +471,7 @@ class ACDC(FileDataset):
                 f"{root}: unknown ACDC condition(s) {unknown}; use some of {', '.join(ACDC_CONDITIONS)}"
             )
         self.conditions = tuple(conditions) if conditions else None
-        super().__init__(root, split, size, seed)
+        super().__init__(root, "val" if split == "test" else split, size, seed)  # test labels are not public
 
     def index(self) -> None:
         conditions = self.conditions or tuple(

@@ -10,17 +10,21 @@ degradation:              # optional; these are the release's defaults
   rescale: true
 tasks:
   pir:
-    - {type: hq_folder, root: /data/DIV2K/DIV2K_train_HR, weight: 1}
-    - {type: hq_folder, root: /data/Flickr2K, weight: 1}
-  cls: [{type: image_folder, root: /data/imagenet/train, weight: 0.2}]
-  seg: [{type: cityscapes, root: /data/cityscapes, split: train, weight: 10}]
+    - {type: hq_folder, root: /data/DIV2K/DIV2K_train_HR, weight: 1, splits: [train]}
+    - {type: hq_folder, root: /data/DIV2K/DIV2K_valid_HR, splits: [val, test]}
+  cls:
+    - {type: image_folder, root: /data/imagenet/train, weight: 0.2, splits: [train]}
+    - {type: image_folder, root: /data/imagenet/val, splits: [val, test]}
+  seg: [{type: cityscapes, root: /data/cityscapes, weight: 10}]   # its own train / val folders
 ```
 
-Every entry has `type` and the common keys `weight` (repeat factor, see `compose.WeightedConcat`), `split`
-(pins the split; default: the one being built), `degrade` (HQ-only sets: add `lq`; default true),
-`corruption` / `severity` (this entry's own degradation); the other keys are the dataset class's own
-arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and keys, missing required
-keys and values of the wrong type fail at parse time with the file, the key and the valid choices.
+Every entry has `type` and the common keys `weight` (repeat factor, see `compose.WeightedConcat`), `splits`
+(the splits the entry serves, e.g. [train] for a training folder and [val, test] for a held-out one; default:
+all), `split` (pins the split the dataset class reads; default: the one being built), `degrade` (HQ-only
+sets: add `lq`; default true), `corruption` / `severity` (this entry's own degradation); the other keys are
+the dataset class's own arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and
+keys, missing required keys and values of the wrong type fail at parse time with the file, the key and the
+valid choices.
 """
 
 from __future__ import annotations
@@ -89,6 +93,9 @@ class DatasetEntry:
     type: str  # a key of DATASET_TYPES
     weight: float = 1.0  # repeat factor per epoch (0.2: a fifth of the set, 10: ten views of each image)
     split: str | None = None  # pin this set's split; None: the split being built
+    # The splits this entry serves (train, val, test); None: every split. A training folder listed with
+    # [train] and a held-out one with [val, test] keep evaluation off the training images.
+    splits: list[str] | None = None
     degrade: bool = True  # HQ-only sets: add `lq` with the degrader (False: `hq` only)
     corruption: list[str] | None = None  # this entry's degradation names (default: the config's)
     severity: int | None = None  # this entry's fixed severity (default: the config's)
@@ -209,6 +216,11 @@ def _parse_entry(raw: Any, where: str) -> DatasetEntry:
         raise DataError(f"{where}: missing required key(s) {', '.join(missing)}")
     if entry.split is not None and entry.split not in SPLITS:
         raise DataError(f"{where}.split: unknown split {entry.split!r}; valid: {', '.join(SPLITS)}")
+    for name in entry.splits or ():
+        if name not in SPLITS:
+            raise DataError(f"{where}.splits: unknown split {name!r}; valid: {', '.join(SPLITS)}")
+    if entry.splits == []:
+        raise DataError(f"{where}.splits: empty; list the splits this set serves, or drop the key for all")
     if not entry.weight > 0:
         raise DataError(f"{where}.weight: must be positive, got {entry.weight}")
     if entry.severity is not None and entry.severity not in (1, 2, 3, 4, 5):
@@ -351,8 +363,14 @@ def build_task_dataset(
         raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if not entries:
         raise DataError("build_task_dataset needs at least one dataset entry")
-    datasets = [build_dataset(e, split, size, _derive(seed, k), degradation) for k, e in enumerate(entries)]
-    return WeightedConcat(datasets, [e.weight for e in entries], seed=_derive(seed, len(entries)))
+    serving = [(k, e) for k, e in enumerate(entries) if e.splits is None or split in e.splits]
+    if not serving:
+        raise DataError(
+            f"no dataset of this task serves the {split} split (each lists other `splits`); add a held-out "
+            f"set with splits: [{split}]"
+        )
+    datasets = [build_dataset(e, split, size, _derive(seed, k), degradation) for k, e in serving]
+    return WeightedConcat(datasets, [e.weight for _, e in serving], seed=_derive(seed, len(entries)))
 
 
 def build_task_datasets(
