@@ -106,8 +106,9 @@ def _image_bar(description: str, total: int, enabled: bool):
 
         def advance(count: int) -> None:
             bar.advance(task, count)
-            speed = bar.tasks[0].speed
-            bar.update(task, rate=f"{speed:.2f}" if speed else "-")
+            done = bar.tasks[0]
+            if done.elapsed:
+                bar.update(task, rate=f"{done.completed / done.elapsed:.2f}")
 
         yield advance
 
