@@ -137,6 +137,19 @@ def test_image_folder_classes_are_sorted_subfolders(tmp_path):
     assert batch["label"].tolist() == [0, 0, 1] and batch["hq"].shape == (3, 3, 16, 16)
 
 
+def test_image_folder_of_imagenet_synsets_keeps_their_imagenet_indices(tmp_path):
+    """A subset of ImageNet (here goldfish and tench's neighbours) must be labelled as a 1000-way classifier
+    numbers them, not 0, 1, ... by position, or every accuracy on it is wrong."""
+    _save(tmp_path / "subset" / "n01443537" / "a.jpg", _flat(10))  # goldfish: ImageNet index 1
+    _save(tmp_path / "subset" / "n01484850" / "b.jpg", _flat(20))  # great white shark: 2
+    subset = ImageFolder(tmp_path / "subset", split="val", size=16)
+    assert [int(subset[i]["label"]) for i in range(2)] == [1, 2] and subset.num_classes == 1000
+    _save(tmp_path / "mixed" / "n01443537" / "a.jpg", _flat(10))
+    _save(tmp_path / "mixed" / "001.Black_footed_Albatross" / "b.jpg", _flat(20))  # CUB: by position
+    mixed = ImageFolder(tmp_path / "mixed", split="val", size=16)
+    assert [int(mixed[i]["label"]) for i in range(2)] == [0, 1] and mixed.num_classes == 2
+
+
 def _cityscapes(root: Path, split: str = "val", train_ids: bool = False) -> None:
     label = np.zeros((16, 32), np.uint8)
     label[:, :8] = 7  # road -> 0

@@ -306,8 +306,20 @@ class RESIDE(PairedFolder):
 # Classification
 
 
+def _imagenet_indices() -> dict[str, int]:
+    """ImageNet-1k synset -> class index, in the order every ImageNet classifier uses (timm's table)."""
+    from timm.data import ImageNetInfo
+
+    return {name: index for index, name in enumerate(ImageNetInfo().label_names())}
+
+
 class ImageFolder(FileDataset):
-    """Class = sub-folder of `root` (sorted names, label = position), images found recursively in each."""
+    """Class = sub-folder of `root` (sorted names, label = position), images found recursively in each.
+
+    Sub-folders named by ImageNet-1k synsets (n01440764, ...) get their ImageNet-1k index as the label, so that
+    a subset of ImageNet (ImageNet-100, ten classes for a quick run) is scored right by a 1000-way classifier;
+    for the full set the two numberings are the same.
+    """
 
     def index(self) -> None:
         _require_dir(self.root, "one sub-folder of images per class")
@@ -316,12 +328,15 @@ class ImageFolder(FileDataset):
         )
         if not self.class_names:
             raise DataError(f"{self.root}: no class sub-folders; expected <root>/<class name>/<images>")
-        for label, name in enumerate(self.class_names):
+        imagenet = _imagenet_indices()
+        self.imagenet_labels = all(name in imagenet for name in self.class_names)
+        for position, name in enumerate(self.class_names):
+            label = imagenet[name] if self.imagenet_labels else position
             self.records.extend((path, label) for path in list_images(self.root / name))
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names)
+        return 1000 if self.imagenet_labels else len(self.class_names)
 
     def load(self, i: int) -> Sample:
         path, label = self.records[i]
