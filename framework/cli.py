@@ -627,10 +627,20 @@ def eval_(
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         run_config = _build_config(config, list(set_ or []))
         run_config.tasks = names
+        data_unset = data is None and config is None
         if data is not None:
             run_config.data = data
         data = run_config.data
         model = load_checkpoint(ckpt, prior=prior)
+        if data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
+            saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")
+                          if f.is_file()), None)  # fmt: skip
+            Console(stderr=True).print(
+                f"[yellow]note[/yellow]: evaluating a checkpoint of prior '{model.prior_identity['name']}' on the "
+                f"built-in data; for the data and downstream models its run used, add --config "
+                f"{saved or 'with the run config'}",
+                highlight=False, soft_wrap=True,
+            )
         task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
         for task in task_objects.values():
             prepare = getattr(task, "prepare", None)

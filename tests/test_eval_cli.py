@@ -110,3 +110,25 @@ def test_eval_on_real_data_reads_the_downstream_checkpoints_from_config_or_set(c
     config.write_text(f"data: {data}\ndownstream_checkpoints: {{resnet50: {broken}}}\n")
     assert f"{broken}: not a readable checkpoint" in run("--config", str(config))
     assert not (folder / "real.db").exists()
+
+
+def test_eval_of_a_real_prior_checkpoint_on_builtin_data_names_the_runs_config(tmp_path, tiny_prior):
+    """A checkpoint trained with --config on real data, evaluated without it, would be judged on the built-in
+    scenes: say so, and name the run folder's config.yaml."""
+    import shutil
+
+    from unirestore.framework.prior import load_prior, tiny_prior_path
+
+    folder = tmp_path / "sd-like"  # the tiny prior as a folder: a prior other than "tiny", by name
+    shutil.copytree(tiny_prior_path(), folder)
+    model = UniRestore(load_prior(folder), ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "run" / "stage2.safetensors")
+    (tmp_path / "run" / "config.yaml").write_text(f"prior: {folder}\n")
+    result, _ = _eval(tmp_path, path, tmp_path / "out", "--tasks", "pir", "--samples", "1")
+    assert result.exit_code == 0, result.output
+    note = " ".join(result.stderr.split())
+    assert f"note: evaluating a checkpoint of prior '{folder}' on the built-in data" in note
+    assert f"--config {tmp_path / 'run' / 'config.yaml'}" in note
+    quiet, _ = _eval(tmp_path, path, tmp_path / "out2", "--tasks", "pir", "--samples", "1",
+                     "--config", str(tmp_path / "run" / "config.yaml"))  # fmt: skip
+    assert quiet.exit_code == 0 and "note:" not in quiet.stderr
