@@ -8,7 +8,8 @@ Metric: leave-one-out retrieval among the restored test images by cosine similar
 (primary) and `map_at_r` (pytorch-metric-learning's AccuracyCalculator with a torch k-NN, no faiss).
 Models: built-in data → a small timm ResNet embedder (32-d, L2-normalised) trained here on clean scenes
 with a multi-similarity loss and miner (cached); real data → the pooled features of ResNet-50 from
-`checkpoints.resnet50` (e.g. CUB retrieval with ImageNet features).
+`downstream_checkpoints.resnet50` (e.g. CUB retrieval with ImageNet features; the data config's
+`class_range` gives CUB's class-disjoint protocol, classes [0, 100] to train and [100, 200] to test).
 Anchored to PIR (a choice, as for detection): the metric loss alone does not ask for a natural image.
 """
 

@@ -315,3 +315,15 @@ def test_rtts_voc_boxes(tmp_path):
     (tmp_path / "Annotations" / "BD_Baidu_074.xml").unlink()
     with pytest.raises(DataError, match="BD_Baidu_074.xml: annotation file missing"):
         RTTS(tmp_path, split="test")
+
+
+def test_image_folder_class_range_keeps_cubs_disjoint_classes(tmp_path):
+    """CUB retrieval: train on the first classes, test on the others; labels stay the folder positions."""
+    for k, name in enumerate(("001.Albatross", "002.Auklet", "003.Blackbird", "004.Bobolink")):
+        _save(tmp_path / name / "a.jpg", _flat(10 * k))
+    train = ImageFolder(tmp_path, size=16, class_range=[0, 2])
+    test = ImageFolder(tmp_path, split="test", size=16, class_range=[2, 4])
+    assert train.class_names == ["001.Albatross", "002.Auklet"] and test.class_names == ["003.Blackbird", "004.Bobolink"]
+    assert [int(test[i]["label"]) for i in range(2)] == [2, 3] and test.num_classes == 4
+    with pytest.raises(DataError, match=r"class_range \[3, 9\] must be \[first, last\] with 0 <= first < last <= 4"):
+        ImageFolder(tmp_path, class_range=[3, 9])

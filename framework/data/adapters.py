@@ -319,24 +319,47 @@ class ImageFolder(FileDataset):
     Sub-folders named by ImageNet-1k synsets (n01440764, ...) get their ImageNet-1k index as the label, so that
     a subset of ImageNet (ImageNet-100, ten classes for a quick run) is scored right by a 1000-way classifier;
     for the full set the two numberings are the same.
+
+    `class_range: [first, last]` keeps the classes at sorted positions first..last-1 (labels stay the positions
+    in the whole folder): CUB's retrieval protocol trains on classes [0, 100] and tests on [100, 200].
     """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        size: int | None = 256,
+        seed: int = 0,
+        class_range: list[int] | None = None,
+    ):
+        self.class_range = class_range
+        super().__init__(root, split, size, seed)
 
     def index(self) -> None:
         _require_dir(self.root, "one sub-folder of images per class")
-        self.class_names = sorted(
-            p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")
-        )
-        if not self.class_names:
+        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not names:
             raise DataError(f"{self.root}: no class sub-folders; expected <root>/<class name>/<images>")
+        self.total_classes = len(names)
+        positions = range(len(names))
+        if self.class_range is not None:
+            if len(self.class_range) != 2 or not 0 <= self.class_range[0] < self.class_range[1] <= len(names):
+                raise DataError(
+                    f"{self.root}: class_range {self.class_range} must be [first, last] with "
+                    f"0 <= first < last <= {len(names)} (its number of classes)"
+                )
+            positions = range(*self.class_range)
+        self.class_names = [names[i] for i in positions]
         imagenet = _imagenet_indices()
         self.imagenet_labels = all(name in imagenet for name in self.class_names)
-        for position, name in enumerate(self.class_names):
+        for position in positions:
+            name = names[position]
             label = imagenet[name] if self.imagenet_labels else position
             self.records.extend((path, label) for path in list_images(self.root / name))
 
     @property
     def num_classes(self) -> int:
-        return 1000 if self.imagenet_labels else len(self.class_names)
+        return 1000 if self.imagenet_labels else self.total_classes
 
     def load(self, i: int) -> Sample:
         path, label = self.records[i]
