@@ -29,6 +29,7 @@ import json
 import math
 import xml.etree.ElementTree as ET
 from collections import defaultdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,7 @@ class RESIDE(PairedFolder):
 # Classification
 
 
+@lru_cache(maxsize=1)
 def _imagenet_indices() -> dict[str, int]:
     """ImageNet-1k synset -> class index, in the order every ImageNet classifier uses (timm's table)."""
     from timm.data import ImageNetInfo

@@ -690,7 +690,9 @@ def add_task(
     model = load_checkpoint(source_checkpoint, prior=prior, device=device,
                             config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
     model.add_task(task)
-    _check_downstream(config, [task], config.train.crop_size or model.native_size)
+    # The task's downstream model, before the run starts too: a missing or unfitting checkpoint leaves no run.
+    tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
+    _prepare(tasks, distributed)
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
             "unirestore.source": metadata["path"]}  # fmt: skip
     params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
@@ -698,9 +700,6 @@ def add_task(
     run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
     status = "FAILED"
     try:
-        prior_size = config.train.crop_size or model.native_size
-        tasks = build_tasks(config, [task], device, prior_size)
-        _prepare(tasks, distributed)
         final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
         table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added")
         status = "FINISHED"
