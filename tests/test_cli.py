@@ -84,6 +84,9 @@ def test_train_end_to_end_writes_checkpoint_grids_and_an_mlflow_run(trained):
     assert stage2_terms and all(np.isfinite(run[c]) for c in stage2_terms)
     artifacts = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"], "checkpoints")]
     assert "checkpoints/stage2.safetensors" in artifacts
+    curves = [a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"], "curves")]
+    assert sorted(curves) == ["curves/stage1.png", "curves/stage2.png"]
+    assert (output / "curves" / "stage2.png").is_file() and "metric curves" in result.stdout
     assert str(output) in run["artifact_uri"]  # the experiment's artifacts live under the run folder
 
 

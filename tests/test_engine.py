@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from unirestore.framework.checkpoint import load_checkpoint, read_checkpoint
@@ -33,6 +34,7 @@ from unirestore.framework.engine import (
     build_tasks,
     train,
 )
+from unirestore.framework.engine.curves import MetricHistory
 from unirestore.framework.engine.stages import (
     StageLoss,
     apply_stage,
@@ -259,6 +261,16 @@ def test_stages_change_only_their_parameters_and_never_the_prior(root, base_run)
     assert read_checkpoint(root / "base" / "stage1.safetensors")[1]["model_config"]["use_tfa"] is False
     assert read_checkpoint(result.checkpoint)[1]["model_config"]["use_tfa"] is True
     assert (root / "base" / "grids" / "final-pir.png").is_file()
+    # Each stage's logged values, kept beside its checkpoints and drawn as curves
+    for stage, terms in (("stage1", {"loss/cfrm", "loss/control"}), ("stage2", {"loss/pir_l1", "loss/seg_ce"})):
+        history = MetricHistory(root / "base" / stage)
+        records = history.read()
+        assert [r["step"] for r in records if f"{stage}/loss_total" in r["metrics"]] == [1, 2, 3]  # log_every=1
+        series = history.series()
+        assert terms <= set(series) and f"{stage}/lr" in series
+        assert any(name.startswith(f"{stage}/val/") for name in series)  # validation after the last step
+        with Image.open(root / "base" / "curves" / f"{stage}.png") as image:
+            assert image.format == "PNG" and image.width > 600
     assert {"test/pir/lq/psnr", "test/pir/restored/psnr", "test/cls/restored/acc/resnet"} <= set(
         result.metrics
     )
@@ -312,11 +324,23 @@ def test_kill_and_resume_reaches_the_same_weights(root, base_run):
         train(config, stages=(1, 2), progress=False)
     with pytest.raises(RunFolderError, match="differs"):
         train(make_config(root, "killed", "train.lr=3e-4"), stages=(1, 2), resume=True, progress=False)
+    # The kill came after step 3 was logged and before its checkpoint: the history holds step 3 once.
+    assert [r["step"] for r in MetricHistory(root / "killed" / "stage2").read()] == [1, 2, 3]
     resumed = train(config, stages=(1, 2), resume=True, progress=False)
     assert resumed.run_id == run_id  # the same MLflow run goes on
     expected, got = tensors(base.checkpoint), tensors(resumed.checkpoint)
     assert expected.keys() == got.keys()
     assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+    # The replayed step is in the curves once, with the values the uninterrupted run logged.
+    for stage in ("stage1", "stage2"):
+        killed = MetricHistory(root / "killed" / stage).read()
+        whole = MetricHistory(root / "base" / stage).read()
+        assert [r["step"] for r in killed] == [r["step"] for r in whole]
+        for a, b in zip(killed, whole):
+            assert a["metrics"].keys() == b["metrics"].keys()
+            for name in a["metrics"]:
+                if not name.endswith("steps_per_second"):
+                    assert a["metrics"][name] == pytest.approx(b["metrics"][name], rel=1e-5), (stage, name)
 
 
 def test_add_task_changes_only_the_new_prompt(root, base_run):
@@ -444,3 +468,17 @@ def test_two_processes_train_with_data_parallel_and_evaluate_on_rank_0(root, bas
     runs = mlflow.search_runs(experiment_names=["unirestore"])
     assert len(runs) == 1 and runs.iloc[0]["status"] == "FINISHED"  # one run, from rank 0
     assert int(runs.iloc[0]["params.effective_batch"]) == 4  # two processes of 2
+
+
+def test_metric_history_skips_a_line_cut_by_a_kill_and_cuts_back_to_the_resumed_step(tmp_path):
+    history = MetricHistory(tmp_path)
+    for step in (10, 20, 30):
+        history.append(step, {"loss/pir_l1": 1.0 / step, "stage1/lr": 1e-4})
+    with history.path.open("a") as stream:
+        stream.write('{"step": 40, "metrics": {"loss/pir')  # the process died mid-line
+    assert [r["step"] for r in history.read()] == [10, 20, 30]
+    history.keep_until(20)
+    assert [r["step"] for r in history.read()] == [10, 20]
+    history.append(30, {"loss/pir_l1": float("nan")})
+    steps, values = history.series()["loss/pir_l1"]
+    assert steps == [10, 20] and values == pytest.approx([0.1, 0.05])  # the NaN is not drawn

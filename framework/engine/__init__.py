@@ -34,6 +34,7 @@ from ..evaluate import EvalTable, evaluate, save_grids
 from ..model import UniRestore
 from ..prior import load_prior
 from ..registry import get_task_class, parse_task_list
+from .curves import MetricHistory, plot_curves
 from .stages import Stage, StageLoss, apply_stage, check_stage, parameter_groups, stage1, stage2, stage3
 from .state import (
     TrainingState,
@@ -237,6 +238,9 @@ class _Run:
         if self.console is not None:
             self.console.print(message)
 
+    def curves_title(self, stage: Stage) -> str:
+        return f"{self.output.name}: {stage.name} ({', '.join(stage.tasks)})"
+
     def log(self, metrics: dict, step: int) -> None:
         if self.distributed.main:
             self.tracker.log_metrics(metrics, step)
@@ -275,9 +279,21 @@ class _Run:
             restore_rng(state.rng)
             start, position = state.step, state.data_position
             self.say(f"[yellow]{stage.name}[/yellow]: resuming at step {start} of {steps}")
+        history = MetricHistory(folder)
         if distributed.main:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "config.yaml").write_text(dump_yaml(config))
+            history.keep_until(start)  # the steps after the resumed checkpoint are logged again
+
+        def log(metrics: dict, step: int) -> None:
+            self.log(metrics, step)
+            if distributed.main:
+                history.append(step, metrics)
+
+        def draw_curves() -> None:
+            path = plot_curves(history, self.output / "curves" / f"{stage.name}.png", self.curves_title(stage))
+            if path is not None:
+                self.tracker.log_artifact(path, "curves")
 
         seed = step_seed(config.train.seed, stage.number)
         from ..data.sample import collate
@@ -324,6 +340,8 @@ class _Run:
                 )  # fmt: skip
                 metrics = table.flat(f"{stage.name}/val")
                 self.tracker.log_metrics(metrics, step)
+                history.append(step, metrics)
+                draw_curves()
                 if step == steps:
                     for path in save_grids(table, self.output / "grids", stage.name):
                         self.tracker.log_artifact(path, "grids")
@@ -333,7 +351,7 @@ class _Run:
 
         hooks = [
             Progress(f"{stage.name} ({', '.join(stage.tasks)})", enabled=self.progress and distributed.main),
-            MetricLogger(self.log, config.train.log_every, stage.name),
+            MetricLogger(log, config.train.log_every, stage.name),
             Checkpointer(save, config.train.checkpoint_every),
             Validator(validate, config.train.val_every),
             *self.hooks,
@@ -378,6 +396,7 @@ class _Run:
         if self.console is not None:
             self.console.print(table.rich_table(title=title))
             self.console.print(f"before/after grids: {self.output / 'grids'}")
+            self.console.print(f"metric curves: {self.output / 'curves'}")
         return table
 
 
