@@ -293,6 +293,24 @@ def test_tfa_layer_prompt_chain_and_broadcast():
         layer(sample, feature, torch.randn(1, 32))
 
 
+def test_tfa_layer_is_equation_1_with_three_independent_projections():
+    """The layer computes the projections' shared norm once; the result is Eq. 1 with each ϑ applied whole."""
+    torch.manual_seed(0)
+    layer = TFALayer(32, 48, next_channels=16, prompt_length=2)
+    for parameter in layer.parameters():  # away from the zero inits, so every term counts
+        torch.nn.init.normal_(parameter, std=0.2)
+    sample, feature, prompt = torch.randn(2, 48, 6, 5), torch.randn(2, 32, 6, 5), torch.randn(2, 2, 32)
+    forget = layer.forget_gate(feature).softmax(dim=-1)
+    remember = layer.input_gate(feature).softmax(dim=-1)
+    updated = forget * prompt + remember * torch.tanh(layer.content(feature))
+    attention = torch.tanh(layer.out_gate(updated.flatten(1)))
+    tuned = feature + layer.tuner_out(layer.tuner_in(feature) * attention[:, :, None, None])
+    expected = sample + layer.fuse(torch.cat([sample, tuned], dim=1))
+    output, next_prompt = layer(sample, feature, prompt)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(next_prompt, torch.nn.functional.gelu(layer.prompt_out(updated)))
+
+
 def test_tfa_different_prompts_give_different_outputs_and_prompts_get_gradients():
     tfa = TFA(encoder_channels=[64, 32, 16], decoder_channels=[64, 64, 64])
     prompts = TaskPrompts(64)

@@ -28,12 +28,15 @@ class PromptProjection(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
 
     def forward(self, feature: torch.Tensor) -> torch.Tensor:
-        hidden = self.norm(feature)  # (B, C, H, W)
-        hidden = self.conv1(hidden)  # (B, C, H, W)
+        return self.project(self.norm(feature))
+
+    def project(self, normalized: torch.Tensor) -> torch.Tensor:
+        """Everything after the norm, on `self.norm(feature)` (B, C, H, W)."""
+        hidden = self.conv1(normalized)  # (B, C, H, W)
         hidden = self.act(hidden)
         hidden = self.conv2(hidden)  # (B, T*C, H, W)
         hidden = self.pool(hidden)  # (B, T*C, 1, 1)
-        return hidden.reshape(feature.shape[0], self.prompt_length, feature.shape[1])  # (B, T, C)
+        return hidden.reshape(normalized.shape[0], self.prompt_length, normalized.shape[1])  # (B, T, C)
 
 
 class TFALayer(nn.Module):
@@ -99,9 +102,11 @@ class TFALayer(nn.Module):
             feature = F.interpolate(feature, size=sample.shape[-2:], mode="bilinear", align_corners=False)
 
         # Eq. 1: the LSTM-like prompt update, gates normalised over the channel axis
-        forget = self.forget_gate(feature).softmax(dim=-1)  # (B, T, C)
-        remember = self.input_gate(feature).softmax(dim=-1)  # (B, T, C)
-        content = torch.tanh(self.content(feature))  # (B, T, C)
+        # The three projections' norms hold no parameters, so they are one norm, computed once.
+        normalized = self.forget_gate.norm(feature)  # (B, C, h, w)
+        forget = self.forget_gate.project(normalized).softmax(dim=-1)  # (B, T, C)
+        remember = self.input_gate.project(normalized).softmax(dim=-1)  # (B, T, C)
+        content = torch.tanh(self.content.project(normalized))  # (B, T, C)
         hidden = self.tuner_in(feature)  # (B, C, h, w)
         if copies > 1:
             forget, remember, content = (x.repeat(copies, 1, 1) for x in (forget, remember, content))
