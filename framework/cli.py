@@ -607,7 +607,7 @@ def eval_(
         from .checkpoint import load_checkpoint
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
-        from .engine import build_tasks
+        from .engine import _check_data, build_tasks
         from .evaluate import evaluate_checkpoint
         from .registry import parse_task_list
 
@@ -631,6 +631,7 @@ def eval_(
         if data is not None:
             run_config.data = data
         data = run_config.data
+        _check_data(run_config, names, training=False)
         model = load_checkpoint(ckpt, prior=prior)
         if data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
             saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")

@@ -509,7 +509,8 @@ def task_entries(data: Any, task: str) -> tuple[list | None, Any, int | None]:
     """(entries, degradation config, seed) of `task` from `TaskContext.data`.
 
     `data` may be None (built-in data), a list of `DatasetEntry` (the task's entries) or a whole
-    `DataConfig` (its `tasks[task]`, degradation and seed are used; a task it does not list is built-in).
+    `DataConfig` (its `tasks[task]`, degradation and seed are used; a task it does not list is built-in
+    here, but runs and evaluations refuse such a file before they start: `data.config.check_roots`).
     """
     if data is None:
         return None, None, None

@@ -247,6 +247,10 @@ def _corrupt(root):
     ("args", "expected"),
     [
         (["train", "--tasks", "pir,nope"], "unknown task 'nope'"),
+        # a task the data config leaves out is not trained on the built-in scenes behind the user's back
+        (["train", "--data", "{pir_only}"], "lists no datasets for task 'seg' (it lists pir); add them under tasks.seg"),
+        (["task", "add", "ret", "--from", "{corrupt}", "--set", "data={pir_only}"], "`ret: [{type: builtin_scenes}]`"),
+        (["eval", "--ckpt", "{corrupt}", "--data", "{pir_only}", "--tasks", "pir,cls"], "no datasets for task 'cls'"),
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),
         (["train", "--beta", "seg=high"], "train.beta.seg: expected a number"),
@@ -294,10 +298,15 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     real_cls = root / "real-cls.yaml"  # ImageNet's layout: a folder per class
     (root / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (40, 40)).save(root / "imagenet" / "n01440764" / "a.png")
-    real_cls.write_text(f"tasks:\n  cls: [{{type: image_folder, root: {root / 'imagenet'}}}]\n")
+    real_cls.write_text(
+        f"tasks:\n  pir: [{{type: builtin_photos}}]\n  cls: [{{type: image_folder, root: {root / 'imagenet'}}}]\n"
+    )
+    pir_only = root / "pir-only.yaml"
+    pir_only.write_text("tasks:\n  pir: [{type: builtin_photos}]\n")
     full_size = root / "full-size.yaml"
     full_size.write_text(f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n")
-    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size)
+    args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size,
+                     pir_only=pir_only)
             for a in args]  # fmt: skip
     tracked = args[0] == "train" or args[:2] == ["task", "add"]
     result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])

@@ -167,10 +167,11 @@ def test_the_shipped_paper_config_parses_with_the_release_mix():
 
     config = load_data_config(Path(__file__).parents[1] / "experiments" / "configs" / "paper.yaml")
     weights = {task: [entry.weight for entry in entries] for task, entries in config.tasks.items()}
-    assert weights == {"pir": [1.0, 1.0, 1.0, 1.0], "cls": [0.2, 1.0], "seg": [10.0], "det": [1.0]}
+    assert weights == {"pir": [1.0, 1.0, 1.0, 1.0], "cls": [0.2, 1.0], "seg": [10.0], "det": [1.0], "ret": [1.0, 1.0]}
+    assert [entry.options["class_range"] for entry in config.tasks["ret"]] == [[0, 100], [100, 200]]
     assert [entry.type for entry in config.tasks["pir"]] == ["hq_folder"] * 4
     # the training folders serve training only; a held-out set serves validation and the final table
-    for task in ("pir", "cls"):
+    for task in ("pir", "cls", "ret"):
         splits = [entry.splits for entry in config.tasks[task]]
         assert splits[-1] == ["val", "test"] and all(s == ["train"] for s in splits[:-1])
     assert config.size == 512 and config.degradation.severity is None

@@ -159,7 +159,8 @@ def test_real_data_without_its_downstream_model_is_refused_before_ray_starts(sou
     Image.new("RGB", (40, 40)).save(workspace / "imagenet" / "n01440764" / "a.png")
     data = workspace / "real.yaml"
     data.write_text(
-        f"tasks:\n  det: [{{type: rtts, root: {workspace / 'voc'}}}]\n"
+        "tasks:\n  pir: [{type: builtin_photos}]\n"
+        f"  det: [{{type: rtts, root: {workspace / 'voc'}}}]\n"
         f"  cls: [{{type: image_folder, root: {workspace / 'imagenet'}}}]\n"
     )
     with pytest.raises(DownstreamError, match="set downstream_checkpoints.retinanet_resnet50_fpn"):

@@ -290,11 +290,25 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     return parse_data_config(raw, str(path))
 
 
-def check_roots(config: DataConfig, tasks: list[str], source: str = "<data config>") -> None:
-    """Raise a `DataError` naming the first entry of `tasks` whose `root` is not a folder (a cheap check
-    made before a run starts; the datasets themselves are built, and their files listed, later)."""
+def check_roots(
+    config: DataConfig, tasks: list[str], source: str = "<data config>", builtin_types: dict | None = None
+) -> None:
+    """Raise a `DataError` naming the first of `tasks` the file lists no datasets for, or the first entry
+    whose `root` is not a folder (a cheap check made before a run starts; the datasets themselves are built,
+    and their files listed, later).
+
+    A task the file leaves out is an error, not the built-in scenes: at a real prior's scale that would
+    train and score the task on toy data, with nothing in the table to say so. The built-in sets stay
+    available by naming them (`builtin_types`: task -> the built-in set the message suggests).
+    """
     for task in tasks:
-        for k, entry in enumerate(config.tasks.get(task, [])):
+        if task not in config.tasks:
+            builtin = (builtin_types or {}).get(task, "builtin_scenes")
+            raise DataError(
+                f"{source} lists no datasets for task {task!r} (it lists {', '.join(config.tasks) or 'none'}); "
+                f"add them under tasks.{task}, or `{task}: [{{type: {builtin}}}]` for the built-in data"
+            )
+        for k, entry in enumerate(config.tasks[task]):
             root = entry.options.get("root")
             if root is not None and not Path(root).expanduser().is_dir():
                 raise DataError(

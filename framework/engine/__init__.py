@@ -125,14 +125,16 @@ def _data_config(config: RunConfig):
     return load_data_config(config.data)
 
 
-def _check_data(config: RunConfig, names: Sequence[str]) -> None:
-    """Before a run starts: the data config parses and the roots of `names`' datasets are folders."""
+def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) -> None:
+    """Before a run (or an evaluation: `training` False) starts: the data config parses, lists every one of
+    `names` and the roots of their datasets are folders."""
     data = _data_config(config)
     if data is not None:
         from ..data.config import check_roots
 
-        check_roots(data, list(names), source=config.data)
-        if data.size is None and not config.train.crop_size and config.train.batch_size > 1:
+        builtin_types = {name: get_task_class(name).builtin_type for name in names}
+        check_roots(data, list(names), source=config.data, builtin_types=builtin_types)
+        if training and data.size is None and not config.train.crop_size and config.train.batch_size > 1:
             raise ConfigError(
                 f"{config.data}: size: null trains on full images, one per batch; set --batch-size 1 "
                 "(or give the data config a crop size)"
