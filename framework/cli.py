@@ -90,6 +90,9 @@ SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
 ]
+DataOption = Annotated[
+    str | None, typer.Option("--data", help="builtin or a data-config YAML file (default: --config's, or builtin).")
+]
 OutputOption = Annotated[str | None, typer.Option("--output", help="Run folder (default: runs/unirestore).")]
 TrackingOption = Annotated[
     str | None,
@@ -234,6 +237,7 @@ def task_add(
     output: OutputOption = None,
     tracking_uri: TrackingOption = None,
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
+    data: DataOption = None,
 ) -> None:
     """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
     with _errors():
@@ -245,6 +249,8 @@ def task_add(
             overrides.append(f"train.stage3_steps={steps}")
         if beta is not None:
             overrides.append(f"train.beta.{name}={beta}")
+        if data is not None:
+            overrides.append(f"data={data}")
         if output is not None:
             overrides.append(f"output={output}")
         if tracking_uri is not None:
@@ -574,9 +580,7 @@ app.add_typer(sweep_app, name="sweep")
 def eval_(
     ckpt: Annotated[Path, typer.Option("--ckpt", help="A unirestore checkpoint (.safetensors).")],
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,cls,seg.")] = "pir,seg,cls",
-    data: Annotated[
-        str | None, typer.Option("--data", help="builtin or a data-config YAML file (default: --config's, or builtin).")
-    ] = None,
+    data: DataOption = None,
     corruption: Annotated[
         str | None, typer.Option("--corruption", help="Evaluate per degradation: a name, a list, or all.")
     ] = None,
@@ -713,6 +717,7 @@ def sweep_beta(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
+    data: DataOption = None,
 ) -> None:
     """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
     with _errors():
@@ -720,7 +725,7 @@ def sweep_beta(
         from .sweep import SweepError, parse_ranges
         from .sweep import sweep_beta as run_sweep
 
-        run_config = _build_config(config, list(set_ or []))
+        run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
         try:
             result = run_sweep(
                 source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
@@ -746,6 +751,7 @@ def sweep_extend(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
+    data: DataOption = None,
 ) -> None:
     """Add new tasks by prompt alone, one Ray trial (or more) per task; merge the best prompts."""
     with _errors():
@@ -753,7 +759,7 @@ def sweep_extend(
         from .sweep import SweepError
         from .sweep import sweep_extend as run_extend
 
-        run_config = _build_config(config, list(set_ or []))
+        run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
         try:
             result = run_extend(
                 source, parse_task_list(tasks), config=run_config, num_samples=num_samples,

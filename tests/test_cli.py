@@ -249,7 +249,7 @@ def _corrupt(root):
         (["train", "--tasks", "pir,nope"], "unknown task 'nope'"),
         # a task the data config leaves out is not trained on the built-in scenes behind the user's back
         (["train", "--data", "{pir_only}"], "lists no datasets for task 'seg' (it lists pir); add them under tasks.seg"),
-        (["task", "add", "ret", "--from", "{corrupt}", "--set", "data={pir_only}"], "`ret: [{type: builtin_scenes}]`"),
+        (["task", "add", "ret", "--from", "{corrupt}", "--data", "{pir_only}"], "`ret: [{type: builtin_scenes}]`"),
         (["eval", "--ckpt", "{corrupt}", "--data", "{pir_only}", "--tasks", "pir,cls"], "no datasets for task 'cls'"),
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),
