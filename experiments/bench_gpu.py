@@ -236,6 +236,14 @@ def main(argv=None) -> dict:
                 "peak_gib": peak_memory(device),
             }
             print(f"{name:10s} bf16-weights-cl batch {batch:2d}: {seconds * 1e3:8.1f} ms")
+    images = torch.rand(1, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
+    images = images.contiguous(memory_format=torch.channels_last)
+    modules = {name: model.components()[name] for name in ("cfrm", "controller", "sc_tuners", "tfa")}
+    results["dispatched_ops_b1"] = {
+        "bare_prior": dispatched_ops(lambda: bare_pass(images), {}),
+        "restore": dispatched_ops(lambda: restore_pass(images), modules),
+    }
+    print(f"dispatched operators, batch 1: {results['dispatched_ops_b1']}")
     deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
     results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
     results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
@@ -272,6 +280,47 @@ def time_parts(model: UniRestore, images: torch.Tensor, device, args) -> dict[st
         "decoder with TFA": lambda: model.decode(latents, features, "pir"),
     }
     return {name: timed(fn, device, args.warmup, args.iters) for name, fn in parts.items()}
+
+
+def dispatched_ops(fn, owners: dict[str, torch.nn.Module]) -> dict[str, int]:
+    """Operators one call of `fn` dispatches, by the module of `owners` they run in ("prior" outside them).
+
+    Views are left out (they launch no kernel). At batch 1 on a GPU each operator costs a kernel launch and
+    its Python and dispatcher overhead whatever its size, so the counts say how much of the restore's extra
+    time over the bare pass is overhead that CUDA graphs (`--compile reduce-overhead`) would remove.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    stack: list[str] = []
+    counts: dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            view = func.is_view or torch.Tag.inplace_view in func.tags or func is aten._unsafe_view.default
+            if not view:
+                owner = stack[-1] if stack else "prior"
+                counts[owner] = counts.get(owner, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    def enter(module, inputs, name):
+        stack.append(name)
+
+    def leave(module, inputs, output):
+        stack.pop()
+
+    handles = []
+    for name, module in owners.items():
+        for sub in module.modules():
+            handles.append(sub.register_forward_pre_hook(lambda m, i, name=name: enter(m, i, name)))
+            handles.append(sub.register_forward_hook(leave))
+    try:
+        with torch.no_grad(), Count():
+            fn()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {"total": sum(counts.values()), **dict(sorted(counts.items()))}
 
 
 def bench_compiled(model: UniRestore, bare_pass, device, args) -> dict:
@@ -436,6 +485,15 @@ def markdown(results: dict) -> str:
         }
         lines += ["", "- the restore's extra over the bare pass, by module: "
                   + ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in extra.items())]
+    ops = results.get("dispatched_ops_b1")
+    if ops:
+        restore = ops["restore"]
+        by_module = ", ".join(f"{name} {count}" for name, count in restore.items() if name != "total")
+        lines += [
+            "",
+            f"- operators dispatched at batch 1 (views left out; bf16 weights): bare prior pass "
+            f"{ops['bare_prior']['total']}, restore {restore['total']} ({by_module})",
+        ]
     compiled = results.get("compiled")
     if compiled:
         lines += ["", f"| torch.compile ({compiled['mode']}), bf16 weights | batch | ms / batch | compile s |",

@@ -17,6 +17,12 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     assert saved["timings"]["bare_prior_subpixel/bf16/b1"]["seconds"] > 0
     assert saved["flops"]["restore"] > saved["flops"]["bare_prior"] > 0
     assert set(saved["parts_bf16_b1"]) >= {"encoder with CFRM", "Controller", "decoder with TFA"}
+    ops = saved["dispatched_ops_b1"]
+    restore = ops["restore"]
+    assert set(restore) == {"total", "prior", "cfrm", "controller", "sc_tuners", "tfa"}
+    assert restore["total"] == sum(v for k, v in restore.items() if k != "total")
+    # the restore runs the prior's pass and more: the prior's share alone is about the bare pass
+    assert restore["total"] > ops["bare_prior"]["total"] and restore["prior"] >= ops["bare_prior"]["total"]
     training = saved["training"]
     assert {f"stage{s}/{p}/{c}" for s in (1, 2) for p in ("fp32", "bf16") for c in ("ckpt", "no-ckpt")} <= set(training)
     comparison = training["stage2_comparison"]
