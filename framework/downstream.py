@@ -530,7 +530,7 @@ def build_task_data(
     split: str,
     size: int,
     seed: int,
-    builtin_type: str,
+    builtin_type: str | None,
     length: int | None = None,
     degradation_override: Any = None,
 ):
@@ -542,9 +542,15 @@ def build_task_data(
     from dataclasses import replace
 
     from .data.config import DatasetEntry, build_task_dataset
+    from .data.io import DataError
 
     entries, degradation, config_seed = task_entries(data, task)
     if not entries:
+        if builtin_type is None:
+            raise DataError(
+                f"task '{task}' has no built-in data; give a data config (--data) that lists its datasets "
+                f"under tasks.{task}"
+            )
         entries = [DatasetEntry(type=builtin_type, options={"length": length or BUILTIN_LENGTHS[split]})]
     elif getattr(data, "size", 0) != 0:  # the data config's own crop side (None: full images)
         size = data.size
@@ -554,7 +560,7 @@ def build_task_data(
     return build_task_dataset(entries, split, size, seed if config_seed is None else config_seed, degradation)
 
 
-def context_dataset(context: Any, task: str, split: str, builtin_type: str):
+def context_dataset(context: Any, task: str, split: str, builtin_type: str | None):
     """`build_task_data` with a `TaskContext`'s data, size, seed and degradation override."""
     return build_task_data(
         context.data,

@@ -63,6 +63,9 @@ class Task:
     metric_names: ClassVar[tuple[str, ...]] = ()
     # Add the unweighted L1 between the PIR-prompt output and the clean image for this task's samples.
     anchor_to_pir: ClassVar[bool] = False
+    # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`);
+    # None: the task has no built-in data, and a run of it needs a data config that lists its datasets.
+    builtin_type: ClassVar[str | None] = None
 
     def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
         self.context = context or TaskContext()
@@ -75,12 +78,19 @@ class Task:
         self.weights = {**self.loss_weights, **(loss_weights or {})}
 
     def dataset(self, split: str) -> Dataset:
-        """The task's dataset for `split` ('train', 'val', 'test') in the common sample format."""
-        raise NotImplementedError
+        """The task's dataset for `split` ('train', 'val', 'test') in the common sample format: the data
+        config's entries for the task, or its built-in data."""
+        from ..framework.downstream import context_dataset
+
+        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def downstream(self) -> nn.Module | None:
         """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
         return None
+
+    def prepare(self, force: bool = False, steps: int | None = None) -> None:
+        """Before a run starts: build, load or check what the task needs (its downstream models), so that a
+        missing checkpoint stops the run at once. Nothing by default."""
 
     def builtin_specs(self) -> list:
         """The built-in downstream models `prepare` trains and caches for this run (none with real data).
@@ -124,11 +134,6 @@ class FrozenModelsTask(Task):
     def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
         super().__init__(context, loss_weights)
         self._models: dict[str, nn.Module] | None = None
-
-    def dataset(self, split: str) -> Dataset:
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def _builtin(self) -> bool:
         from ..framework.downstream import context_is_builtin

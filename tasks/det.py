@@ -99,11 +99,6 @@ class DetectionTask(Task):
         self.label_map: torch.Tensor | None = None
         self._label_map_resolved = False
 
-    def dataset(self, split: str):
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
-
     def _builtin(self) -> bool:
         from ..framework.downstream import context_is_builtin
 

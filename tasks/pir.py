@@ -52,11 +52,6 @@ class PIRTask(Task):
         if not any(weight > 0 for weight in self.weights.values()):
             raise ValueError(f"task 'pir' needs a positive weight on l1 or mse, got {self.weights}")
 
-    def dataset(self, split: str):
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
-
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Nothing to build: PIR has no downstream model."""
 

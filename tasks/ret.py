@@ -60,11 +60,6 @@ class RetrievalTask(Task):
         self._embedder: nn.Module | None = None
         self._loss = None
 
-    def dataset(self, split: str):
-        from ..framework.downstream import context_dataset
-
-        return context_dataset(self.context, self.name, split, self.builtin_type)
-
     def _builtin(self) -> bool:
         from ..framework.downstream import context_is_builtin
 

@@ -360,3 +360,86 @@ def test_the_command_reports_a_mistyped_command_option_or_value_in_one_line(tmp_
     bare = run()  # no command: the help, as before
     assert bare.returncode == 2 and "train" in bare.stdout and not bare.stderr.strip()
     assert run("degrade", str(tmp_path / "missing"), str(tmp_path / "out")).returncode == 2  # a command's own error
+
+
+class _EntryPoint:
+    """An installed plugin's entry point, as importlib.metadata lists it."""
+
+    def __init__(self, name, value, load):
+        self.name, self.value, self._load = name, value, load
+
+    def load(self):
+        return self._load()
+
+
+def test_the_readme_plugin_task_is_added_by_its_prompt_alone_on_its_own_data(trained, root, monkeypatch):
+    """README "Adding a task", run as it stands: its module installed as a plugin, its dataset type read from
+    a data config, `task add edges` trains the new prompt and changes nothing else."""
+    import importlib.metadata
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from unirestore.framework import registry
+    from unirestore.framework.data import config as data_config
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Adding a task", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
+    module_file = root / "readme_edges.py"
+    module_file.write_text(code)
+
+    def load_plugin():
+        spec = importlib.util.spec_from_file_location("readme_edges", module_file)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.EdgeTask
+
+    # an installed plugin: the registries as a fresh process has them, the README module behind the entry point
+    monkeypatch.setattr(registry, "_LOADED", False)
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+    monkeypatch.setattr(registry, "_ALIASES", dict(registry._ALIASES))
+    monkeypatch.setattr(registry, "_BROKEN", {})
+    monkeypatch.setattr(data_config, "DATASET_TYPES", dict(data_config.DATASET_TYPES))
+    points = [_EntryPoint("edges", "readme_edges:EdgeTask", load_plugin)]
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: points)
+
+    # BSDS500's layout: images/x.png beside edges/x.png, the boundaries drawn from the clean image
+    data = root / "bsds"
+    (data / "images").mkdir(parents=True)
+    (data / "edges").mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(6):
+        image = np.zeros((80, 96, 3), np.uint8)
+        top, left = rng.integers(8, 40, 2)
+        image[top : top + 30, left : left + 40] = rng.integers(60, 255, 3)
+        edges = np.zeros((80, 96), np.uint8)
+        edges[top, left : left + 40] = edges[top + 29, left : left + 40] = 255
+        edges[top : top + 30, left] = edges[top : top + 30, left + 39] = 255
+        Image.fromarray(image).save(data / "images" / f"{k}.png")
+        Image.fromarray(edges).save(data / "edges" / f"{k}.png")
+    config = root / "edges.yaml"
+    config.write_text(f"tasks:\n  edges: [{{type: edge_folder, root: {data}}}]\n")
+
+    output, _, _ = trained
+    source = output / "stage2.safetensors"
+    base = ["task", "add", "edges", "--from", str(source), "--output", str(root / "edges-run"),
+            "--tracking-uri", f"sqlite:///{root / 'edges.db'}", "--steps", "2", *TINY]  # fmt: skip
+    # no built-in data for it: the run asks for --data before anything starts
+    refused = runner.invoke(app, base)
+    assert refused.exit_code == 2 and "task 'edges' has no built-in data; give --data" in refused.stderr
+    assert not (root / "edges-run").exists()
+
+    result = runner.invoke(app, [*base, "--data", str(config), "--set", "train.eval_samples=4"])
+    assert result.exit_code == 0, result.output
+    assert "edge_accuracy" in result.stdout  # its metric in the final table, LQ against restored
+    before, after = load_file(str(source)), load_file(str(root / "edges-run" / "stage3-edges.safetensors"))
+    assert set(after) - set(before) == {"prompts.prompts.edges"}
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert after["prompts.prompts.edges"].abs().sum() > 0
+    from unirestore.framework.engine.curves import MetricHistory
+
+    assert "loss/edges_l1" in MetricHistory(root / "edges-run" / "stage3-edges").series()

@@ -327,3 +327,27 @@ def test_image_folder_class_range_keeps_cubs_disjoint_classes(tmp_path):
     assert [int(test[i]["label"]) for i in range(2)] == [2, 3] and test.num_classes == 4
     with pytest.raises(DataError, match=r"class_range \[3, 9\] must be \[first, last\] with 0 <= first < last <= 4"):
         ImageFolder(tmp_path, class_range=[3, 9])
+
+
+def test_a_plugins_dense_target_is_cropped_and_resized_with_the_image():
+    """A key of the image's size that the sample format does not know (a plugin's depth map, say) follows the
+    image through the resize and the crop: floating point bilinearly, integer by nearest; others stay."""
+    from unirestore.framework.data.sample import fit_to_size, make_sample
+
+    height, width = 40, 60
+    ramp = torch.arange(width, dtype=torch.float32).expand(height, width)  # value = column
+    hq = ramp.expand(3, height, width) / width
+    sample = make_sample(hq)
+    sample["depth"] = ramp[None].clone()  # (1, H, W) float
+    sample["parts"] = (ramp // 10).long()  # (H, W) integer ids 0..5
+    sample["points"] = torch.zeros(7, 2)  # not of the image's size: kept as is
+    for train in (True, False):
+        out = fit_to_size(sample, 32, train, np.random.default_rng(3))
+        assert out["depth"].shape == (1, 32, 32) and out["parts"].shape == (32, 32)
+        assert torch.equal(out["points"], sample["points"])
+        # the same window as the image: the depth map reads the image's columns back
+        torch.testing.assert_close(out["depth"][0] / width, out["hq"][0], atol=0.02, rtol=0)
+        assert out["parts"].dtype == torch.int64 and set(out["parts"].unique().tolist()) <= set(range(6))
+    upscaled = fit_to_size(sample, 48, True, np.random.default_rng(0))  # short side 40 < 48: resized first
+    assert upscaled["depth"].shape == (1, 48, 48)
+    torch.testing.assert_close(upscaled["depth"][0] / width, upscaled["hq"][0], atol=0.03, rtol=0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -280,3 +282,27 @@ def test_entries_serve_only_their_splits(tmp_path):
         build_task_datasets(only_train, "test")
     with pytest.raises(DataError, match=r"splits: unknown split 'tset'"):
         parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["tset"]}]}})
+
+
+def test_a_registered_dataset_type_is_a_checked_data_config_type(tmp_path, monkeypatch):
+    from unirestore.framework.data import config as data_config
+    from unirestore.framework.data.adapters import HQFolder
+    from unirestore.framework.data.config import register_dataset_type
+
+    monkeypatch.setattr(data_config, "DATASET_TYPES", dict(data_config.DATASET_TYPES))
+
+    @register_dataset_type("depth_folder")
+    class DepthFolder(HQFolder):
+        def __init__(self, root: Path, split="train", size=256, seed=0, max_depth: float = 10.0):
+            self.max_depth = max_depth
+            super().__init__(root, split, size, seed)
+
+    config = load_data_config(_write(tmp_path, "tasks: {pir: [{type: depth_folder, root: /x, max_depth: 80}]}"))
+    assert config.tasks["pir"][0].options == {"root": Path("/x"), "max_depth": 80.0}
+    with pytest.raises(DataError, match=r"\(depth_folder\)\.max_depth: expected float, got .far."):
+        load_data_config(_write(tmp_path, "tasks: {pir: [{type: depth_folder, root: /x, max_depth: far}]}"))
+    with pytest.raises(DataError, match=r"unknown key 'max_dept'; valid keys: .*max_depth"):
+        load_data_config(_write(tmp_path, "tasks: {pir: [{type: depth_folder, root: /x, max_dept: 1}]}"))
+    with pytest.raises(ValueError, match="'hq_folder' is registered twice"):
+        register_dataset_type("hq_folder", DepthFolder)
+    assert register_dataset_type("depth_folder", DepthFolder) is DepthFolder  # the same class again is fine

@@ -165,6 +165,27 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise DataError(f"{where}: expected {_type_name(annotation)}, got {value!r}")
 
 
+def register_dataset_type(name: str, cls: type[Dataset] | None = None):
+    """Make `cls` a data-config `type`; as a decorator: `@register_dataset_type("nyu_depth")`.
+
+    A task plugin registers the dataset types its data needs when its module is imported (a config naming
+    a type not known yet loads the plugins first). The constructor's arguments other than split / size / seed
+    become the entry's keys, checked as the built-in types' are. A name already taken raises.
+    """
+
+    def wrap(dataset_cls: type[Dataset]) -> type[Dataset]:
+        taken = DATASET_TYPES.get(name)
+        if taken is not None and taken is not dataset_cls:
+            raise ValueError(
+                f"dataset type {name!r} is registered twice ({taken.__module__}.{taken.__qualname__} and "
+                f"{dataset_cls.__module__}.{dataset_cls.__qualname__}); rename one"
+            )
+        DATASET_TYPES[name] = dataset_cls
+        return dataset_cls
+
+    return wrap(cls) if cls is not None else wrap
+
+
 def dataset_options(type_name: str) -> dict[str, inspect.Parameter]:
     """The entry keys of a dataset type (its constructor's arguments minus split/size/seed)."""
     cls = DATASET_TYPES[type_name]
@@ -182,12 +203,19 @@ def _parse_entry(raw: Any, where: str) -> DatasetEntry:
         raise DataError(f"{where}: missing key 'type'; valid types: {', '.join(DATASET_TYPES)}")
     type_name = raw["type"]
     if type_name not in DATASET_TYPES:
+        from ..registry import load_tasks
+
+        load_tasks()  # task plugins register their dataset types when they are imported
+    if type_name not in DATASET_TYPES:
         raise DataError(
             f"{where}.type: unknown dataset type {type_name!r}; valid: {', '.join(DATASET_TYPES)}"
         )
     where = f"{where} ({type_name})"
     options = dataset_options(type_name)
-    hints = typing.get_type_hints(DATASET_TYPES[type_name].__init__)
+    try:
+        hints = typing.get_type_hints(DATASET_TYPES[type_name].__init__)
+    except (NameError, TypeError, AttributeError):  # a plugin annotation that does not resolve: values as written
+        hints = {}
     common_hints = typing.get_type_hints(DatasetEntry)
     entry = DatasetEntry(type=type_name)
     for key, value in raw.items():
@@ -304,9 +332,10 @@ def check_roots(
     for task in tasks:
         if task not in config.tasks:
             builtin = (builtin_types or {}).get(task, "builtin_scenes")
+            alternative = f", or `{task}: [{{type: {builtin}}}]` for the built-in data" if builtin else ""
             raise DataError(
                 f"{source} lists no datasets for task {task!r} (it lists {', '.join(config.tasks) or 'none'}); "
-                f"add them under tasks.{task}, or `{task}: [{{type: {builtin}}}]` for the built-in data"
+                f"add them under tasks.{task}{alternative}"
             )
         for k, entry in enumerate(config.tasks[task]):
             root = entry.options.get("root")

@@ -12,7 +12,10 @@ A sample is a dict with every key present (a dataset without some target fills i
     box_labels  (N,) int64                    class of each box
     path        str                           where it came from (file, or "builtin:...")
 
-`collate` stacks the tensors and keeps `boxes`, `box_labels`, `path` and `corruption` as lists.
+A task plugin's dataset may add keys of its own. One holding a tensor of the image's size (..., H, W), such
+as a depth map, is cropped and resized with the image (bilinearly when floating point, nearest when integer);
+any other value is kept as it is. `collate` stacks the tensors and keeps `boxes`, `box_labels`, `path` and
+`corruption` as lists.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from .io import DataError
 IGNORE_INDEX = 255  # `mask` value of unlabelled pixels
 IGNORE_LABEL = -100  # `label` of a sample without a class (torch's CrossEntropyLoss ignore_index default)
 LIST_KEYS = ("boxes", "box_labels", "path", "corruption")  # kept as lists by `collate`
+# keys `fit_to_size` handles by name; another key holding a (..., H, W) tensor is a plugin's dense target
+_KNOWN_KEYS = frozenset(("hq", "lq", "mask", "boxes", "box_labels", "label", "path", "corruption", "severity"))
 
 Sample = dict[str, Any]
 
@@ -81,8 +86,19 @@ def _resize_mask(mask: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(mask[None, None].float(), size=(height, width), mode="nearest-exact")[0, 0].long()
 
 
+def _resize_map(value: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A plugin's dense target (..., H, W) resized: bilinearly if floating point, nearest if integer."""
+    flat = value.reshape(1, -1, *value.shape[-2:])  # (1, C, H, W)
+    if value.is_floating_point():
+        out = F.interpolate(flat, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    else:
+        out = F.interpolate(flat.float(), size=(height, width), mode="nearest-exact").to(value.dtype)
+    return out.reshape(*value.shape[:-2], height, width)
+
+
 def fit_to_size(sample: Sample, size: int | None, train: bool, rng: np.random.Generator) -> Sample:
-    """Crop `hq` (and `lq`, `mask`, `boxes`) to `size` x `size`, the same window for all of them.
+    """Crop `hq` (and `lq`, `mask`, `boxes`, and a plugin's (..., H, W) tensors) to `size` x `size`, the same
+    window for all of them.
 
     train: upscale only when the short side is under `size`, then a random `size` window (native resolution).
     otherwise: resize the short side to `size`, then the centre window. `size` None leaves the sample as is.
@@ -96,12 +112,19 @@ def fit_to_size(sample: Sample, size: int | None, train: bool, rng: np.random.Ge
     scale = max(1.0, size / short) if train else size / short
     out = dict(sample)
     boxes = sample["boxes"]
+    dense = [
+        key for key, value in sample.items()
+        if key not in _KNOWN_KEYS and isinstance(value, torch.Tensor) and value.ndim >= 2
+        and tuple(value.shape[-2:]) == (height, width)
+    ]  # fmt: skip
     if scale != 1.0:
         new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
         out["hq"] = _resize_image(hq, new_h, new_w)
         if "lq" in sample:
             out["lq"] = _resize_image(sample["lq"], new_h, new_w)
         out["mask"] = _resize_mask(sample["mask"], new_h, new_w)
+        for key in dense:
+            out[key] = _resize_map(sample[key], new_h, new_w)
         boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float32)
         height, width = new_h, new_w
     if train:
@@ -114,6 +137,8 @@ def fit_to_size(sample: Sample, size: int | None, train: bool, rng: np.random.Ge
     if "lq" in out:
         out["lq"] = out["lq"][window].contiguous()
     out["mask"] = out["mask"][window[1:]].contiguous()
+    for key in dense:
+        out[key] = out[key][..., top : top + size, left : left + size].contiguous()
     if len(boxes):
         boxes = (boxes - torch.tensor([left, top, left, top], dtype=torch.float32)).clamp(0.0, float(size))
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)

@@ -129,6 +129,13 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
     """Before a run (or an evaluation: `training` False) starts: the data config parses, lists every one of
     `names` and the roots of their datasets are folders."""
     data = _data_config(config)
+    if data is None:
+        for name in names:
+            if get_task_class(name).builtin_type is None:
+                raise ConfigError(
+                    f"task '{name}' has no built-in data; give --data with a data config that lists its "
+                    f"datasets under tasks.{name}"
+                )
     if data is not None:
         from ..data.config import check_roots
 
