@@ -443,3 +443,22 @@ def test_the_readme_plugin_task_is_added_by_its_prompt_alone_on_its_own_data(tra
     from unirestore.framework.engine.curves import MetricHistory
 
     assert "loss/edges_l1" in MetricHistory(root / "edges-run" / "stage3-edges").series()
+
+
+def test_the_readme_python_example_restores_one_image_per_prompt(trained, root, monkeypatch, tmp_path):
+    """README's Python block, run as written in a folder holding its checkpoint path and photo."""
+    import re
+    from pathlib import Path
+
+    output, _, _ = trained
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"In Python, a checkpoint.*?```python\n(.*?)```", readme, re.DOTALL).group(1)
+    (tmp_path / "runs" / "unirestore").mkdir(parents=True)
+    (tmp_path / "runs" / "unirestore" / "stage2.safetensors").symlink_to(output / "stage2.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((50, 70, 3)) * 255).astype(np.uint8)).save(tmp_path / "photo.png")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    outputs = {task: np.asarray(Image.open(tmp_path / f"photo-{task}.png")) for task in ("pir", "seg", "cls")}
+    assert all(image.shape == (50, 70, 3) for image in outputs.values())
+    assert not np.array_equal(outputs["pir"], outputs["cls"])  # each prompt steers the decoder its own way
