@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError, ModelConfig, from_dict, to_dict
+from .files import atomic_write
 from .model import UniRestore
 from .prior import Prior, PriorError, load_prior
 
@@ -28,32 +28,6 @@ EMBEDDING_KEY = "prior.empty_prompt_embeds"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used; the message names the file and the fix."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write) -> Path:
-    """Call `write(temporary_path)`, then rename it over `path`: a kill never leaves half a file.
-
-    The file gets the permissions a plain `open` would give it (mkstemp's are owner-only), so the other
-    users and nodes of a shared cluster can read checkpoints as they read any other output.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    return path
 
 
 def state_tensors(model: UniRestore, components: Mapping[str, torch.nn.Module] | None = None) -> dict:

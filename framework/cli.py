@@ -17,6 +17,7 @@ Heavy modules are imported inside the commands, so `--help` and `task list` stay
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +38,10 @@ app.add_typer(downstream_app, name="downstream")
 
 # --------------------------------------------------------------------------------------------------
 # Errors: one line, exit code 2 (user-fixable) or 1 (the run failed)
+
+
+# A full disk, a quota, a read-only or forbidden place: the machine's state, not a bug, so one line too.
+_WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -76,6 +81,14 @@ def _errors():
             _fail(str(error), 1)
         if isinstance(error, _user_errors()):
             _fail(str(error), 2)
+        if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
+            # what was written before stays whole: checkpoints and images are written whole or not at all
+            where = f" {error.filename}" if error.filename else ""
+            _fail(
+                f"cannot write{where}: {error.strerror}; free space or write elsewhere (--output, --out), then run "
+                "again (train and task add continue from their last checkpoint with --resume)",
+                1,
+            )
         raise
 
 

@@ -852,7 +852,7 @@ def builtin_model(
         "training": {**_training_settings(spec), "steps": steps},
         **record,
     }
-    from .checkpoint import atomic_write
+    from .files import atomic_write
 
     atomic_write(weights, lambda path: save_model(model, str(path)))
     atomic_write(sidecar, lambda path: Path(path).write_text(json.dumps(record, indent=2)))

@@ -462,3 +462,30 @@ def test_the_readme_python_example_restores_one_image_per_prompt(trained, root, 
     outputs = {task: np.asarray(Image.open(tmp_path / f"photo-{task}.png")) for task in ("pir", "seg", "cls")}
     assert all(image.shape == (50, 70, 3) for image in outputs.values())
     assert not np.array_equal(outputs["pir"], outputs["cls"])  # each prompt steers the decoder its own way
+
+
+def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trained, root, monkeypatch, tmp_path):
+    import errno
+
+    from unirestore.framework.data import io
+
+    output, _, _ = trained
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(photos / f"{name}.png")
+    real_save = io.save_png
+
+    def full_after_one(image, path):
+        if path.parent.is_dir() and any(path.parent.iterdir()):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_save(image, path)
+
+    monkeypatch.setattr(io, "save_png", full_after_one)
+    out = tmp_path / "restored"
+    result = runner.invoke(app, ["restore", str(photos), "--ckpt", str(output / "stage2.safetensors"), "--out", str(out)])
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error")]  # beside the progress bar
+    assert errors == [line for line in errors if line.startswith("error: cannot write: No space left on device; free")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert [p.name for p in out.iterdir()] == ["a.png"] and Image.open(out / "a.png").size == (40, 40)

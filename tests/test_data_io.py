@@ -146,3 +146,24 @@ def test_missing_label_and_wrong_mask_size_are_errors_naming_the_file(tmp_path):
     Image.fromarray(np.zeros((8, 32), np.uint8)).save(label_dir / "ulm_000000_000001_gtFine_labelIds.png")
     with pytest.raises(DataError, match=r"labelIds.png: label map is \(8, 32\)"):
         Cityscapes(tmp_path, split="val")
+
+
+def test_save_png_never_leaves_half_a_file(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+
+    from unirestore.framework.data.io import save_png
+
+    target = tmp_path / "out" / "x.png"
+    save_png(torch.full((3, 8, 8), 0.5), target)
+    before = target.read_bytes()
+
+    def dies_mid_write(self, fp, *args, **kwargs):
+        with open(fp, "wb") as stream:
+            stream.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PILImage.Image, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space"):
+        save_png(torch.zeros(3, 8, 8), target)
+    assert target.read_bytes() == before  # the earlier file, whole
+    assert [p.name for p in target.parent.iterdir()] == ["x.png"]  # no temporary left behind

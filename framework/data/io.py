@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..files import atomic_write
+
 # Lower-case suffixes of the files listed as images; everything else in a folder is ignored.
 IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".gif"}
@@ -183,6 +185,5 @@ def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
         array = image
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(array)).save(path, format="PNG")
+    image = Image.fromarray(np.ascontiguousarray(array))
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))  # never half a PNG

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from ..files import atomic_write
 
 HISTORY_FILE = "metrics.jsonl"
 

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write, load_components, read_checkpoint, save_checkpoint
+from ..checkpoint import CheckpointError, load_components, read_checkpoint, save_checkpoint
+from ..files import atomic_write
 from ..model import UniRestore
 
 MODEL_FILE = "last.safetensors"
