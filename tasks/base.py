@@ -66,6 +66,8 @@ class Task:
     # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`);
     # None: the task has no built-in data, and a run of it needs a data config that lists its datasets.
     builtin_type: ClassVar[str | None] = None
+    # Fewest samples per batch the loss needs (a metric loss compares each image with the others).
+    min_batch_size: ClassVar[int] = 1
 
     def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
         self.context = context or TaskContext()

@@ -54,6 +54,8 @@ class RetrievalTask(Task):
     sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq", "label")
     # dataset type used when the data config gives this task none
     builtin_type = "builtin_scenes"
+    # One image alone has no other class to be told apart from: the loss is zero and the prompt never learns.
+    min_batch_size = 2
 
     def __init__(self, context=None, loss_weights=None):
         super().__init__(context, loss_weights)

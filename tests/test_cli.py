@@ -251,6 +251,10 @@ def _corrupt(root):
         (["train", "--data", "{pir_only}"], "lists no datasets for task 'seg' (it lists pir); add them under tasks.seg"),
         (["task", "add", "ret", "--from", "{corrupt}", "--data", "{pir_only}"], "`ret: [{type: builtin_scenes}]`"),
         (["eval", "--ckpt", "{corrupt}", "--data", "{pir_only}", "--tasks", "pir,cls"], "no datasets for task 'cls'"),
+        # retrieval's metric loss is zero on one image a batch: nothing would train
+        (["task", "add", "ret", "--from", "{corrupt}", "--set", "train.batch_size=1"], "'ret' needs at least 2 images"),
+        (["train", "--tasks", "pir,ret", "--data", "{full_size}", "--batch-size", "2"],
+         "task 'ret' needs several per batch; give the data config a crop size"),
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),
         (["train", "--beta", "seg=high"], "train.beta.seg: expected a number"),
@@ -304,7 +308,10 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     pir_only = root / "pir-only.yaml"
     pir_only.write_text("tasks:\n  pir: [{type: builtin_photos}]\n")
     full_size = root / "full-size.yaml"
-    full_size.write_text(f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n")
+    full_size.write_text(
+        f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n"
+        f"  ret: [{{type: image_folder, root: {root / 'imagenet'}}}]\n"
+    )
     args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size,
                      pir_only=pir_only)
             for a in args]  # fmt: skip

@@ -128,6 +128,15 @@ def _data_config(config: RunConfig):
 def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) -> None:
     """Before a run (or an evaluation: `training` False) starts: the data config parses, lists every one of
     `names` and the roots of their datasets are folders."""
+    if training:
+        for name in names:
+            needed = get_task_class(name).min_batch_size
+            if config.train.batch_size < needed:
+                raise ConfigError(
+                    f"task '{name}' needs at least {needed} images per batch (its loss compares each image with "
+                    f"the others; with {config.train.batch_size} it is zero and nothing trains); set "
+                    f"--batch-size {needed} or more"
+                )
     data = _data_config(config)
     if data is None:
         for name in names:
@@ -142,6 +151,12 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
         builtin_types = {name: get_task_class(name).builtin_type for name in names}
         check_roots(data, list(names), source=config.data, builtin_types=builtin_types)
         if training and data.size is None and not config.train.crop_size and config.train.batch_size > 1:
+            pairs = [name for name in names if get_task_class(name).min_batch_size > 1]
+            if pairs:
+                raise ConfigError(
+                    f"{config.data}: size: null trains on full images, one per batch, but task '{pairs[0]}' needs "
+                    "several per batch; give the data config a crop size (e.g. size: 512)"
+                )
             raise ConfigError(
                 f"{config.data}: size: null trains on full images, one per batch; set --batch-size 1 "
                 "(or give the data config a crop size)"
