@@ -135,7 +135,7 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
                 raise ConfigError(
                     f"task '{name}' needs at least {needed} images per batch (its loss compares each image with "
                     f"the others; with {config.train.batch_size} it is zero and nothing trains); set "
-                    f"--batch-size {needed} or more"
+                    f"--set train.batch_size={needed} or more"
                 )
     data = _data_config(config)
     if data is None:
