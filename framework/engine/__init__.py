@@ -134,8 +134,8 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
             if config.train.batch_size < needed:
                 raise ConfigError(
                     f"task '{name}' needs at least {needed} images per batch (its loss compares each image with "
-                    f"the others; with {config.train.batch_size} it is zero and nothing trains); set "
-                    f"--set train.batch_size={needed} or more"
+                    f"the others; with {config.train.batch_size} it is zero and nothing trains); add "
+                    f"--set train.batch_size={needed} (or more)"
                 )
     data = _data_config(config)
     if data is None:
@@ -158,7 +158,7 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
                     "several per batch; give the data config a crop size (e.g. size: 512)"
                 )
             raise ConfigError(
-                f"{config.data}: size: null trains on full images, one per batch; set --batch-size 1 "
+                f"{config.data}: size: null trains on full images, one per batch; add --set train.batch_size=1 "
                 "(or give the data config a crop size)"
             )
 
