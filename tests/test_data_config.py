@@ -306,3 +306,13 @@ def test_a_registered_dataset_type_is_a_checked_data_config_type(tmp_path, monke
     with pytest.raises(ValueError, match="'hq_folder' is registered twice"):
         register_dataset_type("hq_folder", DepthFolder)
     assert register_dataset_type("depth_folder", DepthFolder) is DepthFolder  # the same class again is fine
+
+
+def test_the_task_keys_are_checked_against_the_registry(tmp_path):
+    """A typo in a task key fails at parse time with the known tasks; an alias keys its task's entries."""
+    with pytest.raises(DataError, match=r"tasks\.segm: unknown task 'segm'; known tasks: .*seg \(segmentation\)"):
+        load_data_config(_write(tmp_path, "tasks: {pir: [{type: builtin_photos}], segm: [{type: builtin_scenes}]}"))
+    config = load_data_config(_write(tmp_path, "tasks: {restoration: [{type: builtin_photos}]}"))
+    assert list(config.tasks) == ["pir"]
+    with pytest.raises(DataError, match=r"tasks\.pir: listed twice"):
+        load_data_config(_write(tmp_path, "tasks: {pir: [{type: builtin_photos}], restoration: [{type: builtin_photos}]}"))

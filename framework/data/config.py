@@ -293,7 +293,15 @@ def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
         elif key == "tasks":
             if not isinstance(value, dict) or not value:
                 raise DataError(f"{where}: expected a mapping of task name -> list of datasets")
+            from ..registry import UnknownTaskError, resolve_task_name
+
             for task, entries in value.items():
+                try:
+                    task = resolve_task_name(str(task))  # an alias keys its task's entries
+                except UnknownTaskError as error:
+                    raise DataError(f"{where}.{task}: {error}") from None
+                if task in config.tasks:
+                    raise DataError(f"{where}.{task}: listed twice (by its name and an alias); keep one")
                 if isinstance(entries, dict):
                     entries = [entries]
                 if not isinstance(entries, list) or not entries:
