@@ -243,6 +243,12 @@ def test_a_broken_plugin_is_reported_and_skipped(monkeypatch):
     assert "missing_dependency" in registry.broken_plugins()["broken"]
     assert {"pir", "cls", "seg", "det", "ret", "plugin_demo"} <= set(names)
     assert registry.task_source("plugin_demo").startswith("plugin ")
+    # a data config naming a type the broken plugin would have registered says why it is missing
+    from unirestore.framework.data.config import parse_data_config
+    from unirestore.framework.data.io import DataError
+
+    with pytest.raises(DataError, match=r"unknown dataset type 'edge_folder'.*failed to load: broken: .*missing_dep"):
+        parse_data_config({"tasks": {"pir": [{"type": "edge_folder", "root": "/x"}]}})
 
 
 def test_unknown_task_lists_the_known_ones():

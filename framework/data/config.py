@@ -207,8 +207,12 @@ def _parse_entry(raw: Any, where: str) -> DatasetEntry:
 
         load_tasks()  # task plugins register their dataset types when they are imported
     if type_name not in DATASET_TYPES:
+        from ..registry import broken_plugins
+
+        broken = "; ".join(f"{name}: {error}" for name, error in broken_plugins().items())
         raise DataError(
             f"{where}.type: unknown dataset type {type_name!r}; valid: {', '.join(DATASET_TYPES)}"
+            + (f" (task plugins that failed to load: {broken})" if broken else "")
         )
     where = f"{where} ({type_name})"
     options = dataset_options(type_name)
