@@ -693,15 +693,21 @@ def runs_compare(
     metric: Annotated[list[str] | None, typer.Option("--metric", help="Metric to show (repeatable).")] = None,
     filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stage = \'2\'".')] = "",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the metrics.")] = None,
+    curves: Annotated[
+        Path | None,
+        typer.Option("--curves", help="Write a PNG of each --metric's history, one line per run (training curves)."),
+    ] = None,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Runs side by side with their key params and metrics, the best per column marked."""
     with _errors():
         from rich.console import Console
 
-        from .compare import CompareError, compare_runs, plot_comparison, render_table
+        from .compare import CompareError, compare_runs, plot_comparison, plot_histories, render_table
         from .config import _default_tracking_uri
 
+        if curves is not None and not metric:
+            _fail("--curves draws the history of each --metric; give one, e.g. --metric stage2/loss_total", 2)
         try:
             comparison = compare_runs(tracking_uri or _default_tracking_uri(), experiment, metric, filter_)
         except CompareError as error:
@@ -709,6 +715,8 @@ def runs_compare(
         Console(width=200).print(render_table(comparison, title=experiment or "all experiments"))
         if plot is not None:
             typer.echo(f"plot: {plot_comparison(comparison, plot)}")
+        if curves is not None:
+            typer.echo(f"curves: {plot_histories(tracking_uri or _default_tracking_uri(), comparison, curves)}")
 
 
 SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]

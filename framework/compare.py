@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from .files import atomic_write
 
 KEY_PARAMS = ("stage", "tasks", "beta", "prior", "steps")
 # Metrics where lower is better; every other metric is taken as higher-better.
@@ -21,6 +23,7 @@ class Comparison:
     rows: list[dict[str, object]]
     metrics: list[str]
     best: dict[str, object]  # metric → best value
+    run_ids: list[str] = field(default_factory=list)  # MLflow run id of each row
 
     def is_best(self, metric: str, value) -> bool:
         return value is not None and self.best.get(metric) is not None and value == self.best[metric]
@@ -88,8 +91,9 @@ def compare_runs(
     else:
         chosen = sorted(m for m in metric_columns if not m.startswith("loss/") and m not in ("lr", "step"))
     params = [p for p in KEY_PARAMS if f"params.{p}" in frame.columns]
-    rows = []
+    rows, run_ids = [], []
     for _, record in frame.iterrows():
+        run_ids.append(record["run_id"])
         name = record.get("tags.mlflow.runName") or record["run_id"][:8]
         row: dict[str, object] = {"run": f"{name} ({record['run_id'][:8]})"}
         for param in params:
@@ -104,7 +108,7 @@ def compare_runs(
         values = [row[metric] for row in rows if row[metric] is not None]
         if values:
             best[metric] = min(values) if _lower_is_better(metric) else max(values)
-    return Comparison(columns=["run", *params, *chosen], rows=rows, metrics=chosen, best=best)
+    return Comparison(columns=["run", *params, *chosen], rows=rows, metrics=chosen, best=best, run_ids=run_ids)
 
 
 def render_table(comparison: Comparison, title: str = "runs"):
@@ -152,5 +156,43 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
         axis.set_title(metric, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def plot_histories(tracking_uri: str, comparison: Comparison, path: str | Path) -> Path:
+    """A PNG with one panel per metric of `comparison`: its logged history against the step, one line per run
+    (training curves side by side, e.g. the trials of a β sweep)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    count = max(1, len(comparison.metrics))
+    columns = min(3, count)
+    rows = math.ceil(count / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
+    for axis in axes.flat[count:]:
+        axis.set_visible(False)
+    for axis, metric in zip(axes.flat, comparison.metrics):
+        for row, run_id in zip(comparison.rows, comparison.run_ids, strict=True):
+            history = sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
+            if not history:
+                continue
+            steps, values = [m.step for m in history], [m.value for m in history]
+            axis.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, linewidth=1.2,
+                      label=str(row["run"]).split(" (")[0])  # fmt: skip
+        axis.set_title(metric, fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        if axis.get_lines():
+            axis.legend(fontsize=6)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
     plt.close(figure)
     return path

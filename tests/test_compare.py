@@ -48,3 +48,38 @@ def test_a_missing_store_is_named_and_not_created(tmp_path):
         with pytest.raises(CompareError, match="no tracking store at .*; run this in the folder you trained in"):
             compare_runs(uri)
     assert not any(tmp_path.iterdir())  # MLflow would have made an empty store
+
+
+def test_training_curves_of_several_runs_side_by_side(tmp_path):
+    """`runs compare --metric M --curves out.png`: each run's logged history of M, one line per run."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+    from unirestore.framework.compare import plot_histories
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("sweep", artifact_location=str(tmp_path / "artifacts"))
+    for name, rate in (("beta-0.1", 0.5), ("beta-1", 0.9)):
+        with mlflow.start_run(experiment_id=experiment, run_name=name):
+            for step in range(0, 50, 5):
+                mlflow.log_metric("stage2/loss_total", np.exp(-rate * step / 10), step=step)
+    comparison = compare_runs(uri, experiment="sweep", metrics=["stage2/loss_total"])
+    assert len(comparison.run_ids) == 2
+    path = plot_histories(uri, comparison, tmp_path / "curves.png")
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    # two lines in two colours (matplotlib's first two: blue and orange) on the panel
+    blue = ((pixels[..., 2] > 150) & (pixels[..., 0] < 80)).sum()
+    orange = ((pixels[..., 0] > 200) & (pixels[..., 1] > 100) & (pixels[..., 1] < 160) & (pixels[..., 2] < 60)).sum()
+    assert blue > 50 and orange > 50
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--experiment", "sweep",
+                                 "--metric", "stage2/loss_total", "--curves", str(tmp_path / "cli.png")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli.png").is_file() and "curves:" in result.stdout
+    refused = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--curves", str(tmp_path / "x.png")])
+    assert refused.exit_code == 2 and "give one, e.g. --metric stage2/loss_total" in refused.stderr
