@@ -482,3 +482,14 @@ def test_metric_history_skips_a_line_cut_by_a_kill_and_cuts_back_to_the_resumed_
     history.append(30, {"loss/pir_l1": float("nan")})
     steps, values = history.series()["loss/pir_l1"]
     assert steps == [10, 20] and values == pytest.approx([0.1, 0.05])  # the NaN is not drawn
+
+
+def test_stage0_is_drawn_as_curves_too(root, tmp_path, monkeypatch):
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))  # no trained tiny prior: stage 0 runs
+    config = make_config(root, "stage0-curves")
+    train(config, stages=(0,), progress=False)
+    history = MetricHistory(root / "stage0-curves" / "stage0")
+    assert [r["step"] for r in history.read()] == [2, 4]  # the VAE's last step, then the UNet's
+    assert {"loss/vae_l1", "loss/vae_kl"} <= set(history.series())
+    with Image.open(root / "stage0-curves" / "curves" / "stage0.png") as image:
+        assert image.format == "PNG"

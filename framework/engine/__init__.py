@@ -630,10 +630,21 @@ def _run_stages(
             from .stage0 import train_tiny_prior
 
             if distributed.main:
-                result = train_tiny_prior(config.stage0, config.train.seed, device, run.log, run.progress)
+                history = MetricHistory(run.output / "stage0")
+                history.keep_until(0)  # a run resumed before stage 0 finished trains it again from the start
+
+                def log(metrics: dict, step: int) -> None:
+                    run.log(metrics, step)
+                    history.append(step, metrics)
+
+                result = train_tiny_prior(config.stage0, config.train.seed, device, log, run.progress)
                 run.tracker.log_metrics(
                     {k: v for k, v in result.metrics.items() if k.startswith("stage0/")}, 0
                 )
+                title = f"{run.output.name}: stage 0 (the tiny prior's VAE, then its UNet)"
+                curves = plot_curves(history, run.output / "curves" / "stage0.png", title)
+                if curves is not None:
+                    run.tracker.log_artifact(curves, "curves")
                 run.say(f"stage 0: tiny prior {'trained' if result.trained else 'already trained, skipped'} "
                         f"({result.folder})")  # fmt: skip
             distributed.barrier()
