@@ -493,3 +493,5 @@ def test_stage0_is_drawn_as_curves_too(root, tmp_path, monkeypatch):
     assert {"loss/vae_l1", "loss/vae_kl"} <= set(history.series())
     with Image.open(root / "stage0-curves" / "curves" / "stage0.png") as image:
         assert image.format == "PNG"
+    train(config, stages=(0,), resume=True, progress=False)  # the prior is trained now: skipped, history kept
+    assert [r["step"] for r in history.read()] == [2, 4]

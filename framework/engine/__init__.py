@@ -631,10 +631,14 @@ def _run_stages(
 
             if distributed.main:
                 history = MetricHistory(run.output / "stage0")
-                history.keep_until(0)  # a run resumed before stage 0 finished trains it again from the start
+                started = False
 
                 def log(metrics: dict, step: int) -> None:
+                    nonlocal started
                     run.log(metrics, step)
+                    if not started:  # stage 0 trains from its start (a trained prior is skipped, its history kept)
+                        history.keep_until(0)
+                        started = True
                     history.append(step, metrics)
 
                 result = train_tiny_prior(config.stage0, config.train.seed, device, log, run.progress)
