@@ -327,6 +327,11 @@ def task_list(
             table.add_row(*map(escape, cells))  # paths and descriptions are data, not rich markup
         console = Console()
         console.print(table)
+        from .data.config import DATASET_TYPES
+
+        types = [name if cls.__module__.startswith("unirestore.") else f"{name} ({cls.__module__})"
+                 for name, cls in DATASET_TYPES.items()]  # fmt: skip
+        console.print(f"data-config dataset types: {escape(', '.join(types))}", highlight=False)
         for plugin, problem in broken_plugins().items():
             console.print(f"[yellow]plugin {plugin} failed to load:[/yellow] {problem}")
 
