@@ -415,7 +415,7 @@ def test_the_readme_plugin_task_is_added_by_its_prompt_alone_on_its_own_data(tra
     points = [_EntryPoint("edges", "readme_edges:EdgeTask", load_plugin)]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: points)
 
-    # BSDS500's layout: images/x.png beside edges/x.png, the boundaries drawn from the clean image
+    # the plugin's layout: images/x.png beside edges/x.png, the boundaries drawn from the clean image
     data = root / "bsds"
     (data / "images").mkdir(parents=True)
     (data / "edges").mkdir()
