@@ -491,8 +491,10 @@ def markdown(results: dict) -> str:
         by_module = ", ".join(f"{name} {count}" for name, count in restore.items() if name != "total")
         lines += [
             "",
-            f"- operators dispatched at batch 1 (views left out; bf16 weights): bare prior pass "
-            f"{ops['bare_prior']['total']}, restore {restore['total']} ({by_module})",
+            (
+                f"- operators dispatched at batch 1 (views left out; bf16 weights): bare prior pass "
+                f"{ops['bare_prior']['total']}, restore {restore['total']} ({by_module})"
+            ),
         ]
     compiled = results.get("compiled")
     if compiled:
