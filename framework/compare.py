@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .files import atomic_write
+from .plots import panels, save
 
 KEY_PARAMS = ("stage", "tasks", "beta", "prior", "steps")
 # Metrics where lower is better; every other metric is taken as higher-better.
@@ -138,47 +138,26 @@ def render_table(comparison: Comparison, title: str = "runs"):
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """A PNG bar chart: one panel per metric, one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     count = max(1, len(comparison.metrics))
-    figure, axes = plt.subplots(1, count, figsize=(max(4.0, 3.2 * count), 3.6), squeeze=False)
+    figure, axes = panels(count, columns=count, width=max(4.0, 3.2 * count) / count, height=3.6)
     labels = [str(row["run"]).split(" (")[0] for row in comparison.rows]
-    for axis, metric in zip(axes[0], comparison.metrics):
+    for axis, metric in zip(axes, comparison.metrics):
         values = [row[metric] if row[metric] is not None else 0.0 for row in comparison.rows]
         colours = ["tab:green" if comparison.is_best(metric, row[metric]) else "tab:blue" for row in comparison.rows]
         axis.bar(range(len(values)), values, color=colours)
         axis.set_xticks(range(len(values)), labels, rotation=45, ha="right", fontsize=7)
         axis.set_title(metric, fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return save(figure, path, dpi=120)
 
 
 def plot_histories(tracking_uri: str, comparison: Comparison, path: str | Path) -> Path:
     """A PNG with one panel per metric of `comparison`: its logged history against the step, one line per run
     (training curves side by side, e.g. the trials of a β sweep)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    count = max(1, len(comparison.metrics))
-    columns = min(3, count)
-    rows = math.ceil(count / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
-    for axis in axes.flat[count:]:
-        axis.set_visible(False)
-    for axis, metric in zip(axes.flat, comparison.metrics):
+    figure, axes = panels(len(comparison.metrics), columns=3, width=4.2, height=3.2)
+    for axis, metric in zip(axes, comparison.metrics):
         for row, run_id in zip(comparison.rows, comparison.run_ids, strict=True):
             history = sorted(client.get_metric_history(run_id, metric), key=lambda m: (m.step, m.timestamp))
             if not history:
@@ -192,7 +171,4 @@ def plot_histories(tracking_uri: str, comparison: Comparison, path: str | Path) 
         axis.grid(alpha=0.3)
         if axis.get_lines():
             axis.legend(fontsize=6)
-    figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=120, format="png"))
-    plt.close(figure)
-    return path
+    return save(figure, path, dpi=120)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from ..files import atomic_write
+from ..plots import panels, save
 
 HISTORY_FILE = "metrics.jsonl"
 
@@ -81,18 +82,9 @@ def plot_curves(history: MetricHistory, path: str | os.PathLike, title: str) -> 
     series = history.series()
     if not series:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted(series, key=_panel_order)
-    columns = min(4, len(names))
-    rows = math.ceil(len(names) / columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.6 * rows), squeeze=False)
-    for axis in axes.flat[len(names) :]:
-        axis.set_visible(False)
-    for axis, name in zip(axes.flat, names):
+    figure, axes = panels(len(names), columns=4, width=3.4, height=2.6)
+    for axis, name in zip(axes, names, strict=True):
         steps, values = series[name]
         marker = "o" if len(steps) < 20 else None  # a few validation points are easier to read as dots
         axis.plot(steps, values, marker=marker, markersize=3, linewidth=1.2)
@@ -104,9 +96,4 @@ def plot_curves(history: MetricHistory, path: str | os.PathLike, title: str) -> 
         axis.set_xlabel("step", fontsize=7)
         axis.grid(alpha=0.3)
     figure.suptitle(title, fontsize=10)
-    figure.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"))
-    plt.close(figure)
-    return path
+    return save(figure, path, dpi=110)
