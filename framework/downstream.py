@@ -510,7 +510,7 @@ def task_entries(data: Any, task: str) -> tuple[list | None, Any, int | None]:
 
     `data` may be None (built-in data), a list of `DatasetEntry` (the task's entries) or a whole
     `DataConfig` (its `tasks[task]`, degradation and seed are used; a task it does not list is built-in
-    here, but runs and evaluations refuse such a file before they start: `data.config.check_roots`).
+    here, but runs and evaluations refuse such a file before they start: `data.config.check_entries`).
     """
     if data is None:
         return None, None, None

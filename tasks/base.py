@@ -90,6 +90,12 @@ class Task:
         """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
         return None
 
+    def _builtin(self) -> bool:
+        """True when the task runs on built-in data here (so it uses the built-in downstream models)."""
+        from ..framework.downstream import context_is_builtin
+
+        return context_is_builtin(self.context, self.name)
+
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Before a run starts: build, load or check what the task needs (its downstream models), so that a
         missing checkpoint stops the run at once. Nothing by default."""
@@ -136,11 +142,6 @@ class FrozenModelsTask(Task):
     def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
         super().__init__(context, loss_weights)
         self._models: dict[str, nn.Module] | None = None
-
-    def _builtin(self) -> bool:
-        from ..framework.downstream import context_is_builtin
-
-        return context_is_builtin(self.context, self.name)
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in models (skipped when cached, unless `force`); with real data,

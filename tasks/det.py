@@ -99,11 +99,6 @@ class DetectionTask(Task):
         self.label_map: torch.Tensor | None = None
         self._label_map_resolved = False
 
-    def _builtin(self) -> bool:
-        from ..framework.downstream import context_is_builtin
-
-        return context_is_builtin(self.context, self.name)
-
     def use_detector(self, detector: Detector, label_map: torch.Tensor | None = None) -> None:
         """Use `detector` (anything with `losses` / `predict`, e.g. a detectron2 adapter) instead of the
         built-in or torchvision one; `label_map[dataset_label]` = detector label (None: same labels)."""

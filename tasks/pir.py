@@ -52,9 +52,6 @@ class PIRTask(Task):
         if not any(weight > 0 for weight in self.weights.values()):
             raise ValueError(f"task 'pir' needs a positive weight on l1 or mse, got {self.weights}")
 
-    def prepare(self, force: bool = False, steps: int | None = None) -> None:
-        """Nothing to build: PIR has no downstream model."""
-
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         target = batch["hq"].to(restored.device, restored.dtype)
         terms = {}

@@ -62,11 +62,6 @@ class RetrievalTask(Task):
         self._embedder: nn.Module | None = None
         self._loss = None
 
-    def _builtin(self) -> bool:
-        from ..framework.downstream import context_is_builtin
-
-        return context_is_builtin(self.context, self.name)
-
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Train and cache the built-in embedder (skipped when cached, unless `force`); with real data,
         check that the checkpoint loads."""

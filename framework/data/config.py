@@ -330,7 +330,7 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     return parse_data_config(raw, str(path))
 
 
-def check_roots(
+def check_entries(
     config: DataConfig, tasks: list[str], source: str = "<data config>", builtin_types: dict | None = None
 ) -> None:
     """Raise a `DataError` naming the first of `tasks` the file lists no datasets for, or the first entry

@@ -145,11 +145,11 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
                     f"task '{name}' has no built-in data; give --data with a data config that lists its "
                     f"datasets under tasks.{name}"
                 )
-    if data is not None:
-        from ..data.config import check_roots
+    else:
+        from ..data.config import check_entries
 
         builtin_types = {name: get_task_class(name).builtin_type for name in names}
-        check_roots(data, list(names), source=config.data, builtin_types=builtin_types)
+        check_entries(data, list(names), source=config.data, builtin_types=builtin_types)
         if training and data.size is None and not config.train.crop_size and config.train.batch_size > 1:
             pairs = [name for name in names if get_task_class(name).min_batch_size > 1]
             if pairs:
