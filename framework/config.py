@@ -497,9 +497,23 @@ class RunConfig:
             raise ConfigError("output: give a run folder")
 
 
+def _lists_datasets(tasks: Any) -> bool:
+    """True for a data config's `tasks:` (task -> datasets); a run config's `tasks` is a list of names."""
+    return isinstance(tasks, dict) and any(isinstance(entries, list | dict) for entries in tasks.values())
+
+
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """A `RunConfig` from the defaults, a YAML instance (optional) and `key=value` overrides, all checked."""
-    config = from_dict(RunConfig, load_yaml(path), source=str(path)) if path else RunConfig()
+    config = RunConfig()
+    if path:
+        raw = load_yaml(path)
+        if isinstance(raw, dict) and ({"size", "degradation"} & set(raw) or _lists_datasets(raw.get("tasks"))):
+            # a data config given where a run config goes: the commonest mix-up between the two kinds of file
+            raise ConfigError(
+                f"{path} is a data config (datasets per task), not a run config; give it as --data {path} "
+                f"(or `data: {path}` in a run config such as experiments/configs/release.yaml)"
+            )
+        config = from_dict(RunConfig, raw, source=str(path))
     return apply_overrides(config, list(overrides or [])) if overrides else config
 
 

@@ -257,6 +257,8 @@ def _corrupt(root):
         (["train", "--tasks", "pir,ret", "--data", "{full_size}", "--batch-size", "2"],
          "task 'ret' needs several per batch; give the data config a crop size"),
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        # the data config given where the run config goes
+        (["train", "--config", "{pir_only}"], "is a data config (datasets per task), not a run config; give it as --data"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),
         (["train", "--beta", "seg=high"], "train.beta.seg: expected a number"),
         (["train", "--beta", "pri=1"], "train.beta names unknown task 'pri'"),
