@@ -607,7 +607,7 @@ def eval_(
         str | None, typer.Option("--prompts", help="Prompts to restore with (default: each task's own and pir).")
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Test images per task.")] = 32,
-    out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / eval.json / eval.md and grids.")] = Path(
+    out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / .json / .md, per-image eval_images.csv, grids.")] = Path(
         "runs/eval"
     ),
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
@@ -675,6 +675,8 @@ def eval_(
         )  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())
+        for line in report.improved():  # how many images each prompt helped: a mean can hide a split
+            typer.echo(line)
         import mlflow
 
         mlflow.set_tracking_uri(tracking_uri or _default_tracking_uri())

@@ -22,12 +22,14 @@ INPUT_TITLES = {"lq": "LQ", "restored": "restored", "hq": "HQ"}
 
 @dataclass
 class EvalTable:
-    """results[task][input][metric] = value, plus a few (lq, restored, hq) examples per task."""
+    """results[task][input][metric] = value, plus a few (lq, restored, hq) examples per task, and per image
+    (where the task's evaluator gives per-image values) images[task][input] = [{"image": path, metric: value}]."""
 
     split: str
     samples: int
     results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    images: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
 
     def flat(self, prefix: str | None = None) -> dict[str, float]:
         """{"<prefix>/<task>/<input>/<metric>": value}; the prefix defaults to the split."""
@@ -151,6 +153,8 @@ def evaluate(
                 or not getattr(model.config, "use_tfa", True)  # a plain decoder serves every task
             ]
             evaluators = {source: task.evaluator() for source in sources}
+            per_image: dict[str, list[dict]] = {source: [] for source in sources}
+            seen = 0
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             generator = torch.Generator(device=device).manual_seed(seed)
             dataset = task.dataset(split)
@@ -161,15 +165,24 @@ def evaluate(
                     restored = None
                     if "restored" in sources:
                         restored = model.restore(batch["lq"], task=task.name, generator=generator, tile_size=tile_size)
+                    count, done = batch["lq"].shape[0], seen
+                    seen += count
+                    names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
                     for source in sources:
                         images = {"lq": batch["lq"], "hq": batch["hq"], "restored": restored}[source]
-                        evaluators[source].update(images, batch)
-                    advance(batch["lq"].shape[0])
+                        values = evaluators[source].update(images, batch)  # per image, if the metric has it
+                        if values:
+                            per_image[source] += [
+                                {"image": name, **{k: float(v[i]) for k, v in values.items()}}
+                                for i, name in enumerate(names)
+                            ]  # fmt: skip
+                    advance(count)
                     if len(kept) < examples:
                         take = examples - len(kept)
                         shown = restored if restored is not None else batch["lq"]
                         kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
             table.results[task.name] = {source: evaluators[source].compute() for source in sources}
+            table.images[task.name] = {source: rows for source, rows in per_image.items() if rows}
             if kept:  # full images differ in size: pad each to the largest, in the grids' white
                 height = max(image.shape[-2] for image, _, _ in kept)
                 width = max(image.shape[-1] for image, _, _ in kept)
@@ -234,6 +247,9 @@ class EvalReport:
     split: str
     samples: int
     rows: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
+    # images[(corruption, task, row)] = [{"image": path, metric: value}], the same images in the same order
+    # for every row of a (corruption, task); only for metrics with per-image values
+    images: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
     skipped_files: int = 0
     grids: list = field(default_factory=list)
 
@@ -251,6 +267,36 @@ class EvalReport:
             for metric, value in metrics.items()
         }
 
+    def image_records(self) -> list[dict]:
+        """One record per (corruption, task, image, metric), with a column per row: LQ, restored[...], HQ."""
+        records = []
+        for corruption, task in dict.fromkeys((c, t) for c, t, _ in self.images):
+            rows = {r: values for (c, t, r), values in self.images.items() if c == corruption and t == task}
+            columns = sorted(rows, key=_column_order)
+            first = rows[columns[0]]
+            metrics = [k for k in first[0] if k != "image"] if first else []
+            for i, item in enumerate(first):
+                for metric in metrics:
+                    record = {"corruption": corruption, "task": task, "image": item["image"], "metric": metric}
+                    records.append(record | {row: round(rows[row][i][metric], 6) for row in columns})
+        return records
+
+    def improved(self) -> list[str]:
+        """Per task and restored row, on how many images the first per-image metric beats LQ."""
+        lines = []
+        for (corruption, task, row), values in self.images.items():
+            lq = self.images.get((corruption, task, "LQ"))
+            if not row.startswith("restored") or not lq or not values:
+                continue
+            metric = next(k for k in values[0] if k != "image")
+            pairs = [(r[metric], q[metric]) for r, q in zip(values, lq, strict=True)
+                     if r[metric] == r[metric] and q[metric] == q[metric]]  # fmt: skip  (NaN: not scored)
+            better = sum(r > q for r, q in pairs)
+            worse = sum(r < q for r, q in pairs)
+            lines.append(f"{corruption}, {task}, {row}: {metric} above LQ on {better} of {len(pairs)} images, "
+                         f"below on {worse}")  # fmt: skip
+        return lines
+
     def markdown(self) -> str:
         lines = [f"# Evaluation of `{self.checkpoint}`", "",
                  f"{self.split} split, {self.samples} images per task; unreadable files skipped: {self.skipped_files}.",
@@ -264,6 +310,8 @@ class EvalReport:
                 for row, values in rows.items():
                     lines.append(f"| {row} | " + " | ".join(_format(values.get(k)) for k in metrics) + " |")
                 lines.append("")
+        if self.images:
+            lines += ["## per image (eval_images.csv)", "", *(f"- {line}" for line in self.improved()), ""]
         return "\n".join(lines)
 
     def rich_table(self):
@@ -284,17 +332,40 @@ class EvalReport:
         import json
         from pathlib import Path
 
+        from .files import atomic_write
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / "eval.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["corruption", "task", "input", "metric", "value"])
-            writer.writeheader()
-            writer.writerows(self.records())
-        (folder / "eval.json").write_text(json.dumps(
-            {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples,
-             "skipped_files": self.skipped_files, "results": self.records()}, indent=2))  # fmt: skip
-        (folder / "eval.md").write_text(self.markdown())
-        return [folder / "eval.csv", folder / "eval.json", folder / "eval.md"]
+
+        def write_csv(path: Path, records: list[dict], fields: list[str]) -> Path:
+            def write(temporary):
+                with open(temporary, "w", newline="") as handle:
+                    writer = csv.DictWriter(handle, fieldnames=fields)
+                    writer.writeheader()
+                    writer.writerows(records)
+
+            return atomic_write(path, write)
+
+        def write_text(path: Path, text: str) -> Path:
+            return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
+
+        files = [
+            write_csv(folder / "eval.csv", self.records(), ["corruption", "task", "input", "metric", "value"]),
+            write_text(folder / "eval.json", json.dumps(
+                {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples,
+                 "skipped_files": self.skipped_files, "results": self.records()}, indent=2)),
+            write_text(folder / "eval.md", self.markdown()),
+        ]  # fmt: skip
+        images = self.image_records()
+        if images:
+            rows = sorted(dict.fromkeys(k for record in images for k in record), key=_column_order)
+            files.append(write_csv(folder / "eval_images.csv", images, rows))
+        return files
+
+
+def _column_order(name: str) -> tuple:
+    """eval_images.csv's columns: where the value is from, then LQ, the restored rows, HQ."""
+    keys = ("corruption", "task", "image", "metric", "LQ")
+    return (keys.index(name) if name in keys else len(keys) + (name == "HQ"),)
 
 
 def evaluate_checkpoint(
@@ -347,6 +418,9 @@ def evaluate_checkpoint(
                                 label=f"LQ and HQ{where}")  # fmt: skip
                 report.rows[(label, name, "LQ")] = base.results[name]["lq"]
                 report.rows[(label, name, "HQ")] = base.results[name]["hq"]
+                for source, row in (("lq", "LQ"), ("hq", "HQ")):
+                    if source in base.images[name]:
+                        report.images[(label, name, row)] = base.images[name][source]
                 chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
                 for prompt in chosen:
                     if prompt not in available and model.config.use_tfa and not model.config.shared_prompt:
@@ -356,6 +430,8 @@ def evaluate_checkpoint(
                                      progress=progress, label=f"restored[{prompt}]{where}",
                                      tile_size=tile_size)  # fmt: skip
                     report.rows[(label, name, f"restored[{prompt}]")] = table.results[name]["restored"]
+                    if "restored" in table.images[name]:
+                        report.images[(label, name, f"restored[{prompt}]")] = table.images[name]["restored"]
                     if grids_folder is not None and prompt == name:
                         report.grids += save_grids(table, grids_folder, label.replace("@", "-s"))
                 task.context.degradation = None

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.functional.classification import multiclass_jaccard_index
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from .data.sample import IGNORE_INDEX
@@ -77,10 +78,13 @@ class ImageQuality:
         self.ssim_sum = 0.0
         self.count = 0
 
-    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
-        self.psnr_sum += float(psnr(prediction, target).sum())
-        self.ssim_sum += float(ssim(prediction, target).sum())
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Add a batch; returns its per-image values, {"psnr": (B,), "ssim": (B,)}."""
+        values = {"psnr": psnr(prediction, target), "ssim": ssim(prediction, target)}
+        self.psnr_sum += float(values["psnr"].sum())
+        self.ssim_sum += float(values["ssim"].sum())
         self.count += prediction.shape[0]
+        return values
 
     def compute(self) -> dict[str, float]:
         count = max(self.count, 1)
@@ -94,12 +98,15 @@ class Accuracy:
         self.correct = 0
         self.total = 0
 
-    def update(self, logits_or_labels: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits_or_labels: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Add a batch; returns (B,) 1.0 where the prediction is right, 0.0 where wrong, NaN where ignored."""
         predicted = logits_or_labels.argmax(dim=1) if logits_or_labels.ndim == 2 else logits_or_labels
         labels = labels.to(predicted.device)
         valid = labels >= 0
-        self.correct += int((predicted[valid] == labels[valid]).sum())
+        correct = predicted == labels
+        self.correct += int(correct[valid].sum())
         self.total += int(valid.sum())
+        return torch.where(valid, correct.float(), torch.full_like(correct, float("nan"), dtype=torch.float))
 
     def compute(self) -> float:
         return self.correct / self.total if self.total else 0.0
@@ -114,10 +121,20 @@ class MeanIoU:
             num_classes=num_classes, ignore_index=ignore_index, average="macro", sync_on_compute=False
         )
 
-    def update(self, logits_or_labels: torch.Tensor, target: torch.Tensor) -> None:
-        """`logits_or_labels`: (B, K, H, W) logits or (B, H, W) predicted classes; `target` (B, H, W)."""
+    def update(self, logits_or_labels: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """`logits_or_labels`: (B, K, H, W) logits or (B, H, W) predicted classes; `target` (B, H, W).
+
+        Returns each image's own mIoU (B,): over the classes in that image's target or prediction. The set's
+        mIoU pools the confusion of all pixels first, so it is not the mean of these.
+        """
         predicted = logits_or_labels.argmax(dim=1) if logits_or_labels.ndim == 4 else logits_or_labels
-        self.metric.update(predicted.detach().cpu(), target.detach().cpu())
+        predicted, target = predicted.detach().cpu(), target.detach().cpu()
+        self.metric.update(predicted, target)
+        return torch.stack([
+            multiclass_jaccard_index(one, truth, self.metric.num_classes, average="macro",
+                                     ignore_index=self.metric.ignore_index)
+            for one, truth in zip(predicted, target, strict=True)
+        ]).float()  # fmt: skip
 
     def compute(self) -> float:
         return float(self.metric.compute())

@@ -38,9 +38,14 @@ class TaskContext:
 
 
 class Evaluator:
-    """Accumulates a task's metric over batches: `update(images, batch)`, then `compute()`."""
+    """Accumulates a task's metric over batches: `update(images, batch)`, then `compute()`.
 
-    def update(self, images: torch.Tensor, batch: dict) -> None:
+    `update` may also return the batch's per-image values, {metric name: (B,) tensor} (PSNR per image, 1/0
+    for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric of the whole set
+    only (mAP, Recall@1) returns None.
+    """
+
+    def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor] | None:
         raise NotImplementedError
 
     def compute(self) -> dict[str, float]:

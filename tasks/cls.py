@@ -33,10 +33,12 @@ class ClassificationEvaluator(Evaluator):
         self.accuracy = {kind: Accuracy() for kind in classifiers}
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, batch: dict) -> None:
+    def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         labels = batch["label"].to(images.device)
-        for kind, classifier in self.classifiers.items():
-            self.accuracy[kind].update(classifier.to(images.device)(images), labels)
+        return {
+            f"acc/{kind}": self.accuracy[kind].update(classifier.to(images.device)(images), labels)
+            for kind, classifier in self.classifiers.items()
+        }  # per image: 1 right, 0 wrong
 
     def compute(self) -> dict[str, float]:
         return {f"acc/{kind}": accuracy.compute() for kind, accuracy in self.accuracy.items()}

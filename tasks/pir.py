@@ -26,8 +26,8 @@ class PIREvaluator(Evaluator):
 
         self.quality = ImageQuality()
 
-    def update(self, images: torch.Tensor, batch: dict) -> None:
-        self.quality.update(images, batch["hq"].to(images.device))
+    def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
+        return self.quality.update(images, batch["hq"].to(images.device))
 
     def compute(self) -> dict[str, float]:
         return self.quality.compute()

@@ -34,10 +34,12 @@ class SegmentationEvaluator(Evaluator):
         self.miou = {kind: MeanIoU(num_classes) for kind in segmenters}
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, batch: dict) -> None:
+    def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         mask = batch["mask"].to(images.device)
-        for kind, segmenter in self.segmenters.items():
-            self.miou[kind].update(segmenter.to(images.device)(images), mask)
+        return {
+            f"miou/{kind}": self.miou[kind].update(segmenter.to(images.device)(images), mask)
+            for kind, segmenter in self.segmenters.items()
+        }  # per image: that image's own mIoU
 
     def compute(self) -> dict[str, float]:
         return {f"miou/{kind}": miou.compute() for kind, miou in self.miou.items()}

@@ -38,7 +38,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     first, uri = _eval(folder, path, folder / "a")
     assert first.exit_code == 0, first.output
     assert "evaluating cls restored[pir]" in first.output  # a progress bar per task and input
-    for name in ("eval.csv", "eval.json", "eval.md"):
+    for name in ("eval.csv", "eval.json", "eval.md", "eval_images.csv"):
         assert (folder / "a" / name).is_file()
     results = json.loads((folder / "a" / "eval.json").read_text())["results"]
     rows = {(r["task"], r["input"]) for r in results}
@@ -47,6 +47,23 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     assert any(p.suffix == ".png" for p in (folder / "a" / "grids").iterdir())
     # the printed table names the prompt of each restored row (rich must not read "[pir]" as markup)
     assert "restored[cls]" in first.output and "restored[pir]" in first.output
+    # per image: every test image of each task, one line per metric, a column per row; the means are the table's
+    import csv
+
+    per_image = list(csv.DictReader(open(folder / "a" / "eval_images.csv")))
+    assert list(per_image[0])[:5] == ["corruption", "task", "image", "metric", "LQ"]
+    assert list(per_image[0])[-1] == "HQ"
+    table = {(r["task"], r["input"], r["metric"]): r["value"] for r in results}
+    for task, metric in (("pir", "psnr"), ("pir", "ssim"), ("cls", "acc/resnet"), ("cls", "acc/vit")):
+        lines = [r for r in per_image if r["task"] == task and r["metric"] == metric]
+        assert len(lines) == 4 and len({r["image"] for r in lines}) == 4
+        for row in ("LQ", f"restored[{task}]", "HQ"):
+            mean = sum(float(r[row]) for r in lines) / 4
+            assert mean == pytest.approx(table[(task, row, metric)], abs=1e-5), (task, row, metric)
+    psnr = [r for r in per_image if r["task"] == "pir" and r["metric"] == "psnr"]
+    above = sum(float(r["restored[pir]"]) > float(r["LQ"]) for r in psnr)
+    assert f"default, pir, restored[pir]: psnr above LQ on {above} of 4 images" in first.output
+    assert f"psnr above LQ on {above} of 4 images" in (folder / "a" / "eval.md").read_text()
     second, _ = _eval(folder, path, folder / "b")
     assert second.exit_code == 0, second.output
     assert (folder / "a" / "eval.csv").read_text() == (folder / "b" / "eval.csv").read_text()

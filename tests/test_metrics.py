@@ -47,10 +47,12 @@ def test_image_quality_accumulates_the_mean_over_images():
     a, b = torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16)
     ta, tb = torch.rand_like(a), torch.rand_like(b)
     quality = metrics.ImageQuality()
-    quality.update(a, ta)
+    first = quality.update(a, ta)  # the batch's per-image values
     quality.update(b, tb)
     expected = torch.cat([metrics.psnr(a, ta), metrics.psnr(b, tb)]).mean().item()
     assert quality.compute()["psnr"] == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(first["psnr"], metrics.psnr(a, ta))
+    torch.testing.assert_close(first["ssim"], metrics.ssim(a, ta))
 
 
 def test_mean_iou_on_constructed_masks():
@@ -63,14 +65,26 @@ def test_mean_iou_on_constructed_masks():
     assert metrics.mean_iou(target.clamp(max=2), target, num_classes=3) == pytest.approx(1.0)
 
 
+def test_mean_iou_per_image_is_each_images_own_and_the_set_pools_pixels():
+    target = torch.tensor([[[0, 0, 1, 1, 255]], [[2, 2, 2, 2, 2]]])
+    prediction = torch.tensor([[[0, 1, 1, 1, 0]], [[2, 2, 2, 2, 0]]])
+    accumulated = metrics.MeanIoU(num_classes=3)
+    per_image = accumulated.update(prediction, target)
+    # image 0: classes 0 and 1 as above; image 1: class 2 at 4/5, class 0 predicted once and absent: 0
+    torch.testing.assert_close(per_image, torch.tensor([(1 / 2 + 2 / 3) / 2, (4 / 5 + 0) / 2]))
+    # the set: class 0 intersection 1, union 3; class 1 2/3; class 2 4/5 — not the mean of the images'
+    assert accumulated.compute() == pytest.approx((1 / 3 + 2 / 3 + 4 / 5) / 3)
+
+
 def test_accuracy_on_constructed_logits():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0], [0.0, 5.0], [9.0, 0.0]])
     labels = torch.tensor([0, 1, 1, 1, -100])  # the last one has no label
     assert metrics.accuracy(logits, labels) == pytest.approx(3 / 4)
     accumulated = metrics.Accuracy()
     accumulated.update(logits[:2], labels[:2])
-    accumulated.update(logits[2:], labels[2:])
+    per_image = accumulated.update(logits[2:], labels[2:])
     assert accumulated.compute() == pytest.approx(3 / 4)
+    torch.testing.assert_close(per_image, torch.tensor([0.0, 1.0, float("nan")]), equal_nan=True)
 
 
 def _boxes():
