@@ -606,7 +606,7 @@ def eval_(
     prompts: Annotated[
         str | None, typer.Option("--prompts", help="Prompts to restore with (default: each task's own and pir).")
     ] = None,
-    samples: Annotated[int, typer.Option("--samples", help="Test images per task.")] = 32,
+    samples: Annotated[int, typer.Option("--samples", help="Test images per task; 0: all of them.")] = 32,
     out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / .json / .md, per-image eval_images.csv, grids.")] = Path(
         "runs/eval"
     ),
@@ -643,8 +643,8 @@ def eval_(
                 raise ConfigError(f"--corruption: {error}") from None
         if severity is not None and not 1 <= severity <= 5:
             raise ConfigError(f"--severity {severity}: give 1 to 5")
-        if samples < 1:
-            raise ConfigError(f"--samples {samples}: give at least 1 test image per task")
+        if samples < 0:
+            raise ConfigError(f"--samples {samples}: give a number of test images per task, or 0 for all of them")
         if tile_size < 0:
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         run_config = _build_config(config, list(set_ or []))
@@ -671,7 +671,7 @@ def eval_(
                 prepare()
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
-            samples=samples, grids_folder=out / "grids", progress=True, tile_size=tile_size or None,
+            samples=samples or None, grids_folder=out / "grids", progress=True, tile_size=tile_size or None,
         )  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())
@@ -686,7 +686,7 @@ def eval_(
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=f"eval-{Path(ckpt).stem}"):
             mlflow.log_params({"checkpoint": str(ckpt), "tasks": tasks, "data": data,
-                               "corruption": corruption or "default", "severity": severity or "", "samples": samples})  # fmt: skip
+                               "corruption": corruption or "default", "severity": severity or "", "samples": samples or "all"})  # fmt: skip
             mlflow.log_metrics(report.flat())
             mlflow.log_metric("skipped_files", report.skipped_files)
             for path in files + report.grids:

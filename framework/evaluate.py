@@ -4,7 +4,7 @@
 - `restored`: the model's output with that task's prompt;
 - `hq`: the clean image (the upper bound).
 
-Deterministic: a fixed evaluation set (the first `samples` images of the split, epoch 0) and fixed seeds
+Deterministic: a fixed evaluation set (the first `samples` images of the split, epoch 0; None: all) and fixed seeds
 for the denoising noise, so two calls on the same weights give the same numbers.
 """
 
@@ -26,8 +26,9 @@ class EvalTable:
     (where the task's evaluator gives per-image values) images[task][input] = [{"image": path, metric: value}]."""
 
     split: str
-    samples: int
+    samples: int | None
     results: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
     examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     images: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
 
@@ -46,7 +47,7 @@ class EvalTable:
         from rich.table import Table
 
         sources = [s for s in INPUTS if any(s in rows for rows in self.results.values())]
-        table = Table(title=title or f"{self.split} split, {self.samples} images per task")
+        table = Table(title=title or f"{self.split} split, {_images_per_task(self.counts)}")
         table.add_column("task")
         table.add_column("metric")
         for source in sources:
@@ -65,12 +66,19 @@ def _format(value: float | None) -> str:
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
-def _fixed_batches(dataset, count: int, batch_size: int):
+def _images_per_task(counts: Mapping[str, int]) -> str:
+    """"32 images per task", or "images per task: pir 100, cls 32" when the test sets are smaller than asked."""
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} images per task"
+    return "images per task: " + ", ".join(f"{task} {count}" for task, count in counts.items())
+
+
+def _fixed_batches(dataset, count: int | None, batch_size: int):
     from .data.sample import collate
 
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0)
-    count = min(count, len(dataset))
+    count = len(dataset) if count is None else min(count, len(dataset))
     for start in range(0, count, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
         if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
@@ -120,7 +128,7 @@ def evaluate(
     model,
     tasks: Mapping[str, object] | Sequence[object],
     split: str = "test",
-    samples: int = 16,
+    samples: int | None = 16,
     batch_size: int = 8,
     seed: int = 0,
     inputs: Sequence[str] = INPUTS,
@@ -159,7 +167,8 @@ def evaluate(
             generator = torch.Generator(device=device).manual_seed(seed)
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
-            with _image_bar(description, min(samples, len(dataset)), progress) as advance:
+            table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
+            with _image_bar(description, table.counts[task.name], progress) as advance:
                 for batch in _fixed_batches(dataset, samples, batch_size):
                     batch = _to(batch, device)
                     restored = None
@@ -245,13 +254,14 @@ class EvalReport:
 
     checkpoint: str
     split: str
-    samples: int
+    samples: int | None
     rows: dict[tuple[str, str, str], dict[str, float]] = field(default_factory=dict)
     # images[(corruption, task, row)] = [{"image": path, metric: value}], the same images in the same order
     # for every row of a (corruption, task); only for metrics with per-image values
     images: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
     skipped_files: int = 0
     grids: list = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
 
     def records(self) -> list[dict]:
         return [
@@ -299,7 +309,7 @@ class EvalReport:
 
     def markdown(self) -> str:
         lines = [f"# Evaluation of `{self.checkpoint}`", "",
-                 f"{self.split} split, {self.samples} images per task; unreadable files skipped: {self.skipped_files}.",
+                 f"{self.split} split, {_images_per_task(self.counts)}; unreadable files skipped: {self.skipped_files}.",
                  ""]  # fmt: skip
         for corruption in dict.fromkeys(c for c, _, _ in self.rows):
             lines += [f"## degradation: {corruption}", ""]
@@ -319,7 +329,7 @@ class EvalReport:
         from rich.table import Table
 
         # Cells are data, not markup: "restored[pir]" would otherwise print as "restored".
-        table = Table(title=escape(f"{self.checkpoint}: {self.split} split, {self.samples} images per task"))
+        table = Table(title=escape(f"{self.checkpoint}: {self.split} split, {_images_per_task(self.counts)}"))
         for column in ("degradation", "task", "input", "metric", "value"):
             table.add_column(column, justify="right" if column == "value" else "left")
         for record in self.records():
@@ -351,7 +361,7 @@ class EvalReport:
         files = [
             write_csv(folder / "eval.csv", self.records(), ["corruption", "task", "input", "metric", "value"]),
             write_text(folder / "eval.json", json.dumps(
-                {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples,
+                {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples, "images": self.counts,
                  "skipped_files": self.skipped_files, "results": self.records()}, indent=2)),
             write_text(folder / "eval.md", self.markdown()),
         ]  # fmt: skip
@@ -376,7 +386,7 @@ def evaluate_checkpoint(
     corruptions: Sequence[str] | None = None,
     severity: int | None = None,
     split: str = "test",
-    samples: int = 32,
+    samples: int | None = 32,
     batch_size: int = 8,
     seed: int = 0,
     grids_folder=None,
@@ -417,6 +427,7 @@ def evaluate_checkpoint(
                                 inputs=("lq", "hq"), examples=0, device=device, progress=progress,
                                 label=f"LQ and HQ{where}")  # fmt: skip
                 report.rows[(label, name, "LQ")] = base.results[name]["lq"]
+                report.counts[name] = base.counts[name]
                 report.rows[(label, name, "HQ")] = base.results[name]["hq"]
                 for source, row in (("lq", "LQ"), ("hq", "HQ")):
                     if source in base.images[name]:

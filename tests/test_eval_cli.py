@@ -149,3 +149,23 @@ def test_eval_of_a_real_prior_checkpoint_on_builtin_data_names_the_runs_config(t
     quiet, _ = _eval(tmp_path, path, tmp_path / "out2", "--tasks", "pir", "--samples", "1",
                      "--config", str(tmp_path / "run" / "config.yaml"))  # fmt: skip
     assert quiet.exit_code == 0 and "note:" not in quiet.stderr
+
+
+def test_eval_samples_0_takes_every_test_image_and_the_report_counts_what_it_took(checkpoint, tmp_path):
+    """A test set smaller than --samples is reported with its real size, not the number asked for."""
+    from PIL import Image
+
+    folder, path = checkpoint
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40 + 8 * i, 40), (40 * i, 90, 200)).save(tmp_path / "photos" / f"photo{i}.png")
+    data = tmp_path / "three.yaml"
+    data.write_text(f"size: 32\ntasks:\n  pir: [{{type: hq_folder, root: {tmp_path / 'photos'}}}]\n")
+    for samples, expected in (("0", 3), ("50", 3), ("2", 2)):
+        out = tmp_path / f"out{samples}"
+        result, _ = _eval(folder, path, out, "--tasks", "pir", "--data", str(data), "--samples", samples)
+        assert result.exit_code == 0, result.output
+        report = json.loads((out / "eval.json").read_text())
+        assert report["images"] == {"pir": expected}
+        assert f"{expected} images per task" in (out / "eval.md").read_text()
+        assert len((out / "eval_images.csv").read_text().splitlines()) == 1 + 2 * expected  # psnr and ssim
