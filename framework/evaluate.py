@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -31,6 +32,8 @@ class EvalTable:
     counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
     examples: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     images: dict[str, dict[str, list[dict]]] = field(default_factory=dict)
+    # the images the restoration made worse than LQ (given `reference`), worst first, as `examples`
+    worse: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def flat(self, prefix: str | None = None) -> dict[str, float]:
         """{"<prefix>/<task>/<input>/<metric>": value}; the prefix defaults to the split."""
@@ -103,6 +106,14 @@ def _pad_white(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]), value=1.0)
 
 
+def _stack_padded(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """(lq, restored, hq) triples as three (N, 3, H, W) stacks; full images differ in size: each is padded
+    to the largest, in the grids' white."""
+    height = max(image.shape[-2] for image, _, _ in triples)
+    width = max(image.shape[-1] for image, _, _ in triples)
+    return tuple(torch.stack([_pad_white(image, height, width) for image in column]) for column in zip(*triples))
+
+
 @contextmanager
 def _image_bar(description: str, total: int, enabled: bool):
     """A rich bar over images (done / total, images/s, time left); `advance(n)` after each batch."""
@@ -137,6 +148,8 @@ def evaluate(
     progress: bool = False,
     label: str = "",
     tile_size: int | None = None,
+    reference: Mapping[str, list[dict]] | None = None,
+    worse: int = 4,
 ) -> EvalTable:
     """Evaluate `model` on each task (Task objects, or a name → Task mapping) for every input in `inputs`.
 
@@ -144,6 +157,10 @@ def evaluate(
     (images done, images/s, time left), headed by the task's name and `label`; leave it off while another
     bar is live (validation inside a training stage). Images whose side exceeds `tile_size` are restored
     tile by tile (full-size test images: memory bounded by the tile).
+
+    `reference` (task → the LQ row's per-image values, as `images[task]["lq"]`) keeps the `worse` restored
+    images that score furthest below their LQ on the task's first per-image metric, for a grid of what the
+    restoration made worse.
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
@@ -164,6 +181,8 @@ def evaluate(
             per_image: dict[str, list[dict]] = {source: [] for source in sources}
             seen = 0
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+            losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
+            baseline = (reference or {}).get(task.name)
             generator = torch.Generator(device=device).manual_seed(seed)
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
@@ -185,6 +204,14 @@ def evaluate(
                                 {"image": name, **{k: float(v[i]) for k, v in values.items()}}
                                 for i, name in enumerate(names)
                             ]  # fmt: skip
+                        if values and source == "restored" and baseline and worse:
+                            metric = next(iter(values))
+                            for i in range(min(count, len(baseline) - done)):
+                                drop = float(values[metric][i]) - baseline[done + i][metric]
+                                if drop < 0:  # NaN (not scored) compares False
+                                    triple = (batch["lq"][i].cpu(), restored[i].cpu(), batch["hq"][i].cpu())
+                                    losses.append((drop, done + i, triple))
+                            losses = sorted(losses, key=lambda item: item[:2])[:worse]
                     advance(count)
                     if len(kept) < examples:
                         take = examples - len(kept)
@@ -192,12 +219,10 @@ def evaluate(
                         kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
             table.results[task.name] = {source: evaluators[source].compute() for source in sources}
             table.images[task.name] = {source: rows for source, rows in per_image.items() if rows}
-            if kept:  # full images differ in size: pad each to the largest, in the grids' white
-                height = max(image.shape[-2] for image, _, _ in kept)
-                width = max(image.shape[-1] for image, _, _ in kept)
-                table.examples[task.name] = tuple(
-                    torch.stack([_pad_white(image, height, width) for image in column]) for column in zip(*kept)
-                )
+            if kept:
+                table.examples[task.name] = _stack_padded(kept)
+            if losses:
+                table.worse[task.name] = _stack_padded([triple for _, _, triple in losses])
     finally:
         model.train(was_training)
     return table
@@ -211,15 +236,14 @@ def before_after_grid(lq: torch.Tensor, restored: torch.Tensor, hq: torch.Tensor
     return make_grid(rows.clamp(0, 1).float(), nrow=3, padding=2, pad_value=1.0)
 
 
-def save_grids(table: EvalTable, folder, prefix: str) -> list:
-    """Write one before/after grid PNG per task of `table` to `folder`; returns the paths."""
-    from pathlib import Path
-
+def save_grids(table: EvalTable, folder, prefix: str, which: str = "examples") -> list:
+    """Write one before/after grid PNG per task of `table` to `folder` (`which`: its `examples`, or the
+    images the restoration made `worse`); returns the paths."""
     from .data.io import save_png
 
     folder = Path(folder)
     paths = []
-    for task, (lq, restored, hq) in table.examples.items():
+    for task, (lq, restored, hq) in getattr(table, which).items():
         path = folder / f"{prefix}-{task}.png"
         save_png(before_after_grid(lq, restored, hq), path)
         paths.append(path)
@@ -322,6 +346,10 @@ class EvalReport:
                 lines.append("")
         if self.images:
             lines += ["## per image (eval_images.csv)", "", *(f"- {line}" for line in self.improved()), ""]
+            worse = [path for path in self.grids if "-worse-" in Path(path).name]
+            if worse:
+                lines += ["The restored images furthest below their LQ (LQ | restored | HQ, worst first): "
+                          + ", ".join(f"`grids/{Path(path).name}`" for path in worse), ""]  # fmt: skip
         return "\n".join(lines)
 
     def rich_table(self):
@@ -340,7 +368,6 @@ class EvalReport:
     def write(self, folder) -> list:
         import csv
         import json
-        from pathlib import Path
 
         from .files import atomic_write
 
@@ -438,13 +465,15 @@ def evaluate_checkpoint(
                         continue
                     table = evaluate(_Prompted(model, prompt), [task], split=split, samples=samples,
                                      batch_size=batch_size, seed=seed, inputs=("restored",), device=device,
-                                     progress=progress, label=f"restored[{prompt}]{where}",
-                                     tile_size=tile_size)  # fmt: skip
+                                     progress=progress, label=f"restored[{prompt}]{where}", tile_size=tile_size,
+                                     reference={name: base.images[name].get("lq")})  # fmt: skip
                     report.rows[(label, name, f"restored[{prompt}]")] = table.results[name]["restored"]
                     if "restored" in table.images[name]:
                         report.images[(label, name, f"restored[{prompt}]")] = table.images[name]["restored"]
                     if grids_folder is not None and prompt == name:
-                        report.grids += save_grids(table, grids_folder, label.replace("@", "-s"))
+                        prefix = label.replace("@", "-s")
+                        report.grids += save_grids(table, grids_folder, prefix)
+                        report.grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
                 task.context.degradation = None
     report.skipped_files = sum(1 for w in caught if issubclass(w.category, BadFileWarning))
     return report

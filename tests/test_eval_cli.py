@@ -64,6 +64,12 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     above = sum(float(r["restored[pir]"]) > float(r["LQ"]) for r in psnr)
     assert f"default, pir, restored[pir]: psnr above LQ on {above} of 4 images" in first.output
     assert f"psnr above LQ on {above} of 4 images" in (folder / "a" / "eval.md").read_text()
+    # the restored images below their LQ, worst first, as a grid (this untrained model is below on all)
+    from PIL import Image
+
+    worse = folder / "a" / "grids" / "default-worse-pir.png"
+    assert above == 0 and "grids/default-worse-pir.png" in (folder / "a" / "eval.md").read_text()
+    assert Image.open(worse).height == 2 + 4 * (64 + 2)  # 4 rows of LQ | restored | HQ at the test size
     second, _ = _eval(folder, path, folder / "b")
     assert second.exit_code == 0, second.output
     assert (folder / "a" / "eval.csv").read_text() == (folder / "b" / "eval.csv").read_text()
@@ -169,3 +175,54 @@ def test_eval_samples_0_takes_every_test_image_and_the_report_counts_what_it_too
         assert report["images"] == {"pir": expected}
         assert f"{expected} images per task" in (out / "eval.md").read_text()
         assert len((out / "eval_images.csv").read_text().splitlines()) == 1 + 2 * expected  # psnr and ssim
+
+
+def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
+    """`evaluate` with the LQ row as reference keeps the restored images that lost most, in order."""
+    from unirestore.framework.data.sample import make_sample
+    from unirestore.framework.evaluate import evaluate
+    from unirestore.tasks.pir import PIREvaluator
+
+    torch.manual_seed(0)
+    hq = torch.rand(7, 3, 32, 32)
+    lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
+    noise = [0.0, 0.3, 0.01, 0.6, 0.0, 0.2, 0.02]  # what the "restoration" adds, per image
+
+    class Task:
+        name = "pir"
+
+        def dataset(self, split):
+            return [make_sample(h, lq=l, path=f"img{i}") for i, (h, l) in enumerate(zip(hq, lq))]
+
+        def evaluator(self):
+            return PIREvaluator()
+
+    class Model(torch.nn.Module):
+        tasks = ["pir"]
+        config = ModelConfig()
+
+        def __init__(self):
+            super().__init__()
+            self.cfrm = torch.nn.Linear(1, 1)
+            self.seen = 0
+
+        def restore(self, images, task, **kwargs):
+            out = []
+            for image in images:  # the test images arrive in order, in batches of 3
+                out.append((image + noise[self.seen] * torch.randn_like(image)).clamp(0, 1))
+                self.seen += 1
+            return torch.stack(out)
+
+    base = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq",), examples=0)
+    lq_values = base.images["pir"]["lq"]
+    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",),
+                     reference={"pir": lq_values}, worse=3)  # fmt: skip
+    drops = [r["psnr"] - q["psnr"] for r, q in zip(table.images["pir"]["restored"], lq_values)]
+    order = sorted(range(7), key=lambda i: drops[i])[:3]
+    assert order == [3, 1, 5]  # the three noisiest
+    _, restored, kept_hq = table.worse["pir"]
+    torch.testing.assert_close(kept_hq, hq[order])
+    assert restored.shape == (3, 3, 32, 32)
+    none_worse = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",),
+                          reference={"pir": [{"psnr": -1.0}] * 7}, worse=3)  # fmt: skip
+    assert "pir" not in none_worse.worse
