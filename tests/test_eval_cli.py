@@ -50,7 +50,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     # per image: every test image of each task, one line per metric, a column per row; the means are the table's
     import csv
 
-    per_image = list(csv.DictReader(open(folder / "a" / "eval_images.csv")))
+    per_image = list(csv.DictReader((folder / "a" / "eval_images.csv").read_text().splitlines()))
     assert list(per_image[0])[:5] == ["corruption", "task", "image", "metric", "LQ"]
     assert list(per_image[0])[-1] == "HQ"
     table = {(r["task"], r["input"], r["metric"]): r["value"] for r in results}
@@ -198,7 +198,7 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
             return PIREvaluator()
 
     class Model(torch.nn.Module):
-        tasks = ["pir"]
+        tasks = ("pir",)
         config = ModelConfig()
 
         def __init__(self):
