@@ -392,7 +392,12 @@ def _collect_images(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Pat
 def restore(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
     task: Annotated[
-        str, typer.Option("--task", help="Whose prompt decodes the output (pir: for viewers).")
+        str,
+        typer.Option(
+            "--task",
+            help="Whose prompt decodes the output (pir: for viewers); several, e.g. pir,seg,cls: one image each, "
+            "in OUT/<task>/, from one encode and denoise.",
+        ),
     ] = "pir",
     ckpt: Annotated[
         Path, typer.Option("--ckpt", help="A trained checkpoint (.safetensors) or its folder.")
@@ -429,7 +434,10 @@ def restore(
         from .engine.trainer import resolve_device
         from .registry import task_key
 
-        task = task_key(task)  # `segmentation` → `seg`; a name the checkpoint lacks is reported below
+        # `segmentation` → `seg`; a name the checkpoint lacks is reported below
+        tasks = list(dict.fromkeys(task_key(name.strip()) for name in task.split(",") if name.strip()))
+        if not tasks:
+            raise ConfigError(f"--task '{task}': give a task, e.g. pir, or several, e.g. pir,seg,cls")
         console = Console(stderr=True)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
@@ -448,22 +456,26 @@ def restore(
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
-        if task not in model.tasks and not model.config.shared_prompt:
-            raise CheckpointError(
-                f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
-                f"(add one with `unirestore task add {task} --from {ckpt}`)"
-            )
+        for task in tasks:
+            if task not in model.tasks and not model.config.shared_prompt:
+                raise CheckpointError(
+                    f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
+                    f"(add one with `unirestore task add {task} --from {ckpt}`)"
+                )
         trained = (_checkpoint_prompts(ckpt) or (None, None))[1]
         if trained == []:
             console.print(
                 f"[yellow]note[/yellow] {escape(str(ckpt))} was saved after stage 1: no TFA or prompt is trained "
                 "yet, so it is not the finished model; the stage-2 checkpoint (or that of `task add`) is"
             )
-        elif trained and model.config.use_tfa and not model.config.shared_prompt and task not in trained:
-            console.print(
-                f"[yellow]note[/yellow] the '{escape(task)}' prompt of {escape(str(ckpt))} was never trained; "
-                f"train it with `unirestore task add {escape(task)} --from {escape(str(ckpt))}`"
-            )
+        elif trained and model.config.use_tfa and not model.config.shared_prompt:
+            for task in (task for task in tasks if task not in trained):
+                console.print(
+                    f"[yellow]note[/yellow] the '{escape(task)}' prompt of {escape(str(ckpt))} was never trained; "
+                    f"train it with `unirestore task add {escape(task)} --from {escape(str(ckpt))}`"
+                )
+        # one task: OUT/<name>.png; several: OUT/<task>/<name>.png
+        folders = {task: out if len(tasks) == 1 else out / task for task in tasks}
         files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
@@ -484,19 +496,23 @@ def restore(
             model.to(dtype=getattr(torch, dtypes[precision]), memory_format=torch.channels_last)
         written, skipped = 0, len(problems)
 
-        def restore_group(group: list) -> list:
-            """Restored images of `group` ((path, name, image) of one size), each with the noise it would get
-            restored alone (a generator seeded with --seed per image); one by one if the batch does not fit."""
+        def restore_group(group: list, tasks: list[str]) -> list[dict]:
+            """Restored images of `group` ((path, name, image) of one size), {task: image} each, each with the
+            noise it would get restored alone (a generator seeded with --seed per image); one by one, then
+            one task at a time, if the batch does not fit."""
             images = torch.stack([image for _, _, image in group]).to(torch_device)
             generators = [torch.Generator(device=torch_device).manual_seed(seed) for _ in group]
             try:
-                return list(model.restore(images, task=task, steps=steps, generator=generators, tile_size=tile_size))
+                restored = model.restore_tasks(images, tasks, steps=steps, generator=generators, tile_size=tile_size)
+                return [{task: restored[task][i] for task in tasks} for i in range(len(group))]
             except torch.OutOfMemoryError:
                 if torch_device.type == "cuda":
                     torch.cuda.empty_cache()
-                if len(group) == 1:
+                if len(group) == 1 and len(tasks) == 1:
                     raise
-            return [restored for item in group for restored in restore_group([item])]
+            if len(group) == 1:  # the decoder's copies per task did not fit: one task at a time
+                return [{task: restore_group(group, [task])[0][task] for task in tasks}]
+            return [restored for item in group for restored in restore_group([item], tasks)]
 
         columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         with Progress(*columns, console=console) as bar:
@@ -513,7 +529,7 @@ def restore(
                         bar.advance(job)
                 for group in by_size.values():
                     try:
-                        outputs = restore_group(group)
+                        outputs = restore_group(group, tasks)
                     except torch.OutOfMemoryError:  # restore_group freed the cache; the others go on
                         height, width = group[0][2].shape[-2:]
                         for path, _, _ in group:
@@ -525,13 +541,15 @@ def restore(
                         bar.advance(job, len(group))
                         continue
                     for (_, name, image), restored in zip(group, outputs, strict=True):
-                        if bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
-                            # A grayscale input (its three channels equal) gets a grayscale output: the luma.
-                            restored = rgb_to_grayscale(restored.float())
-                        save_png(restored.float().cpu(), out / name)
+                        gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+                        for task, output in restored.items():
+                            if gray:  # a grayscale input (its three channels equal) gets a grayscale output
+                                output = rgb_to_grayscale(output.float())
+                            save_png(output.float().cpu(), folders[task] / name)
                         written += 1
                         bar.advance(job)
-        typer.echo(f"restored {written} image(s) to {out}; {skipped} skipped")
+        where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
+        typer.echo(f"restored {written} image(s) to {where}; {skipped} skipped")
         if skipped:  # the good files are written; the exit status still says that some were not
             raise typer.Exit(1)
 

@@ -360,11 +360,24 @@ class UniRestore(nn.Module):
         The pass runs in the model's dtype (a model cast to bf16 runs in bf16 throughout); the output has the
         images' dtype.
         """
+        return self.forward_padded_tasks(images, [task], steps=steps, generator=generator, noise=noise)[0]
+
+    def forward_padded_tasks(
+        self,
+        images: torch.Tensor,
+        tasks: Sequence[str],
+        steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """`forward_padded` for several prompts at once: one encode and denoise, then one decode per task
+        (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone."""
         dtype = self.vae.dtype
         encoded = self.encode(images.to(dtype), generator=generator)
         noise = None if noise is None else noise.to(dtype)
         latents = self.denoise(encoded.latents, steps=steps, generator=generator, noise=noise)
-        return self.decode(latents, encoded.features if self.config.use_tfa else None, task).to(images.dtype)
+        features = encoded.features if self.config.use_tfa else None
+        return [out.to(images.dtype) for out in self.decode_tasks(latents, features, list(tasks))]
 
     @torch.no_grad()
     def restore(
@@ -382,10 +395,30 @@ class UniRestore(nn.Module):
         (`framework/tiling.py`), so memory is bounded by the tile, not the image. `generator` may be one per
         image: each image then gets the noise it would get restored alone, whatever else is in the batch.
         """
+        return self.restore_tasks(images, [task], steps, generator, tile_size, tile_overlap)[task]
+
+    @torch.no_grad()
+    def restore_tasks(
+        self,
+        images: torch.Tensor,
+        tasks: Sequence[str] = ("pir",),
+        steps: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`restore` for several prompts at once, {task: restored images}: the encoder, Controller and UNet
+        run once and only the decoder once per task (the paper's one model for viewers and machines, at about
+        the cost of one restore plus a decoder per extra task). Each output is the one `restore` gives alone.
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
+        tasks = list(dict.fromkeys(tasks))
+        if not tasks:
+            raise ValueError("restore_tasks needs at least one task")
         if self.config.use_tfa:
-            self.prompt_for(task)  # fail before any work when the task has no prompt
+            for task in tasks:
+                self.prompt_for(task)  # fail before any work when a task has no prompt
         per_image = generator is not None and not isinstance(generator, torch.Generator)
         if per_image and len(generator) != images.shape[0]:
             raise ValueError(f"restore got {len(generator)} generators for {images.shape[0]} images")
@@ -394,20 +427,21 @@ class UniRestore(nn.Module):
             from .tiling import tiled_forward
 
             if per_image:
-                restored = torch.cat([
-                    tiled_forward(self, one[None], task, tile_size, tile_overlap, steps=steps, generator=g)
+                parts = [
+                    tiled_forward(self, one[None], tasks, tile_size, tile_overlap, steps=steps, generator=g)
                     for one, g in zip(padded, generator, strict=True)
-                ])  # fmt: skip
+                ]  # per image, one output per task
+                restored = [torch.cat(outputs) for outputs in zip(*parts, strict=True)]
             else:
-                restored = tiled_forward(self, padded, task, tile_size, tile_overlap, steps=steps, generator=generator)
+                restored = tiled_forward(self, padded, tasks, tile_size, tile_overlap, steps=steps, generator=generator)
         elif per_image:
             shape = (1, *self.latent_shape(padded)[1:])
             like = padded.new_empty(shape, dtype=self.vae.dtype)  # drawn as the single-generator path draws it
             noise = torch.cat([_randn_like(like, g) for g in generator])
-            restored = self.forward_padded(padded, task, steps=steps, noise=noise)
+            restored = self.forward_padded_tasks(padded, tasks, steps=steps, noise=noise)
         else:
-            restored = self.forward_padded(padded, task, steps=steps, generator=generator)
-        return self.postprocess(restored, resized, original)
+            restored = self.forward_padded_tasks(padded, tasks, steps=steps, generator=generator)
+        return {task: self.postprocess(out, resized, original) for task, out in zip(tasks, restored, strict=True)}
 
 
 def _randn_like(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

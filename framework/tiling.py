@@ -38,13 +38,15 @@ def ramp(length: int, overlap: int, at_start: bool, at_end: bool, device) -> tor
 def tiled_forward(
     model,
     images: torch.Tensor,
-    task: str,
+    task: str | list[str],
     tile_size: int = DEFAULT_TILE_SIZE,
     tile_overlap: int | None = DEFAULT_TILE_OVERLAP,
     steps: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output."""
+) -> torch.Tensor | list[torch.Tensor]:
+    """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output
+    (a list of tasks: one output per task, each tile encoded and denoised once for all of them)."""
+    tasks = [task] if isinstance(task, str) else list(task)
     multiple = model.size_multiple
     factor = 2 ** model.num_taps  # pixels per latent cell
     tile = max(multiple, tile_size // multiple * multiple)
@@ -55,7 +57,7 @@ def tiled_forward(
     latent_shape = model.latent_shape(images)
     device = generator.device if generator is not None else images.device
     noise = torch.randn(latent_shape, generator=generator, device=device).to(images.device, images.dtype)
-    output = torch.zeros_like(images)
+    outputs = [torch.zeros_like(images) for _ in tasks]
     total = torch.zeros(1, 1, height, width, device=images.device, dtype=images.dtype)
     rows, columns = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
     for top in rows:
@@ -63,11 +65,13 @@ def tiled_forward(
             bottom, right = min(top + tile, height), min(left + tile, width)
             crop = images[..., top:bottom, left:right]
             crop_noise = noise[..., top // factor : bottom // factor, left // factor : right // factor]
-            restored = model.forward_padded(crop, task, steps=steps, noise=crop_noise)
+            restored = model.forward_padded_tasks(crop, tasks, steps=steps, noise=crop_noise)
             weight = ramp(bottom - top, overlap, top == rows[0], bottom == height, images.device)[:, None] * ramp(
                 right - left, overlap, left == columns[0], right == width, images.device
             )[None, :]
             weight = weight.to(images.dtype)[None, None]
-            output[..., top:bottom, left:right] += restored * weight
+            for output, out in zip(outputs, restored, strict=True):
+                output[..., top:bottom, left:right] += out * weight
             total[..., top:bottom, left:right] += weight
-    return output / total
+    blended = [output / total for output in outputs]
+    return blended[0] if isinstance(task, str) else blended

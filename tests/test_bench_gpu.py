@@ -15,6 +15,8 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
         for batch in (1, 2):
             assert saved["timings"][f"restore/{precision}/b{batch}"]["seconds"] > 0
     assert saved["timings"]["bare_prior_subpixel/bf16/b1"]["seconds"] > 0
+    assert saved["timings"]["restore_3_prompts/bf16-weights-cl/b1"]["seconds"] > 0
+    assert saved["three_prompts_over_one_restore_b1"] > 0
     assert saved["flops"]["restore"] > saved["flops"]["bare_prior"] > 0
     assert set(saved["parts_bf16_b1"]) >= {"encoder with CFRM", "Controller", "decoder with TFA"}
     ops = saved["dispatched_ops_b1"]
@@ -31,3 +33,4 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
         assert abs(value - comparison["straightforward"]["losses"][key]) <= 0.02 * abs(value) + 1e-3
     report = (tmp_path / "bench_gpu.md").read_text()
     assert "restore / bare prior pass" in report and "stage 2 (bf16)" in report
+    assert "three prompts (pir, seg, cls) from one encode and denoise" in report

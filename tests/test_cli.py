@@ -196,14 +196,14 @@ def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(tra
 
     # An image too large for the device is reported with the fix, and the others still finish.
     Image.fromarray(pixels[:40, :48]).save(folder / "small.png")
-    original = UniRestore.restore
+    original = UniRestore.restore_tasks
 
     def restore_or_run_out(self, images, *args, **kwargs):
         if images.shape[-1] > 100:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return original(self, images, *args, **kwargs)
 
-    monkeypatch.setattr(UniRestore, "restore", restore_or_run_out)
+    monkeypatch.setattr(UniRestore, "restore_tasks", restore_or_run_out)
     result = runner.invoke(app, ["restore", str(folder), "--ckpt", str(ckpt), "--out", str(root / "some"),
                                  "--tile-size", "0"])  # fmt: skip
     assert result.exit_code == 1, result.output
@@ -211,6 +211,52 @@ def test_restore_tiles_large_images_runs_in_bf16_and_skips_what_does_not_fit(tra
     words = " ".join(result.output.split())  # the console wraps long lines
     assert "wide.png" in result.output.replace("\n", "") and "out of memory at 200×64" in words
     assert "smaller --tile-size" in words
+
+
+def test_restore_with_several_prompts_writes_each_tasks_image_as_alone(trained, root, monkeypatch):
+    """`--task pir,cls`: OUT/pir/ and OUT/cls/ hold what `--task pir` and `--task cls` write, from one
+    encode and denoise; a batch that does not fit with every task's decoder copy goes one task at a time."""
+    import torch
+
+    from unirestore.framework.model import UniRestore
+
+    output, _, _ = trained
+    ckpt = str(output / "stage2.safetensors")
+    folder = root / "prompts"
+    folder.mkdir()
+    rng = np.random.default_rng(4)
+    for name in ("a", "b"):
+        Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+
+    def restore(out, task, *options):
+        result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--task", task, "--out", str(out),
+                                     *options])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        return result
+
+    together = restore(root / "both", "pir,classification", "--batch-size", "2")
+    assert "restored 2 image(s)" in together.output and "pir, cls" in together.output
+    assert sorted(str(p.relative_to(root / "both")) for p in (root / "both").rglob("*.png")) == [
+        "cls/a.png", "cls/b.png", "pir/a.png", "pir/b.png"]
+    calls = []
+    original = UniRestore.restore_tasks
+
+    def one_task_fits(self, images, tasks, *args, **kwargs):
+        calls.append((images.shape[0], list(tasks)))
+        if len(tasks) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return original(self, images, tasks, *args, **kwargs)
+
+    for task in ("pir", "cls"):
+        restore(root / task, task)
+    monkeypatch.setattr(UniRestore, "restore_tasks", one_task_fits)
+    restore(root / "split", "pir,cls", "--batch-size", "2")
+    assert calls[:4] == [(2, ["pir", "cls"]), (1, ["pir", "cls"]), (1, ["pir"]), (1, ["cls"])]
+    for task in ("pir", "cls"):
+        for name in ("a.png", "b.png"):
+            alone = np.asarray(Image.open(root / task / name), np.float32)
+            for run in ("both", "split"):
+                assert np.abs(np.asarray(Image.open(root / run / task / name), np.float32) - alone).max() <= 1.0
 
 
 def test_restore_never_overwrites_an_input_or_another_output(trained, root):
@@ -474,6 +520,8 @@ def test_the_readme_python_example_restores_one_image_per_prompt(trained, root, 
     exec(compile(code, "README.md", "exec"), {})  # noqa: S102 (the README block is the thing under test)
     outputs = {task: np.asarray(Image.open(tmp_path / f"photo-{task}.png")) for task in ("pir", "seg", "cls")}
     assert all(image.shape == (50, 70, 3) for image in outputs.values())
+    single = np.asarray(Image.open(tmp_path / "photo-restored.png"), np.float32)
+    assert np.abs(single - outputs["pir"].astype(np.float32)).max() <= 1.0  # restore_tasks: each as alone
     assert not np.array_equal(outputs["pir"], outputs["cls"])  # each prompt steers the decoder its own way
 
 

@@ -471,3 +471,30 @@ def test_a_hub_id_with_downloads_off_names_the_local_folder_as_the_fix(monkeypat
     with pytest.raises(PriorError, match=r"downloads are off \(HF_HUB_OFFLINE=1\).*--prior /path/to/folder") as error:
         load_prior("unirestore-tests/no-such-prior")
     assert "\n" not in str(error.value)
+
+
+def test_restore_tasks_gives_each_prompts_own_restore_from_one_encode_and_denoise(tiny_prior):
+    """Several prompts at once: the same outputs as one `restore` per prompt, whole, tiled and per image."""
+    torch.manual_seed(2)
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls", "seg"])
+    with torch.no_grad():
+        for name in ("cls", "seg"):
+            model.prompts.prompts[name].normal_(0, 3)
+    images = torch.rand(2, 3, 40, 56, generator=generator(7))
+    calls = []
+    denoise = model.denoise
+    model.denoise = lambda *args, **kwargs: calls.append(1) or denoise(*args, **kwargs)
+    for tile_size in (None, 32):
+        together = model.restore_tasks(images, ["pir", "seg", "cls"], generator=[generator(), generator()],
+                                       tile_size=tile_size)  # fmt: skip
+        tiles = len(calls)
+        assert list(together) == ["pir", "seg", "cls"]
+        for task, restored in together.items():
+            alone = model.restore(images, task, generator=[generator(), generator()], tile_size=tile_size)
+            torch.testing.assert_close(restored, alone, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 4 * tiles  # the three single restores denoised three times as often
+        calls.clear()
+        assert (together["seg"] - together["pir"]).abs().max() > 1e-4  # the prompts differ (10× the tolerance)
+    with pytest.raises(KeyError, match="nope"):
+        model.restore_tasks(images, ["pir", "nope"])
+    assert not calls  # a missing prompt stops it before any work
