@@ -94,6 +94,10 @@ class RestorerAdapter(torch.nn.Module):
     def restore(self, images, task="pir", generator=None, **_):
         return self.restorer(images).clamp(0, 1)
 
+    def restore_tasks(self, images, tasks=("pir",), generator=None, **_):
+        restored = self.restore(images)  # one output, whatever the task
+        return {task: restored for task in tasks}
+
 
 def _config(budget: Budget, output: Path, tracking_uri: str, **model) -> RunConfig:
     config = RunConfig(

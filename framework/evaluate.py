@@ -134,6 +134,24 @@ def _image_bar(description: str, total: int, enabled: bool):
         yield advance
 
 
+def _restore_prompts(model, images, prompts: list[str], generator, tile_size) -> dict[str, torch.Tensor]:
+    """{prompt: restored images}, all from one encode and denoise; one prompt at a time, from the same noise,
+    if the decoder's copies do not fit."""
+    state = generator.get_state()
+    try:
+        return model.restore_tasks(images, prompts, generator=generator, tile_size=tile_size)
+    except torch.OutOfMemoryError:
+        if len(prompts) == 1:
+            raise
+        if images.device.type == "cuda":
+            torch.cuda.empty_cache()
+    outputs = {}
+    for prompt in prompts:
+        generator.set_state(state)
+        outputs[prompt] = model.restore(images, task=prompt, generator=generator, tile_size=tile_size)
+    return outputs
+
+
 @torch.no_grad()
 def evaluate(
     model,
@@ -148,41 +166,47 @@ def evaluate(
     progress: bool = False,
     label: str = "",
     tile_size: int | None = None,
-    reference: Mapping[str, list[dict]] | None = None,
+    prompts: Sequence[str] | None = None,
     worse: int = 4,
 ) -> EvalTable:
     """Evaluate `model` on each task (Task objects, or a name → Task mapping) for every input in `inputs`.
 
-    A task the model has no prompt for gets only its `lq` and `hq` rows. `progress` shows a bar per task
-    (images done, images/s, time left), headed by the task's name and `label`; leave it off while another
-    bar is live (validation inside a training stage). Images whose side exceeds `tile_size` are restored
-    tile by tile (full-size test images: memory bounded by the tile).
+    `restored` is restored with the task's own prompt (row `restored`), or with each of `prompts` (rows
+    `restored[<prompt>]`, the paper's Table 2 shows the PIR prompt on classification too), all of them from
+    one encode and denoise per batch, each with the noise it would get alone. A prompt the model lacks gets
+    no row. `progress` shows a bar per task (images done, images/s, time left), headed by the task's name
+    and `label`; leave it off while another bar is live (validation inside a training stage). Images whose
+    side exceeds `tile_size` are restored tile by tile (full-size test images: memory bounded by the tile).
 
-    `reference` (task → the LQ row's per-image values, as `images[task]["lq"]`) keeps the `worse` restored
-    images that score furthest below their LQ on the task's first per-image metric, for a grid of what the
-    restoration made worse.
+    With `lq` among the inputs, the `worse` images the task's own prompt restored furthest below their LQ,
+    on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt.
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
     unknown = set(inputs) - set(INPUTS)
     if unknown:
         raise ValueError(f"unknown evaluation input(s) {', '.join(sorted(unknown))}; use {', '.join(INPUTS)}")
+    serves_all = model.config.shared_prompt or not getattr(model.config, "use_tfa", True)  # one decoder for all
     was_training = model.training
     model.eval()
     table = EvalTable(split=split, samples=samples)
     try:
         for task in task_list:
-            sources = [
-                s for s in inputs
-                if s != "restored" or task.name in model.tasks or model.config.shared_prompt
-                or not getattr(model.config, "use_tfa", True)  # a plain decoder serves every task
-            ]
-            evaluators = {source: task.evaluator() for source in sources}
-            per_image: dict[str, list[dict]] = {source: [] for source in sources}
+            rows: dict[str, str | None] = {}  # row → the prompt it is restored with (None: lq, hq)
+            for source in sorted(inputs, key=INPUTS.index):  # lq first: the restored rows compare with it
+                if source != "restored":
+                    rows[source] = None
+                    continue
+                for prompt in prompts or [task.name]:
+                    if prompt in model.tasks or serves_all:
+                        rows["restored" if prompts is None else f"restored[{prompt}]"] = prompt
+            restoring = list(dict.fromkeys(p for p in rows.values() if p is not None))
+            own = next((row for row, prompt in rows.items() if prompt == task.name), None)
+            evaluators = {row: task.evaluator() for row in rows}
+            per_image: dict[str, list[dict]] = {row: [] for row in rows}
             seen = 0
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
-            baseline = (reference or {}).get(task.name)
             generator = torch.Generator(device=device).manual_seed(seed)
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
@@ -190,35 +214,35 @@ def evaluate(
             with _image_bar(description, table.counts[task.name], progress) as advance:
                 for batch in _fixed_batches(dataset, samples, batch_size):
                     batch = _to(batch, device)
-                    restored = None
-                    if "restored" in sources:
-                        restored = model.restore(batch["lq"], task=task.name, generator=generator, tile_size=tile_size)
+                    restored = _restore_prompts(model, batch["lq"], restoring, generator, tile_size) if restoring else {}
                     count, done = batch["lq"].shape[0], seen
                     seen += count
                     names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
-                    for source in sources:
-                        images = {"lq": batch["lq"], "hq": batch["hq"], "restored": restored}[source]
-                        values = evaluators[source].update(images, batch)  # per image, if the metric has it
-                        if values:
-                            per_image[source] += [
-                                {"image": name, **{k: float(v[i]) for k, v in values.items()}}
+                    scores = {}
+                    for row, prompt in rows.items():
+                        images = batch[row] if prompt is None else restored[prompt]
+                        scores[row] = evaluators[row].update(images, batch)  # per image, if the metric has it
+                        if scores[row]:
+                            per_image[row] += [
+                                {"image": name, **{k: float(v[i]) for k, v in scores[row].items()}}
                                 for i, name in enumerate(names)
                             ]  # fmt: skip
-                        if values and source == "restored" and baseline and worse:
-                            metric = next(iter(values))
-                            for i in range(min(count, len(baseline) - done)):
-                                drop = float(values[metric][i]) - baseline[done + i][metric]
-                                if drop < 0:  # NaN (not scored) compares False
-                                    triple = (batch["lq"][i].cpu(), restored[i].cpu(), batch["hq"][i].cpu())
-                                    losses.append((drop, done + i, triple))
+                    if row_scores := (scores.get(own) if worse else None):
+                        metric = next(iter(row_scores))
+                        if scores.get("lq") and metric in scores["lq"]:
+                            drops = row_scores[metric].float().cpu() - scores["lq"][metric].float().cpu()
+                            for i in range(count):
+                                if drops[i] < 0:  # NaN (not scored) compares False
+                                    triple = (batch["lq"][i].cpu(), restored[task.name][i].cpu(), batch["hq"][i].cpu())
+                                    losses.append((float(drops[i]), done + i, triple))
                             losses = sorted(losses, key=lambda item: item[:2])[:worse]
                     advance(count)
                     if len(kept) < examples:
                         take = examples - len(kept)
-                        shown = restored if restored is not None else batch["lq"]
+                        shown = restored[task.name] if own is not None else batch["lq"]
                         kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
-            table.results[task.name] = {source: evaluators[source].compute() for source in sources}
-            table.images[task.name] = {source: rows for source, rows in per_image.items() if rows}
+            table.results[task.name] = {row: evaluators[row].compute() for row in rows}
+            table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
             if losses:
@@ -252,24 +276,6 @@ def save_grids(table: EvalTable, folder, prefix: str, which: str = "examples") -
 
 # --------------------------------------------------------------------------------------------------
 # `unirestore eval`: the paper's tables from the command line
-
-
-class _Prompted(torch.nn.Module):
-    """A model seen by `evaluate` as if every task used one given prompt (the PIR prompt's effect on cls)."""
-
-    def __init__(self, model, prompt: str):
-        super().__init__()
-        self.inner = model
-        self.prompt = prompt
-        self.cfrm = model.cfrm
-        self.config = model.config
-
-    @property
-    def tasks(self) -> list[str]:
-        return [self.prompt, *self.inner.tasks]
-
-    def restore(self, images, task=None, **kwargs):
-        return self.inner.restore(images, task=self.prompt, **kwargs)
 
 
 @dataclass
@@ -444,36 +450,27 @@ def evaluate_checkpoint(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadFileWarning)
         for corruption, label in settings:
-            where = "" if corruption is None else f", {label}"
             for name, task in tasks.items():
                 task.context.degradation = (
                     None if corruption is None
                     else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
                 )  # fmt: skip
-                base = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
-                                inputs=("lq", "hq"), examples=0, device=device, progress=progress,
-                                label=f"LQ and HQ{where}")  # fmt: skip
-                report.rows[(label, name, "LQ")] = base.results[name]["lq"]
-                report.counts[name] = base.counts[name]
-                report.rows[(label, name, "HQ")] = base.results[name]["hq"]
-                for source, row in (("lq", "LQ"), ("hq", "HQ")):
-                    if source in base.images[name]:
-                        report.images[(label, name, row)] = base.images[name][source]
                 chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
-                for prompt in chosen:
-                    if prompt not in available and model.config.use_tfa and not model.config.shared_prompt:
-                        continue
-                    table = evaluate(_Prompted(model, prompt), [task], split=split, samples=samples,
-                                     batch_size=batch_size, seed=seed, inputs=("restored",), device=device,
-                                     progress=progress, label=f"restored[{prompt}]{where}", tile_size=tile_size,
-                                     reference={name: base.images[name].get("lq")})  # fmt: skip
-                    report.rows[(label, name, f"restored[{prompt}]")] = table.results[name]["restored"]
-                    if "restored" in table.images[name]:
-                        report.images[(label, name, f"restored[{prompt}]")] = table.images[name]["restored"]
-                    if grids_folder is not None and prompt == name:
-                        prefix = label.replace("@", "-s")
-                        report.grids += save_grids(table, grids_folder, prefix)
-                        report.grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
+                # LQ, HQ and every prompt's restoration in one pass over the test images
+                table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
+                                 prompts=chosen, device=device, progress=progress, examples=4,
+                                 label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
+                report.counts[name] = table.counts[name]
+                for row, source in {"LQ": "lq", "HQ": "hq", **{f"restored[{p}]": f"restored[{p}]" for p in chosen}}.items():
+                    if source not in table.results[name]:
+                        continue  # a prompt the model lacks
+                    report.rows[(label, name, row)] = table.results[name][source]
+                    if source in table.images[name]:
+                        report.images[(label, name, row)] = table.images[name][source]
+                if grids_folder is not None and f"restored[{name}]" in table.results[name]:
+                    prefix = label.replace("@", "-s")
+                    report.grids += save_grids(table, grids_folder, prefix)
+                    report.grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
                 task.context.degradation = None
     report.skipped_files = sum(1 for w in caught if issubclass(w.category, BadFileWarning))
     return report

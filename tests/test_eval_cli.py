@@ -37,7 +37,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     folder, path = checkpoint
     first, uri = _eval(folder, path, folder / "a")
     assert first.exit_code == 0, first.output
-    assert "evaluating cls restored[pir]" in first.output  # a progress bar per task and input
+    assert "evaluating cls" in first.output  # a progress bar per task
     for name in ("eval.csv", "eval.json", "eval.md", "eval_images.csv"):
         assert (folder / "a" / name).is_file()
     results = json.loads((folder / "a" / "eval.json").read_text())["results"]
@@ -178,7 +178,7 @@ def test_eval_samples_0_takes_every_test_image_and_the_report_counts_what_it_too
 
 
 def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
-    """`evaluate` with the LQ row as reference keeps the restored images that lost most, in order."""
+    """`evaluate` keeps the restored images that lost most against their LQ, in order."""
     from unirestore.framework.data.sample import make_sample
     from unirestore.framework.evaluate import evaluate
     from unirestore.tasks.pir import PIREvaluator
@@ -201,28 +201,29 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
         tasks = ("pir",)
         config = ModelConfig()
 
-        def __init__(self):
+        def __init__(self, better=False):
             super().__init__()
             self.cfrm = torch.nn.Linear(1, 1)
-            self.seen = 0
+            self.seen, self.better = 0, better
 
-        def restore(self, images, task, **kwargs):
+        def restore_tasks(self, images, tasks, **kwargs):
             out = []
             for image in images:  # the test images arrive in order, in batches of 3
-                out.append((image + noise[self.seen] * torch.randn_like(image)).clamp(0, 1))
+                noisy = (image + noise[self.seen] * torch.randn_like(image)).clamp(0, 1)
+                out.append(hq[self.seen] if self.better else noisy)
                 self.seen += 1
-            return torch.stack(out)
+            return {task: torch.stack(out) for task in tasks}
 
-    base = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq",), examples=0)
-    lq_values = base.images["pir"]["lq"]
-    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",),
-                     reference={"pir": lq_values}, worse=3)  # fmt: skip
-    drops = [r["psnr"] - q["psnr"] for r, q in zip(table.images["pir"]["restored"], lq_values)]
+    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
+    rows = table.images["pir"]
+    drops = [r["psnr"] - q["psnr"] for r, q in zip(rows["restored"], rows["lq"])]
     order = sorted(range(7), key=lambda i: drops[i])[:3]
     assert order == [3, 1, 5]  # the three noisiest
     _, restored, kept_hq = table.worse["pir"]
     torch.testing.assert_close(kept_hq, hq[order])
     assert restored.shape == (3, 3, 32, 32)
-    none_worse = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",),
-                          reference={"pir": [{"psnr": -1.0}] * 7}, worse=3)  # fmt: skip
-    assert "pir" not in none_worse.worse
+    # a restoration above LQ on every image leaves nothing to show; without LQ there is nothing to compare
+    better = evaluate(Model(better=True), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"))
+    assert all(r["psnr"] > q["psnr"] for r, q in zip(better.images["pir"]["restored"], better.images["pir"]["lq"]))
+    assert "pir" not in better.worse
+    assert "pir" not in evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",)).worse

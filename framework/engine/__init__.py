@@ -415,11 +415,13 @@ class _Run:
             batch_size=config.train.batch_size, seed=config.train.seed, device=self.device, progress=self.progress,
         )  # fmt: skip
         self.tracker.log_metrics(table.flat(), 0)
-        for path in save_grids(table, self.output / "grids", "final"):
+        grids = save_grids(table, self.output / "grids", "final")
+        grids += save_grids(table, self.output / "grids", "final-worse", which="worse")  # where it hurt most
+        for path in grids:
             self.tracker.log_artifact(path, "grids")
         if self.console is not None:
             self.console.print(table.rich_table(title=title))
-            self.console.print(f"before/after grids: {self.output / 'grids'}")
+            self.console.print(f"before/after grids: {self.output / 'grids'} (final-worse-*: below their LQ)")
             self.console.print(f"metric curves: {self.output / 'curves'}")
         return table
 
