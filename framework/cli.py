@@ -435,7 +435,7 @@ def restore(
         from .registry import task_key
 
         # `segmentation` → `seg`; a name the checkpoint lacks is reported below
-        tasks = list(dict.fromkeys(task_key(name.strip()) for name in task.split(",") if name.strip()))
+        tasks = list(dict.fromkeys(task_key(part.strip()) for part in task.split(",") if part.strip()))
         if not tasks:
             raise ConfigError(f"--task '{task}': give a task, e.g. pir, or several, e.g. pir,seg,cls")
         console = Console(stderr=True)
@@ -456,11 +456,11 @@ def restore(
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
-        for task in tasks:
-            if task not in model.tasks and not model.config.shared_prompt:
+        for name in tasks:
+            if name not in model.tasks and not model.config.shared_prompt:
                 raise CheckpointError(
-                    f"{ckpt} has no prompt for task '{task}'; its tasks: {', '.join(model.tasks)} "
-                    f"(add one with `unirestore task add {task} --from {ckpt}`)"
+                    f"{ckpt} has no prompt for task '{name}'; its tasks: {', '.join(model.tasks)} "
+                    f"(add one with `unirestore task add {name} --from {ckpt}`)"
                 )
         trained = (_checkpoint_prompts(ckpt) or (None, None))[1]
         if trained == []:
@@ -469,13 +469,13 @@ def restore(
                 "yet, so it is not the finished model; the stage-2 checkpoint (or that of `task add`) is"
             )
         elif trained and model.config.use_tfa and not model.config.shared_prompt:
-            for task in (task for task in tasks if task not in trained):
+            for name in (name for name in tasks if name not in trained):
                 console.print(
-                    f"[yellow]note[/yellow] the '{escape(task)}' prompt of {escape(str(ckpt))} was never trained; "
-                    f"train it with `unirestore task add {escape(task)} --from {escape(str(ckpt))}`"
+                    f"[yellow]note[/yellow] the '{escape(name)}' prompt of {escape(str(ckpt))} was never trained; "
+                    f"train it with `unirestore task add {escape(name)} --from {escape(str(ckpt))}`"
                 )
         # one task: OUT/<name>.png; several: OUT/<task>/<name>.png
-        folders = {task: out if len(tasks) == 1 else out / task for task in tasks}
+        folders = {name: out if len(tasks) == 1 else out / name for name in tasks}
         files, problems, renamed = _collect_images(list(images), out)
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
@@ -504,14 +504,14 @@ def restore(
             generators = [torch.Generator(device=torch_device).manual_seed(seed) for _ in group]
             try:
                 restored = model.restore_tasks(images, tasks, steps=steps, generator=generators, tile_size=tile_size)
-                return [{task: restored[task][i] for task in tasks} for i in range(len(group))]
+                return [{name: restored[name][i] for name in tasks} for i in range(len(group))]
             except torch.OutOfMemoryError:
                 if torch_device.type == "cuda":
                     torch.cuda.empty_cache()
                 if len(group) == 1 and len(tasks) == 1:
                     raise
             if len(group) == 1:  # the decoder's copies per task did not fit: one task at a time
-                return [{task: restore_group(group, [task])[0][task] for task in tasks}]
+                return [{name: restore_group(group, [name])[0][name] for name in tasks}]
             return [restored for item in group for restored in restore_group([item], tasks)]
 
         columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -542,10 +542,10 @@ def restore(
                         continue
                     for (_, name, image), restored in zip(group, outputs, strict=True):
                         gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
-                        for task, output in restored.items():
+                        for prompt, output in restored.items():
                             if gray:  # a grayscale input (its three channels equal) gets a grayscale output
                                 output = rgb_to_grayscale(output.float())
-                            save_png(output.float().cpu(), folders[task] / name)
+                            save_png(output.float().cpu(), folders[prompt] / name)
                         written += 1
                         bar.advance(job)
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
