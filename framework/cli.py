@@ -426,12 +426,12 @@ def restore(
     with _errors():
         from rich.console import Console
         from rich.markup import escape
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         from .checkpoint import CheckpointError, load_checkpoint
-        from .data.io import DataError, load_rgb, save_png
         from .config import ConfigError
+        from .data.io import DataError, load_rgb, save_png
         from .engine.trainer import resolve_device
+        from .evaluate import image_bar
         from .registry import task_key
 
         # `segmentation` → `seg`; a name the checkpoint lacks is reported below
@@ -514,9 +514,7 @@ def restore(
                 return [{name: restore_group(group, [name])[0][name] for name in tasks}]
             return [restored for item in group for restored in restore_group([item], tasks)]
 
-        columns = (TextColumn("restoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as bar:
-            job = bar.add_task("restore", total=len(files))
+        with image_bar("restoring", len(files), console=console) as advance:
             for start in range(0, len(files), batch_size):
                 by_size: dict[tuple, list] = {}
                 for path, name in files[start : start + batch_size]:
@@ -526,7 +524,7 @@ def restore(
                     except DataError as error:
                         console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
                         skipped += 1
-                        bar.advance(job)
+                        advance(1)
                 for group in by_size.values():
                     try:
                         outputs = restore_group(group, tasks)
@@ -538,7 +536,7 @@ def restore(
                                 f"restore it with a smaller --tile-size (now {tile_size})"
                             )
                         skipped += len(group)
-                        bar.advance(job, len(group))
+                        advance(len(group))
                         continue
                     for (_, name, image), restored in zip(group, outputs, strict=True):
                         gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
@@ -547,7 +545,7 @@ def restore(
                                 output = rgb_to_grayscale(output.float())
                             save_png(output.float().cpu(), folders[prompt] / name)
                         written += 1
-                        bar.advance(job)
+                        advance(1)
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
         typer.echo(f"restored {written} image(s) to {where}; {skipped} skipped")
         if skipped:  # the good files are written; the exit status still says that some were not

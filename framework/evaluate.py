@@ -115,14 +115,15 @@ def _stack_padded(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 @contextmanager
-def _image_bar(description: str, total: int, enabled: bool):
-    """A rich bar over images (done / total, images/s, time left); `advance(n)` after each batch."""
+def image_bar(description: str, total: int, enabled: bool = True, console=None):
+    """A rich bar over images (done / total, images/s, time left) on `console` (default: stdout's);
+    `advance(n)` after each batch."""
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, disable=not enabled) as bar:
+    with Progress(*columns, disable=not enabled, console=console) as bar:
         task = bar.add_task(description, total=total, rate="-")
 
         def advance(count: int) -> None:
@@ -211,7 +212,7 @@ def evaluate(
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
             table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
-            with _image_bar(description, table.counts[task.name], progress) as advance:
+            with image_bar(description, table.counts[task.name], progress) as advance:
                 for batch in _fixed_batches(dataset, samples, batch_size):
                     batch = _to(batch, device)
                     restored = _restore_prompts(model, batch["lq"], restoring, generator, tile_size) if restoring else {}

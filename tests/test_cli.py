@@ -57,6 +57,8 @@ def test_train_end_to_end_writes_checkpoint_grids_and_an_mlflow_run(trained):
         output / "stage2" / "last.state.pt"
     ).is_file()
     assert (output / "grids" / "final-pir.png").is_file()
+    # this short run restores some test images below their LQ: they are drawn, worst first
+    assert (output / "grids" / "final-worse-pir.png").is_file() and "final-worse-*" in result.stdout
     assert "restored" in result.stdout and "LQ" in result.stdout  # the final table
     import mlflow
 
