@@ -421,6 +421,14 @@ def restore(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Restore up to this many same-size images at once (GPU throughput).")
     ] = 1,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing",
+            help="Leave out images whose output is already written (to go on after an interruption; outputs are "
+            "written whole or not at all).",
+        ),
+    ] = False,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors():
@@ -477,6 +485,11 @@ def restore(
         # one task: OUT/<name>.png; several: OUT/<task>/<name>.png
         folders = {name: out if len(tasks) == 1 else out / name for name in tasks}
         files, problems, renamed = _collect_images(list(images), out)
+        if skip_existing:
+            done = [item for item in files if all((folder / item[1]).is_file() for folder in folders.values())]
+            files = [item for item in files if item not in done]
+            if done:
+                console.print(f"{len(done)} image(s) already restored in {escape(str(out))}: left as they are")
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
         for rename in renamed:

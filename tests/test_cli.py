@@ -261,6 +261,32 @@ def test_restore_with_several_prompts_writes_each_tasks_image_as_alone(trained, 
                 assert np.abs(np.asarray(Image.open(root / run / task / name), np.float32) - alone).max() <= 1.0
 
 
+def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained, root):
+    output, _, _ = trained
+    ckpt = str(output / "stage2.safetensors")
+    folder, out = root / "resume-in", root / "resume-out"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("a", "b", "c"):
+        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+
+    def run(*options):
+        result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--out", str(out), *options])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    run("--task", "pir,cls")
+    first = (out / "pir" / "a.png").read_bytes()
+    (out / "pir" / "b.png").unlink()  # as if the run had been killed before writing b's PIR image
+    (out / "cls" / "c.png").write_bytes(b"kept as it is")
+    text = run("--task", "pir,cls", "--skip-existing")
+    assert "restored 1 image(s)" in text and "2 image(s) already restored" in " ".join(text.split())
+    assert (out / "pir" / "b.png").is_file() and (out / "pir" / "a.png").read_bytes() == first
+    assert (out / "cls" / "c.png").read_bytes() == b"kept as it is"
+    assert "restored 3 image(s)" in run("--task", "pir,cls")  # without the option every image is restored
+    assert (out / "cls" / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_restore_never_overwrites_an_input_or_another_output(trained, root):
     output, _, _ = trained
     ckpt = str(output / "stage2.safetensors")
