@@ -377,7 +377,11 @@ class UniRestore(nn.Module):
         noise = None if noise is None else noise.to(dtype)
         latents = self.denoise(encoded.latents, steps=steps, generator=generator, noise=noise)
         features = encoded.features if self.config.use_tfa else None
-        return [out.to(images.dtype) for out in self.decode_tasks(latents, features, list(tasks))]
+        # tasks that share a prompt (UniRestore-SP) share one decode
+        prompts = [SHARED_PROMPT if self.config.shared_prompt else task for task in tasks]
+        unique = list(dict.fromkeys(prompts))
+        decoded = dict(zip(unique, self.decode_tasks(latents, features, unique), strict=True))
+        return [decoded[prompt].to(images.dtype) for prompt in prompts]
 
     @torch.no_grad()
     def restore(

@@ -498,3 +498,16 @@ def test_restore_tasks_gives_each_prompts_own_restore_from_one_encode_and_denois
     with pytest.raises(KeyError, match="nope"):
         model.restore_tasks(images, ["pir", "nope"])
     assert not calls  # a missing prompt stops it before any work
+
+
+def test_restore_tasks_with_one_shared_prompt_decodes_once(tiny_prior):
+    torch.manual_seed(4)
+    model = UniRestore(tiny_prior, ModelConfig(shared_prompt=True), tasks=["pir", "cls"])
+    images = torch.rand(1, 3, 32, 32, generator=generator(8))
+    decoded = []
+    decode_tasks = model.decode_tasks
+    model.decode_tasks = lambda latents, features, tasks: decoded.append(list(tasks)) or decode_tasks(
+        latents, features, tasks)  # fmt: skip
+    outputs = model.restore_tasks(images, ["pir", "cls"], generator=generator())
+    assert decoded == [["shared"]] and torch.equal(outputs["pir"], outputs["cls"])
+    torch.testing.assert_close(outputs["cls"], model.restore(images, "cls", generator=generator()))
