@@ -530,6 +530,15 @@ def test_the_readme_plugin_task_is_added_by_its_prompt_alone_on_its_own_data(tra
     listing = runner.invoke(app, ["task", "list", "--output", str(root / "edges-run")])
     text = " ".join(listing.stdout.split())
     assert "│ edges │" in listing.stdout and "edge_folder (readme_edges)" in text
+    # its evaluator's per-image values reach eval_images.csv, one line per image
+    evaluated = runner.invoke(app, ["eval", "--ckpt", str(root / "edges-run" / "stage3-edges.safetensors"),
+                                    "--tasks", "edges", "--data", str(config), "--samples", "3",
+                                    "--out", str(root / "edges-eval"), "--tracking-uri",
+                                    f"sqlite:///{root / 'edges.db'}", *TINY])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    lines = (root / "edges-eval" / "eval_images.csv").read_text().splitlines()
+    assert lines[0].startswith("corruption,task,image,metric,LQ,restored[edges]")
+    assert len(lines) == 4 and all(",edges," in line and "edge_accuracy" in line for line in lines[1:])
 
 
 def test_the_readme_python_example_restores_one_image_per_prompt(trained, root, monkeypatch, tmp_path):
