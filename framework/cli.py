@@ -68,17 +68,32 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+# What to do when the device runs out of memory, by kind of command.
+TRAINING_OOM = (
+    "lower --batch-size (or --set train.batch_size=N, with train.grad_accum to keep the effective batch), or "
+    "set train.precision=bf16 or model.gradient_checkpointing=true; it continues from its last checkpoint "
+    "with --resume"
+)
+
+
 @contextlib.contextmanager
-def _errors():
+def _errors(out_of_memory: str = TRAINING_OOM):
+    """User errors as one line and exit 2; a full disk or the device's memory running out as one line naming
+    the fix (`out_of_memory`) and exit 1; anything else as a traceback."""
     try:
         yield
     except typer.Exit:
         raise
     except Exception as error:
+        import torch
+
         from .engine.trainer import TrainingDiverged
 
         if isinstance(error, TrainingDiverged):
             _fail(str(error), 1)
+        if isinstance(error, torch.OutOfMemoryError):
+            first = str(error).strip().split(". ")[0].split("\n")[0]  # "CUDA out of memory" and what it tried
+            _fail(f"out of memory: {first}; {out_of_memory}", 1)
         if isinstance(error, _user_errors()):
             _fail(str(error), 2)
         if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
@@ -431,7 +446,7 @@ def restore(
     ] = False,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
-    with _errors():
+    with _errors(out_of_memory="give a smaller --tile-size, --batch-size 1 or --precision bf16"):
         from rich.console import Console
         from rich.markup import escape
 
@@ -647,12 +662,13 @@ def eval_(
     tile_size: Annotated[
         int, typer.Option("--tile-size", help="Restore test images larger than this a side tile by tile; 0: whole.")
     ] = 1024,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Test images restored at once.")] = 8,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
     Real data needs the real downstream models: give the run's config (--config, e.g. the run folder's
     config.yaml) or --set downstream_checkpoints.resnet50=PATH and the like."""
-    with _errors():
+    with _errors(out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})"):
         from rich.console import Console
 
         from .checkpoint import load_checkpoint
@@ -676,6 +692,8 @@ def eval_(
             raise ConfigError(f"--samples {samples}: give a number of test images per task, or 0 for all of them")
         if tile_size < 0:
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
+        if batch_size < 1:
+            raise ConfigError(f"--batch-size {batch_size}: give at least 1")
         run_config = _build_config(config, list(set_ or []))
         run_config.tasks = names
         data_unset = data is None and config is None
@@ -700,7 +718,8 @@ def eval_(
                 prepare()
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
-            samples=samples or None, grids_folder=out / "grids", progress=True, tile_size=tile_size or None,
+            samples=samples or None, batch_size=batch_size, grids_folder=out / "grids", progress=True,
+            tile_size=tile_size or None,
         )  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())

@@ -562,6 +562,33 @@ def test_the_readme_python_example_restores_one_image_per_prompt(trained, root, 
     assert not np.array_equal(outputs["pir"], outputs["cls"])  # each prompt steers the decoder its own way
 
 
+def test_the_device_running_out_of_memory_is_one_line_naming_the_fix(trained, root, monkeypatch):
+    """Training and evaluation stop with exit 1 and one line: what ran out, and which option to lower."""
+    import torch
+
+    from unirestore.framework.model import UniRestore
+
+    output, _, _ = trained
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has 1.5 GiB free.")
+
+    monkeypatch.setattr(UniRestore, "decode_tasks", out_of_memory)
+    evaluated = runner.invoke(app, ["eval", "--ckpt", str(output / "stage2.safetensors"), "--tasks", "pir",
+                                    "--samples", "2", "--batch-size", "2", "--out", str(root / "oom-eval"),
+                                    "--tracking-uri", f"sqlite:///{root / 'oom.db'}"])  # fmt: skip
+    added = runner.invoke(app, ["task", "add", "det", "--from", str(output / "stage2.safetensors"), "--output",
+                                str(root / "oom-run"), "--tracking-uri", f"sqlite:///{root / 'oom.db'}",
+                                "--steps", "2", *TINY])  # fmt: skip
+    for result, fix in ((evaluated, "give a smaller --batch-size (now 2) or --tile-size (now 1024)"),
+                        (added, "lower --batch-size")):  # fmt: skip
+        assert result.exit_code == 1, result.output
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error")]
+        assert errors == [f"error: out of memory: CUDA out of memory; {errors[0].split('; ', 1)[1]}"], errors
+        assert fix in errors[0] and "Traceback" not in result.output
+    assert "continues from its last checkpoint with --resume" in added.stderr
+
+
 def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trained, root, monkeypatch, tmp_path):
     import errno
 
