@@ -227,3 +227,19 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     assert all(r["psnr"] > q["psnr"] for r, q in zip(better.images["pir"]["restored"], better.images["pir"]["lq"]))
     assert "pir" not in better.worse
     assert "pir" not in evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",)).worse
+
+
+def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):
+    folder, path = checkpoint
+    scores = {}
+    for precision in ("fp32", "bf16"):
+        result, _ = _eval(folder, path, folder / f"p-{precision}", "--tasks", "pir", "--precision", precision)
+        assert result.exit_code == 0, result.output
+        rows = json.loads((folder / f"p-{precision}" / "eval.json").read_text())["results"]
+        scores[precision] = {(r["input"], r["metric"]): r["value"] for r in rows}
+    assert scores["bf16"][("LQ", "psnr")] == scores["fp32"][("LQ", "psnr")]  # the inputs are not cast
+    restored = ("restored[pir]", "psnr")
+    assert scores["bf16"][restored] != scores["fp32"][restored]  # the restoration ran in bf16
+    assert abs(scores["bf16"][restored] - scores["fp32"][restored]) < 0.2
+    refused, _ = _eval(folder, path, folder / "p-fp8", "--precision", "fp8")
+    assert refused.exit_code == 2 and "--precision fp8: use one of fp32, bf16, fp16" in refused.stderr
