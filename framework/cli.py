@@ -457,6 +457,12 @@ def restore(
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="Restore up to this many same-size images at once (GPU throughput).")
     ] = 1,
+    side_by_side: Annotated[
+        bool,
+        typer.Option(
+            "--side-by-side", help="Also write OUT/side-by-side/<name>.png: the input, then each task's output."
+        ),
+    ] = False,
     skip_existing: Annotated[
         bool,
         typer.Option(
@@ -517,8 +523,9 @@ def restore(
         # one task: OUT/<name>.png; several: OUT/<task>/<name>.png
         folders = {name: out if len(tasks) == 1 else out / name for name in tasks}
         files, problems, renamed = _collect_images(list(images), out)
+        wanted = [*folders.values(), *([out / "side-by-side"] if side_by_side else [])]
         if skip_existing:
-            done = [item for item in files if all((folder / item[1]).is_file() for folder in folders.values())]
+            done = [item for item in files if all((folder / item[1]).is_file() for folder in wanted)]
             files = [item for item in files if item not in done]
             if done:
                 console.print(f"{len(done)} image(s) already restored in {escape(str(out))}: left as they are")
@@ -529,6 +536,7 @@ def restore(
 
         import torch
         from torchvision.transforms.functional import rgb_to_grayscale
+        from torchvision.utils import make_grid
 
         if 0 < tile_size < model.size_multiple:
             raise ConfigError(
@@ -586,9 +594,15 @@ def restore(
                             if gray:  # a grayscale input (its three channels equal) gets a grayscale output
                                 output = rgb_to_grayscale(output.float())
                             save_png(output.float().cpu(), folders[prompt] / name)
+                        if side_by_side:  # input | each task's output, in --task order, 2-pixel white gaps
+                            row = [image, *(output.float().cpu() for output in restored.values())]
+                            grid = make_grid(torch.stack(row).clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0)
+                            save_png(grid, out / "side-by-side" / name)
                         written += 1
                         advance(1)
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
+        if side_by_side:
+            where = f"{where} (side by side with the input in {out / 'side-by-side'})"
         typer.echo(f"restored {written} image(s) to {where}; {skipped} skipped")
         if skipped:  # the good files are written; the exit status still says that some were not
             raise typer.Exit(1)

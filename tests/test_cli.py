@@ -236,10 +236,16 @@ def test_restore_with_several_prompts_writes_each_tasks_image_as_alone(trained, 
         assert result.exit_code == 0, result.output
         return result
 
-    together = restore(root / "both", "pir,classification", "--batch-size", "2")
+    together = restore(root / "both", "pir,classification", "--batch-size", "2", "--side-by-side")
     assert "restored 2 image(s)" in together.output and "pir, cls" in together.output
     assert sorted(str(p.relative_to(root / "both")) for p in (root / "both").rglob("*.png")) == [
-        "cls/a.png", "cls/b.png", "pir/a.png", "pir/b.png"]
+        "cls/a.png", "cls/b.png", "pir/a.png", "pir/b.png", "side-by-side/a.png", "side-by-side/b.png"]
+    # input | pir | cls, 2-pixel gaps
+    row = np.asarray(Image.open(root / "both" / "side-by-side" / "a.png"), np.float32)
+    assert row.shape == (40 + 4, 3 * (56 + 2) + 2, 3)
+    panels = [row[2:42, 2 + k * 58 : 58 + k * 58] for k in range(3)]
+    for panel, expected in zip(panels, (folder / "a.png", root / "both" / "pir" / "a.png", root / "both" / "cls" / "a.png")):
+        assert np.abs(panel - np.asarray(Image.open(expected), np.float32)).max() <= 1.0
     calls = []
     original = UniRestore.restore_tasks
 
