@@ -376,54 +376,6 @@ def task_list(
 # restore
 
 
-def _collect_images(inputs: list[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
-    """(file, output name relative to `out`) for every image; problems and renames as messages.
-
-    Files already under `out` are left out (an output folder inside an input folder is not restored again),
-    and no two files get the same output name: `a.jpg` beside `a.png`, or `x.png` from two folders, would
-    overwrite each other, so later ones are named `a_jpg.png`, then `x-2.png`, ...
-    """
-    from .data.io import DataError, list_images
-
-    out = out.resolve()
-    found, problems = [], []
-    for item in inputs:
-        if item.is_dir() and item.resolve().is_relative_to(out):
-            problems.append(f"{item}: inside --out {out}; write the restored images to another folder")
-            continue
-        if item.is_dir():
-            try:
-                files = list_images(item)
-            except DataError as error:
-                problems.append(str(error))
-                continue
-            files = [path for path in files if not path.resolve().is_relative_to(out)]
-            if not files:
-                problems.append(f"{item}: no image files in this folder")
-            found += [(path, path.relative_to(item).with_suffix(".png")) for path in files]
-        elif item.is_file():
-            found.append((item, Path(item.name).with_suffix(".png")))
-        else:
-            problems.append(f"{item}: no such file or folder")
-    taken: set[Path] = set()
-    unique, renamed = [], []
-    for path, name in found:
-        wanted = name
-        if name in taken:
-            name = name.with_name(f"{name.stem}_{path.suffix[1:].lower()}.png")
-        stem, number = name.stem, 2
-        while name in taken:
-            name, number = name.with_name(f"{stem}-{number}.png"), number + 1
-        taken.add(name)
-        if (out / name).resolve() == path.resolve():
-            problems.append(f"{path}: its output would overwrite it; write the restored images to another folder")
-            continue
-        if name != wanted:
-            renamed.append(f"{path} → {name} ({wanted} is another input's)")
-        unique.append((path, name))
-    return unique, problems, renamed
-
-
 @app.command()
 def restore(
     images: Annotated[list[Path], typer.Argument(help="Image files and/or folders of images.")],
@@ -479,9 +431,9 @@ def restore(
 
         from .checkpoint import CheckpointError, load_checkpoint
         from .config import ConfigError
-        from .data.io import DataError, load_rgb, save_png
         from .engine.trainer import resolve_device
         from .evaluate import image_bar
+        from .inference import SIDE_BY_SIDE, already_restored, collect_images, restore_files
         from .registry import task_key
 
         # `segmentation` → `seg`; a name the checkpoint lacks is reported below
@@ -520,12 +472,9 @@ def restore(
                     f"[yellow]note[/yellow] the '{escape(name)}' prompt of {escape(str(ckpt))} was never trained; "
                     f"train it with `unirestore task add {escape(name)} --from {escape(str(ckpt))}`"
                 )
-        # one task: OUT/<name>.png; several: OUT/<task>/<name>.png
-        folders = {name: out if len(tasks) == 1 else out / name for name in tasks}
-        files, problems, renamed = _collect_images(list(images), out)
-        wanted = [*folders.values(), *([out / "side-by-side"] if side_by_side else [])]
+        files, problems, renamed = collect_images(list(images), out)
         if skip_existing:
-            done = [item for item in files if all((folder / item[1]).is_file() for folder in wanted)]
+            done = already_restored(files, out, tasks, side_by_side)
             files = [item for item in files if item not in done]
             if done:
                 console.print(f"{len(done)} image(s) already restored in {escape(str(out))}: left as they are")
@@ -533,77 +482,23 @@ def restore(
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
         for rename in renamed:
             console.print(f"[cyan]renamed[/cyan] {escape(rename)}")
-
-        import torch
-        from torchvision.transforms.functional import rgb_to_grayscale
-        from torchvision.utils import make_grid
-
         if 0 < tile_size < model.size_multiple:
             raise ConfigError(
                 f"--tile-size {tile_size}: a tile must be at least {model.size_multiple} pixels for this prior; "
                 "give a larger one, or 0 to restore whole images"
             )
         _cast(model, precision)
-        written, skipped = 0, len(problems)
-
-        def restore_group(group: list, tasks: list[str]) -> list[dict]:
-            """Restored images of `group` ((path, name, image) of one size), {task: image} each, each with the
-            noise it would get restored alone (a generator seeded with --seed per image); one by one, then
-            one task at a time, if the batch does not fit."""
-            images = torch.stack([image for _, _, image in group]).to(torch_device)
-            generators = [torch.Generator(device=torch_device).manual_seed(seed) for _ in group]
-            try:
-                restored = model.restore_tasks(images, tasks, steps=steps, generator=generators, tile_size=tile_size)
-                return [{name: restored[name][i] for name in tasks} for i in range(len(group))]
-            except torch.OutOfMemoryError:
-                if torch_device.type == "cuda":
-                    torch.cuda.empty_cache()
-                if len(group) == 1 and len(tasks) == 1:
-                    raise
-            if len(group) == 1:  # the decoder's copies per task did not fit: one task at a time
-                return [{name: restore_group(group, [name])[0][name] for name in tasks}]
-            return [restored for item in group for restored in restore_group([item], tasks)]
-
         with image_bar("restoring", len(files), console=console) as advance:
-            for start in range(0, len(files), batch_size):
-                by_size: dict[tuple, list] = {}
-                for path, name in files[start : start + batch_size]:
-                    try:
-                        image = load_rgb(path)
-                        by_size.setdefault(tuple(image.shape), []).append((path, name, image))
-                    except DataError as error:
-                        console.print(f"[yellow]skipped[/yellow] {escape(str(error))}")
-                        skipped += 1
-                        advance(1)
-                for group in by_size.values():
-                    try:
-                        outputs = restore_group(group, tasks)
-                    except torch.OutOfMemoryError:  # restore_group freed the cache; the others go on
-                        height, width = group[0][2].shape[-2:]
-                        for path, _, _ in group:
-                            console.print(
-                                f"[yellow]skipped[/yellow] {escape(str(path))}: out of memory at {width}×{height}; "
-                                f"restore it with a smaller --tile-size (now {tile_size})"
-                            )
-                        skipped += len(group)
-                        advance(len(group))
-                        continue
-                    for (_, name, image), restored in zip(group, outputs, strict=True):
-                        gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
-                        for prompt, output in restored.items():
-                            if gray:  # a grayscale input (its three channels equal) gets a grayscale output
-                                output = rgb_to_grayscale(output.float())
-                            save_png(output.float().cpu(), folders[prompt] / name)
-                        if side_by_side:  # input | each task's output, in --task order, 2-pixel white gaps
-                            row = [image, *(output.float().cpu() for output in restored.values())]
-                            grid = make_grid(torch.stack(row).clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0)
-                            save_png(grid, out / "side-by-side" / name)
-                        written += 1
-                        advance(1)
+            report = restore_files(
+                model, files, out, tasks, seed=seed, steps=steps, tile_size=tile_size, batch_size=batch_size,
+                side_by_side=side_by_side, advance=advance,
+                on_skip=lambda message: console.print(f"[yellow]skipped[/yellow] {escape(message)}"),
+            )  # fmt: skip
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
         if side_by_side:
-            where = f"{where} (side by side with the input in {out / 'side-by-side'})"
-        typer.echo(f"restored {written} image(s) to {where}; {skipped} skipped")
+            where = f"{where} (side by side with the input in {out / SIDE_BY_SIDE})"
+        skipped = len(problems) + len(report.skipped)
+        typer.echo(f"restored {report.written} image(s) to {where}; {skipped} skipped")
         if skipped:  # the good files are written; the exit status still says that some were not
             raise typer.Exit(1)
 

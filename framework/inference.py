@@ -1,0 +1,172 @@
+"""Restoring files: the work behind `unirestore restore`, usable from Python as well.
+
+`collect_images` turns files and folders into (file, output name) pairs that never overwrite an input or each
+other; `restore_files` restores them in same-size batches with every prompt asked for, one encode and
+denoise per image, and writes one PNG per task (and optionally the input beside the outputs). An unreadable
+file, or an image that does not fit in memory even alone, is reported and skipped; the others finish.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+SIDE_BY_SIDE = "side-by-side"  # the folder under `out` of the input | outputs rows
+
+
+@dataclass
+class RestoreReport:
+    """What `restore_files` did: images written, and one message per file it skipped."""
+
+    written: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def output_folders(out: Path, tasks: Sequence[str]) -> dict[str, Path]:
+    """One task: `out` itself; several: `out/<task>`."""
+    return {task: out if len(tasks) == 1 else out / task for task in tasks}
+
+
+def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
+    """(file, output name relative to `out`) for every image; problems and renames as messages.
+
+    Files already under `out` are left out (an output folder inside an input folder is not restored again),
+    and no two files get the same output name: `a.jpg` beside `a.png`, or `x.png` from two folders, would
+    overwrite each other, so later ones are named `a_jpg.png`, then `x-2.png`, ...
+    """
+    from .data.io import DataError, list_images
+
+    out = out.resolve()
+    found, problems = [], []
+    for item in inputs:
+        if item.is_dir() and item.resolve().is_relative_to(out):
+            problems.append(f"{item}: inside --out {out}; write the restored images to another folder")
+            continue
+        if item.is_dir():
+            try:
+                files = list_images(item)
+            except DataError as error:
+                problems.append(str(error))
+                continue
+            files = [path for path in files if not path.resolve().is_relative_to(out)]
+            if not files:
+                problems.append(f"{item}: no image files in this folder")
+            found += [(path, path.relative_to(item).with_suffix(".png")) for path in files]
+        elif item.is_file():
+            found.append((item, Path(item.name).with_suffix(".png")))
+        else:
+            problems.append(f"{item}: no such file or folder")
+    taken: set[Path] = set()
+    unique, renamed = [], []
+    for path, name in found:
+        wanted = name
+        if name in taken:
+            name = name.with_name(f"{name.stem}_{path.suffix[1:].lower()}.png")
+        stem, number = name.stem, 2
+        while name in taken:
+            name, number = name.with_name(f"{stem}-{number}.png"), number + 1
+        taken.add(name)
+        if (out / name).resolve() == path.resolve():
+            problems.append(f"{path}: its output would overwrite it; write the restored images to another folder")
+            continue
+        if name != wanted:
+            renamed.append(f"{path} → {name} ({wanted} is another input's)")
+        unique.append((path, name))
+    return unique, problems, renamed
+
+
+def already_restored(files: list[tuple[Path, Path]], out: Path, tasks: Sequence[str], side_by_side: bool) -> list:
+    """The (file, name) pairs whose every output (each task's, and the side-by-side row if asked) exists."""
+    folders = [*output_folders(out, tasks).values(), *([out / SIDE_BY_SIDE] if side_by_side else [])]
+    return [item for item in files if all((folder / item[1]).is_file() for folder in folders)]
+
+
+def _restore_group(model, group: list, tasks: list[str], seed: int, **options) -> list[dict[str, torch.Tensor]]:
+    """{task: restored image} for each (path, name, image) of `group` (one size), each with the noise it would
+    get restored alone (a generator seeded with `seed` per image); one by one, then one task at a time, if the
+    batch does not fit."""
+    device = next(model.cfrm.parameters()).device
+    images = torch.stack([image for _, _, image in group]).to(device)
+    generators = [torch.Generator(device=device).manual_seed(seed) for _ in group]
+    try:
+        restored = model.restore_tasks(images, tasks, generator=generators, **options)
+        return [{task: restored[task][i] for task in tasks} for i in range(len(group))]
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(group) == 1 and len(tasks) == 1:
+            raise
+    if len(group) == 1:  # the decoder's copies per task did not fit: one task at a time
+        return [{task: _restore_group(model, group, [task], seed, **options)[0][task] for task in tasks}]
+    return [restored for item in group for restored in _restore_group(model, [item], tasks, seed, **options)]
+
+
+def restore_files(
+    model,
+    files: list[tuple[Path, Path]],
+    out: Path,
+    tasks: Sequence[str] = ("pir",),
+    seed: int = 0,
+    steps: int | None = None,
+    tile_size: int | None = None,
+    batch_size: int = 1,
+    side_by_side: bool = False,
+    advance: Callable[[int], None] = lambda count: None,
+    on_skip: Callable[[str], None] = lambda message: None,
+) -> RestoreReport:
+    """Restore `files` ((file, output name) pairs, as `collect_images` gives) with each prompt of `tasks`.
+
+    Writes `output_folders(out, tasks)[task] / name` per task, and with `side_by_side` the input beside every
+    output in `out/side-by-side/name`; all writes are atomic. Up to `batch_size` same-size images are restored
+    together, each with the noise it would get alone. `advance(n)` is called as files are done (a progress bar),
+    `on_skip(message)` as one is skipped.
+    A grayscale input (its three channels equal) gets a grayscale output.
+    """
+    from torchvision.transforms.functional import rgb_to_grayscale
+    from torchvision.utils import make_grid
+
+    from .data.io import DataError, load_rgb, save_png
+
+    tasks = list(tasks)
+    folders = output_folders(out, tasks)
+    report = RestoreReport()
+
+    def skip(message: str) -> None:
+        report.skipped.append(message)
+        on_skip(message)
+
+    options = {"steps": steps, "tile_size": tile_size}
+    for start in range(0, len(files), batch_size):
+        by_size: dict[tuple, list] = {}
+        for path, name in files[start : start + batch_size]:
+            try:
+                image = load_rgb(path)  # (3, H, W) in [0, 1]
+                by_size.setdefault(tuple(image.shape), []).append((path, name, image))
+            except DataError as error:
+                skip(str(error))
+                advance(1)
+        for group in by_size.values():
+            try:
+                outputs = _restore_group(model, group, tasks, seed, **options)
+            except torch.OutOfMemoryError:  # the cache is freed; the other sizes go on
+                height, width = group[0][2].shape[-2:]
+                for path, _, _ in group:
+                    skip(f"{path}: out of memory at {width}×{height}; restore it with a smaller --tile-size "
+                         f"(now {tile_size})")  # fmt: skip
+                advance(len(group))
+                continue
+            for (_, name, image), restored in zip(group, outputs, strict=True):
+                gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+                for task, output in restored.items():
+                    output = output.float().cpu()
+                    save_png(rgb_to_grayscale(output) if gray else output, folders[task] / name)
+                if side_by_side:  # input | each task's output, in `tasks` order, 2-pixel white gaps
+                    row = torch.stack([image, *(output.float().cpu() for output in restored.values())])
+                    save_png(make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0),
+                             out / SIDE_BY_SIDE / name)  # fmt: skip
+                report.written += 1
+                advance(1)
+    return report
