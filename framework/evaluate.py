@@ -323,7 +323,10 @@ class EvalReport:
         return records
 
     def improved(self) -> list[str]:
-        """Per task and restored row, on how many images the first per-image metric beats LQ."""
+        """Per task and restored row, on how many images the first per-image metric beats LQ, and the two-sided
+        sign test's p-value of that split (ties left out): how likely so uneven a split is by chance alone."""
+        from scipy.stats import binomtest
+
         lines = []
         for (corruption, task, row), values in self.images.items():
             lq = self.images.get((corruption, task, "LQ"))
@@ -334,8 +337,9 @@ class EvalReport:
                      if r[metric] == r[metric] and q[metric] == q[metric]]  # fmt: skip  (NaN: not scored)
             better = sum(r > q for r, q in pairs)
             worse = sum(r < q for r, q in pairs)
+            test = f" (sign test p = {binomtest(better, better + worse).pvalue:.2g})" if better + worse else ""
             lines.append(f"{corruption}, {task}, {row}: {metric} above LQ on {better} of {len(pairs)} images, "
-                         f"below on {worse}")  # fmt: skip
+                         f"below on {worse}{test}")  # fmt: skip
         return lines
 
     def markdown(self) -> str:

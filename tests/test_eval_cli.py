@@ -243,3 +243,18 @@ def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):
     assert abs(scores["bf16"][restored] - scores["fp32"][restored]) < 0.2
     refused, _ = _eval(folder, path, folder / "p-fp8", "--precision", "fp8")
     assert refused.exit_code == 2 and "--precision fp8: use one of fp32, bf16, fp16" in refused.stderr
+
+
+def test_the_per_image_summary_counts_each_side_and_gives_the_sign_test():
+    from scipy.stats import binomtest
+
+    from unirestore.framework.evaluate import EvalReport
+
+    report = EvalReport(checkpoint="x", split="test", samples=12)
+    lq = [{"image": f"{i}", "psnr": 20.0} for i in range(12)]
+    restored = [{"image": f"{i}", "psnr": 21.0 if i < 9 else (20.0 if i == 9 else 19.0)} for i in range(12)]
+    report.images[("default", "pir", "LQ")] = lq
+    report.images[("default", "pir", "restored[pir]")] = restored
+    (line,) = report.improved()
+    expected = binomtest(9, 11).pvalue  # the tie (image 9) is left out
+    assert line == f"default, pir, restored[pir]: psnr above LQ on 9 of 12 images, below on 2 (sign test p = {expected:.2g})"
