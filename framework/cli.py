@@ -680,13 +680,29 @@ def runs_compare(
         Path | None,
         typer.Option("--curves", help="Write a PNG of each --metric's history, one line per run (training curves)."),
     ] = None,
+    per_image: Annotated[
+        bool,
+        typer.Option(
+            "--per-image",
+            help="Eval runs image by image against the newest shown: on how many test images each restored row "
+            "is above or below it, with the sign test.",
+        ),
+    ] = False,
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Runs side by side with their key params and metrics, the best per column marked."""
     with _errors():
         from rich.console import Console
 
-        from .compare import CompareError, compare_runs, plot_comparison, plot_histories, render_table
+        from .compare import (
+            CompareError,
+            compare_runs,
+            paired_per_image,
+            plot_comparison,
+            plot_histories,
+            render_paired,
+            render_table,
+        )
         from .config import _default_tracking_uri
 
         if curves is not None and not metric:
@@ -700,6 +716,12 @@ def runs_compare(
             typer.echo(f"plot: {plot_comparison(comparison, plot)}")
         if curves is not None:
             typer.echo(f"curves: {plot_histories(tracking_uri or _default_tracking_uri(), comparison, curves)}")
+        if per_image:
+            try:
+                paired = paired_per_image(tracking_uri or _default_tracking_uri(), comparison)
+            except CompareError as error:
+                _fail(str(error), 2)
+            Console(width=200).print(render_paired(paired))
 
 
 SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]

@@ -172,3 +172,98 @@ def plot_histories(tracking_uri: str, comparison: Comparison, path: str | Path) 
         if axis.get_lines():
             axis.legend(fontsize=6)
     return save(figure, path, dpi=120)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per image: eval runs against each other on the same test images
+
+
+PER_IMAGE_ARTIFACT = "eval_images.csv"  # written and logged by `unirestore eval`
+
+
+@dataclass
+class PairedResult:
+    """One eval run against the reference run on one (degradation, task, restored row, metric)."""
+
+    run: str
+    reference: str
+    corruption: str
+    task: str
+    row: str
+    metric: str
+    above: int  # images where `run` scores higher than `reference`
+    below: int
+    total: int  # images in both (ties and unscored ones included)
+    p_value: float | None  # two-sided sign test over the untied images
+
+
+def _per_image_values(tracking_uri: str, run_id: str) -> dict[tuple, dict[str, float]] | None:
+    """{(corruption, task, image, metric, occurrence): {row: value}} from a run's eval_images.csv; None if absent."""
+    import csv
+    import tempfile
+
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri)
+    if PER_IMAGE_ARTIFACT not in {item.path for item in client.list_artifacts(run_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as folder:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PER_IMAGE_ARTIFACT, dst_path=folder,
+                                                   tracking_uri=tracking_uri)  # fmt: skip
+        lines = list(csv.DictReader(Path(path).read_text().splitlines()))
+    values, seen = {}, {}
+    for line in lines:
+        name = (line.pop("corruption"), line.pop("task"), line.pop("image"), line.pop("metric"))
+        seen[name] = seen.get(name, -1) + 1  # a file met twice (tiles of one image) keeps both
+        values[(*name, seen[name])] = {row: float(value) for row, value in line.items() if value not in ("", None)}
+    return values
+
+
+def paired_per_image(tracking_uri: str, comparison: Comparison) -> list[PairedResult]:
+    """Every eval run of `comparison` against the first one listed (the newest), image by image: on how many
+    of the test images both scored its restored rows are above or below the reference's, with the sign test.
+
+    Only runs that logged eval_images.csv take part; rows and images are matched by name."""
+    from scipy.stats import binomtest
+
+    runs = []
+    for row, run_id in zip(comparison.rows, comparison.run_ids, strict=True):
+        values = _per_image_values(tracking_uri, run_id)
+        if values is not None:
+            runs.append((str(row["run"]), values))
+    if len(runs) < 2:
+        raise CompareError(
+            f"--per-image compares eval runs image by image, and {len(runs)} of the runs shown logged "
+            f"{PER_IMAGE_ARTIFACT}; select two or more `unirestore eval` runs (--experiment unirestore-eval, --filter)"
+        )
+    (reference_name, reference), others = runs[0], runs[1:]
+    results = []
+    for name, values in others:
+        groups: dict[tuple, list[tuple[float, float]]] = {}
+        for key, rows in values.items():
+            for row, value in rows.items():
+                base = reference.get(key, {}).get(row)
+                if row.startswith("restored") and base is not None:
+                    groups.setdefault((key[0], key[1], row, key[3]), []).append((value, base))
+        for (corruption, task, row, metric), pairs in groups.items():
+            scored = [(a, b) for a, b in pairs if not (math.isnan(a) or math.isnan(b))]  # NaN: not scored
+            above, below = sum(a > b for a, b in scored), sum(a < b for a, b in scored)
+            p_value = binomtest(above, above + below).pvalue if above + below else None
+            results.append(PairedResult(name, reference_name, corruption, task, row, metric, above, below,
+                                        len(pairs), p_value))  # fmt: skip
+    return results
+
+
+def render_paired(results: list[PairedResult]):
+    """A rich table of `paired_per_image`'s results."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape(f"per image, against {results[0].reference}") if results else "per image")
+    for column in ("run", "degradation", "task", "input", "metric", "above", "below", "images", "sign test p"):
+        table.add_column(column, justify="right" if column in ("above", "below", "images", "sign test p") else "left")
+    for result in results:
+        p_value = "–" if result.p_value is None else f"{result.p_value:.2g}"
+        table.add_row(*map(escape, (result.run, result.corruption, result.task, result.row, result.metric)),
+                      str(result.above), str(result.below), str(result.total), p_value)  # fmt: skip
+    return table

@@ -10,6 +10,7 @@ for the denoising noise, so two calls on the same weights give the same numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -334,7 +335,7 @@ class EvalReport:
                 continue
             metric = next(k for k in values[0] if k != "image")
             pairs = [(r[metric], q[metric]) for r, q in zip(values, lq, strict=True)
-                     if r[metric] == r[metric] and q[metric] == q[metric]]  # fmt: skip  (NaN: not scored)
+                     if not (math.isnan(r[metric]) or math.isnan(q[metric]))]  # fmt: skip  (NaN: not scored)
             better = sum(r > q for r, q in pairs)
             worse = sum(r < q for r, q in pairs)
             test = f" (sign test p = {binomtest(better, better + worse).pvalue:.2g})" if better + worse else ""

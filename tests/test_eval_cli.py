@@ -258,3 +258,34 @@ def test_the_per_image_summary_counts_each_side_and_gives_the_sign_test():
     (line,) = report.improved()
     expected = binomtest(9, 11).pvalue  # the tie (image 9) is left out
     assert line == f"default, pir, restored[pir]: psnr above LQ on 9 of 12 images, below on 2 (sign test p = {expected:.2g})"
+
+
+def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint, tiny_prior, tmp_path):
+    import csv
+
+    _, path = checkpoint
+    torch.manual_seed(7)
+    other = UniRestore(tiny_prior, ModelConfig(), tasks=["pir", "cls"])
+    other_path = save_checkpoint(other, tmp_path / "other.safetensors")
+    uri = f"sqlite:///{tmp_path / 'paired.db'}"
+    for ckpt, out in ((path, tmp_path / "first"), (other_path, tmp_path / "second")):  # the second is newer
+        result = runner.invoke(app, ["eval", "--ckpt", str(ckpt), "--tasks", "pir,cls", "--samples", "4",
+                                     "--out", str(out), "--tracking-uri", uri])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    compare = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
+                                  "--metric", "eval/default/pir/restored_pir/psnr", "--per-image"])  # fmt: skip
+    assert compare.exit_code == 0, compare.output
+    assert "per image, against eval-other" in compare.output
+    rows = {}
+    for name in ("first", "second"):
+        for line in csv.DictReader((tmp_path / name / "eval_images.csv").read_text().splitlines()):
+            if line["task"] == "pir" and line["metric"] == "psnr":
+                rows.setdefault(name, []).append(float(line["restored[pir]"]))
+    above = sum(a > b for a, b in zip(rows["first"], rows["second"]))
+    below = sum(a < b for a, b in zip(rows["first"], rows["second"]))
+    line = next(text for text in compare.output.splitlines() if "restored[pir]" in text and "psnr" in text)
+    assert [cell.strip() for cell in line.split("│")[6:9]] == [str(above), str(below), "4"], line
+    # one eval run alone has nothing to be compared with
+    alone = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
+                                "--filter", "tags.mlflow.runName = 'eval-model'", "--per-image"])  # fmt: skip
+    assert alone.exit_code == 2 and "1 of the runs shown logged eval_images.csv" in alone.stderr
