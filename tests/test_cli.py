@@ -374,6 +374,8 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{corrupt}", "--tile-size", "-1"], "--tile-size -1: give a tile side"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--steps", "9"], "--steps 9: give 1 to 4 denoising steps"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--task", " , "], "give a task, e.g. pir, or several"),
+        (["eval", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):
