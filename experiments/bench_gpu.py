@@ -33,7 +33,13 @@ import torch.nn.functional as F
 from unirestore.framework.config import ModelConfig, TrainConfig
 from unirestore.framework.engine.losses import decoder_inputs, stage1_losses, task_losses
 from unirestore.framework.model import UniRestore, count_parameters
-from unirestore.framework.prior import SD_TURBO_UNET, SD_TURBO_VAE, TINY_UNET, TINY_VAE, build_prior_from_configs
+from unirestore.framework.prior import (
+    SD_TURBO_UNET,
+    SD_TURBO_VAE,
+    TINY_UNET,
+    TINY_VAE,
+    build_prior_from_configs,
+)
 
 SCALES = {"sd-turbo": (SD_TURBO_VAE, SD_TURBO_UNET), "tiny": (TINY_VAE, TINY_UNET)}
 

@@ -11,7 +11,12 @@ from unirestore.framework.checkpoint import CheckpointError, load_checkpoint, sa
 from unirestore.framework.config import ConfigError, ModelConfig, TrainConfig
 from unirestore.framework.model import UniRestore, count_parameters
 from unirestore.framework.prior import (
-    TINY_VAE, PriorError, build_prior_from_configs, ensure_tiny_prior, load_prior, tiny_prior_path,
+    TINY_VAE,
+    PriorError,
+    build_prior_from_configs,
+    ensure_tiny_prior,
+    load_prior,
+    tiny_prior_path,
 )
 
 # Stable Diffusion 2.1 / sd-turbo, written here so the structure check does not trust the package's presets.

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch import nn
+
 from unirestore.framework.modules import (
     CFRM,
     TFA,
