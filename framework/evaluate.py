@@ -329,19 +329,43 @@ class EvalReport:
         from scipy.stats import binomtest
 
         lines = []
-        for (corruption, task, row), values in self.images.items():
-            lq = self.images.get((corruption, task, "LQ"))
-            if not row.startswith("restored") or not lq or not values:
-                continue
-            metric = next(k for k in values[0] if k != "image")
-            pairs = [(r[metric], q[metric]) for r, q in zip(values, lq, strict=True)
-                     if not (math.isnan(r[metric]) or math.isnan(q[metric]))]  # fmt: skip  (NaN: not scored)
-            better = sum(r > q for r, q in pairs)
-            worse = sum(r < q for r, q in pairs)
+        for (corruption, task, row, metric), gains in self._gains().items():
+            better, worse = sum(gain > 0 for gain in gains), sum(gain < 0 for gain in gains)
             test = f" (sign test p = {binomtest(better, better + worse).pvalue:.2g})" if better + worse else ""
-            lines.append(f"{corruption}, {task}, {row}: {metric} above LQ on {better} of {len(pairs)} images, "
+            lines.append(f"{corruption}, {task}, {row}: {metric} above LQ on {better} of {len(gains)} images, "
                          f"below on {worse}{test}")  # fmt: skip
         return lines
+
+    def _gains(self) -> dict[tuple[str, str, str, str], list[float]]:
+        """{(corruption, task, restored row, metric): restored − LQ per image} on each task's first metric."""
+        gains = {}
+        for (corruption, task, row), values in self.images.items():
+            lq = self.images.get((corruption, task, "LQ"))
+            if row.startswith("restored") and lq and values:
+                metric = next(k for k in values[0] if k != "image")
+                gains[(corruption, task, row, metric)] = [
+                    r[metric] - q[metric] for r, q in zip(values, lq, strict=True)
+                    if not (math.isnan(r[metric]) or math.isnan(q[metric]))
+                ]  # fmt: skip
+        return gains
+
+    def plot_gains(self, path) -> Path | None:
+        """A PNG, one panel per restored row: the histogram of restored − LQ over the test images, a line at 0
+        (where a mean hides that some images lose). None when no metric has per-image values."""
+        from .plots import panels, save
+
+        gains = {key: values for key, values in self._gains().items() if values}
+        if not gains:
+            return None
+        figure, axes = panels(len(gains), columns=3, width=4.0, height=3.0)
+        for axis, ((corruption, task, row, metric), values) in zip(axes, gains.items()):
+            axis.hist(values, bins=min(30, max(5, len(values) // 4)), color="tab:blue", alpha=0.8)
+            axis.axvline(0.0, color="black", linewidth=1)
+            axis.set_title(f"{task} {row} ({corruption})", fontsize=8)
+            axis.set_xlabel(f"{metric}: restored − LQ", fontsize=8)
+            axis.set_ylabel("images", fontsize=8)
+            axis.tick_params(labelsize=7)
+        return save(figure, path, dpi=110)
 
     def markdown(self) -> str:
         lines = [f"# Evaluation of `{self.checkpoint}`", "",
@@ -357,7 +381,8 @@ class EvalReport:
                     lines.append(f"| {row} | " + " | ".join(_format(values.get(k)) for k in metrics) + " |")
                 lines.append("")
         if self.images:
-            lines += ["## per image (eval_images.csv)", "", *(f"- {line}" for line in self.improved()), ""]
+            lines += ["## per image (eval_images.csv)", "", *(f"- {line}" for line in self.improved()), "",
+                      "Restored − LQ per image, per prompt: `eval_gains.png`.", ""]  # fmt: skip
             worse = [path for path in self.grids if "-worse-" in Path(path).name]
             if worse:
                 lines += ["The restored images furthest below their LQ (LQ | restored | HQ, worst first): "
@@ -408,7 +433,8 @@ class EvalReport:
         if images:
             rows = sorted(dict.fromkeys(k for record in images for k in record), key=_column_order)
             files.append(write_csv(folder / "eval_images.csv", images, rows))
-        return files
+        gains = self.plot_gains(folder / "eval_gains.png")
+        return files + ([gains] if gains else [])
 
 
 def _column_order(name: str) -> tuple:

@@ -38,7 +38,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     first, uri = _eval(folder, path, folder / "a")
     assert first.exit_code == 0, first.output
     assert "evaluating cls" in first.output  # a progress bar per task
-    for name in ("eval.csv", "eval.json", "eval.md", "eval_images.csv"):
+    for name in ("eval.csv", "eval.json", "eval.md", "eval_images.csv", "eval_gains.png"):
         assert (folder / "a" / name).is_file()
     results = json.loads((folder / "a" / "eval.json").read_text())["results"]
     rows = {(r["task"], r["input"]) for r in results}
@@ -245,7 +245,7 @@ def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):
     assert refused.exit_code == 2 and "--precision fp8: use one of fp32, bf16, fp16" in refused.stderr
 
 
-def test_the_per_image_summary_counts_each_side_and_gives_the_sign_test():
+def test_the_per_image_summary_counts_each_side_and_gives_the_sign_test(tmp_path):
     from scipy.stats import binomtest
 
     from unirestore.framework.evaluate import EvalReport
@@ -258,6 +258,8 @@ def test_the_per_image_summary_counts_each_side_and_gives_the_sign_test():
     (line,) = report.improved()
     expected = binomtest(9, 11).pvalue  # the tie (image 9) is left out
     assert line == f"default, pir, restored[pir]: psnr above LQ on 9 of 12 images, below on 2 (sign test p = {expected:.2g})"
+    assert report.plot_gains(tmp_path / "gains.png").read_bytes()[:4] == b"\x89PNG"
+    assert EvalReport(checkpoint="x", split="test", samples=1).plot_gains(tmp_path / "none.png") is None
 
 
 def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint, tiny_prior, tmp_path):
