@@ -589,6 +589,7 @@ def eval_(
     precision: Annotated[
         str, typer.Option("--precision", help="fp32, bf16 or (GPU) fp16 weights for the restoration.")
     ] = "fp32",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
@@ -601,6 +602,7 @@ def eval_(
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
         from .engine import _check_data, build_tasks
+        from .engine.trainer import resolve_device
         from .evaluate import evaluate_checkpoint
         from .registry import parse_task_list
 
@@ -627,8 +629,9 @@ def eval_(
             run_config.data = data
         data = run_config.data
         _check_data(run_config, names, training=False)
-        model = load_checkpoint(ckpt, prior=prior)
-        _check_precision(precision, next(model.cfrm.parameters()).device)
+        torch_device = resolve_device(device)  # the model, and the downstream models beside it
+        _check_precision(precision, torch_device)
+        model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         _cast(model, precision)  # the downstream models stay in fp32
         if data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
             saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")

@@ -376,6 +376,8 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--task", " , "], "give a task, e.g. pir, or several"),
         (["eval", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
+        (["eval", "--ckpt", "{corrupt}", "--device", "cuda:99"], "device cuda:99: this machine has"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "gpu"], "device 'gpu' is not a device; use auto"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):

@@ -291,3 +291,23 @@ def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint,
     alone = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
                                 "--filter", "tags.mlflow.runName = 'eval-model'", "--per-image"])  # fmt: skip
     assert alone.exit_code == 2 and "1 of the runs shown logged eval_images.csv" in alone.stderr
+
+
+def test_eval_loads_the_checkpoint_on_the_device_asked_for(checkpoint, monkeypatch, tmp_path):
+    """`--device` (auto: CUDA when there is one) is where the model and the downstream models run."""
+    from unirestore.framework import checkpoint as checkpoints
+    from unirestore.framework.engine.trainer import resolve_device
+
+    folder, path = checkpoint
+    devices = []
+    real = checkpoints.load_checkpoint
+
+    def load(*args, device="cpu", **kwargs):
+        devices.append(torch.device(device))
+        return real(*args, device=device, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", load)
+    for extra in ([], ["--device", "cpu"]):
+        result, _ = _eval(folder, path, tmp_path / f"d{len(devices)}", "--tasks", "pir", "--samples", "1", *extra)
+        assert result.exit_code == 0, result.output
+    assert devices == [resolve_device("auto"), torch.device("cpu")]
