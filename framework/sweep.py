@@ -656,6 +656,9 @@ def _baseline(
     train_config = config.train
     table = evaluate(model, objects, split="val", samples=train_config.val_samples, batch_size=train_config.batch_size,
                      seed=train_config.seed, inputs=("lq", "hq"), device=device)  # fmt: skip
+    del model, prior, objects
+    if device.type == "cuda":  # the trials, other processes, get the GPU memory this one cached
+        torch.cuda.empty_cache()
     return {task: {"lq": dict(rows["lq"]), "hq": dict(rows["hq"])} for task, rows in table.results.items()}
 
 
