@@ -637,12 +637,20 @@ def _baseline(
     the downstream models first, so that trials read them from the cache instead of each training them."""
     import torch
 
+    device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
+    rows = _lq_hq_rows(config, source, tasks, device)
+    if device.type == "cuda":  # the trials, other processes on the same GPUs, get the memory the models took
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _lq_hq_rows(config: RunConfig, source: Path, tasks: Sequence[str], device) -> dict:
+    """`_baseline`'s evaluation; the models it loads are gone when it returns."""
     from .checkpoint import CheckpointError, load_checkpoint
     from .engine import build_tasks
     from .evaluate import evaluate
     from .prior import load_prior
 
-    device = torch.device("cuda" if torch.cuda.is_available() and config.train.device != "cpu" else "cpu")
     try:
         prior = load_prior(config.prior, device=device)
         model = load_checkpoint(source, prior=prior, device=device)
@@ -656,9 +664,6 @@ def _baseline(
     train_config = config.train
     table = evaluate(model, objects, split="val", samples=train_config.val_samples, batch_size=train_config.batch_size,
                      seed=train_config.seed, inputs=("lq", "hq"), device=device)  # fmt: skip
-    del model, prior, objects
-    if device.type == "cuda":  # the trials, other processes, get the GPU memory this one cached
-        torch.cuda.empty_cache()
     return {task: {"lq": dict(rows["lq"]), "hq": dict(rows["hq"])} for task, rows in table.results.items()}
 
 
