@@ -107,6 +107,22 @@ def _pad_white(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2]), value=1.0)
 
 
+GRID_SIDE = 1024  # the longest side of an image in a grid: full-size test images (4K) are shown scaled down
+
+
+def _for_grid(*images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(3, H, W) images on the CPU in float, scaled down to at most GRID_SIDE a side (memory, and a viewable grid)."""
+    side = max(images[0].shape[-2:])
+    if side <= GRID_SIDE:
+        return tuple(image.detach().float().cpu() for image in images)
+    size = [round(length * GRID_SIDE / side) for length in images[0].shape[-2:]]
+    return tuple(
+        torch.nn.functional.interpolate(image.detach().float()[None], size=size, mode="bilinear", antialias=True,
+                                        align_corners=False)[0].clamp(0, 1).cpu()
+        for image in images
+    )  # fmt: skip
+
+
 def _stack_padded(triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     """(lq, restored, hq) triples as three (N, 3, H, W) stacks; full images differ in size: each is padded
     to the largest, in the grids' white."""
@@ -235,14 +251,14 @@ def evaluate(
                             drops = row_scores[metric].float().cpu() - scores["lq"][metric].float().cpu()
                             for i in range(count):
                                 if drops[i] < 0:  # NaN (not scored) compares False
-                                    triple = (batch["lq"][i].cpu(), restored[task.name][i].cpu(), batch["hq"][i].cpu())
+                                    triple = _for_grid(batch["lq"][i], restored[task.name][i], batch["hq"][i])
                                     losses.append((float(drops[i]), done + i, triple))
                             losses = sorted(losses, key=lambda item: item[:2])[:worse]
                     advance(count)
                     if len(kept) < examples:
                         take = examples - len(kept)
                         shown = restored[task.name] if own is not None else batch["lq"]
-                        kept += list(zip(batch["lq"][:take].cpu(), shown[:take].cpu(), batch["hq"][:take].cpu()))
+                        kept += [_for_grid(*triple) for triple in zip(batch["lq"][:take], shown[:take], batch["hq"][:take])]
             table.results[task.name] = {row: evaluators[row].compute() for row in rows}
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if kept:

@@ -311,3 +311,37 @@ def test_eval_loads_the_checkpoint_on_the_device_asked_for(checkpoint, monkeypat
         result, _ = _eval(folder, path, tmp_path / f"d{len(devices)}", "--tasks", "pir", "--samples", "1", *extra)
         assert result.exit_code == 0, result.output
     assert devices == [resolve_device("auto"), torch.device("cpu")]
+
+
+def test_grids_show_full_size_test_images_scaled_down():
+    """A 4K test set would keep 4K images for its grids: they are scaled to at most GRID_SIDE a side."""
+    from unirestore.framework.data.sample import make_sample
+    from unirestore.framework.evaluate import GRID_SIDE, evaluate
+    from unirestore.tasks.pir import PIREvaluator
+
+    hq = torch.rand(2, 3, GRID_SIDE // 2 + 40, GRID_SIDE + 80)
+
+    class Task:
+        name = "pir"
+
+        def dataset(self, split):
+            return [make_sample(image, lq=image.clone(), path=f"big{i}") for i, image in enumerate(hq)]
+
+        def evaluator(self):
+            return PIREvaluator()
+
+    class Model(torch.nn.Module):
+        tasks = ("pir",)
+        config = ModelConfig()
+
+        def __init__(self):
+            super().__init__()
+            self.cfrm = torch.nn.Linear(1, 1)
+
+        def restore_tasks(self, images, tasks, **kwargs):
+            return {task: (images + 0.1 * torch.randn_like(images)).clamp(0, 1) for task in tasks}  # below LQ
+
+    table = evaluate(Model(), [Task()], samples=2, batch_size=2)
+    for stack in (*table.examples["pir"], *table.worse["pir"]):
+        assert stack.shape == (2, 3, round((GRID_SIDE // 2 + 40) * GRID_SIDE / (GRID_SIDE + 80)), GRID_SIDE), stack.shape
+    torch.testing.assert_close(table.examples["pir"][2][0].mean(), hq[0].mean(), atol=1e-3, rtol=0)
