@@ -590,6 +590,14 @@ def eval_(
         str, typer.Option("--precision", help="fp32, bf16 or (GPU) fp16 weights for the restoration.")
     ] = "fp32",
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")] = "auto",
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Read back the (degradation, task) results an interrupted run of the same command saved in "
+            "OUT/partial, and evaluate only the rest.",
+        ),
+    ] = False,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
@@ -647,11 +655,19 @@ def eval_(
             prepare = getattr(task, "prepare", None)
             if callable(prepare):
                 prepare()
+        stat = Path(ckpt).stat()
+        data_file = Path(str(data))
+        identity = {  # what makes results saved by another run the same as this one's
+            "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns, "data": str(data),
+            "data_mtime_ns": data_file.stat().st_mtime_ns if data_file.is_file() else None, "precision": precision,
+        }  # fmt: skip
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
             samples=samples or None, batch_size=batch_size, grids_folder=out / "grids", progress=True,
-            tile_size=tile_size or None,
+            tile_size=tile_size or None, partial_folder=out / "partial", resume=resume, identity=identity,
         )  # fmt: skip
+        if report.resumed:
+            typer.echo(f"read back from {out / 'partial'} (evaluated before): {', '.join(report.resumed)}")
         files = report.write(out)
         Console().print(report.rich_table())
         for line in report.improved():  # how many images each prompt helped: a mean can hide a split

@@ -310,6 +310,7 @@ class EvalReport:
     skipped_files: int = 0
     grids: list = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
+    resumed: list[str] = field(default_factory=list)  # "<degradation>/<task>" units read back, not evaluated
 
     def records(self) -> list[dict]:
         return [
@@ -459,6 +460,19 @@ def _column_order(name: str) -> tuple:
     return (keys.index(name) if name in keys else len(keys) + (name == "HQ"),)
 
 
+def _read_partial(path: Path | None, key: dict) -> dict | None:
+    """A unit's saved results if `path` holds them for exactly `key` (same checkpoint, data, settings)."""
+    import json
+
+    if path is None or not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):  # cut short by a kill before the rename: not there
+        return None
+    return saved if saved.get("key") == key else None
+
+
 def evaluate_checkpoint(
     model,
     tasks: Mapping[str, object],
@@ -474,17 +488,26 @@ def evaluate_checkpoint(
     device: torch.device | str | None = None,
     progress: bool = False,
     tile_size: int | None = None,
+    partial_folder=None,
+    resume: bool = False,
+    identity: Mapping[str, object] | None = None,
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
     `prompts` None: each task's own prompt plus the PIR prompt (as the paper's Table 2 shows both).
     `corruptions` None: the datasets' own degradation (the training distribution, fixed seeds).
+
+    Each (degradation, task) unit's results are saved to `partial_folder` as it finishes; with `resume`, a
+    unit saved there for the same checkpoint and settings (`identity` adds what this function does not see:
+    the checkpoint file's size and time, the data, the precision) is read back instead of evaluated again.
     """
+    import json
     import warnings
 
     from .checkpoint import CheckpointError
     from .data.config import DegradationConfig
     from .data.io import BadFileWarning
+    from .files import atomic_write
 
     available = list(model.tasks)
     for name in list(tasks) + list(prompts or []):
@@ -499,26 +522,49 @@ def evaluate_checkpoint(
         warnings.simplefilter("always", BadFileWarning)
         for corruption, label in settings:
             for name, task in tasks.items():
-                task.context.degradation = (
-                    None if corruption is None
-                    else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
-                )  # fmt: skip
                 chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
-                # LQ, HQ and every prompt's restoration in one pass over the test images
-                table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
-                                 prompts=chosen, device=device, progress=progress, examples=4,
-                                 label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
-                report.counts[name] = table.counts[name]
-                for row, source in {"LQ": "lq", "HQ": "hq", **{f"restored[{p}]": f"restored[{p}]" for p in chosen}}.items():
-                    if source not in table.results[name]:
-                        continue  # a prompt the model lacks
-                    report.rows[(label, name, row)] = table.results[name][source]
-                    if source in table.images[name]:
-                        report.images[(label, name, row)] = table.images[name][source]
-                if grids_folder is not None and f"restored[{name}]" in table.results[name]:
-                    prefix = label.replace("@", "-s")
-                    report.grids += save_grids(table, grids_folder, prefix)
-                    report.grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
-                task.context.degradation = None
-    report.skipped_files = sum(1 for w in caught if issubclass(w.category, BadFileWarning))
+                prefix = label.replace("@", "-s")
+                key = {**dict(identity or {}), "checkpoint": str(checkpoint), "split": split, "samples": samples,
+                       "seed": seed, "batch_size": batch_size, "tile_size": tile_size, "prompts": chosen,
+                       "degradation": label, "task": name}  # fmt: skip
+                partial = None if partial_folder is None else Path(partial_folder) / f"{prefix}-{name}.json"
+                unit = _read_partial(partial, key) if resume else None
+                if unit is not None:
+                    report.resumed.append(f"{label}/{name}")
+                else:
+                    task.context.degradation = (
+                        None if corruption is None
+                        else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
+                    )  # fmt: skip
+                    warned = len(caught)
+                    # LQ, HQ and every prompt's restoration in one pass over the test images
+                    table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
+                                     prompts=chosen, device=device, progress=progress, examples=4,
+                                     label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
+                    task.context.degradation = None
+                    rows = {"LQ": "lq", "HQ": "hq", **{f"restored[{p}]": f"restored[{p}]" for p in chosen}}
+                    unit = {
+                        "key": key,
+                        "count": table.counts[name],
+                        "rows": {row: table.results[name][source] for row, source in rows.items()
+                                 if source in table.results[name]},  # a prompt the model lacks has no row
+                        "images": {row: table.images[name][source] for row, source in rows.items()
+                                   if source in table.images[name]},
+                        "skipped": sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning)),
+                        "grids": [],
+                    }  # fmt: skip
+                    if grids_folder is not None and f"restored[{name}]" in table.results[name]:
+                        grids = save_grids(table, grids_folder, prefix)
+                        grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
+                        unit["grids"] = [str(path) for path in grids]
+                    if partial is not None:
+                        text = json.dumps(unit)
+                        atomic_write(partial, lambda temporary, text=text: Path(temporary).write_text(text))
+                report.counts[name] = unit["count"]
+                report.skipped_files += unit["skipped"]
+                report.grids += [Path(path) for path in unit["grids"] if Path(path).is_file()]
+                for row, metrics in unit["rows"].items():
+                    report.rows[(label, name, row)] = metrics
+                for row, values in unit["images"].items():
+                    report.images[(label, name, row)] = values
     return report

@@ -345,3 +345,39 @@ def test_grids_show_full_size_test_images_scaled_down():
     for stack in (*table.examples["pir"], *table.worse["pir"]):
         assert stack.shape == (2, 3, round((GRID_SIDE // 2 + 40) * GRID_SIDE / (GRID_SIDE + 80)), GRID_SIDE), stack.shape
     torch.testing.assert_close(table.examples["pir"][2][0].mean(), hq[0].mean(), atol=1e-3, rtol=0)
+
+
+def test_eval_resume_evaluates_only_what_an_interrupted_run_left(checkpoint, monkeypatch, tmp_path):
+    import os
+
+    from unirestore.framework import evaluate as evaluation
+
+    folder, path = checkpoint
+    args = ("--tasks", "pir", "--samples", "2", "--corruption", "gaussian_noise,rain,fog", "--severity", "2")
+    whole, _ = _eval(folder, path, tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.output
+    real, calls = evaluation.evaluate, []
+
+    def interrupted_at_the_third(*positional, **keywords):
+        calls.append(keywords.get("label"))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # a kill: the two finished units are saved, the third is not
+        return real(*positional, **keywords)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(evaluation, "evaluate", interrupted_at_the_third)
+    killed, _ = _eval(folder, path, out, *args)
+    assert killed.exit_code != 0 and sorted(p.name for p in (out / "partial").iterdir()) == [
+        "gaussian_noise-s2-pir.json", "rain-s2-pir.json"]
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: calls.append(k.get("label")) or real(*a, **k))
+    calls.clear()
+    resumed, _ = _eval(folder, path, out, *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert calls == ["fog@2"] and "gaussian_noise@2/pir, rain@2/pir" in resumed.output
+    assert (out / "eval.csv").read_text() == (tmp_path / "whole" / "eval.csv").read_text()
+    assert (out / "eval_images.csv").read_text() == (tmp_path / "whole" / "eval_images.csv").read_text()
+    # results saved for another checkpoint file (retrained in place) are not read back
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    calls.clear()
+    again, _ = _eval(folder, path, out, *args, "--resume")
+    assert again.exit_code == 0 and calls == ["gaussian_noise@2", "rain@2", "fog@2"]
