@@ -473,6 +473,20 @@ def _read_partial(path: Path | None, key: dict) -> dict | None:
     return saved if saved.get("key") == key else None
 
 
+def _unit(table: EvalTable, task: str, prompts: Sequence[str], key: dict) -> dict:
+    """One (degradation, task) unit of `evaluate_checkpoint` as saved: its rows (LQ, HQ, restored[<prompt>];
+    a prompt the model lacks has none), per-image values and image count."""
+    rows = {"LQ": "lq", "HQ": "hq", **{f"restored[{p}]": f"restored[{p}]" for p in prompts}}
+    return {
+        "key": key,
+        "count": table.counts[task],
+        "rows": {row: table.results[task][source] for row, source in rows.items() if source in table.results[task]},
+        "images": {row: table.images[task][source] for row, source in rows.items() if source in table.images[task]},
+        "skipped": 0,
+        "grids": [],
+    }
+
+
 def evaluate_checkpoint(
     model,
     tasks: Mapping[str, object],
@@ -542,17 +556,8 @@ def evaluate_checkpoint(
                                      prompts=chosen, device=device, progress=progress, examples=4,
                                      label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
                     task.context.degradation = None
-                    rows = {"LQ": "lq", "HQ": "hq", **{f"restored[{p}]": f"restored[{p}]" for p in chosen}}
-                    unit = {
-                        "key": key,
-                        "count": table.counts[name],
-                        "rows": {row: table.results[name][source] for row, source in rows.items()
-                                 if source in table.results[name]},  # a prompt the model lacks has no row
-                        "images": {row: table.images[name][source] for row, source in rows.items()
-                                   if source in table.images[name]},
-                        "skipped": sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning)),
-                        "grids": [],
-                    }  # fmt: skip
+                    unit = _unit(table, name, chosen, key)
+                    unit["skipped"] = sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning))
                     if grids_folder is not None and f"restored[{name}]" in table.results[name]:
                         grids = save_grids(table, grids_folder, prefix)
                         grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
