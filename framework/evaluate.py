@@ -241,9 +241,9 @@ def evaluate(
                         images = batch[row] if prompt is None else restored[prompt]
                         scores[row] = evaluators[row].update(images, batch)  # per image, if the metric has it
                         if scores[row]:
+                            values = {k: v.float().cpu().tolist() for k, v in scores[row].items()}  # one copy each
                             per_image[row] += [
-                                {"image": name, **{k: float(v[i]) for k, v in scores[row].items()}}
-                                for i, name in enumerate(names)
+                                {"image": name, **{k: v[i] for k, v in values.items()}} for i, name in enumerate(names)
                             ]  # fmt: skip
                     if row_scores := (scores.get(own) if worse else None):
                         metric = next(iter(row_scores))

@@ -8,6 +8,8 @@ which leaves no visible seam.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 DEFAULT_TILE_SIZE = 1024
@@ -38,15 +40,14 @@ def ramp(length: int, overlap: int, at_start: bool, at_end: bool, device) -> tor
 def tiled_forward(
     model,
     images: torch.Tensor,
-    task: str | list[str],
+    tasks: Sequence[str],
     tile_size: int = DEFAULT_TILE_SIZE,
     tile_overlap: int | None = DEFAULT_TILE_OVERLAP,
     steps: int | None = None,
     generator: torch.Generator | None = None,
-) -> torch.Tensor | list[torch.Tensor]:
-    """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output
-    (a list of tasks: one output per task, each tile encoded and denoised once for all of them)."""
-    tasks = [task] if isinstance(task, str) else list(task)
+) -> list[torch.Tensor]:
+    """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output of
+    each task, every tile encoded and denoised once for all of them."""
     multiple = model.size_multiple
     factor = 2 ** model.num_taps  # pixels per latent cell
     tile = max(multiple, tile_size // multiple * multiple)
@@ -73,5 +74,4 @@ def tiled_forward(
             for output, out in zip(outputs, restored, strict=True):
                 output[..., top:bottom, left:right] += out * weight
             total[..., top:bottom, left:right] += weight
-    blended = [output / total for output in outputs]
-    return blended[0] if isinstance(task, str) else blended
+    return [output / total for output in outputs]
