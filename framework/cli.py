@@ -624,6 +624,10 @@ def eval_(
                 raise ConfigError(f"--corruption: {error}") from None
         if severity is not None and not 1 <= severity <= 5:
             raise ConfigError(f"--severity {severity}: give 1 to 5")
+        if severity is not None and corruption is None:  # it would be ignored: the table would not say so
+            raise ConfigError(
+                f"--severity {severity} is the strength of --corruption; give --corruption NAME (or all) with it"
+            )
         if samples < 0:
             raise ConfigError(f"--samples {samples}: give a number of test images per task, or 0 for all of them")
         if tile_size < 0:

@@ -362,6 +362,7 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),
         (["eval", "--ckpt", "{corrupt}", "--corruption", "gaussian_nose"], "--corruption: unknown"),
         (["eval", "--ckpt", "{corrupt}", "--severity", "7"], "--severity 7: give 1 to 5"),
+        (["eval", "--ckpt", "{corrupt}", "--severity", "5"], "--severity 5 is the strength of --corruption; give"),
         (["eval", "--ckpt", "{corrupt}", "--samples", "-1"], "--samples -1: give a number of test images"),
         (["degrade", "{root}/no-such-folder", "{root}/degraded"], "no-such-folder: not a folder"),
         (["degrade", "{root}", "{root}/degraded", "--corruption", "nope"], "--corruption: unknown"),
