@@ -7,7 +7,7 @@ for the network happen inside the wrapper:
 - `Segmenter`: images → (B, K, H, W) logits at the input resolution.
 - `Embedder`: images → (B, D) L2-normalised embeddings (retrieval).
 - `Detector` (a Protocol): `losses(images, targets)` and `predict(images)`; `RetinaNetDetector` adapts
-  torchvision's RetinaNet to it.
+  torchvision's RetinaNet to it, `d2_detector.Detectron2Detector` any detectron2 detector.
 
 Two sources:
 
@@ -167,6 +167,15 @@ class Embedder(_Frozen):
         return F.normalize(self.network(_normalise(images, self.mean, self.std)), dim=1)  # (B, D)
 
 
+def train_with_frozen_norms(network: nn.Module) -> None:
+    """Train mode, which detectors need to return their losses, with every normalisation layer in eval
+    mode, so frozen statistics are used and none moves."""
+    nn.Module.train(network, True)
+    for module in network.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
+            module.eval()
+
+
 @runtime_checkable
 class Detector(Protocol):
     """What the detection task needs from a detector; nothing more.
@@ -177,9 +186,9 @@ class Detector(Protocol):
     eval mode), differentiable w.r.t. the images.
     `predict(images)`: one dict per image with "boxes" (M, 4) xyxy, "scores" (M,), "labels" (M,).
 
-    `RetinaNetDetector` implements it for torchvision's RetinaNet. Another library's detector (e.g. a
-    detectron2 RetinaNet: `model.train()` returns its loss dict, `model.eval()` its `Instances`) joins with
-    a thin adapter of these two methods in the user's own code; the framework never imports detectron2.
+    `RetinaNetDetector` implements it for torchvision's RetinaNet and `d2_detector.Detectron2Detector` for
+    detectron2's models (`downstream_checkpoints.detectron2_config` / `detectron2_weights`). Another
+    library's detector joins with a thin adapter of these two methods (`DetectionTask.use_detector`).
     """
 
     def losses(
@@ -205,10 +214,7 @@ class RetinaNetDetector(_Frozen):
         self.network = network
 
     def losses(self, images: torch.Tensor, targets: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        nn.Module.train(self.network, True)
-        for module in self.network.modules():
-            if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm):
-                module.eval()
+        train_with_frozen_norms(self.network)
         try:
             targets = [
                 {
@@ -478,9 +484,14 @@ def load_real_segmenter(kind: str, checkpoints: dict[str, str], input_size: int 
     return freeze(Segmenter(network, input_size))
 
 
-def load_real_detector(checkpoints: dict[str, str], image_size: int) -> RetinaNetDetector:
+def load_real_detector(checkpoints: dict[str, str], image_size: int) -> Detector:
     """torchvision RetinaNet-ResNet-50-FPN (key `retinanet_resnet50_fpn`, COCO label space as trained),
-    run at `min_size = max_size = image_size`; the class count is read from the classification head."""
+    run at `min_size = max_size = image_size`; the class count is read from the classification head.
+    With `detectron2_config` set, the detectron2 model it names instead (`framework/d2_detector.py`)."""
+    from .d2_detector import CONFIG_KEY, load_detectron2_detector
+
+    if checkpoints.get(CONFIG_KEY):
+        return load_detectron2_detector(checkpoints, image_size)
     from torchvision.models.detection import retinanet_resnet50_fpn
 
     key = "retinanet_resnet50_fpn"
@@ -897,5 +908,5 @@ __all__ = [
     "build_small_retinanet", "build_small_vit", "build_task_data", "builtin_model", "builtin_spec",
     "checkpoint_path", "context_dataset", "context_is_builtin", "default_steps", "evaluate_clean", "freeze",
     "is_builtin", "load_real_classifier", "load_real_detector", "load_real_embedder", "load_real_segmenter",
-    "read_record", "task_entries", "train_builtin",
+    "read_record", "task_entries", "train_builtin", "train_with_frozen_norms",
 ]  # fmt: skip

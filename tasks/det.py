@@ -5,8 +5,10 @@ regression), default weights 0.1 each (the scale of the other downstream tasks' 
 in train mode to return losses, with its weights frozen and every normalisation layer in eval mode.
 Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools.
 Models: built-in data → a small torchvision RetinaNet (FPN on a small conv body) trained here on clean scenes
-(cached); real data → torchvision RetinaNet-ResNet-50-FPN from `checkpoints.retinanet_resnet50_fpn`. With a
-91-way COCO detector, dataset labels are mapped to COCO ids (RTTS by class name, COCO by category id).
+(cached); real data → torchvision RetinaNet-ResNet-50-FPN from `checkpoints.retinanet_resnet50_fpn`, or a
+detectron2 model (`checkpoints.detectron2_config` and `detectron2_weights`, `framework/d2_detector.py`). With
+a COCO detector (torchvision's 91 ids, detectron2's 80 contiguous classes), dataset labels are mapped to its
+classes (RTTS by class name, COCO by category id).
 Any other detector joins through the `Detector` protocol: `task.use_detector(my_adapter)`.
 Anchored to PIR (a choice): a frozen network's loss alone can be satisfied by images a person would not
 accept; in stage 3, where only this task's prompt trains, the anchor carries no gradient and may be skipped.
@@ -23,11 +25,13 @@ from ..framework.downstream import Detector
 from ..framework.registry import register_task
 from .base import Evaluator, Task
 
-__all__ = ["DetectionEvaluator", "DetectionTask", "Detector"]
+__all__ = ["DetectionEvaluator", "DetectionTask", "Detector", "coco_label_map"]
 
 # torchvision's COCO label space (91 indices, 0 = background) for the RTTS class names.
 COCO_IDS = {"person": 1, "bicycle": 2, "car": 3, "motorcycle": 4, "motorbike": 4, "bus": 6}
 COCO_NUM_CLASSES = 91
+# The 80 COCO category ids in order: detectron2's COCO models number them 0..79 (contiguous).
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 def _find_attribute(dataset, name: str):
@@ -41,6 +45,23 @@ def _find_attribute(dataset, name: str):
         if hasattr(current, "dataset"):
             stack.append(current.dataset)
     return None
+
+
+def coco_label_map(num_classes: int, category_ids, class_names) -> torch.Tensor | None:
+    """dataset label → class of a COCO detector with `num_classes` (91: torchvision's COCO ids, 80:
+    detectron2's contiguous 0..79), from the dataset's COCO `category_ids` or else its `class_names` (RTTS);
+    None where neither names COCO classes (the dataset's own labels are then the detector's)."""
+    if category_ids is not None:
+        coco_ids = list(category_ids)
+    elif class_names is not None and all(name.lower() in COCO_IDS for name in class_names):
+        coco_ids = [COCO_IDS[name.lower()] for name in class_names]
+    else:
+        return None
+    if num_classes != COCO_NUM_CLASSES:
+        if not all(i in COCO_CATEGORY_IDS for i in coco_ids):
+            return None
+        coco_ids = [COCO_CATEGORY_IDS.index(i) for i in coco_ids]
+    return torch.as_tensor(coco_ids, dtype=torch.long)
 
 
 class DetectionEvaluator(Evaluator):
@@ -100,7 +121,7 @@ class DetectionTask(Task):
         self._label_map_resolved = False
 
     def use_detector(self, detector: Detector, label_map: torch.Tensor | None = None) -> None:
-        """Use `detector` (anything with `losses` / `predict`, e.g. a detectron2 adapter) instead of the
+        """Use `detector` (anything with `losses` / `predict`, e.g. a model of another library) instead of the
         built-in or torchvision one; `label_map[dataset_label]` = detector label (None: same labels)."""
         if not isinstance(detector, Detector):
             raise TypeError(f"{type(detector).__name__} does not implement Detector (losses, predict)")
@@ -142,14 +163,12 @@ class DetectionTask(Task):
             head = getattr(
                 getattr(getattr(detector, "network", None), "head", None), "classification_head", None
             )
-            if not self._builtin() and getattr(head, "num_classes", None) == COCO_NUM_CLASSES:
+            num_classes = getattr(detector, "num_classes", getattr(head, "num_classes", None))
+            if not self._builtin() and num_classes in (COCO_NUM_CLASSES, len(COCO_CATEGORY_IDS)):
                 dataset = self.dataset("test")
                 category_ids = _find_attribute(dataset, "category_ids")
                 names = _find_attribute(dataset, "class_names")
-                if category_ids is not None:
-                    self.label_map = torch.as_tensor(list(category_ids), dtype=torch.long)
-                elif names is not None and all(n.lower() in COCO_IDS for n in names):
-                    self.label_map = torch.as_tensor([COCO_IDS[n.lower()] for n in names], dtype=torch.long)
+                self.label_map = coco_label_map(num_classes, category_ids, names)
         return self.label_map
 
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
