@@ -92,24 +92,27 @@ def _config(tmp_path, **model):
     return path
 
 
-def _weights(d2, tmp_path, name="model_final.pkl", **changes):
+def _weights(d2, tmp_path, name="model_final.pkl", protocol=4, **changes):
     state = {k: v.numpy() for k, v in d2.RedFinder(d2.get_cfg()).state_dict().items()}
     state["score.bias"] = np.array([0.25], dtype=np.float32)  # to see that the file was read
     state.update(changes)
     path = tmp_path / name
     if name.endswith(".pkl"):
         with path.open("wb") as file:
-            pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, file)
+            pickle.dump({"model": state, "__author__": "Detectron2 Model Zoo"}, file, protocol=protocol)
     else:
         torch.save({"model": {k: torch.from_numpy(v) for k, v in state.items()}}, path)
     return path
 
 
-@pytest.mark.parametrize("name", ["model_final.pkl", "model_final.pth"])
-def test_load_from_a_config_and_weights(d2, tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "protocol"), [("model_final.pkl", 2), ("model_final.pkl", 5), ("model_final.pth", 4)]
+)
+def test_load_from_a_config_and_weights(d2, tmp_path, name, protocol):
+    """A .pkl as Python 2 (Detectron1's zoo), 3 and 3.14 pickle numpy arrays, and a .pth."""
     checkpoints = {
         "detectron2_config": str(_config(tmp_path)),
-        "detectron2_weights": str(_weights(d2, tmp_path, name)),
+        "detectron2_weights": str(_weights(d2, tmp_path, name, protocol)),
     }
     detector = load_real_detector(checkpoints, 96)  # the key picks detectron2 over torchvision's RetinaNet
     assert isinstance(detector, Detectron2Detector)
