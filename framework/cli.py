@@ -518,12 +518,12 @@ def downstream_train(
     with _errors():
         from .engine import build_tasks
         from .engine.trainer import resolve_device
-        from .prior import load_prior
+        from .prior import prior_native_size
         from .registry import resolve_task_name
 
         task = resolve_task_name(task)
         run_config = _build_config(config, list(set_ or []))
-        size = run_config.train.crop_size or load_prior(run_config.prior).native_size
+        size = run_config.train.crop_size or prior_native_size(run_config.prior)
         built = build_tasks(run_config, [task], resolve_device(run_config.train.device), size)[task]
         prepare = getattr(built, "prepare", None)
         if not callable(prepare):

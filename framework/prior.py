@@ -14,6 +14,8 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,10 +131,7 @@ class Prior:
 
     @property
     def native_size(self) -> int:
-        sample_size = self.unet.config.sample_size
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = min(sample_size)
-        return int(sample_size) * self.vae_scale_factor
+        return _native_size(self.vae.config.block_out_channels, self.unet.config.sample_size)
 
     def identity(self) -> dict:
         identity = {"name": self.name, "fingerprint": self.fingerprint}
@@ -200,21 +199,10 @@ def _encode_empty_prompt(source: str, local_only: bool, device) -> torch.Tensor:
     return embeds.to(device).float()
 
 
-def load_prior(
-    name_or_path: str | os.PathLike = "tiny",
-    *,
-    device: str | torch.device = "cpu",
-    empty_prompt_embeds: torch.Tensor | None = None,
-) -> Prior:
-    """Load and freeze a prior: `tiny`, a diffusers-format folder, or a hub id (needs a network).
-
-    `empty_prompt_embeds`, when given (a checkpoint stores it), skips the text encoder entirely.
-    """
-    name = str(name_or_path)
-    if name == "tiny":
-        source = str(ensure_tiny_prior())
-    else:
-        source = name
+def _locate(name: str) -> tuple[str, bool, bool]:
+    """(what diffusers loads from, whether it is a local folder, whether downloads are off) for a prior name;
+    a `PriorError` for a folder that is not a diffusers prior or a name that is neither a folder nor a hub id."""
+    source = str(ensure_tiny_prior()) if name == "tiny" else name
     path = Path(source).expanduser()
     local = path.exists()
     if local:
@@ -231,15 +219,14 @@ def load_prior(
             "use --prior tiny, a diffusers-format folder, or a hub id such as stabilityai/sd-turbo"
         )
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    local_only = local or offline
+    return source, local, offline
+
+
+@contextmanager
+def _loading(name: str, local: bool, offline: bool) -> Iterator[None]:
+    """diffusers' errors while reading prior `name` as one-line `PriorError`s that say what to do."""
     try:
-        with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
-            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
-            scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
-            if empty_prompt_embeds is None:
-                empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
+        yield
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if offline and not local:
@@ -249,6 +236,48 @@ def load_prior(
                 f"downloads ({first})"
             ) from None
         raise PriorError(f"cannot load the prior from '{name}': {first}") from None
+
+
+def prior_native_size(name_or_path: str | os.PathLike = "tiny") -> int:
+    """A prior's `Prior.native_size` from its VAE and UNet configs alone (no weights are read)."""
+    name = str(name_or_path)
+    if name == "tiny":
+        return tiny_native_size()
+    source, local, offline = _locate(name)
+    with _loading(name, local, offline):
+        vae = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local or offline)
+        unet = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=local or offline)
+    return _native_size(vae["block_out_channels"], unet["sample_size"])
+
+
+def _native_size(vae_block_out_channels: Sequence[int], sample_size: int | Sequence[int]) -> int:
+    """The image side of the UNet's `sample_size` latents: the VAE downsamples by 2 per block after the first."""
+    if isinstance(sample_size, (list, tuple)):
+        sample_size = min(sample_size)
+    return int(sample_size) * 2 ** (len(vae_block_out_channels) - 1)
+
+
+def load_prior(
+    name_or_path: str | os.PathLike = "tiny",
+    *,
+    device: str | torch.device = "cpu",
+    empty_prompt_embeds: torch.Tensor | None = None,
+) -> Prior:
+    """Load and freeze a prior: `tiny`, a diffusers-format folder, or a hub id (needs a network).
+
+    `empty_prompt_embeds`, when given (a checkpoint stores it), skips the text encoder entirely.
+    """
+    name = str(name_or_path)
+    source, local, offline = _locate(name)
+    local_only = local or offline
+    # diffusers passes huggingface_hub an argument it deprecated
+    with _loading(name, local, offline), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
+        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+        if empty_prompt_embeds is None:
+            empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
     # DDIM with trailing spacing whatever scheduler the folder names (sd-turbo ships Euler).
     scheduler = DDIMScheduler.from_config(
         scheduler_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
@@ -337,7 +366,7 @@ def _is_current_tiny(folder: Path) -> bool:
 
 def tiny_native_size() -> int:
     """The tiny preset's native image side (its `Prior.native_size`) without loading it."""
-    return TINY_UNET["sample_size"] * 2 ** (len(TINY_VAE["block_out_channels"]) - 1)
+    return _native_size(TINY_VAE["block_out_channels"], TINY_UNET["sample_size"])
 
 
 def ensure_tiny_prior() -> Path:

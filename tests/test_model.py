@@ -516,3 +516,42 @@ def test_restore_tasks_with_one_shared_prompt_decodes_once(tiny_prior):
     outputs = model.restore_tasks(images, ["pir", "cls"], generator=generator())
     assert decoded == [["shared"]] and torch.equal(outputs["pir"], outputs["cls"])
     torch.testing.assert_close(outputs["cls"], model.restore(images, "cls", generator=generator()))
+
+
+def test_native_size_is_read_from_the_configs_alone(tmp_path, tiny_prior, monkeypatch):
+    """`unirestore downstream train` needs only the prior's image side: no weights are read for it."""
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+    from unirestore.framework.prior import prior_native_size, tiny_native_size
+
+    folder = tmp_path / "prior"
+    shutil.copytree(tiny_prior_path(), folder)
+    config = json.loads((folder / "unet" / "config.json").read_text())
+    config["sample_size"] = 24  # another native size than the preset's, so the number comes from the file
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    expected = load_prior(folder).native_size
+    assert expected == 96 and prior_native_size("tiny") == tiny_native_size() == tiny_prior.native_size
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", no_weights)
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", no_weights)
+    assert prior_native_size(folder) == expected
+    with pytest.raises(PriorError, match="lacks unet/"):
+        shutil.rmtree(folder / "unet")
+        prior_native_size(folder)
+    shutil.copytree(tiny_prior_path() / "unet", folder / "unet")
+    (folder / "unet" / "config.json").write_text(json.dumps(config))
+    sizes = []
+
+    def build_tasks(config, names, device, size):
+        sizes.append(size)
+        return {"cls": object()}
+
+    monkeypatch.setattr("unirestore.framework.engine.build_tasks", build_tasks)
+    command = ["downstream", "train", "--task", "cls", "--set"]
+    assert CliRunner().invoke(app, [*command, f"prior={folder}"]).exit_code == 0 and sizes == [96]
+    result = CliRunner().invoke(app, [*command, f"prior={tmp_path / 'nope'}"])
+    assert result.exit_code == 2 and "neither a folder on disk nor a hub id" in " ".join(result.output.split())
