@@ -36,6 +36,28 @@ app.add_typer(task_app, name="task")
 app.add_typer(downstream_app, name="downstream")
 
 
+def _version(value: bool) -> None:
+    if value:
+        import importlib.metadata
+
+        import diffusers
+        import torch
+
+        version = importlib.metadata.version("unirestore")
+        typer.echo(f"unirestore {version} (torch {torch.__version__}, diffusers {diffusers.__version__})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the versions and exit."),
+    ] = False,
+) -> None:
+    """UniRestore: one image-restoration model for human viewers and downstream vision models."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors: one line, exit code 2 (user-fixable) or 1 (the run failed)
 

@@ -625,3 +625,11 @@ def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trai
     assert errors == [line for line in errors if line.startswith("error: cannot write: No space left on device; free")]
     assert len(errors) == 1 and "Traceback" not in result.output
     assert [p.name for p in out.iterdir()] == ["a.png"] and Image.open(out / "a.png").size == (40, 40)
+
+
+def test_version_names_the_package_torch_and_diffusers():
+    import diffusers
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.startswith("unirestore 0.1.0 (torch ") and f"diffusers {diffusers.__version__}" in result.output
