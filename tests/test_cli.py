@@ -628,8 +628,11 @@ def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trai
 
 
 def test_version_names_the_package_torch_and_diffusers():
+    import importlib.metadata
+
     import diffusers
 
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
-    assert result.output.startswith("unirestore 0.1.0 (torch ") and f"diffusers {diffusers.__version__}" in result.output
+    expected = f"unirestore {importlib.metadata.version('unirestore')} (torch {torch.__version__}, "
+    assert result.output.startswith(expected) and f"diffusers {diffusers.__version__})" in result.output
