@@ -158,18 +158,19 @@ def read_weights(path: Path) -> dict[str, Any]:
             raise DownstreamError(
                 f"{path}: holds no weights dict; give a detectron2 model zoo .pkl or a .pth"
             )
-        if "model" in data and "__author__" in data:  # detectron2 model zoo
-            state, caffe2 = data["model"], False
-        else:  # Caffe2 / Detectron1 zoo
-            state, caffe2 = data.get("blobs", data), True
-            state = {k: v for k, v in state.items() if not k.endswith("_momentum")}
-        state = {k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
-        return {
-            "model": state,
-            "__author__": "Caffe2" if caffe2 else "detectron2",
-            "matching_heuristics": True,
+        if "model" in data and "__author__" in data:  # detectron2's model zoo: names as the model's
+            checkpoint = dict(data)
+        else:  # Caffe2 / Detectron1's zoo: names matched and converted as detectron2 does
+            blobs = data.get("blobs", data)
+            blobs = {k: v for k, v in blobs.items() if not k.endswith("_momentum")}
+            checkpoint = {"model": blobs, "__author__": "Caffe2", "matching_heuristics": True}
+        if not isinstance(checkpoint["model"], dict):
+            raise DownstreamError(f"{path}: its 'model' entry is not a dict of weights")
+        checkpoint["model"] = {
+            k: torch.tensor(v) if isinstance(v, np.ndarray) else v for k, v in checkpoint["model"].items()
         }
-    return {"model": _read_state_dict(path), "matching_heuristics": True}
+        return checkpoint
+    return {"model": _read_state_dict(path), "matching_heuristics": True}  # as detectron2 reads a .pth
 
 
 def load_detectron2_detector(checkpoints: dict[str, str], image_size: int) -> Detectron2Detector:
@@ -186,6 +187,11 @@ def load_detectron2_detector(checkpoints: dict[str, str], image_size: int) -> De
             f"or drop the key to use torchvision's RetinaNet (downstream_checkpoints.retinanet_resnet50_fpn)"
         ) from None
     config = str(checkpoints[CONFIG_KEY])
+    if config.endswith(".py"):
+        raise DownstreamError(
+            f"downstream_checkpoints.{CONFIG_KEY} = {config}: LazyConfig (.py) files are not read; give a YAML "
+            "config (the model zoo's COCO-Detection/*.yaml)"
+        )
     cfg = get_cfg()
     try:
         file = Path(config).expanduser()
@@ -200,7 +206,13 @@ def load_detectron2_detector(checkpoints: dict[str, str], image_size: int) -> De
     cfg.MODEL.DEVICE = "cpu"
     weights = checkpoint_path(checkpoints, WEIGHTS_KEY, "detectron2 detector")
     model = build_model(cfg)
-    incompatible = DetectionCheckpointer(model)._load_model(read_weights(weights))
+    try:
+        incompatible = DetectionCheckpointer(model)._load_model(read_weights(weights))
+    except (ValueError, RuntimeError) as error:  # a non-array value, names that match ambiguously
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DownstreamError(
+            f"{weights} does not load into the detectron2 model of {config}: {reason}"
+        ) from None
     missing = list(incompatible.missing_keys)
     shapes = [name for name, *_ in incompatible.incorrect_shapes]
     if missing or shapes:

@@ -18,6 +18,7 @@ import types
 from collections import namedtuple
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -169,6 +170,9 @@ class DetectionCheckpointer:
         self.model = model
 
     def _load_model(self, checkpoint: dict):
+        for name, value in checkpoint["model"].items():  # fvcore's _convert_ndarray_to_tensor
+            if not isinstance(value, np.ndarray | torch.Tensor):
+                raise ValueError(f"Unsupported type found in checkpoint! {name}: {type(value)}")  # noqa: TRY004 (as fvcore)
         state = {k: torch.as_tensor(v) for k, v in checkpoint["model"].items()}
         own = self.model.state_dict()
         incorrect = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()

@@ -163,6 +163,13 @@ def test_bad_inputs_are_one_line_errors(d2, tmp_path, capsys):
     shell = tmp_path / "shell.pkl"
     shell.write_bytes(pickle.dumps({"model": _Shell(), "__author__": "x"}))
     cases["refusing builtins.print"] = {"detectron2_config": config, "detectron2_weights": str(shell)}
+    odd = tmp_path / "odd.pkl"
+    odd.write_bytes(pickle.dumps({"model": {"score.weight": "text"}, "__author__": "x"}))
+    cases["does not load into the detectron2 model.*Unsupported type"] = {
+        "detectron2_config": config,
+        "detectron2_weights": str(odd),
+    }
+    cases["LazyConfig \\(.py\\) files are not read"] = {"detectron2_config": "new_baselines/retinanet.py"}
     for message, checkpoints in cases.items():
         with pytest.raises(DownstreamError, match=message) as error:
             load_detectron2_detector(checkpoints, 64)
