@@ -184,13 +184,28 @@ def freeze(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _weights_variant(source: str, subfolder: str) -> dict:
+    """from_pretrained's extra arguments for a local folder that holds only half-precision weights
+    (`diffusion_pytorch_model.fp16.safetensors`, as a download of just sd-turbo's fp16 files leaves it):
+    that variant, upcast to fp32. Nothing for a hub id or a folder with full-precision weights."""
+    folder = Path(source) / subfolder
+    if not folder.is_dir():
+        return {}
+    weights = [p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json"))]
+    if weights and all(".fp16." in name for name in weights):
+        return {"variant": "fp16", "torch_dtype": torch.float32}
+    return {}
+
+
 def _encode_empty_prompt(source: str, local_only: bool, device) -> torch.Tensor:
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=local_only)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", local_files_only=local_only)
+    text_encoder = CLIPTextModel.from_pretrained(
+        source, subfolder="text_encoder", local_files_only=local_only, **_weights_variant(source, "text_encoder")
+    )
     tokens = tokenizer(
         [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     )
@@ -273,8 +288,12 @@ def load_prior(
     # diffusers passes huggingface_hub an argument it deprecated
     with _loading(name, local, offline), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", local_files_only=local_only)
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", local_files_only=local_only)
+        vae = AutoencoderKL.from_pretrained(
+            source, subfolder="vae", local_files_only=local_only, **_weights_variant(source, "vae")
+        )
+        unet = UNet2DConditionModel.from_pretrained(
+            source, subfolder="unet", local_files_only=local_only, **_weights_variant(source, "unet")
+        )
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
         if empty_prompt_embeds is None:
             empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)

@@ -555,3 +555,22 @@ def test_native_size_is_read_from_the_configs_alone(tmp_path, tiny_prior, monkey
     assert CliRunner().invoke(app, [*command, f"prior={folder}"]).exit_code == 0 and sizes == [96]
     result = CliRunner().invoke(app, [*command, f"prior={tmp_path / 'nope'}"])
     assert result.exit_code == 2 and "neither a folder on disk nor a hub id" in " ".join(result.output.split())
+
+
+def test_a_prior_folder_with_only_half_precision_weights_loads_in_fp32(tmp_path, tiny_prior):
+    """A download of just sd-turbo's fp16 files (`*.fp16.safetensors`) loads, upcast, as the full one would."""
+    from transformers import CLIPTextModel
+
+    folder = tmp_path / "prior-fp16"
+    shutil.copytree(tiny_prior_path(), folder)
+    for sub, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)):
+        half = cls.from_pretrained(tiny_prior_path(), subfolder=sub).to(torch.float16)
+        shutil.rmtree(folder / sub)
+        half.save_pretrained(folder / sub, variant="fp16")
+        assert all(".fp16." in p.name for p in (folder / sub).iterdir() if p.suffix == ".safetensors")
+    prior = load_prior(folder)
+    assert prior.unet.dtype == prior.vae.dtype == prior.empty_prompt_embeds.dtype == torch.float32
+    assert prior.fingerprint == tiny_prior.fingerprint
+    for ours, full in zip(prior.unet.parameters(), tiny_prior.unet.parameters(), strict=True):
+        assert torch.equal(ours, full.half().float())
+    torch.testing.assert_close(prior.empty_prompt_embeds, tiny_prior.empty_prompt_embeds, atol=5e-3, rtol=0)
