@@ -220,6 +220,11 @@ def _locate(name: str) -> tuple[str, bool, bool]:
     source = str(ensure_tiny_prior()) if name == "tiny" else name
     path = Path(source).expanduser()
     local = path.exists()
+    if path.is_file():
+        raise PriorError(
+            f"prior {path} is a single file; give a diffusers-format folder (convert it once with diffusers: "
+            f"StableDiffusionPipeline.from_single_file('{path}').save_pretrained('FOLDER'))"
+        )
     if local:
         missing = [sub for sub in PRIOR_SUBFOLDERS if not (path / sub).is_dir()]
         if missing:

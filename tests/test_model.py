@@ -542,6 +542,11 @@ def test_native_size_is_read_from_the_configs_alone(tmp_path, tiny_prior, monkey
     with pytest.raises(PriorError, match="lacks unet/"):
         shutil.rmtree(folder / "unet")
         prior_native_size(folder)
+    single = tmp_path / "sd_turbo.safetensors"
+    single.write_bytes(b"")
+    for read in (prior_native_size, load_prior):
+        with pytest.raises(PriorError, match=r"is a single file; .*from_single_file"):
+            read(single)
     shutil.copytree(tiny_prior_path() / "unet", folder / "unet")
     (folder / "unet" / "config.json").write_text(json.dumps(config))
     sizes = []
