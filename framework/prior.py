@@ -247,6 +247,8 @@ def _loading(name: str, local: bool, offline: bool) -> Iterator[None]:
     """diffusers' errors while reading prior `name` as one-line `PriorError`s that say what to do."""
     try:
         yield
+    except PriorError:
+        raise
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if offline and not local:
@@ -265,9 +267,29 @@ def prior_native_size(name_or_path: str | os.PathLike = "tiny") -> int:
         return tiny_native_size()
     source, local, offline = _locate(name)
     with _loading(name, local, offline):
-        vae = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local or offline)
-        unet = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=local or offline)
+        vae, unet = _architecture(name, source, local or offline)
     return _native_size(vae["block_out_channels"], unet["sample_size"])
+
+
+def _architecture(name: str, source: str, local_only: bool) -> tuple[dict, dict]:
+    """The VAE and UNet configs of prior `name`, checked to be a text-to-image Stable Diffusion 1.x/2.x
+    pair (what the Controller, SC-Tuners and one-step denoising are built for) before any weight is read."""
+    vae = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=local_only)
+    unet = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=local_only)
+    extra = {key: unet.get(key) for key in ("addition_embed_type", "class_embed_type") if unet.get(key)}
+    if extra:
+        setting = ", ".join(f"{key}={value}" for key, value in extra.items())
+        raise PriorError(
+            f"prior '{name}': its UNet needs extra conditioning ({setting}, as SDXL's does); UniRestore runs on "
+            "Stable Diffusion 1.x/2.x-type priors such as stabilityai/sd-turbo"
+        )
+    if unet["in_channels"] != vae["latent_channels"]:
+        raise PriorError(
+            f"prior '{name}': its UNet takes {unet['in_channels']} input channels but its VAE makes "
+            f"{vae['latent_channels']}-channel latents (an inpainting or upscaling UNet); give a text-to-image "
+            "prior such as stabilityai/sd-turbo"
+        )
+    return vae, unet
 
 
 def _native_size(vae_block_out_channels: Sequence[int], sample_size: int | Sequence[int]) -> int:
@@ -293,6 +315,7 @@ def load_prior(
     # diffusers passes huggingface_hub an argument it deprecated
     with _loading(name, local, offline), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+        _architecture(name, source, local_only)
         vae = AutoencoderKL.from_pretrained(
             source, subfolder="vae", local_files_only=local_only, **_weights_variant(source, "vae")
         )

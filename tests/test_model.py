@@ -579,3 +579,24 @@ def test_a_prior_folder_with_only_half_precision_weights_loads_in_fp32(tmp_path,
     for ours, full in zip(prior.unet.parameters(), tiny_prior.unet.parameters(), strict=True):
         assert torch.equal(ours, full.half().float())
     torch.testing.assert_close(prior.empty_prompt_embeds, tiny_prior.empty_prompt_embeds, atol=5e-3, rtol=0)
+
+
+def test_priors_of_another_kind_are_refused_before_their_weights_load(tmp_path):
+    """SDXL-type UNets (extra conditioning) and inpainting / upscaling UNets (more input channels than the
+    VAE's latents) are named as such, and no weight is read."""
+    from unirestore.framework.prior import prior_native_size
+
+    for change, message in (
+        ({"addition_embed_type": "text_time"}, r"extra conditioning \(addition_embed_type=text_time, as SDXL"),
+        ({"in_channels": 9}, r"takes 9 input channels but its VAE makes 16-channel latents"),
+    ):
+        folder = tmp_path / f"prior-{next(iter(change))}"
+        shutil.copytree(tiny_prior_path(), folder)
+        for weights in (folder / "unet").glob("*.safetensors"):
+            weights.write_bytes(b"not weights")  # never read
+        config = json.loads((folder / "unet" / "config.json").read_text())
+        (folder / "unet" / "config.json").write_text(json.dumps({**config, **change}))
+        for read in (prior_native_size, load_prior):
+            with pytest.raises(PriorError, match=message) as error:
+                read(folder)
+            assert str(error.value).startswith(f"prior '{folder}'")
