@@ -389,7 +389,7 @@ def bench_training(model: UniRestore, device, args) -> dict:
                 optimizer = torch.optim.AdamW(params, lr=1e-5)
                 generator = torch.Generator(device=device).manual_seed(0)
 
-                def step():
+                def step(stage=stage, dtype=dtype, optimizer=optimizer):
                     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
                     with autocast:
                         if stage == 1:

@@ -374,10 +374,10 @@ def test_add_task_from_a_checkpoint_of_other_prior_weights_leaves_no_run(root, b
 
     from unirestore.framework.checkpoint import CheckpointError
 
-    config, base, _ = base_run
+    _, base, _ = base_run
     with safe_open(str(base.checkpoint), "pt") as handle:
         metadata = dict(handle.metadata())
-        tensors_ = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors_ = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
     identity = json.loads(metadata["prior"])
     assert identity["weights"]  # the tiny prior's weights are part of its identity
     metadata["prior"] = json.dumps({**identity, "weights": "0" * 16})  # as if stage 0 had trained it again

@@ -109,7 +109,7 @@ def test_prior_is_frozen_and_in_eval(model):
 @pytest.mark.parametrize("size", [(67, 93), (64, 64), (130, 71)])
 def test_shapes_through_every_stage(model, size):
     images = torch.rand(2, 3, *size)
-    padded, resized, original = model.preprocess(images)
+    padded, resized, _ = model.preprocess(images)
     assert padded.shape[-2] % model.size_multiple == 0 and padded.shape[-1] % model.size_multiple == 0
     assert min(resized) >= model.native_size
     with torch.no_grad():
