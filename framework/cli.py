@@ -448,6 +448,7 @@ def restore(
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors(out_of_memory="give a smaller --tile-size, --batch-size 1 or --precision bf16"):
+        import torch
         from rich.console import Console
         from rich.markup import escape
 
@@ -471,6 +472,10 @@ def restore(
             raise ConfigError(f"--steps {steps}: give 1 to 4 denoising steps")
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: give at least 1")
+        # Under torchrun each process restores every world-th image on its own GPU; no process group is needed.
+        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+        if world > 1 and device == "auto" and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch_device = resolve_device(device)
         _check_precision(precision, torch_device)
         if ckpt.is_dir():
@@ -482,7 +487,7 @@ def restore(
                     f"{ckpt} has no prompt for task '{name}'; its tasks: {', '.join(model.tasks)} "
                     f"(add one with `unirestore task add {name} --from {ckpt}`)"
                 )
-        trained = (_checkpoint_prompts(ckpt) or (None, None))[1]
+        trained = (_checkpoint_prompts(ckpt) or (None, None))[1] if rank == 0 else None  # noted once
         if trained == []:
             console.print(
                 f"[yellow]note[/yellow] {escape(str(ckpt))} was saved after stage 1: no TFA or prompt is trained "
@@ -495,6 +500,10 @@ def restore(
                     f"train it with `unirestore task add {escape(name)} --from {escape(str(ckpt))}`"
                 )
         files, problems, renamed = collect_images(list(images), out)
+        if world > 1:  # shared before --skip-existing looks, so the processes never split the work differently
+            files = files[rank::world]
+            if rank > 0:  # what concerns the inputs as a whole is the first process's to report
+                problems, renamed = [], []
         if skip_existing:
             done = already_restored(files, out, tasks, side_by_side)
             files = [item for item in files if item not in done]
@@ -510,7 +519,7 @@ def restore(
                 "give a larger one, or 0 to restore whole images"
             )
         _cast(model, precision)
-        with image_bar("restoring", len(files), console=console) as advance:
+        with image_bar("restoring", len(files), enabled=rank == 0, console=console) as advance:
             report = restore_files(
                 model, files, out, tasks, seed=seed, steps=steps, tile_size=tile_size, batch_size=batch_size,
                 side_by_side=side_by_side, advance=advance,
@@ -520,7 +529,8 @@ def restore(
         if side_by_side:
             where = f"{where} (side by side with the input in {out / SIDE_BY_SIDE})"
         skipped = len(problems) + len(report.skipped)
-        typer.echo(f"restored {report.written} image(s) to {where}; {skipped} skipped")
+        share = f" (process {rank} of {world}: one image in {world})" if world > 1 else ""
+        typer.echo(f"restored {report.written} image(s) to {where}; {skipped} skipped{share}")
         if skipped:  # the good files are written; the exit status still says that some were not
             raise typer.Exit(1)
 

@@ -34,7 +34,7 @@ class PriorError(ValueError):
 
 def unirestore_home() -> Path:
     """Where built-in artifacts (the tiny prior, downstream models) are cached."""
-    return Path(os.environ.get("UNIRESTORE_HOME", Path.home() / ".cache" / "unirestore")).expanduser()
+    return Path(os.environ.get("UNIRESTORE_HOME") or Path.home() / ".cache" / "unirestore").expanduser()  # "" = unset
 
 
 # --------------------------------------------------------------------------------------------------

@@ -636,3 +636,30 @@ def test_version_names_the_package_torch_and_diffusers():
     assert result.exit_code == 0
     expected = f"unirestore {importlib.metadata.version('unirestore')} (torch {torch.__version__}, "
     assert result.output.startswith(expected) and f"diffusers {diffusers.__version__})" in result.output
+
+
+def test_restore_under_torchrun_shares_the_images_between_processes(trained, root, monkeypatch):
+    """Each process of `torchrun ... restore` (WORLD_SIZE, RANK) restores every world-th image, even with
+    --skip-existing after another process has begun; together they write what one process writes."""
+    output, _, _ = trained
+    folder = root / "shard-images"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for index in range(5):
+        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
+    (folder / "5.png").write_bytes(b"broken")
+    args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors")]
+    alone = runner.invoke(app, [*args, "--out", str(root / "alone")])
+    assert alone.exit_code == 1 and "restored 5 image(s)" in alone.stdout
+    counts = []
+    for rank in (1, 0):  # the second process starts after the first has written its share
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", str(rank))
+        result = runner.invoke(app, [*args, "--out", str(root / "shared"), "--skip-existing"])
+        assert f"(process {rank} of 2: one image in 2)" in result.stdout, result.output
+        counts.append(int(result.stdout.split("restored ")[1].split(" ")[0]))
+        assert ("5.png" in result.output) == (rank == 1)  # the broken 5.png falls to process 1: it reports it
+    assert counts == [2, 3]
+    for index in range(5):
+        shared = np.asarray(Image.open(root / "shared" / f"{index}.png"), np.float32)
+        assert np.abs(shared - np.asarray(Image.open(root / "alone" / f"{index}.png"), np.float32)).max() <= 1.0
