@@ -600,3 +600,14 @@ def test_priors_of_another_kind_are_refused_before_their_weights_load(tmp_path):
             with pytest.raises(PriorError, match=message) as error:
                 read(folder)
             assert str(error.value).startswith(f"prior '{folder}'")
+
+
+def test_an_empty_unirestore_home_means_the_default_cache(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from unirestore.framework.prior import unirestore_home
+
+    monkeypatch.setenv("UNIRESTORE_HOME", "")  # not the working directory
+    assert unirestore_home() == Path.home() / ".cache" / "unirestore"
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path))
+    assert unirestore_home() == tmp_path
