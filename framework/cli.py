@@ -641,8 +641,8 @@ def eval_(
         from .checkpoint import load_checkpoint
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
-        from .engine import _check_data, build_tasks
-        from .engine.trainer import resolve_device
+        from .engine import _check_data, _prepare, build_tasks
+        from .engine.trainer import Distributed, resolve_device, setup_distributed
         from .evaluate import evaluate_checkpoint
         from .registry import parse_task_list
 
@@ -673,7 +673,12 @@ def eval_(
             run_config.data = data
         data = run_config.data
         _check_data(run_config, names, training=False)
-        torch_device = resolve_device(device)  # the model, and the downstream models beside it
+        # Under torchrun each process evaluates its share of the (degradation, task) units on its own GPU; the
+        # first then reads them all back from OUT/partial and writes the tables.
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            distributed, torch_device = setup_distributed(device if device in ("auto", "cpu") else "auto")
+        else:
+            distributed, torch_device = Distributed(), resolve_device(device)  # the model and downstream models
         _check_precision(precision, torch_device)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         _cast(model, precision)  # the downstream models stay in fp32
@@ -687,21 +692,33 @@ def eval_(
                 highlight=False, soft_wrap=True,
             )
         task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
-        for task in task_objects.values():
-            prepare = getattr(task, "prepare", None)
-            if callable(prepare):
-                prepare()
+        _prepare(task_objects, distributed)  # built-in downstream models: trained once, by the first process
         stat = Path(ckpt).stat()
         data_file = Path(str(data))
         identity = {  # what makes results saved by another run the same as this one's
             "checkpoint_bytes": stat.st_size, "checkpoint_mtime_ns": stat.st_mtime_ns, "data": str(data),
             "data_mtime_ns": data_file.stat().st_mtime_ns if data_file.is_file() else None, "precision": precision,
         }  # fmt: skip
+        settings = {
+            "prompts": prompt_names, "corruptions": corruptions, "severity": severity, "samples": samples or None,
+            "batch_size": batch_size, "grids_folder": out / "grids", "tile_size": tile_size or None,
+            "partial_folder": out / "partial", "identity": identity,
+        }  # fmt: skip
         report = evaluate_checkpoint(
-            model, task_objects, str(ckpt), prompts=prompt_names, corruptions=corruptions, severity=severity,
-            samples=samples or None, batch_size=batch_size, grids_folder=out / "grids", progress=True,
-            tile_size=tile_size or None, partial_folder=out / "partial", resume=resume, identity=identity,
+            model, task_objects, str(ckpt), progress=distributed.main, resume=resume,
+            shard=(distributed.rank, distributed.world_size), **settings,
         )  # fmt: skip
+        if distributed.enabled:
+            units = list(dict.fromkeys(f"{label}/{task}" for label, task, _ in report.rows))
+            evaluated = ", ".join(unit for unit in units if unit not in report.resumed) or "nothing"
+            typer.echo(f"process {distributed.rank} of {distributed.world_size} evaluated {evaluated}")
+            if report.resumed:
+                typer.echo(f"process {distributed.rank} read back from {out / 'partial'}: {', '.join(report.resumed)}")
+            distributed.barrier()
+            if not distributed.main:
+                return
+            report = evaluate_checkpoint(model, task_objects, str(ckpt), resume=True, **settings)  # every unit
+            report.resumed = []  # each process said above what it read back
         if report.resumed:
             typer.echo(f"read back from {out / 'partial'} (evaluated before): {', '.join(report.resumed)}")
         files = report.write(out)

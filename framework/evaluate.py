@@ -505,6 +505,7 @@ def evaluate_checkpoint(
     partial_folder=None,
     resume: bool = False,
     identity: Mapping[str, object] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
@@ -514,6 +515,8 @@ def evaluate_checkpoint(
     Each (degradation, task) unit's results are saved to `partial_folder` as it finishes; with `resume`, a
     unit saved there for the same checkpoint and settings (`identity` adds what this function does not see:
     the checkpoint file's size and time, the data, the precision) is read back instead of evaluated again.
+    `shard` (rank, world size): only every world-th unit, from the rank-th, is evaluated and reported (one
+    process of several, each saving its units to the shared `partial_folder`).
     """
     import json
     import warnings
@@ -532,44 +535,45 @@ def evaluate_checkpoint(
             )
     report = EvalReport(checkpoint=str(checkpoint), split=split, samples=samples)
     settings = [(None, "default")] if not corruptions else [(c, f"{c}@{severity or 3}") for c in corruptions]
+    units = [(corruption, label, name, task) for corruption, label in settings for name, task in tasks.items()]
+    rank, world = shard
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", BadFileWarning)
-        for corruption, label in settings:
-            for name, task in tasks.items():
-                chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
-                prefix = label.replace("@", "-s")
-                key = {**dict(identity or {}), "checkpoint": str(checkpoint), "split": split, "samples": samples,
-                       "seed": seed, "batch_size": batch_size, "tile_size": tile_size, "prompts": chosen,
-                       "degradation": label, "task": name}  # fmt: skip
-                partial = None if partial_folder is None else Path(partial_folder) / f"{prefix}-{name}.json"
-                unit = _read_partial(partial, key) if resume else None
-                if unit is not None:
-                    report.resumed.append(f"{label}/{name}")
-                else:
-                    task.context.degradation = (
-                        None if corruption is None
-                        else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
-                    )  # fmt: skip
-                    warned = len(caught)
-                    # LQ, HQ and every prompt's restoration in one pass over the test images
-                    table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
-                                     prompts=chosen, device=device, progress=progress, examples=4,
-                                     label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
-                    task.context.degradation = None
-                    unit = _unit(table, name, chosen, key)
-                    unit["skipped"] = sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning))
-                    if grids_folder is not None and f"restored[{name}]" in table.results[name]:
-                        grids = save_grids(table, grids_folder, prefix)
-                        grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
-                        unit["grids"] = [str(path) for path in grids]
-                    if partial is not None:
-                        text = json.dumps(unit)
-                        atomic_write(partial, lambda temporary, text=text: Path(temporary).write_text(text))
-                report.counts[name] = unit["count"]
-                report.skipped_files += unit["skipped"]
-                report.grids += [Path(path) for path in unit["grids"] if Path(path).is_file()]
-                for row, metrics in unit["rows"].items():
-                    report.rows[(label, name, row)] = metrics
-                for row, values in unit["images"].items():
-                    report.images[(label, name, row)] = values
+        for corruption, label, name, task in units[rank::world]:
+            chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
+            prefix = label.replace("@", "-s")
+            key = {**dict(identity or {}), "checkpoint": str(checkpoint), "split": split, "samples": samples,
+                   "seed": seed, "batch_size": batch_size, "tile_size": tile_size, "prompts": chosen,
+                   "degradation": label, "task": name}  # fmt: skip
+            partial = None if partial_folder is None else Path(partial_folder) / f"{prefix}-{name}.json"
+            unit = _read_partial(partial, key) if resume else None
+            if unit is not None:
+                report.resumed.append(f"{label}/{name}")
+            else:
+                task.context.degradation = (
+                    None if corruption is None
+                    else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
+                )  # fmt: skip
+                warned = len(caught)
+                # LQ, HQ and every prompt's restoration in one pass over the test images
+                table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
+                                 prompts=chosen, device=device, progress=progress, examples=4,
+                                 label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
+                task.context.degradation = None
+                unit = _unit(table, name, chosen, key)
+                unit["skipped"] = sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning))
+                if grids_folder is not None and f"restored[{name}]" in table.results[name]:
+                    grids = save_grids(table, grids_folder, prefix)
+                    grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
+                    unit["grids"] = [str(path) for path in grids]
+                if partial is not None:
+                    text = json.dumps(unit)
+                    atomic_write(partial, lambda temporary, text=text: Path(temporary).write_text(text))
+            report.counts[name] = unit["count"]
+            report.skipped_files += unit["skipped"]
+            report.grids += [Path(path) for path in unit["grids"] if Path(path).is_file()]
+            for row, metrics in unit["rows"].items():
+                report.rows[(label, name, row)] = metrics
+            for row, values in unit["images"].items():
+                report.images[(label, name, row)] = values
     return report

@@ -381,3 +381,30 @@ def test_eval_resume_evaluates_only_what_an_interrupted_run_left(checkpoint, mon
     calls.clear()
     again, _ = _eval(folder, path, out, *args, "--resume")
     assert again.exit_code == 0 and calls == ["gaussian_noise@2", "rain@2", "fog@2"]
+
+
+def test_eval_under_torchrun_shares_the_units_and_writes_one_processs_table(checkpoint, tmp_path):
+    """Two processes (torchrun, CPU, gloo): each evaluates its (degradation, task) units, the first reads them all
+    back and writes the tables, which equal one process's."""
+    import os
+    import subprocess
+    import sys
+
+    folder, path = checkpoint
+    args = ["--corruption", "gaussian_noise,rain", "--severity", "2", "--tasks", "pir", "--samples", "2"]
+    alone, _ = _eval(folder, path, tmp_path / "alone", *args)
+    assert alone.exit_code == 0, alone.output
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNIRESTORE_DOWNSTREAM_STEPS": "3", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "unirestore.framework.cli", "eval", "--ckpt", str(path), "--out", str(tmp_path / "shared"),
+               "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *args]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "process 0 of 2 evaluated gaussian_noise@2/pir" in result.stdout
+    assert "process 1 of 2 evaluated rain@2/pir" in result.stdout
+    assert result.stdout.count("wrote ") == 1  # the first process alone writes and logs
+    shared = json.loads((tmp_path / "shared" / "eval.json").read_text())["results"]
+    single = json.loads((tmp_path / "alone" / "eval.json").read_text())["results"]
+    assert [{**r, "value": None} for r in shared] == [{**r, "value": None} for r in single] and len(shared) >= 8
+    for ours, theirs in zip(shared, single, strict=True):  # one thread per process there: float rounding only
+        assert ours["value"] == pytest.approx(theirs["value"], rel=1e-4, abs=1e-5), ours
