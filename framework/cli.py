@@ -576,12 +576,15 @@ def degrade(
         int | None, typer.Option("--severity", help="1 to 5 (default: drawn per image).")
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the draws.")] = 0,
+    workers: Annotated[
+        int, typer.Option("--workers", help="Processes (e.g. one per CPU core); the files written are the same.")
+    ] = 1,
 ) -> None:
     """Write a degraded copy of a folder of images (ImageNet-C corruptions and the unseen-benchmark ones)."""
     with _errors():
         from .degrade import degrade_command
 
-        degrade_command(src, dst, corruption=corruption, severity=severity, seed=seed)
+        degrade_command(src, dst, corruption=corruption, severity=severity, seed=seed, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------------

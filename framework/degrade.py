@@ -24,6 +24,7 @@ of a folder of images (the `unirestore degrade` command).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import math
@@ -31,6 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -445,6 +447,31 @@ def _path_index(relative: str) -> int:
     return int.from_bytes(hashlib.blake2b(relative.encode("utf-8"), digest_size=8).digest(), "little")
 
 
+@lru_cache(maxsize=64)
+def _degrader(name: str, severity: int | None, rescale: bool, seed: int) -> Degrader:
+    return Degrader(corruptions=(name,), severity=severity, rescale=rescale, seed=seed)
+
+
+def _degrade_file(job: tuple) -> tuple[list[tuple], str | None]:
+    """Degrade one file with every name (in a worker process, or in this one): its manifest rows, or why it
+    was skipped."""
+    path, relative, target, dst, names, split, severity, rescale, seed = job
+    try:
+        image = load_rgb_array(path)
+    except UnreadableImage as error:
+        report_bad_file(error)
+        return [], error.reason
+    rows = []
+    index = _path_index(relative)
+    for name in names:
+        result = _degrader(name, severity, rescale, seed)(image, index)
+        output = (Path(name) / target) if split else target
+        save_png(result.image, dst / output)
+        drawn = result.degradation
+        rows.append((output.as_posix(), relative, name, drawn.severity, drawn.short_side))
+    return rows, None
+
+
 def degrade_folder(
     src: Path,
     dst: Path,
@@ -453,19 +480,22 @@ def degrade_folder(
     seed: int = 0,
     rescale: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> DegradeReport:
     """Write a degraded PNG copy of every image under `src` to `dst`, keeping relative paths.
 
     `corruption` is "all" (one sub-folder of `dst` per registered degradation), a comma-separated list
     (one sub-folder each) or one name (written straight into `dst`). `severity` None draws it per image
-    with the release's probabilities. Each image's draw depends on (seed, its relative path) only. Files
-    that cannot be decoded are warned about once, listed in the report and skipped. `dst/manifest.csv`
-    records what each output got.
+    with the release's probabilities. Each image's draw depends on (seed, its relative path) only, so
+    `workers` processes write the same files as one. Files that cannot be decoded are warned about once,
+    listed in the report and skipped. `dst/manifest.csv` records what each output got.
     """
     started = time.perf_counter()
     src, dst = Path(src), Path(dst)
     names = parse_corruptions(corruption)
     _check_severity(severity)
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: give at least 1 process")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError(f"{dst}: the output folder must not be {src} or inside it; choose another folder")
     files = list_images(src)
@@ -474,42 +504,57 @@ def degrade_folder(
             f"{src}: no image files found (looked for {', '.join(sorted({'.png', '.jpg', '.jpeg'}))}, ...)"
         )
     report = DegradeReport(src=src, dst=dst, corruptions=names)
-    degraders = {
-        name: Degrader(corruptions=(name,), severity=severity, rescale=rescale, seed=seed) for name in names
-    }
     split = len(names) > 1
+    candidates: dict[Path, list[Path]] = {}  # output name -> the files that would write it (a.jpg, a.png)
+    for path in files:
+        candidates.setdefault(path.relative_to(src).with_suffix(".png"), []).append(path)
+
+    def job(path: Path) -> tuple:
+        relative = path.relative_to(src).as_posix()
+        return (path, relative, Path(relative).with_suffix(".png"), dst, names, split, severity, rescale, seed)
+
     rows: list[tuple[str, str, str, int, int | None]] = []
-    written: set[Path] = set()
+    failed: set[Path] = set()  # output names whose first file was unreadable: the next one may write it
+
+    def record(path: Path, target: Path, file_rows: list, reason: str | None) -> None:
+        if reason is not None:
+            report.skipped.append((path, reason))
+            failed.add(target)
+        else:
+            rows.extend(file_rows)
+            report.written += 1
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     columns = (TextColumn("degrading"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, disable=not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        bar = stack.enter_context(Progress(*columns, disable=not progress))
         task = bar.add_task("degrade", total=len(files) * len(names))
-        for path in files:
-            relative = path.relative_to(src).as_posix()
-            try:
-                image = load_rgb_array(path)
-            except UnreadableImage as error:
-                report_bad_file(error)
-                report.skipped.append((path, error.reason))
+        firsts = [job(paths[0]) for paths in candidates.values()]
+        if workers > 1 and len(firsts) > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn, not fork: the parent may hold torch's thread pools
+            pool = stack.enter_context(
+                ProcessPoolExecutor(min(workers, len(firsts)), mp_context=multiprocessing.get_context("spawn"))
+            )
+            results = pool.map(_degrade_file, firsts, chunksize=max(1, min(16, len(firsts) // (4 * workers))))
+        else:
+            results = map(_degrade_file, firsts)
+        for first, (file_rows, reason) in zip(firsts, results, strict=True):  # in file order, whatever the workers
+            record(first[0], first[2], file_rows, reason)
+            bar.advance(task, len(names))
+        for target, paths in candidates.items():  # the other files of an output name, in this process
+            done = target not in failed
+            for path in paths[1:]:
+                if done:
+                    report.skipped.append((path, f"another file already wrote {target}"))
+                else:
+                    file_rows, reason = _degrade_file(job(path))
+                    record(path, target, file_rows, reason)
+                    done = reason is None
                 bar.advance(task, len(names))
-                continue
-            target = Path(relative).with_suffix(".png")
-            if target in written:
-                report.skipped.append((path, f"another file already wrote {target}"))
-                bar.advance(task, len(names))
-                continue
-            written.add(target)
-            index = _path_index(relative)
-            for name in names:
-                result = degraders[name](image, index)
-                output = (Path(name) / target) if split else target
-                save_png(result.image, dst / output)
-                drawn = result.degradation
-                rows.append((output.as_posix(), relative, name, drawn.severity, drawn.short_side))
-                bar.advance(task)
-            report.written += 1
     if rows:
         report.manifest = dst / "manifest.csv"
         with open(report.manifest, "w", newline="") as handle:
@@ -527,8 +572,9 @@ def degrade_command(
     severity: int | None = None,
     seed: int = 0,
     rescale: bool = True,
+    workers: int = 1,
 ) -> DegradeReport:
-    """Body of `unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S]`.
+    """Body of `unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S] [--workers N]`.
 
     Bad arguments and a missing source folder raise `DataError` (one line, exit code 2, from the CLI); a
     folder without any readable image exits 1.
@@ -548,7 +594,7 @@ def degrade_command(
     try:
         with warnings.catch_warnings():  # skipped files are listed below, once, without a code line
             warnings.simplefilter("ignore", BadFileWarning)
-            report = degrade_folder(src, dst, corruption, severity, seed, rescale)
+            report = degrade_folder(src, dst, corruption, severity, seed, rescale, workers=workers)
     except DataError:
         raise
     except ValueError as error:

@@ -170,3 +170,28 @@ def test_degrade_folder_several_names_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no image files"):
         degrade_folder(empty, tmp_path / "o3", corruption="rain", progress=False)
+
+
+def test_degrade_folder_in_worker_processes_writes_what_one_process_writes(tmp_path):
+    """Draws depend on (seed, relative path) only: two workers write the same bytes and manifest as one. An
+    unreadable a.jpg leaves its output name to a.png (whose name it would take), in either case."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    photo = BuiltinPhotos("train", size=32, length=5)
+    for i, name in enumerate(["a.png", "b.png", "sub/c.jpg", "d.png", "e.png"]):
+        Image.fromarray((photo[i]["hq"] * 255).round().byte().permute(1, 2, 0).numpy()).save(src / name)
+    (src / "a.jpg").write_bytes(b"broken")  # sorted before a.png, same output name
+    outputs = {}
+    for workers in (1, 2):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", BadFileWarning)
+            report = degrade_folder(src, tmp_path / f"w{workers}", corruption="rain,pixelate", seed=3,
+                                    progress=False, workers=workers)  # fmt: skip
+        assert report.written == 5 and [(p.name, r.startswith("not an image")) for p, r in report.skipped] == [
+            ("a.jpg", True)
+        ]
+        files = sorted(p.relative_to(tmp_path / f"w{workers}") for p in (tmp_path / f"w{workers}").rglob("*.*"))
+        outputs[workers] = {f: (tmp_path / f"w{workers}" / f).read_bytes() for f in files}
+    assert len(outputs[1]) == 11 and outputs[1] == outputs[2]  # 5 images × 2 degradations + manifest.csv
+    with pytest.raises(ValueError, match="--workers 0"):
+        degrade_folder(src, tmp_path / "w0", corruption="rain", progress=False, workers=0)
