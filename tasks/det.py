@@ -103,7 +103,7 @@ class DetectionEvaluator(Evaluator):
 class DetectionTask(Task):
     name = "det"
     aliases = ("detection",)
-    description = "Object detection by a frozen RetinaNet (COCO mAP)"
+    description = "Object detection by a frozen detector: RetinaNet, or a detectron2 model (COCO mAP)"
     loss_weights: ClassVar[dict[str, float]] = {"classification": 0.1, "box": 0.1}
     default_beta = 1.0
     metric_names = ("map", "map50")
