@@ -222,7 +222,7 @@ def evaluate(
             own = next((row for row, prompt in rows.items() if prompt == task.name), None)
             evaluators = {row: task.evaluator() for row in rows}
             per_image: dict[str, list[dict]] = {row: [] for row in rows}
-            seen = 0
+            seen, every_name = 0, []
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
             generator = torch.Generator(device=device).manual_seed(seed)
@@ -236,6 +236,7 @@ def evaluate(
                     count, done = batch["lq"].shape[0], seen
                     seen += count
                     names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
+                    every_name += names
                     scores = {}
                     for row, prompt in rows.items():
                         images = batch[row] if prompt is None else restored[prompt]
@@ -260,6 +261,13 @@ def evaluate(
                         shown = restored[task.name] if own is not None else batch["lq"]
                         kept += [_for_grid(*triple) for triple in zip(batch["lq"][:take], shown[:take], batch["hq"][:take])]
             table.results[task.name] = {row: evaluators[row].compute() for row in rows}
+            for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
+                late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
+                if late:
+                    values = {k: v.float().cpu().tolist() for k, v in late.items()}
+                    per_image[row] = [
+                        {"image": name, **{k: v[i] for k, v in values.items()}} for i, name in enumerate(every_name)
+                    ]  # fmt: skip
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if kept:
                 table.examples[task.name] = _stack_padded(kept)

@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 from torchmetrics.functional.classification import multiclass_jaccard_index
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -261,19 +262,47 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
     return {"recall_at_1": clean["precision_at_1"], "map_at_r": clean["mean_average_precision_at_r"]}
 
 
+def retrieval_hits(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) 1.0 where a query's nearest other embedding (cosine) shares its label, else 0.0; NaN for a query
+    whose label occurs once (no possible match, left out of Recall@1). Their mean over the others is
+    `retrieval_metrics`' Recall@1."""
+    embeddings = F.normalize(embeddings.detach().float().cpu(), dim=1)
+    labels = labels.detach().cpu().reshape(-1)
+    hits = torch.full((len(labels),), float("nan"))
+    if len(labels) < 2:
+        return hits
+    similarity = embeddings @ embeddings.T  # (N, N)
+    similarity.fill_diagonal_(float("-inf"))  # leave-one-out
+    hits = (labels[similarity.argmax(dim=1)] == labels).float()
+    counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    hits[counts[2][counts[1]] < 2] = float("nan")
+    return hits
+
+
 class Retrieval:
-    """Collects embeddings and labels; `compute()` gives Recall@1 and MAP@R over the whole set."""
+    """Collects embeddings and labels; `compute()` gives Recall@1 and MAP@R over the whole set, `per_image()`
+    each query's hit (NaN for unlabelled images and labels seen once)."""
 
     def __init__(self) -> None:
         self.embeddings: list[torch.Tensor] = []
         self.labels: list[torch.Tensor] = []
+        self.kept: list[torch.Tensor] = []  # per update: which images had a label
 
     def update(self, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
-        keep = labels >= 0
-        self.embeddings.append(embeddings.detach().float().cpu()[keep.cpu()])
-        self.labels.append(labels.detach().cpu()[keep.cpu()])
+        keep = (labels >= 0).cpu()
+        self.kept.append(keep)
+        self.embeddings.append(embeddings.detach().float().cpu()[keep])
+        self.labels.append(labels.detach().cpu()[keep])
 
     def compute(self) -> dict[str, float]:
         if not self.embeddings:
             return {"recall_at_1": 0.0, "map_at_r": 0.0}
         return retrieval_metrics(torch.cat(self.embeddings), torch.cat(self.labels))
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        if not self.kept:
+            return {}
+        kept = torch.cat(self.kept)
+        hits = torch.full((len(kept),), float("nan"))
+        hits[kept] = retrieval_hits(torch.cat(self.embeddings), torch.cat(self.labels))
+        return {"recall_at_1": hits}

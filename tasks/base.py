@@ -41,8 +41,10 @@ class Evaluator:
     """Accumulates a task's metric over batches: `update(images, batch)`, then `compute()`.
 
     `update` may also return the batch's per-image values, {metric name: (B,) tensor} (PSNR per image, 1/0
-    for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric of the whole set
-    only (mAP, Recall@1) returns None.
+    for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric whose per-image
+    values need the whole set (a retrieval query's hit needs every other image) gives them from
+    `per_image()` after the last update instead, {metric: (N,) tensor} in update order (NaN: not scored).
+    A metric of the whole set only (mAP) returns None from both.
     """
 
     def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor] | None:
@@ -50,6 +52,9 @@ class Evaluator:
 
     def compute(self) -> dict[str, float]:
         raise NotImplementedError
+
+    def per_image(self) -> dict[str, torch.Tensor] | None:
+        return None
 
 
 class Task:

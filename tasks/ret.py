@@ -5,7 +5,8 @@ embeddings of the restored images (queries) and of the clean images of the same 
 class label: every restored image has at least one positive (its own clean image), so the loss is never
 vacuous even for a batch of distinct classes. Samples without a label (-100) are left out.
 Metric: leave-one-out retrieval among the restored test images by cosine similarity, `recall_at_1`
-(primary) and `map_at_r` (pytorch-metric-learning's AccuracyCalculator with a torch k-NN, no faiss).
+(primary) and `map_at_r` (pytorch-metric-learning's AccuracyCalculator with a torch k-NN, no faiss); per
+image, whether the query's nearest neighbour is of its class.
 Models: built-in data → a small timm ResNet embedder (32-d, L2-normalised) trained here on clean scenes
 with a multi-similarity loss and miner (cached); real data → the pooled features of ResNet-50 from
 `downstream_checkpoints.resnet50` (e.g. CUB retrieval with ImageNet features; the data config's
@@ -39,6 +40,10 @@ class RetrievalEvaluator(Evaluator):
 
     def compute(self) -> dict[str, float]:
         return self.retrieval.compute()
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Each query's leave-one-out hit (1/0; NaN for a label seen once), for eval_images.csv."""
+        return self.retrieval.per_image()
 
 
 @register_task

@@ -408,3 +408,43 @@ def test_eval_under_torchrun_shares_the_units_and_writes_one_processs_table(chec
     assert [{**r, "value": None} for r in shared] == [{**r, "value": None} for r in single] and len(shared) >= 8
     for ours, theirs in zip(shared, single, strict=True):  # one thread per process there: float rounding only
         assert ours["value"] == pytest.approx(theirs["value"], rel=1e-4, abs=1e-5), ours
+
+
+def test_retrieval_gets_per_image_hits_once_the_whole_set_is_seen():
+    """A metric of the whole set with per-image values (a retrieval query's hit): eval_images gets them."""
+    import math
+
+    from unirestore.framework.data.sample import make_sample
+    from unirestore.framework.evaluate import evaluate
+    from unirestore.tasks.ret import RetrievalEvaluator
+
+    torch.manual_seed(1)
+    labels = torch.arange(4).repeat_interleave(3)
+    hq = torch.rand(4, 3, 8, 8)[labels] + 0.05 * torch.randn(12, 3, 8, 8)
+    lq = hq + 2.0 * torch.randn_like(hq)  # noisy enough to send some queries to another class
+
+    class Task:
+        name = "ret"
+
+        def dataset(self, split):
+            return [make_sample(h.clamp(0, 1), lq=q.clamp(0, 1), label=int(y), path=f"img{i}")
+                    for i, (h, q, y) in enumerate(zip(hq, lq, labels))]  # fmt: skip
+
+        def evaluator(self):
+            return RetrievalEvaluator(torch.nn.Flatten())
+
+    class Model(torch.nn.Module):  # only LQ and HQ are scored: nothing is restored
+        tasks = ("ret",)
+        config = ModelConfig()
+
+        def __init__(self):
+            super().__init__()
+            self.cfrm = torch.nn.Linear(1, 1)
+
+    table = evaluate(Model(), [Task()], samples=12, batch_size=5, inputs=("lq", "hq"))
+    for row in ("lq", "hq"):
+        values = [entry["recall_at_1"] for entry in table.images["ret"][row]]
+        assert [entry["image"] for entry in table.images["ret"][row]] == [f"img{i}" for i in range(12)]
+        scored = [v for v in values if not math.isnan(v)]
+        assert len(scored) == 12 and sum(scored) / 12 == pytest.approx(table.results["ret"][row]["recall_at_1"])
+    assert table.results["ret"]["hq"]["recall_at_1"] > table.results["ret"]["lq"]["recall_at_1"]

@@ -143,3 +143,21 @@ def test_retrieval_without_possible_matches_is_zero():
     accumulated = metrics.Retrieval()
     accumulated.update(torch.randn(4, 4), torch.tensor([0, 0, -100, 1]))
     assert set(accumulated.compute()) == {"recall_at_1", "map_at_r"}
+
+
+def test_retrieval_hits_per_query_average_to_recall_at_1():
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])  # class 3 occurs once: no possible match
+    embeddings = torch.nn.functional.one_hot(labels, 4).float() + 0.8 * torch.randn(9, 4)
+    hits = metrics.retrieval_hits(embeddings, labels)
+    assert torch.isnan(hits[8]) and not torch.isnan(hits[:8]).any()
+    assert set(hits[:8].tolist()) <= {0.0, 1.0} and 0 < hits[:8].sum() < 8  # some right, some wrong
+    assert hits[:8].mean().item() == pytest.approx(metrics.retrieval_metrics(embeddings, labels)["recall_at_1"])
+    # the accumulator puts each value back at its image; unlabelled images are not scored
+    accumulated = metrics.Retrieval()
+    accumulated.update(embeddings[:4], labels[:4])
+    accumulated.update(torch.randn(2, 4), torch.tensor([-100, -100]))
+    accumulated.update(embeddings[4:], labels[4:])
+    per_image = accumulated.per_image()["recall_at_1"]
+    assert per_image.shape == (11,) and torch.isnan(per_image[4:6]).all()
+    torch.testing.assert_close(torch.cat([per_image[:4], per_image[6:]]), hits, equal_nan=True)
