@@ -232,6 +232,16 @@ class DetectionMAP:
     def compute(self) -> dict[str, float]:
         return coco_map(self.predictions, self.targets)
 
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Each image's own mAP and mAP@.5 (its predictions against its boxes alone); NaN for an image
+        without a ground-truth box (undefined there)."""
+        values = {"map": [], "map50": []}
+        for prediction, target in zip(self.predictions, self.targets, strict=True):
+            alone = coco_map([prediction], [target]) if len(target["labels"]) else None
+            for name, column in values.items():
+                column.append(float("nan") if alone is None else alone[name])
+        return {name: torch.tensor(column, dtype=torch.float32) for name, column in values.items()}
+
 
 # --------------------------------------------------------------------------------------------------
 # Retrieval.

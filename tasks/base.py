@@ -42,9 +42,9 @@ class Evaluator:
 
     `update` may also return the batch's per-image values, {metric name: (B,) tensor} (PSNR per image, 1/0
     for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric whose per-image
-    values need the whole set (a retrieval query's hit needs every other image) gives them from
-    `per_image()` after the last update instead, {metric: (N,) tensor} in update order (NaN: not scored).
-    A metric of the whole set only (mAP) returns None from both.
+    values need the whole set (a retrieval query's hit needs every other image), or are costly to compute
+    per batch (each image's own mAP), gives them from `per_image()` after the last update instead,
+    {metric: (N,) tensor} in update order (NaN: not scored). None from both: no per-image values.
     """
 
     def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor] | None:

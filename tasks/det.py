@@ -3,7 +3,8 @@
 Loss: RetinaNet's own terms on the restored image, `classification` (focal loss) and `box` (box
 regression), default weights 0.1 each (the scale of the other downstream tasks' terms). The detector runs
 in train mode to return losses, with its weights frozen and every normalisation layer in eval mode.
-Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools.
+Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools; per image, its own
+mAP against its own boxes.
 Models: built-in data → a small torchvision RetinaNet (FPN on a small conv body) trained here on clean scenes
 (cached); real data → torchvision RetinaNet-ResNet-50-FPN from `checkpoints.retinanet_resnet50_fpn`, or a
 detectron2 model (`checkpoints.detectron2_config` and `detectron2_weights`, `framework/d2_detector.py`). With
@@ -97,6 +98,10 @@ class DetectionEvaluator(Evaluator):
 
     def compute(self) -> dict[str, float]:
         return self.map.compute()
+
+    def per_image(self) -> dict[str, torch.Tensor]:
+        """Each image's own mAP (NaN without a ground-truth box), for eval_images.csv."""
+        return self.map.per_image()
 
 
 @register_task

@@ -228,3 +228,4 @@ def test_the_detection_task_runs_a_detectron2_model_on_rtts(d2, tmp_path):
     evaluator = task.evaluator()
     evaluator.update(batch["hq"], batch)
     assert evaluator.compute()["map50"] == pytest.approx(1.0)
+    assert evaluator.per_image()["map50"].tolist() == [pytest.approx(1.0)]  # eval_images.csv's value

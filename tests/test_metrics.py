@@ -161,3 +161,18 @@ def test_retrieval_hits_per_query_average_to_recall_at_1():
     per_image = accumulated.per_image()["recall_at_1"]
     assert per_image.shape == (11,) and torch.isnan(per_image[4:6]).all()
     torch.testing.assert_close(torch.cat([per_image[:4], per_image[6:]]), hits, equal_nan=True)
+
+
+def test_detection_map_per_image_is_each_images_own():
+    boxes = [torch.tensor([[2.0, 2.0, 12.0, 12.0]]), torch.tensor([[5.0, 5.0, 20.0, 25.0]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([1]), torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
+    predictions = [
+        {"boxes": boxes[0], "scores": torch.ones(1), "labels": labels[0]},  # exact
+        {"boxes": boxes[1] + 40, "scores": torch.ones(1), "labels": labels[1]},  # far off
+        {"boxes": boxes[0], "scores": torch.ones(1), "labels": labels[0]},  # nothing to find
+    ]
+    accumulated = metrics.DetectionMAP()
+    accumulated.update(predictions, boxes, labels)
+    per_image = accumulated.per_image()
+    assert per_image["map"][:2].tolist() == [pytest.approx(1.0), 0.0] and torch.isnan(per_image["map"][2])
+    assert per_image["map50"][:2].tolist() == [pytest.approx(1.0), 0.0]
