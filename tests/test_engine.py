@@ -495,3 +495,21 @@ def test_stage0_is_drawn_as_curves_too(root, tmp_path, monkeypatch):
         assert image.format == "PNG"
     train(config, stages=(0,), resume=True, progress=False)  # the prior is trained now: skipped, history kept
     assert [r["step"] for r in history.read()] == [2, 4]
+
+
+@pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (20, 0.05), (4, 0.25), (450, 0.1), (7, 0.0)])
+def test_the_one_cycle_schedule_warms_up_to_the_peak_and_decays(steps, warmup):
+    """Whatever the steps: a warm-up of exactly one step (`--steps 10` at warmup 0.1) once divided by zero."""
+    from unirestore.framework.engine.trainer import build_scheduler
+
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.AdamW([parameter], lr=1.0)
+    scheduler = build_scheduler(optimizer, TrainConfig(warmup=warmup), steps, 2e-3)
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    peak = max(rates)
+    assert peak == pytest.approx(2e-3, rel=0.05) and rates[-1] < peak / 10
+    assert rates.index(peak) <= max(1, round(warmup * steps))

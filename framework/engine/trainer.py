@@ -285,11 +285,15 @@ def build_optimizer(groups: list[dict], lr: float) -> torch.optim.AdamW:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int, lr: float):
     """One cycle, stepped per iteration: warm-up share `warmup`, cosine, from lr / div_factor."""
+    total = max(steps, 2)
+    # OneCycleLR divides by zero when the warm-up is exactly one step (warmup 0.1 of 10 steps), whose peak is
+    # at step 0; a hair less gives that schedule
+    pct_start = (1 - 1e-6) / total if math.isclose(config.warmup * total, 1.0) else config.warmup
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=lr,
-        total_steps=max(steps, 2),
-        pct_start=config.warmup,
+        total_steps=total,
+        pct_start=pct_start,
         anneal_strategy="cos",
         div_factor=config.div_factor,
         final_div_factor=config.final_div_factor,
