@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from unirestore.framework.checkpoint import load_checkpoint
 from unirestore.framework.config import RunConfig, Stage0Config, TrainConfig
 from unirestore.framework.engine import add_task, build_tasks, train
-from unirestore.framework.engine.trainer import HookBase
+from unirestore.framework.engine.trainer import HookBase, one_cycle
 from unirestore.framework.evaluate import evaluate
 from unirestore.framework.model import count_parameters
 
@@ -140,7 +140,7 @@ def _train_nafnet(tasks, budget: Budget, steps: int, seed: int) -> NAFNet:
     dataset = tasks["pir"].dataset("train")
     lr = 1e-3
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 2), pct_start=0.1)
+    scheduler = one_cycle(optimizer, lr, steps, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     for step in range(steps):
         indices = torch.randint(len(dataset), (budget.batch_size,), generator=generator).tolist()

@@ -283,17 +283,24 @@ def build_optimizer(groups: list[dict], lr: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, steps: int, pct_start: float, **options):
+    """torch's OneCycleLR over `steps` (at least 2), safe for a warm-up of exactly one step (e.g. 0.1 of 10
+    steps), where OneCycleLR divides by zero: a hair less gives the intended schedule, the peak at step 0."""
+    total = max(steps, 2)
+    if math.isclose(pct_start * total, 1.0):
+        pct_start = (1 - 1e-6) / total
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=total, pct_start=pct_start, **options
+    )
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int, lr: float):
     """One cycle, stepped per iteration: warm-up share `warmup`, cosine, from lr / div_factor."""
-    total = max(steps, 2)
-    # OneCycleLR divides by zero when the warm-up is exactly one step (warmup 0.1 of 10 steps), whose peak is
-    # at step 0; a hair less gives that schedule
-    pct_start = (1 - 1e-6) / total if math.isclose(config.warmup * total, 1.0) else config.warmup
-    return torch.optim.lr_scheduler.OneCycleLR(
+    return one_cycle(
         optimizer,
-        max_lr=lr,
-        total_steps=total,
-        pct_start=pct_start,
+        lr,
+        steps,
+        config.warmup,
         anneal_strategy="cos",
         div_factor=config.div_factor,
         final_div_factor=config.final_div_factor,
