@@ -316,3 +316,27 @@ def test_the_task_keys_are_checked_against_the_registry(tmp_path):
     assert list(config.tasks) == ["pir"]
     with pytest.raises(DataError, match=r"tasks\.pir: listed twice"):
         load_data_config(_write(tmp_path, "tasks: {pir: [{type: builtin_photos}], restoration: [{type: builtin_photos}]}"))
+
+
+def test_an_entry_feeding_training_and_the_test_split_from_the_same_files_is_named(tmp_path):
+    from unirestore.framework.data.config import training_images_in_test
+
+    config = parse_data_config(
+        {
+            "tasks": {
+                "pir": [
+                    {"type": "hq_folder", "root": "/data/DIV2K_train_HR"},  # every split: named
+                    {"type": "hq_folder", "root": "/data/DIV2K_valid_HR", "splits": ["val", "test"]},
+                    {"type": "paired_folder", "root": "/data/Rain100L", "splits": ["train"]},
+                ],
+                "seg": [{"type": "cityscapes", "root": "/data/cityscapes"}],  # reads leftImg8bit/<split>
+                "cls": [{"type": "image_folder", "root": "/data/imagenet/train", "split": "train"}],  # pinned
+                "det": [{"type": "rtts", "root": "/data/RTTS"}, {"type": "builtin_scenes"}],
+            }
+        }
+    )
+    messages = training_images_in_test(config, ["pir", "seg", "cls", "det"], source="paper.yaml")
+    assert len(messages) == 2
+    assert messages[0].startswith("paper.yaml: tasks.pir[0] (hq_folder /data/DIV2K_train_HR) serves training")
+    assert messages[1].startswith("paper.yaml: tasks.det[0] (rtts /data/RTTS)")
+    assert all("splits: [train]" in message for message in messages)

@@ -31,6 +31,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from functools import lru_cache
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -88,6 +89,11 @@ class FileDataset(Dataset):
     `UnreadableImage` for an image that cannot be decoded (that sample is then skipped) and `DataError`
     for anything that must stop the run (a missing label file, a mask of the wrong size).
     """
+
+    # True where the class reads different files for each split (Cityscapes' leftImg8bit/<split>); False where
+    # `root` is the whole set whatever the split (a folder of images), so one entry serving both training and
+    # the test split would score the training images.
+    reads_split: ClassVar[bool] = False
 
     def __init__(self, root: str | Path, split: str = "train", size: int | None = 256, seed: int = 0):
         if split not in SPLITS:
@@ -382,6 +388,7 @@ class Cityscapes(FileDataset):
 
     class_names = CITYSCAPES_CLASSES
     image_dir, image_suffix = "leftImg8bit", "_leftImg8bit"
+    reads_split = True
 
     def __init__(
         self,
@@ -494,6 +501,7 @@ class ACDC(FileDataset):
     """
 
     class_names = CITYSCAPES_CLASSES
+    reads_split = True
 
     def __init__(
         self,
@@ -566,6 +574,8 @@ class COCODetection(FileDataset):
     (or give `images` / `annotations`). `category_ids[label]` is the original COCO id, `class_names[label]`
     its name. `skip_empty` drops images without boxes.
     """
+
+    reads_split = True
 
     def __init__(
         self,

@@ -175,6 +175,8 @@ class BuiltinPhotos(Dataset):
             split, 0 on val and test (the evaluation is on photos).
     """
 
+    reads_split = True  # each split its own photos and random stream
+
     def __init__(
         self,
         split: str = "train",
@@ -334,6 +336,8 @@ class BuiltinScenes(Dataset):
     """
 
     class_names = CLASS_NAMES
+
+    reads_split = True  # each split its own photos and random stream
 
     def __init__(
         self, split: str = "train", size: int = 128, length: int = 1000, seed: int = 0, max_objects: int = 4

@@ -557,6 +557,7 @@ def train(
     params = _params(config, label, names, distributed.world_size)
     tracker = _start(config, output, output, distributed, resume, tags, params)
     run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+    _note_training_images_in_test(run, config, names)
     status = "FAILED"
     try:
         result = _train_stages(run, chosen, names, resume, prior)
@@ -567,6 +568,18 @@ def train(
         raise
     finally:
         tracker.end(status)
+
+
+def _note_training_images_in_test(run: _Run, config: RunConfig, names: Sequence[str]) -> None:
+    """Say (not stop) when a data-config entry feeds training and the final table from the same files."""
+    data = _data_config(config)
+    if data is not None:
+        from rich.markup import escape
+
+        from ..data.config import training_images_in_test
+
+        for message in training_images_in_test(data, list(names), source=str(config.data)):
+            run.say(f"[yellow]note[/yellow]: {escape(message)}")
 
 
 def _check_prior_levels(config: RunConfig, prior) -> None:
@@ -758,6 +771,7 @@ def add_task(
     params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
     tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
     run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+    _note_training_images_in_test(run, config, [task])
     status = "FAILED"
     try:
         final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
