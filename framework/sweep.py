@@ -600,10 +600,17 @@ def _check_common(
 def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     """Before Ray starts: the data config and its roots, and the real downstream models the tasks load
     (the size only sets the detector's input side, which the check does not depend on)."""
-    from .engine import _check_data, _check_downstream
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .data.config import training_images_in_test
+    from .engine import _check_data, _check_downstream, _data_config
 
     _check_data(config, list(tasks))
     _check_downstream(config, list(tasks), config.train.crop_size or 512)
+    data = _data_config(config)
+    for message in training_images_in_test(data, list(tasks), str(config.data), "val") if data else []:
+        Console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")
 
 
 def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:

@@ -340,3 +340,5 @@ def test_an_entry_feeding_training_and_the_test_split_from_the_same_files_is_nam
     assert messages[0].startswith("paper.yaml: tasks.pir[0] (hq_folder /data/DIV2K_train_HR) serves training")
     assert messages[1].startswith("paper.yaml: tasks.det[0] (rtts /data/RTTS)")
     assert all("splits: [train]" in message for message in messages)
+    (val,) = training_images_in_test(config, ["pir", "seg"], source="paper.yaml", split="val")  # a sweep's
+    assert "tasks.pir[0]" in val and "the sweep's objective scores images the model trained on" in val

@@ -358,21 +358,25 @@ def check_entries(
                 )
 
 
-def training_images_in_test(config: DataConfig, tasks: list[str], source: str = "<data config>") -> list[str]:
-    """One message per entry of `tasks` that serves training and the test split alike from the same files (a
-    folder of images without `splits`): the final table would score images the model trained on."""
+def training_images_in_test(
+    config: DataConfig, tasks: list[str], source: str = "<data config>", split: str = "test"
+) -> list[str]:
+    """One message per entry of `tasks` that serves training and `split` alike from the same files (a folder
+    of images without `splits`): the final table (test) or a sweep's objective (val) would score images the
+    model trained on."""
+    scored = {"test": "the final table", "val": "the sweep's objective"}.get(split, f"the {split} split")
     messages = []
     for task in tasks:
         for k, entry in enumerate(config.tasks.get(task, [])):
             serves = set(entry.splits or SPLITS)
-            if entry.split is None and {"train", "test"} <= serves and not getattr(
+            if entry.split is None and {"train", split} <= serves and not getattr(
                 DATASET_TYPES.get(entry.type), "reads_split", True
             ):
                 where = entry.options.get("root", entry.type)
                 messages.append(
-                    f"{source}: tasks.{task}[{k}] ({entry.type} {where}) serves training and the test split "
-                    "alike, so the final table scores images the model trained on; give it splits: [train] and "
-                    "list a held-out set with splits: [val, test]"
+                    f"{source}: tasks.{task}[{k}] ({entry.type} {where}) serves training and the {split} split "
+                    f"alike, so {scored} scores images the model trained on; give it splits: [train] and list "
+                    "a held-out set with splits: [val, test]"
                 )
     return messages
 
