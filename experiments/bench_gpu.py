@@ -184,7 +184,7 @@ def main(argv=None) -> dict:
             for name, fn in passes:
                 with torch.no_grad(), autocast:
                     reset_peak(device)
-                    seconds = timed(lambda: fn(images), device, args.warmup, args.iters)
+                    seconds = timed(lambda fn=fn, images=images: fn(images), device, args.warmup, args.iters)
                 timings[f"{name}/{precision}/b{batch}"] = {
                     "seconds": seconds,
                     "images_per_s": batch / seconds,
@@ -235,7 +235,7 @@ def main(argv=None) -> dict:
         for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
             with torch.no_grad():
                 reset_peak(device)
-                seconds = timed(lambda: fn(images), device, args.warmup, args.iters)
+                seconds = timed(lambda fn=fn, images=images: fn(images), device, args.warmup, args.iters)
             timings[f"{name}/bf16-weights-cl/b{batch}"] = {
                 "seconds": seconds,
                 "images_per_s": batch / seconds,
@@ -389,7 +389,7 @@ def bench_training(model: UniRestore, device, args) -> dict:
                 optimizer = torch.optim.AdamW(params, lr=1e-5)
                 generator = torch.Generator(device=device).manual_seed(0)
 
-                def step(stage=stage, dtype=dtype, optimizer=optimizer):
+                def step(stage=stage, dtype=dtype, optimizer=optimizer, generator=generator):
                     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
                     with autocast:
                         if stage == 1:
@@ -476,16 +476,20 @@ def markdown(results: dict) -> str:
             f"**{results.get('restore_over_bare_subpixel_bf16_b1', float('nan')):.2f}×**"
         ),
         f"- fp32 / bf16 restore time, batch 1: **{results['fp32_over_bf16_restore_b1']:.2f}×** (target ≥ 2×)",
-        f"- with bf16 weights and channels_last: restore / bare prior **"
-        f"{results.get('restore_over_bare_bf16_weights_b1', float('nan')):.2f}×**, fp32 / bf16 **"
-        f"{results.get('fp32_over_bf16_weights_restore_b1', float('nan')):.2f}×**",
+        (
+            f"- with bf16 weights and channels_last: restore / bare prior **"
+            f"{results.get('restore_over_bare_bf16_weights_b1', float('nan')):.2f}×**, fp32 / bf16 **"
+            f"{results.get('fp32_over_bf16_weights_restore_b1', float('nan')):.2f}×**"
+        ),
         (
             f"- three prompts (pir, seg, cls) from one encode and denoise, bf16 weights, batch 1: **"
             f"{results.get('three_prompts_over_one_restore_b1', float('nan')):.2f}×** one restore's time "
             "(three restores: 3×)"
         ),
-        f"- FLOPs of one restore: {results['flops']['restore'] / 1e12:.2f} TFLOP "
-        f"(bare prior pass {results['flops']['bare_prior'] / 1e12:.2f} TFLOP)",
+        (
+            f"- FLOPs of one restore: {results['flops']['restore'] / 1e12:.2f} TFLOP "
+            f"(bare prior pass {results['flops']['bare_prior'] / 1e12:.2f} TFLOP)"
+        ),
     ]
     if results.get("bf16_peak_tflops"):
         lines.append(
@@ -539,10 +543,12 @@ def markdown(results: dict) -> str:
         comparison = training["stage2_comparison"]
         lines += [
             "",
-            f"- stage 2 (bf16): {comparison['implemented']['seconds']:.3f} s/step as implemented vs "
-            f"{comparison['straightforward']['seconds']:.3f} s/step re-running the pipeline per prompt: "
-            f"**{comparison['speedup']:.2f}×** (target ≥ 1.5×); losses "
-            f"{comparison['implemented']['losses']} vs {comparison['straightforward']['losses']}",
+            (
+                f"- stage 2 (bf16): {comparison['implemented']['seconds']:.3f} s/step as implemented vs "
+                f"{comparison['straightforward']['seconds']:.3f} s/step re-running the pipeline per prompt: "
+                f"**{comparison['speedup']:.2f}×** (target ≥ 1.5×); losses "
+                f"{comparison['implemented']['losses']} vs {comparison['straightforward']['losses']}"
+            ),
         ]
     return "\n".join(lines) + "\n"
 

@@ -322,9 +322,11 @@ def _markdown(results: dict, chart: Path) -> str:
     lines = [
         f"## The paper's tables in miniature (budget `{results['budget']}`)",
         "",
-        f"Command: `python -m unirestore.experiments.paper_tables --budget {results['budget']}` — "
-        f"{results['machine']}, wall time {results['wall_s'] / 60:.1f} min. Built-in data, tiny prior, "
-        f"{results['budget_detail']['eval_samples']} test images per column, the same seeds for every row.",
+        (
+            f"Command: `python -m unirestore.experiments.paper_tables --budget {results['budget']}` — "
+            f"{results['machine']}, wall time {results['wall_s'] / 60:.1f} min. Built-in data, tiny prior, "
+            f"{results['budget_detail']['eval_samples']} test images per column, the same seeds for every row."
+        ),
         "",
         "### Table 1: perceptual restoration (PSNR dB / SSIM)",
         "",

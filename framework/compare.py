@@ -76,7 +76,7 @@ def compare_runs(
         frame = mlflow.search_runs(
             experiment_ids=experiment_ids, filter_string=filter_string, max_results=max_runs, order_by=["start_time DESC"]
         )
-    except Exception as error:  # MLflow raises its own exception types for a malformed filter
+    except Exception as error:  # noqa: BLE001 (MLflow raises its own exception types for a malformed filter)
         raise CompareError(f"bad --filter '{filter_string}': {str(error).splitlines()[0]}") from None
     if frame.empty:
         raise CompareError(f"no runs match in {tracking_uri}" + (f" with filter '{filter_string}'" if filter_string else ""))

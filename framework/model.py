@@ -218,9 +218,12 @@ class UniRestore(nn.Module):
             residuals = tuple(skips[-len(block.resnets) :])
             skips = skips[: -len(block.resnets)]
             upsample_size = skips[-1].shape[2:] if i < len(unet.up_blocks) - 1 else None
-            kwargs = dict(
-                hidden_states=sample, temb=embedding, res_hidden_states_tuple=residuals, upsample_size=upsample_size
-            )
+            kwargs = {
+                "hidden_states": sample,
+                "temb": embedding,
+                "res_hidden_states_tuple": residuals,
+                "upsample_size": upsample_size,
+            }
             if getattr(block, "has_cross_attention", False):
                 kwargs["encoder_hidden_states"] = context
             sample = block(**kwargs)

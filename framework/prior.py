@@ -40,52 +40,52 @@ def unirestore_home() -> Path:
 # --------------------------------------------------------------------------------------------------
 # The tiny preset: the sd-turbo architecture at a size that trains on a CPU in minutes.
 
-TINY_VAE = dict(
-    in_channels=3,
-    out_channels=3,
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
     # Three levels (a 4× VAE, as Stable Diffusion's ×4 upscaler has) with 16 latent channels: 16 × 16 × 16
     # numbers per 64² image. An 8× VAE keeps too little of a 64² image for the downstream models: after 2400
     # stage-0 steps its reconstructions of clean scenes classify and segment worse than the corrupted inputs
     # (mIoU 0.51 / 0.44 against 0.56 / 0.53); this one, after 1500 steps, better (0.69 / 0.65): BENCHMARKS.md.
-    down_block_types=["DownEncoderBlock2D"] * 3,
-    up_block_types=["UpDecoderBlock2D"] * 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
     # No resnets in the down blocks (one per up block): a shallow VAE learns colour and shapes about twice as
     # fast per CPU second as [16, 32, 64, 64] with one resnet each, which stays desaturated blobs at equal time.
-    block_out_channels=[32, 32, 32],
-    layers_per_block=0,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=8,
-    sample_size=64,
-    scaling_factor=0.18215,
-)
+    "block_out_channels": [32, 32, 32],
+    "layers_per_block": 0,
+    "act_fn": "silu",
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
 
-TINY_UNET = dict(
-    sample_size=16,  # 64² images through the 4× VAE
-    in_channels=16,  # = TINY_VAE latent_channels
-    out_channels=16,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[32, 32, 64, 64],
-    layers_per_block=1,
-    attention_head_dim=[2, 2, 4, 4],
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    use_linear_projection=True,
-)
+TINY_UNET = {
+    "sample_size": 16,  # 64² images through the 4× VAE
+    "in_channels": 16,  # = TINY_VAE latent_channels
+    "out_channels": 16,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [32, 32, 64, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 2, 4, 4],
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+    "use_linear_projection": True,
+}
 
 # sd-turbo's schedule (scaled-linear betas, 1000 steps); denoising always runs DDIM with trailing spacing.
-SD_SCHEDULER = dict(
-    num_train_timesteps=1000,
-    beta_start=0.00085,
-    beta_end=0.012,
-    beta_schedule="scaled_linear",
-    clip_sample=False,
-    set_alpha_to_one=True,
-    steps_offset=1,
-    prediction_type="epsilon",
-    timestep_spacing="trailing",
-)
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": True,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "trailing",
+}
 
 # The tiny preset predicts v (as Stable Diffusion 2.x at 768² does) rather than ε. sd-turbo reaches a clean
 # latent in one step from t = 999 because it was adversarially distilled; an ε-predictor that was not must
@@ -93,17 +93,17 @@ SD_SCHEDULER = dict(
 # (ẑ0 = √ᾱ·z_t − √(1−ᾱ)·v̂). Everything downstream reads the prediction type from the scheduler config.
 TINY_SCHEDULER = dict(SD_SCHEDULER, prediction_type="v_prediction")
 
-TINY_TEXT_ENCODER = dict(
-    vocab_size=64,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=1,
-    num_attention_heads=2,
-    max_position_embeddings=77,
-    bos_token_id=0,
-    eos_token_id=1,
-    pad_token_id=1,
-)
+TINY_TEXT_ENCODER = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 77,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 1,
+}
 
 
 @dataclass
@@ -441,33 +441,33 @@ def ensure_tiny_prior() -> Path:
 # A prior from configs alone (random weights): for benchmarks and structure checks at real scale.
 
 # The architecture of stabilityai/sd-turbo (Stable Diffusion 2.1 at 512²).
-SD_TURBO_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    block_out_channels=[128, 256, 512, 512],
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=4,
-    norm_num_groups=32,
-    sample_size=768,
-    scaling_factor=0.18215,
-)
+SD_TURBO_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 768,
+    "scaling_factor": 0.18215,
+}
 
-SD_TURBO_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    block_out_channels=[320, 640, 1280, 1280],
-    layers_per_block=2,
-    attention_head_dim=[5, 10, 20, 20],
-    cross_attention_dim=1024,
-    norm_num_groups=32,
-    use_linear_projection=True,
-)
+SD_TURBO_UNET = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    "block_out_channels": [320, 640, 1280, 1280],
+    "layers_per_block": 2,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "norm_num_groups": 32,
+    "use_linear_projection": True,
+}
 
 
 def build_prior_from_configs(

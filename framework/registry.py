@@ -63,7 +63,7 @@ def load_tasks() -> None:
                 for name, cls in _TASKS.items():
                     if cls.__module__ == getattr(loaded, "__name__", None):
                         _SOURCES[name] = f"plugin {entry_point.value}"
-        except Exception as error:  # a plugin may fail in any way; it must not take the others down
+        except Exception as error:  # noqa: BLE001 (a plugin may fail in any way; it must not take the others down)
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             _BROKEN[entry_point.name] = message
             warnings.warn(

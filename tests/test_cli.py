@@ -440,7 +440,7 @@ def test_the_command_reports_a_mistyped_command_option_or_value_in_one_line(tmp_
 
     def run(*args):
         return subprocess.run([sys.executable, "-m", "unirestore.framework.cli", *args], capture_output=True,
-                              text=True, cwd=tmp_path, timeout=120)  # fmt: skip
+                              text=True, cwd=tmp_path, timeout=120, check=False)  # fmt: skip
 
     for args, expected in [
         (["nope"], "No such command 'nope'"),
