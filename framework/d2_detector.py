@@ -1,4 +1,4 @@
-"""A detectron2 detector (RetinaNet, Faster R-CNN, FCOS: any model zoo meta-architecture) as a `Detector`.
+"""A detectron2 detector (RetinaNet, Faster R-CNN: the model zoo's YAML-configured ones) as a `Detector`.
 
 Set `downstream_checkpoints.detectron2_config` (a detectron2 YAML config file, or a model-zoo name such as
 `COCO-Detection/retinanet_R_50_FPN_3x.yaml`) and `downstream_checkpoints.detectron2_weights` (its local
@@ -45,8 +45,7 @@ class Detectron2Detector(_Frozen):
     `losses` runs the model in train mode with every normalisation layer in eval mode, inside an
     `EventStorage` (detectron2's heads log to one), and sums its named terms into the two the task weighs:
     "classification" (every term with `cls` in its name: RetinaNet's `loss_cls`, Faster R-CNN's `loss_cls`
-    and `loss_rpn_cls`) and "box" (the others: `loss_box_reg`, `loss_rpn_loc`, FCOS's `loss_fcos_loc` and
-    `loss_fcos_ctr`).
+    and `loss_rpn_cls`) and "box" (the others: `loss_box_reg`, `loss_rpn_loc`).
     """
 
     def __init__(
@@ -206,8 +205,9 @@ def load_detectron2_detector(checkpoints: dict[str, str], image_size: int) -> De
     cfg.MODEL.DEVICE = "cpu"
     weights = checkpoint_path(checkpoints, WEIGHTS_KEY, "detectron2 detector")
     model = build_model(cfg)
+    checkpoint = read_weights(weights)  # its own one-line errors
     try:
-        incompatible = DetectionCheckpointer(model)._load_model(read_weights(weights))
+        incompatible = DetectionCheckpointer(model)._load_model(checkpoint)
     except (ValueError, RuntimeError) as error:  # a non-array value, names that match ambiguously
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DownstreamError(
@@ -220,8 +220,7 @@ def load_detectron2_detector(checkpoints: dict[str, str], image_size: int) -> De
         raise DownstreamError(
             f"{weights} does not fit the detectron2 model of {config}: {problem}; give that config's weights"
         )
-    architecture = cfg.MODEL.META_ARCHITECTURE
-    heads = {"RetinaNet": cfg.MODEL.RETINANET, "FCOS": getattr(cfg.MODEL, "FCOS", None)}
-    num_classes = (heads.get(architecture) or cfg.MODEL.ROI_HEADS).NUM_CLASSES
+    heads = cfg.MODEL.RETINANET if cfg.MODEL.META_ARCHITECTURE == "RetinaNet" else cfg.MODEL.ROI_HEADS
+    num_classes = heads.NUM_CLASSES
     detector = Detectron2Detector(model, int(num_classes), image_size, image_size, cfg.INPUT.FORMAT)
     return freeze(detector)

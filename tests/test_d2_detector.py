@@ -162,7 +162,7 @@ def test_bad_inputs_are_one_line_errors(d2, tmp_path, capsys):
     cases["not a detectron2 config \\(.*RETINANETT"] = {"detectron2_config": str(bad_key)}
     shell = tmp_path / "shell.pkl"
     shell.write_bytes(pickle.dumps({"model": _Shell(), "__author__": "x"}))
-    cases["refusing builtins.print"] = {"detectron2_config": config, "detectron2_weights": str(shell)}
+    cases["shell.pkl: not a readable detectron2 .pkl \\(refusing builtins.print"] = {"detectron2_config": config, "detectron2_weights": str(shell)}
     odd = tmp_path / "odd.pkl"
     odd.write_bytes(pickle.dumps({"model": {"score.weight": "text"}, "__author__": "x"}))
     cases["does not load into the detectron2 model.*Unsupported type"] = {
