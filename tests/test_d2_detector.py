@@ -175,6 +175,9 @@ def test_bad_inputs_are_one_line_errors(d2, tmp_path, capsys):
             load_detectron2_detector(checkpoints, 64)
         assert "\n" not in str(error.value)
     assert "this ran" not in capsys.readouterr().out
+    with pytest.raises(DownstreamError) as error:  # said once, not wrapped in another message
+        load_detectron2_detector({"detectron2_config": config, "detectron2_weights": str(shell)}, 64)
+    assert str(error.value).startswith(f"{shell}: not a readable detectron2 .pkl")
 
 
 def test_without_detectron2_the_error_says_how_to_install(monkeypatch):
