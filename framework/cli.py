@@ -685,7 +685,7 @@ def eval_(
         _check_precision(precision, torch_device)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         _cast(model, precision)  # the downstream models stay in fp32
-        if data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
+        if distributed.main and data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
             saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")
                           if f.is_file()), None)  # fmt: skip
             Console(stderr=True).print(
