@@ -484,6 +484,9 @@ class RunConfig:
     # Local checkpoints of real downstream models by name (e.g. resnet50: /ckpt/r50.pth); built-in data
     # trains small ones instead.
     downstream_checkpoints: dict[str, str] = field(default_factory=dict)
+    # The side a real detector (det) sees the images at; None: the data's crop size (the prior's native size
+    # for full images). 800 is torchvision's and detectron2's own test size.
+    detector_size: int | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     stage0: Stage0Config = field(default_factory=Stage0Config)
@@ -495,6 +498,8 @@ class RunConfig:
             raise ConfigError(f"tasks={self.tasks}: a task is named twice")
         if not self.output:
             raise ConfigError("output: give a run folder")
+        if self.detector_size is not None and self.detector_size < 32:
+            raise ConfigError(f"detector_size={self.detector_size}: give a side of at least 32 pixels, or null")
 
 
 def _lists_datasets(tasks: Any) -> bool:

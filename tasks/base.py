@@ -35,6 +35,8 @@ class TaskContext:
     checkpoints: dict[str, str] = field(default_factory=dict)
     # A `DegradationConfig` that replaces the datasets' degradation (evaluation of one corruption alone).
     degradation: Any = None
+    # The side a real detector sees the images at (RunConfig.detector_size); None: `size`.
+    detector_size: int | None = None
 
 
 class Evaluator:

@@ -156,7 +156,7 @@ class DetectionTask(Task):
                 spec = downstream.builtin_spec("retinanet", context.size)
                 self._detector = downstream.builtin_model(spec, home=context.home, device=context.device)
             else:
-                detector = downstream.load_real_detector(context.checkpoints, context.size)
+                detector = downstream.load_real_detector(context.checkpoints, context.detector_size or context.size)
                 self._detector = detector.to(context.device)
         return self._detector
 

@@ -223,6 +223,9 @@ def test_the_detection_task_runs_a_detectron2_model_on_rtts(d2, tmp_path):
     task = get_task_class("det")(TaskContext(data=entries, size=96, checkpoints=checkpoints))
     task.prepare()
     assert task._labels().tolist() == [0, 1, 2, 3, 5]  # person, bicycle, car, motorbike, bus
+    assert task.downstream().min_size == task.downstream().max_size == 96  # the data's size by default
+    sized = get_task_class("det")(TaskContext(data=entries, size=96, checkpoints=checkpoints, detector_size=800))
+    assert sized.downstream().min_size == 800  # RunConfig.detector_size
 
     batch = collate([task.dataset("test")[0]])
     assert batch["box_labels"][0].tolist() == [3]

@@ -513,3 +513,11 @@ def test_the_one_cycle_schedule_warms_up_to_the_peak_and_decays(steps, warmup):
     peak = max(rates)
     assert peak == pytest.approx(2e-3, rel=0.05) and rates[-1] < peak / 10
     assert rates.index(peak) <= max(1, round(warmup * steps))
+
+
+def test_the_detector_size_reaches_the_detection_task():
+    from unirestore.framework.config import load_run_config
+
+    config = load_run_config(None, ["detector_size=800"])
+    assert build_tasks(config, ["det"], torch.device("cpu"), 64)["det"].context.detector_size == 800
+    assert build_tasks(load_run_config(), ["det"], torch.device("cpu"), 64)["det"].context.detector_size is None

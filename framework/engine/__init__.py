@@ -191,7 +191,7 @@ def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, s
         cls = get_task_class(name)
         context = TaskContext(
             data=data, size=size, device=device, seed=config.train.seed,
-            checkpoints=dict(config.downstream_checkpoints),
+            checkpoints=dict(config.downstream_checkpoints), detector_size=config.detector_size,
         )  # fmt: skip
         try:
             tasks[name] = cls(context, loss_weights=config.train.loss_weights.get(name))
