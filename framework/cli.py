@@ -448,13 +448,12 @@ def restore(
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors(out_of_memory="give a smaller --tile-size, --batch-size 1 or --precision bf16"):
-        import torch
         from rich.console import Console
         from rich.markup import escape
 
         from .checkpoint import CheckpointError, load_checkpoint
         from .config import ConfigError
-        from .engine.trainer import resolve_device
+        from .engine.trainer import launch_device, launch_position
         from .evaluate import image_bar
         from .inference import SIDE_BY_SIDE, already_restored, collect_images, restore_files
         from .registry import task_key
@@ -473,10 +472,9 @@ def restore(
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: give at least 1")
         # Under torchrun each process restores every world-th image on its own GPU; no process group is needed.
-        world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
-        if world > 1 and device == "auto" and torch.cuda.is_available():
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch_device = resolve_device(device)
+        position = launch_position()
+        world, rank = position.world_size, position.rank
+        torch_device = launch_device(position, device)
         _check_precision(precision, torch_device)
         if ckpt.is_dir():
             ckpt = _latest_checkpoint(ckpt)
@@ -645,7 +643,7 @@ def eval_(
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
         from .engine import _check_data, _prepare, build_tasks
-        from .engine.trainer import Distributed, resolve_device, setup_distributed
+        from .engine.trainer import setup_distributed
         from .evaluate import evaluate_checkpoint
         from .registry import parse_task_list
 
@@ -678,10 +676,7 @@ def eval_(
         _check_data(run_config, names, training=False)
         # Under torchrun each process evaluates its share of the (degradation, task) units on its own GPU; the
         # first then reads them all back from OUT/partial and writes the tables.
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            distributed, torch_device = setup_distributed(device if device in ("auto", "cpu") else "auto")
-        else:
-            distributed, torch_device = Distributed(), resolve_device(device)  # the model and downstream models
+        distributed, torch_device = setup_distributed(device)  # the model, and the downstream models beside it
         _check_precision(precision, torch_device)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         _cast(model, precision)  # the downstream models stay in fp32

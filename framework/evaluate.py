@@ -242,10 +242,7 @@ def evaluate(
                         images = batch[row] if prompt is None else restored[prompt]
                         scores[row] = evaluators[row].update(images, batch)  # per image, if the metric has it
                         if scores[row]:
-                            values = {k: v.float().cpu().tolist() for k, v in scores[row].items()}  # one copy each
-                            per_image[row] += [
-                                {"image": name, **{k: v[i] for k, v in values.items()}} for i, name in enumerate(names)
-                            ]  # fmt: skip
+                            per_image[row] += _image_rows(names, scores[row])
                     if row_scores := (scores.get(own) if worse else None):
                         metric = next(iter(row_scores))
                         if scores.get("lq") and metric in scores["lq"]:
@@ -264,10 +261,7 @@ def evaluate(
             for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
                 late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
                 if late:
-                    values = {k: v.float().cpu().tolist() for k, v in late.items()}
-                    per_image[row] = [
-                        {"image": name, **{k: v[i] for k, v in values.items()}} for i, name in enumerate(every_name)
-                    ]  # fmt: skip
+                    per_image[row] = _image_rows(every_name, late)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
@@ -276,6 +270,12 @@ def evaluate(
     finally:
         model.train(was_training)
     return table
+
+
+def _image_rows(names: list[str], values: dict[str, torch.Tensor]) -> list[dict]:
+    """{"image": name, metric: value, ...} per image, from {metric: (N,) tensor} (one host copy per metric)."""
+    columns = {metric: column.float().cpu().tolist() for metric, column in values.items()}
+    return [{"image": name, **{metric: column[i] for metric, column in columns.items()}} for i, name in enumerate(names)]
 
 
 def before_after_grid(lq: torch.Tensor, restored: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:

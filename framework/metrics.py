@@ -284,8 +284,8 @@ def retrieval_hits(embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     similarity = embeddings @ embeddings.T  # (N, N)
     similarity.fill_diagonal_(float("-inf"))  # leave-one-out
     hits = (labels[similarity.argmax(dim=1)] == labels).float()
-    counts = torch.unique(labels, return_inverse=True, return_counts=True)
-    hits[counts[2][counts[1]] < 2] = float("nan")
+    _, label_index, label_counts = torch.unique(labels, return_inverse=True, return_counts=True)
+    hits[label_counts[label_index] < 2] = float("nan")  # no other image of its class
     return hits
 
 

@@ -63,19 +63,32 @@ class Distributed:
             torch.distributed.barrier()
 
 
-def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
+def launch_position() -> Distributed:
+    """This process's place in a torchrun launch, read from its environment (no process group is joined)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
-        return Distributed(), resolve_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() and device_name != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    return Distributed(rank, world_size, local_rank), device
+        return Distributed()
+    return Distributed(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def launch_device(position: Distributed, device_name: str) -> torch.device:
+    """`device_name` (checked); under torchrun, this process's own GPU (LOCAL_RANK) when a GPU is asked for."""
+    device = resolve_device(device_name)
+    if position.enabled and device.type == "cuda":
+        return torch.device("cuda", position.local_rank)
+    return device
+
+
+def setup_distributed(device_name: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when WORLD_SIZE > 1; pick this process's device."""
+    position = launch_position()
+    device = launch_device(position, device_name)
+    if position.enabled:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return position, device
 
 
 def resolve_device(name: str) -> torch.device:
