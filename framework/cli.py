@@ -64,6 +64,8 @@ def _main(
 
 # A full disk, a quota, a read-only or forbidden place: the machine's state, not a bug, so one line too.
 _WRITE_ERRNOS = frozenset((errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM))
+# An output path through a file (out/a.png/x) or onto a folder: the path given is wrong, not the disk.
+_PATH_ERRNOS = frozenset((errno.ENOTDIR, errno.EISDIR, errno.EEXIST))
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -118,6 +120,12 @@ def _errors(out_of_memory: str = TRAINING_OOM):
             _fail(f"out of memory: {first}; {out_of_memory}", 1)
         if isinstance(error, _user_errors()):
             _fail(str(error), 2)
+        if isinstance(error, OSError) and error.errno in _PATH_ERRNOS and error.filename:
+            _fail(
+                f"cannot write {error.filename}: {error.strerror} (a file stands where a folder is needed, or the "
+                "other way round); give --out / --output a folder path",
+                2,
+            )
         if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
             # what was written before stays whole: checkpoints and images are written whole or not at all
             where = f" {error.filename}" if error.filename else ""

@@ -663,3 +663,18 @@ def test_restore_under_torchrun_shares_the_images_between_processes(trained, roo
     for index in range(5):
         shared = np.asarray(Image.open(root / "shared" / f"{index}.png"), np.float32)
         assert np.abs(shared - np.asarray(Image.open(root / "alone" / f"{index}.png"), np.float32)).max() <= 1.0
+
+
+def test_an_output_path_through_a_file_is_one_line(trained, root, tmp_path):
+    """--out under a file (a typo such as photos/a.png/out): one line naming the path, exit 2, no traceback."""
+    output, _, _ = trained
+    photo = tmp_path / "a.png"
+    Image.fromarray(np.full((24, 24, 3), 90, np.uint8)).save(photo)
+    ckpt = str(output / "stage2.safetensors")
+    for args in (["restore", str(photo), "--ckpt", ckpt, "--out", str(photo / "out")],
+                 ["eval", "--ckpt", ckpt, "--tasks", "pir", "--samples", "1", "--out", str(photo / "ev")]):  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+        line = " ".join(result.stderr.split())
+        assert f"error: cannot write {photo}/" in line and "give --out / --output a folder path" in line
+    assert photo.is_file() and Image.open(photo).size == (24, 24)  # the input is untouched
