@@ -78,6 +78,8 @@ def _images_per_task(counts: Mapping[str, int]) -> str:
 
 
 def _fixed_batches(dataset, count: int | None, batch_size: int):
+    """(index of the batch's first image, batch) over the first `count` images, in order; full images of
+    several sizes come one at a time."""
     from .data.sample import collate
 
     if hasattr(dataset, "set_epoch"):
@@ -86,9 +88,9 @@ def _fixed_batches(dataset, count: int | None, batch_size: int):
     for start in range(0, count, batch_size):
         samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
         if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
-            yield from (collate([sample]) for sample in samples)
+            yield from ((start + offset, collate([sample])) for offset, sample in enumerate(samples))
         else:
-            yield collate(samples)
+            yield start, collate(samples)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -197,7 +199,8 @@ def evaluate(
     side exceeds `tile_size` are restored tile by tile (full-size test images: memory bounded by the tile).
 
     With `lq` among the inputs, the `worse` images the task's own prompt restored furthest below their LQ,
-    on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt.
+    on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt;
+    for values known only once the whole set is seen (a retrieval hit), those images are restored again.
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
@@ -222,7 +225,8 @@ def evaluate(
             own = next((row for row, prompt in rows.items() if prompt == task.name), None)
             evaluators = {row: task.evaluator() for row in rows}
             per_image: dict[str, list[dict]] = {row: [] for row in rows}
-            seen, every_name = 0, []
+            every_name: list[str] = []
+            states: list[tuple[int, int, torch.Tensor]] = []  # (first index, images, generator state) per batch
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
             generator = torch.Generator(device=device).manual_seed(seed)
@@ -230,11 +234,12 @@ def evaluate(
             description = f"evaluating {task.name} {label}".strip()
             table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
             with image_bar(description, table.counts[task.name], progress) as advance:
-                for batch in _fixed_batches(dataset, samples, batch_size):
+                for done, batch in _fixed_batches(dataset, samples, batch_size):
                     batch = _to(batch, device)
+                    count = batch["lq"].shape[0]
+                    if own is not None and worse:  # to restore a batch again (`_replay_worse`)
+                        states.append((done, count, generator.get_state()))
                     restored = _restore_prompts(model, batch["lq"], restoring, generator, tile_size) if restoring else {}
-                    count, done = batch["lq"].shape[0], seen
-                    seen += count
                     names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
                     every_name += names
                     scores = {}
@@ -258,11 +263,16 @@ def evaluate(
                         shown = restored[task.name] if own is not None else batch["lq"]
                         kept += [_for_grid(*triple) for triple in zip(batch["lq"][:take], shown[:take], batch["hq"][:take])]
             table.results[task.name] = {row: evaluators[row].compute() for row in rows}
+            late_rows = set()
             for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
                 late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
                 if late:
                     per_image[row] = _image_rows(every_name, late)
+                    late_rows.add(row)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
+            if own in late_rows and "lq" in late_rows and worse:
+                losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"], states,
+                                       generator, worse, tile_size, device)  # fmt: skip
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
             if losses:
@@ -270,6 +280,30 @@ def evaluate(
     finally:
         model.train(was_training)
     return table
+
+
+def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, states, generator, worse, tile_size,
+                  device) -> list[tuple[float, int, tuple]]:
+    """The `worse` images restored furthest below their LQ, worst first, as (restored − LQ, index, triple),
+    for values known only once the whole set is seen (a retrieval hit, an image's detection mAP): the images
+    are gone by then, so the batches holding them are read and restored again, each from the generator
+    state it had (the same noise, so the same restoration)."""
+    from .data.sample import collate
+
+    metric = next(key for key in restored_rows[0] if key != "image")
+    drops = [(restored[metric] - lq[metric], i) for i, (restored, lq) in enumerate(zip(restored_rows, lq_rows))]
+    order = sorted((drop, i) for drop, i in drops if drop < 0)[:worse]  # NaN (not scored) compares False
+    triples = {}
+    for start, count, state in states:
+        wanted = [i for _, i in order if start <= i < start + count]
+        if not wanted:
+            continue
+        batch = _to(collate([dataset[i] for i in range(start, start + count)]), device)
+        generator.set_state(state)
+        restored = _restore_prompts(model, batch["lq"], prompts, generator, tile_size)[task]
+        for i in wanted:
+            triples[i] = _for_grid(batch["lq"][i - start], restored[i - start], batch["hq"][i - start])
+    return [(drop, i, triples[i]) for drop, i in order]
 
 
 def _image_rows(names: list[str], values: dict[str, torch.Tensor]) -> list[dict]:

@@ -229,6 +229,66 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     assert "pir" not in evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",)).worse
 
 
+def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorations():
+    """A per-image value that needs the whole set (a retrieval hit) comes when the images are gone: the worst
+    images are restored again from the noise they had, and the grid shows what was scored."""
+    from unirestore.framework.data.sample import make_sample
+    from unirestore.framework.evaluate import evaluate
+
+    torch.manual_seed(0)
+    hq = torch.rand(7, 3, 16, 16)
+    lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
+    scored = {}  # row → the images its evaluator saw, in order
+
+    class Evaluator:
+        def __init__(self):
+            self.seen, self.errors = [], []
+
+        def update(self, images, batch):
+            self.seen.append(images.clone())
+            self.errors.append(((images - batch["hq"]) ** 2).mean(dim=(1, 2, 3)))
+            return {}  # nothing per batch
+
+        def compute(self):
+            scored[len(scored)] = torch.cat(self.seen)
+            return {"error": float(torch.cat(self.errors).mean())}
+
+        def per_image(self):
+            return {"closeness": -torch.cat(self.errors)}
+
+    class Task:
+        name = "ret"
+
+        def dataset(self, split):
+            return [make_sample(h, lq=q, path=f"img{i}") for i, (h, q) in enumerate(zip(hq, lq))]
+
+        def evaluator(self):
+            return Evaluator()
+
+    class Model(torch.nn.Module):
+        tasks = ("ret",)
+        config = ModelConfig()
+
+        def __init__(self):
+            super().__init__()
+            self.cfrm = torch.nn.Linear(1, 1)
+
+        def restore_tasks(self, images, tasks, generator=None, **kwargs):  # a noise of random strength per image
+            strength = torch.rand(images.shape[0], 1, 1, 1, generator=generator)
+            noise = torch.randn(images.shape, generator=generator)
+            return {task: (images + strength * noise).clamp(0, 1) for task in tasks}
+
+    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
+    rows = table.images["ret"]
+    drops = [r["closeness"] - q["closeness"] for r, q in zip(rows["restored"], rows["lq"])]
+    order = sorted(range(7), key=lambda i: drops[i])[:3]
+    lq_kept, restored_kept, hq_kept = table.worse["ret"]
+    torch.testing.assert_close(hq_kept, hq[order])
+    torch.testing.assert_close(lq_kept, lq[order])
+    torch.testing.assert_close(restored_kept, scored[1][order])  # the very images scored, not a new draw
+    assert not torch.equal(restored_kept, lq_kept)
+
+
 def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):
     folder, path = checkpoint
     scores = {}
