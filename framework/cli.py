@@ -652,7 +652,7 @@ def eval_(
         from .degrade import parse_corruptions
         from .engine import _check_data, _prepare, build_tasks
         from .engine.trainer import setup_distributed
-        from .evaluate import evaluate_checkpoint
+        from .evaluate import check_prompts, evaluate_checkpoint
         from .registry import parse_task_list
 
         names = parse_task_list(tasks)
@@ -687,6 +687,7 @@ def eval_(
         distributed, torch_device = setup_distributed(device)  # the model, and the downstream models beside it
         _check_precision(precision, torch_device)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
+        check_prompts(model, names + (prompt_names or []), ckpt)  # before any downstream model is trained
         _cast(model, precision)  # the downstream models stay in fp32
         if distributed.main and data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
             saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")

@@ -529,6 +529,19 @@ def _unit(table: EvalTable, task: str, prompts: Sequence[str], key: dict) -> dic
     }
 
 
+def check_prompts(model, names: Sequence[str], checkpoint) -> None:
+    """A CheckpointError naming the first of `names` the model has no prompt for (and how to add one); a
+    model with one shared prompt, or without the TFA, serves every task."""
+    from .checkpoint import CheckpointError
+
+    for name in names:
+        if name not in model.tasks and not model.config.shared_prompt and model.config.use_tfa:
+            raise CheckpointError(
+                f"checkpoint {checkpoint} has no prompt for '{name}'; it has prompts for: {', '.join(model.tasks)} "
+                f"(add one with `unirestore task add {name} --from {checkpoint}`)"
+            )
+
+
 def evaluate_checkpoint(
     model,
     tasks: Mapping[str, object],
@@ -563,18 +576,12 @@ def evaluate_checkpoint(
     import json
     import warnings
 
-    from .checkpoint import CheckpointError
     from .data.config import DegradationConfig
     from .data.io import BadFileWarning
     from .files import atomic_write
 
+    check_prompts(model, list(tasks) + list(prompts or []), checkpoint)
     available = list(model.tasks)
-    for name in list(tasks) + list(prompts or []):
-        if name not in available and not model.config.shared_prompt and model.config.use_tfa:
-            raise CheckpointError(
-                f"checkpoint {checkpoint} has no prompt for '{name}'; it has prompts for: {', '.join(available)} "
-                f"(add one with `unirestore task add {name} --from {checkpoint}`)"
-            )
     report = EvalReport(checkpoint=str(checkpoint), split=split, samples=samples)
     settings = [(None, "default")] if not corruptions else [(c, f"{c}@{severity or 3}") for c in corruptions]
     units = [(corruption, label, name, task) for corruption, label in settings for name, task in tasks.items()]
