@@ -53,14 +53,22 @@ def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[s
     return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint file `path` names: the file itself, or in a folder its `last.safetensors` (a stage's
+    folder during training) or else its newest checkpoint (a run folder: the last stage or task added)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    candidates = [candidate for candidate in path.glob("*.safetensors") if candidate.is_file()]
+    if not candidates:
+        raise CheckpointError(f"no .safetensors checkpoint in folder {path}; give the checkpoint file (train first)")
+    last = path / "last.safetensors"
+    return last if last in candidates else max(candidates, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors and decoded metadata of a checkpoint, with one-line errors for every way it can be unusable."""
-    path = Path(path)
-    if path.is_dir():
-        candidates = sorted(path.glob("*.safetensors"))
-        if not candidates:
-            raise CheckpointError(f"no .safetensors checkpoint in folder {path}; give the checkpoint file")
-        path = path / "last.safetensors" if (path / "last.safetensors").exists() else candidates[-1]
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}; give the path of a .safetensors file written by unirestore")
     try:

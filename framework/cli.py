@@ -215,12 +215,12 @@ def _stages(text: str) -> tuple[int, ...]:
 
 
 def _latest_checkpoint(folder: Path) -> Path:
-    from .checkpoint import CheckpointError
+    """The newest checkpoint in the run folder (`task add` without --from)."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
 
-    candidates = [p for p in folder.glob("*.safetensors") if p.is_file()] if folder.is_dir() else []
-    if not candidates:
+    if not (folder.is_dir() and any(p.is_file() for p in folder.glob("*.safetensors"))):
         raise CheckpointError(f"no trained checkpoint in {folder}; give one with --from CKPT (train first)")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return resolve_checkpoint(folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,7 +418,7 @@ def restore(
         ),
     ] = "pir",
     ckpt: Annotated[
-        Path, typer.Option("--ckpt", help="A trained checkpoint (.safetensors) or its folder.")
+        Path, typer.Option("--ckpt", help="A trained checkpoint (.safetensors), or a run folder: its newest.")
     ] = Path("runs/unirestore"),
     out: Annotated[Path, typer.Option("--out", help="Output folder (PNG files).")] = Path("restored"),
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps, 1 to 4.")] = None,
@@ -459,10 +459,10 @@ def restore(
         from rich.console import Console
         from rich.markup import escape
 
-        from .checkpoint import CheckpointError, load_checkpoint
+        from .checkpoint import load_checkpoint, resolve_checkpoint
         from .config import ConfigError
         from .engine.trainer import launch_device, launch_position
-        from .evaluate import image_bar
+        from .evaluate import check_prompts, image_bar
         from .inference import SIDE_BY_SIDE, already_restored, collect_images, restore_files
         from .registry import task_key
 
@@ -484,15 +484,9 @@ def restore(
         world, rank = position.world_size, position.rank
         torch_device = launch_device(position, device)
         _check_precision(precision, torch_device)
-        if ckpt.is_dir():
-            ckpt = _latest_checkpoint(ckpt)
+        ckpt = resolve_checkpoint(ckpt)  # a run folder: its newest checkpoint
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
-        for name in tasks:
-            if name not in model.tasks and not model.config.shared_prompt:
-                raise CheckpointError(
-                    f"{ckpt} has no prompt for task '{name}'; its tasks: {', '.join(model.tasks)} "
-                    f"(add one with `unirestore task add {name} --from {ckpt}`)"
-                )
+        check_prompts(model, tasks, ckpt)
         trained = (_checkpoint_prompts(ckpt) or (None, None))[1] if rank == 0 else None  # noted once
         if trained == []:
             console.print(
@@ -604,7 +598,9 @@ app.add_typer(sweep_app, name="sweep")
 
 @app.command("eval")
 def eval_(
-    ckpt: Annotated[Path, typer.Option("--ckpt", help="A unirestore checkpoint (.safetensors).")],
+    ckpt: Annotated[
+        Path, typer.Option("--ckpt", help="A trained checkpoint (.safetensors), or a run folder: its newest.")
+    ],
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,cls,seg.")] = "pir,seg,cls",
     data: DataOption = None,
     corruption: Annotated[
@@ -647,7 +643,7 @@ def eval_(
     with _errors(out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})"):
         from rich.console import Console
 
-        from .checkpoint import load_checkpoint
+        from .checkpoint import load_checkpoint, resolve_checkpoint
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
         from .engine import _check_data, _prepare, build_tasks
@@ -686,6 +682,7 @@ def eval_(
         # first then reads them all back from OUT/partial and writes the tables.
         distributed, torch_device = setup_distributed(device)  # the model, and the downstream models beside it
         _check_precision(precision, torch_device)
+        ckpt = resolve_checkpoint(ckpt)  # a run folder: its newest checkpoint (results and resume name the file)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         check_prompts(model, names + (prompt_names or []), ckpt)  # before any downstream model is trained
         _cast(model, precision)  # the downstream models stay in fp32

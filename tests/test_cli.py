@@ -129,7 +129,7 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     result = runner.invoke(app, ["restore", str(images), "--task", "detection", "--ckpt", str(ckpt),
                                  "--out", str(root / "restored-det")])  # fmt: skip
     assert result.exit_code == 2 and not (root / "restored-det").exists()
-    assert "no prompt for task 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
+    assert "no prompt for 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
 
 
 def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):

@@ -371,6 +371,30 @@ def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path, content):
     assert str(path) in message and "\n" not in message
 
 
+def test_a_folder_names_its_newest_checkpoint_or_a_stage_folders_last(tmp_path):
+    """`--ckpt runs/x` is the run's newest checkpoint (the last stage or task added), whatever its name sorts
+    as; a stage's folder gives its periodic `last.safetensors`; an empty folder says what to give."""
+    import os
+
+    from unirestore.framework.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for age, name in enumerate(["stage3-ret", "stage1", "stage2", "stage3-det"]):  # oldest first
+        (run / f"{name}.safetensors").write_bytes(b"x")
+        os.utime(run / f"{name}.safetensors", ns=(10**18 + age * 10**9,) * 2)
+    assert resolve_checkpoint(run) == run / "stage3-det.safetensors"  # sorts before stage3-ret, is newer
+    assert resolve_checkpoint(run / "stage1.safetensors") == run / "stage1.safetensors"
+    stage = run / "stage2"
+    stage.mkdir()
+    for name in ("last", "other"):
+        (stage / f"{name}.safetensors").write_bytes(b"x")
+    assert resolve_checkpoint(stage) == stage / "last.safetensors"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no \.safetensors checkpoint in folder .*empty; give the checkpoint"):
+        resolve_checkpoint(tmp_path / "empty")
+
+
 def test_tiny_prior_saved_with_save_pretrained_loads_through_the_folder_loader(tmp_path, tiny_prior):
     folder = tmp_path / "sd-like"
     tiny_prior.vae.save_pretrained(folder / "vae")
