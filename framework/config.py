@@ -235,6 +235,13 @@ def apply_overrides(instance: Any, overrides: list[str], source: str = "--set") 
     return from_dict(type(instance), data, source=source)
 
 
+def yaml_syntax_error(path, error: yaml.YAMLError) -> str:
+    """One line for a file YAML cannot parse: the file and the line (PyYAML's own message spans several)."""
+    mark = getattr(error, "problem_mark", None)
+    where = f" at line {mark.line + 1}" if mark is not None else ""
+    return f"{path}: not valid YAML{where}; fix the syntax"
+
+
 def load_yaml(path: str | Path) -> dict:
     """Read a YAML mapping, with a one-line error for a missing or malformed file."""
     path = Path(path)
@@ -243,9 +250,7 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix the syntax") from None
+        raise ConfigError(yaml_syntax_error(path, error)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

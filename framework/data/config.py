@@ -326,7 +326,9 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise DataError(f"{path}: not valid YAML ({error})") from None
+        from ..config import yaml_syntax_error
+
+        raise DataError(yaml_syntax_error(path, error)) from None
     return parse_data_config(raw, str(path))
 
 
