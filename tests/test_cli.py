@@ -348,6 +348,8 @@ def _corrupt(root):
         (["train", "--set", "train.cfrm_level_weights=[0.1]"], "train.cfrm_level_weights=[0.1] has 1 entries"),
         (["train", "--stage", "1", "--prior", "{root}/no-such-prior"], "no-such-prior"),
         (["train", "--data", "{missing_root}"], "tasks.pir[0] (hq_folder): root /no/such/DIV2K is not a folder"),
+        (["train", "--data", "{missing_labels}", "--tasks", "pir,cls"],
+         "tasks.cls[0] (image_folder): labels file /no/such/LOC_val_solution.csv not found"),
         (["train", "--beta", "pir=-1"], "train.beta={'pir': -1.0}: a task's β must be >= 0"),
         (["train", "--set", "train.loss_weights.pir.l1=-2"], "loss term weights must be >= 0"),
         (["task", "add", "nope"], "unknown task 'nope'"),
@@ -395,13 +397,18 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     )
     pir_only = root / "pir-only.yaml"
     pir_only.write_text("tasks:\n  pir: [{type: builtin_photos}]\n")
+    missing_labels = root / "missing-labels.yaml"  # ImageNet's flat validation folder, its labels file mistyped
+    missing_labels.write_text(
+        f"tasks:\n  pir: [{{type: builtin_photos}}]\n  cls: [{{type: image_folder, root: {root / 'imagenet'}, "
+        "labels: /no/such/LOC_val_solution.csv}]\n"
+    )
     full_size = root / "full-size.yaml"
     full_size.write_text(
         f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n"
         f"  ret: [{{type: image_folder, root: {root / 'imagenet'}}}]\n"
     )
     args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size,
-                     pir_only=pir_only)
+                     pir_only=pir_only, missing_labels=missing_labels)
             for a in args]  # fmt: skip
     tracked = args[0] == "train" or args[:2] == ["task", "add"]
     result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])

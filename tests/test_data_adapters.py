@@ -329,6 +329,44 @@ def test_image_folder_class_range_keeps_cubs_disjoint_classes(tmp_path):
         ImageFolder(tmp_path, class_range=[3, 9])
 
 
+def test_a_flat_folder_with_a_labels_file_reads_like_class_folders(tmp_path):
+    """ImageNet's validation set as distributed is one flat folder and a CSV (Kaggle's LOC_val_solution.csv:
+    a header, then the image id and its synset followed by boxes)."""
+    flat = tmp_path / "val"
+    for k in range(4):
+        _save(flat / f"ILSVRC2012_val_0000000{k + 1}.JPEG", _flat(10 * k))
+    rows = ["ImageId,PredictionString", "ILSVRC2012_val_00000002,n01484850 1 2 3 4 n01484850 5 6 7 8",
+            "ILSVRC2012_val_00000001,n01443537 0 0 9 9", "ILSVRC2012_val_00000004,n01443537 1 1 2 2",
+            "ILSVRC2012_val_00000003,n01440764 3 3 4 4", "ILSVRC2012_val_00000099,n01440764 3 3 4 4"]  # fmt: skip
+    (tmp_path / "LOC_val_solution.csv").write_text("\n".join(rows) + "\n")
+    dataset = ImageFolder(flat, split="val", size=16, labels=str(tmp_path / "LOC_val_solution.csv"))
+    by_image = {Path(dataset[i]["path"]).stem[-1]: int(dataset[i]["label"]) for i in range(len(dataset))}
+    assert by_image == {"1": 1, "2": 2, "3": 0, "4": 1} and dataset.num_classes == 1000  # ImageNet indices
+    assert dataset.class_names == ["n01440764", "n01443537", "n01484850"]  # the row of a missing image: left out
+    # class indices or names, with the file's extension or without; class_range as for folders
+    (tmp_path / "ids.csv").write_text("".join(f"ILSVRC2012_val_0000000{k + 1}.JPEG,{label}\n"
+                                              for k, label in enumerate([10, 2, 10, 7])))  # fmt: skip
+    ids = ImageFolder(flat, split="val", size=16, labels=str(tmp_path / "ids.csv"))
+    assert sorted(int(ids[i]["label"]) for i in range(4)) == [2, 7, 10, 10] and ids.num_classes == 11
+    assert ImageFolder(flat, size=16, labels=str(tmp_path / "ids.csv"), class_range=[1, 2]).class_names == ["7"]
+    (tmp_path / "names.csv").write_text("".join(f"ILSVRC2012_val_0000000{k + 1},{name}\n"
+                                                for k, name in enumerate(["wren", "auk", "wren", "tern"])))  # fmt: skip
+    names = ImageFolder(flat, split="val", size=16, labels=str(tmp_path / "names.csv"))
+    assert names.class_names == ["auk", "tern", "wren"] and names.num_classes == 3
+    assert {Path(names[i]["path"]).stem[-1]: int(names[i]["label"]) for i in range(4)} == {"1": 2, "2": 0, "3": 2, "4": 1}
+    # what stops the run, in one line each
+    (tmp_path / "short.csv").write_text("\n".join(rows[:3]))
+    with pytest.raises(DataError, match=r"2 of 4 images have no row in .*short.csv \(e.g. ILSVRC2012_val_00000003"):
+        ImageFolder(flat, labels=str(tmp_path / "short.csv"))
+    with pytest.raises(DataError, match=r"labels file .*nowhere.csv not found"):
+        ImageFolder(flat, labels=str(tmp_path / "nowhere.csv"))
+    (tmp_path / "bare.csv").write_text("ILSVRC2012_val_00000001\n")
+    with pytest.raises(DataError, match=r"bare.csv:1: no class after the image name"):
+        ImageFolder(flat, labels=str(tmp_path / "bare.csv"))
+    with pytest.raises(DataError, match=r"no class sub-folders; .* add labels: <a CSV file of image, class>"):
+        ImageFolder(flat)
+
+
 def test_a_plugins_dense_target_is_cropped_and_resized_with_the_image():
     """A key of the image's size that the sample format does not know (a plugin's depth map, say) follows the
     image through the resize and the crop: floating point bilinearly, integer by nearest; others stay."""

@@ -330,6 +330,12 @@ class ImageFolder(FileDataset):
 
     `class_range: [first, last]` keeps the classes at sorted positions first..last-1 (labels stay the positions
     in the whole folder): CUB's retrieval protocol trains on classes [0, 100] and tests on [100, 200].
+
+    `labels: FILE` reads a flat folder instead, ImageNet's validation set as distributed: a CSV file (Kaggle's
+    LOC_val_solution.csv) whose rows name an image (its file name, with or without the extension) and its
+    class, the first word of the second column (a synset such as n01751748, a class index, or a name). Classes
+    are then numbered as folders would be; an image without a row stops the run, rows without an image (a
+    subset of the folder) are left out; a first row that names no image is a header.
     """
 
     def __init__(
@@ -339,16 +345,28 @@ class ImageFolder(FileDataset):
         size: int | None = 256,
         seed: int = 0,
         class_range: list[int] | None = None,
+        labels: str | Path | None = None,
     ):
         self.class_range = class_range
+        self.labels = labels
         super().__init__(root, split, size, seed)
 
     def index(self) -> None:
-        _require_dir(self.root, "one sub-folder of images per class")
-        names = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not names:
-            raise DataError(f"{self.root}: no class sub-folders; expected <root>/<class name>/<images>")
-        self.total_classes = len(names)
+        if self.labels is not None:
+            images = list_images(self.root)
+            classes = self._read_labels(images)
+        else:
+            _require_dir(self.root, "one sub-folder of images per class")
+            folders = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if not folders:
+                raise DataError(
+                    f"{self.root}: no class sub-folders; expected <root>/<class name>/<images>, or for a flat "
+                    "folder (ImageNet's validation set as distributed) add labels: <a CSV file of image, class>"
+                )
+            classes = {name: list_images(self.root / name) for name in folders}
+        indices = self.labels is not None and all(name.isdigit() for name in classes)  # the labels file's own
+        names = sorted(classes, key=int) if indices else sorted(classes)
+        self.total_classes = max(map(int, names), default=-1) + 1 if indices else len(names)
         positions = range(len(names))
         if self.class_range is not None:
             if len(self.class_range) != 2 or not 0 <= self.class_range[0] < self.class_range[1] <= len(names):
@@ -362,8 +380,41 @@ class ImageFolder(FileDataset):
         self.imagenet_labels = all(name in imagenet for name in self.class_names)
         for position in positions:
             name = names[position]
-            label = imagenet[name] if self.imagenet_labels else position
-            self.records.extend((path, label) for path in list_images(self.root / name))
+            label = imagenet[name] if self.imagenet_labels else int(name) if indices else position
+            self.records.extend((path, label) for path in classes[name])
+
+    def _read_labels(self, images: list[Path]) -> dict[str, list[Path]]:
+        """{class: its images, in file order} from the `labels` CSV."""
+        import csv
+
+        path = Path(self.labels).expanduser()
+        if not path.is_file():
+            raise DataError(f"{self.root}: labels file {path} not found; give the CSV of image names and classes")
+        by_name = {}
+        for image in images:
+            by_name[image.name] = by_name[image.stem] = image
+        label_of: dict[Path, str] = {}
+        with path.open(newline="") as handle:
+            for number, row in enumerate(csv.reader(handle), start=1):
+                if not row or not row[0].strip():
+                    continue
+                image = by_name.get(row[0].strip())
+                if image is None:
+                    continue  # a header, or an image not in this folder
+                words = row[1].split() if len(row) > 1 else []
+                if not words:
+                    raise DataError(f"{path}:{number}: no class after the image name; each row is: image, class")
+                label_of[image] = words[0]
+        unlabelled = [image for image in images if image not in label_of]
+        if unlabelled:
+            raise DataError(
+                f"{self.root}: {len(unlabelled)} of {len(images)} images have no row in {path} (e.g. "
+                f"{unlabelled[0].name}); give the labels file of this folder"
+            )
+        classes: dict[str, list[Path]] = defaultdict(list)
+        for image in images:
+            classes[label_of[image]].append(image)
+        return classes
 
     @property
     def num_classes(self) -> int:

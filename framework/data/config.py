@@ -336,7 +336,7 @@ def check_entries(
     config: DataConfig, tasks: list[str], source: str = "<data config>", builtin_types: dict | None = None
 ) -> None:
     """Raise a `DataError` naming the first of `tasks` the file lists no datasets for, or the first entry
-    whose `root` is not a folder (a cheap check made before a run starts; the datasets themselves are built,
+    whose `root` is not a folder or whose `labels` file is missing (a cheap check made before a run starts; the datasets themselves are built,
     and their files listed, later).
 
     A task the file leaves out is an error, not the built-in scenes: at a real prior's scale that would
@@ -357,6 +357,12 @@ def check_entries(
                 raise DataError(
                     f"{source}: tasks.{task}[{k}] ({entry.type}): root {root} is not a folder; "
                     "fix the path in the data config (it must exist and hold the data)"
+                )
+            labels = entry.options.get("labels")
+            if labels is not None and not Path(labels).expanduser().is_file():
+                raise DataError(
+                    f"{source}: tasks.{task}[{k}] ({entry.type}): labels file {labels} not found; "
+                    "fix the path in the data config"
                 )
 
 
