@@ -68,21 +68,13 @@ class _Frozen(nn.Module):
         return super().train(False)
 
 
-def _normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return (images - mean) / std
-
-
-# --------------------------------------------------------------------------------------------------
-# Wrappers: [0, 1] images in, the task's quantity out.
-
-
-class Classifier(_Frozen):
-    """Images in [0, 1] → (B, K) logits: resize to `input_size` (bilinear, antialiased), normalise, classify."""
+class _ImageModel(_Frozen):
+    """A frozen network that reads images in [0, 1], normalised by `mean` and `std` (ImageNet's by default)."""
 
     def __init__(
         self,
         network: nn.Module,
-        input_size: int,
+        input_size: int | None,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
@@ -91,6 +83,17 @@ class Classifier(_Frozen):
         self.input_size = input_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrappers: [0, 1] images in, the task's quantity out.
+
+
+class Classifier(_ImageModel):
+    """Images in [0, 1] → (B, K) logits: resize to `input_size` (bilinear, antialiased), normalise, classify."""
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.input_size, self.input_size):
@@ -101,10 +104,10 @@ class Classifier(_Frozen):
                 antialias=True,
                 align_corners=False,
             )
-        return self.network(_normalise(images, self.mean, self.std))  # (B, K)
+        return self.network(self.normalise(images))  # (B, K)
 
 
-class Segmenter(_Frozen):
+class Segmenter(_ImageModel):
     """Images in [0, 1] → (B, K, H, W) logits at the input resolution.
 
     `input_size` None runs the network at the input resolution; otherwise the short side is resized to it
@@ -118,15 +121,11 @@ class Segmenter(_Frozen):
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
     ):
-        super().__init__()
-        self.network = network
-        self.input_size = input_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        super().__init__(network, input_size, mean, std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        inputs = _normalise(images, self.mean, self.std)
+        inputs = self.normalise(images)
         if self.input_size is not None and min(height, width) != self.input_size:
             scale = self.input_size / min(height, width)
             size = (round(height * scale), round(width * scale))
@@ -139,32 +138,11 @@ class Segmenter(_Frozen):
         return logits  # (B, K, H, W)
 
 
-class Embedder(_Frozen):
+class Embedder(Classifier):
     """Images in [0, 1] → (B, D) L2-normalised embeddings (resized to `input_size`, normalised)."""
 
-    def __init__(
-        self,
-        network: nn.Module,
-        input_size: int,
-        mean: Sequence[float] = IMAGENET_MEAN,
-        std: Sequence[float] = IMAGENET_STD,
-    ):
-        super().__init__()
-        self.network = network
-        self.input_size = input_size
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(
-                images,
-                size=(self.input_size, self.input_size),
-                mode="bilinear",
-                antialias=True,
-                align_corners=False,
-            )
-        return F.normalize(self.network(_normalise(images, self.mean, self.std)), dim=1)  # (B, D)
+        return F.normalize(super().forward(images), dim=1)  # (B, D)
 
 
 def train_with_frozen_norms(network: nn.Module) -> None:
