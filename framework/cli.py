@@ -83,6 +83,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from .downstream import DownstreamError
 
         errors.append(DownstreamError)
+    from .sweep import SweepError  # ray is imported by the sweeps alone, not by this module
+
+    errors.append(SweepError)
     return tuple(errors)
 
 
@@ -801,6 +804,10 @@ def runs_compare(
 
 
 SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]
+GpusPerTrial = Annotated[float | None, typer.Option("--gpus-per-trial")]
+CpusPerTrial = Annotated[float, typer.Option("--cpus-per-trial")]
+RayAddress = Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")]
+SweepResume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")]
 
 
 @sweep_app.command("beta")
@@ -811,12 +818,12 @@ def sweep_beta(
     search: Annotated[str, typer.Option("--search", help="random or grid.")] = "random",
     scheduler: Annotated[str, typer.Option("--scheduler", help="asha or none.")] = "asha",
     ranges: Annotated[str | None, typer.Option("--ranges", help="β ranges, e.g. seg=0.01:1,cls=0.01:1.")] = None,
-    gpus_per_trial: Annotated[float | None, typer.Option("--gpus-per-trial")] = None,
-    cpus_per_trial: Annotated[float, typer.Option("--cpus-per-trial")] = 1.0,
-    address: Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")] = None,
+    gpus_per_trial: GpusPerTrial = None,
+    cpus_per_trial: CpusPerTrial = 1.0,
+    address: RayAddress = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stage-2 steps per trial.")] = None,
     output: OutputOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+    resume: SweepResume = False,
     config: ConfigOption = None,
     set_: SetOption = None,
     data: DataOption = None,
@@ -824,19 +831,16 @@ def sweep_beta(
     """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
     with _errors():
         from .registry import parse_task_list
-        from .sweep import SweepError, parse_ranges
+        from .sweep import parse_ranges
         from .sweep import sweep_beta as run_sweep
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        try:
-            result = run_sweep(
-                source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
-                scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,
-                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
-                output=output, resume=resume,
-            )  # fmt: skip
-        except SweepError as error:
-            _fail(str(error), 2)
+        result = run_sweep(
+            source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
+            scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,
+            gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
+            output=output, resume=resume,
+        )  # fmt: skip
         typer.echo(f"best β: {result.beta}\nconfig: {result.config_file}\ncheckpoint: {result.checkpoint}")
 
 
@@ -845,12 +849,12 @@ def sweep_extend(
     source: SweepFrom,
     tasks: Annotated[str, typer.Option("--tasks", help="New tasks, e.g. det,ret.")] = "det",
     num_samples: Annotated[int, typer.Option("--num-samples", help="Trials per task (over the lr).")] = 1,
-    gpus_per_trial: Annotated[float | None, typer.Option("--gpus-per-trial")] = None,
-    cpus_per_trial: Annotated[float, typer.Option("--cpus-per-trial")] = 1.0,
-    address: Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")] = None,
+    gpus_per_trial: GpusPerTrial = None,
+    cpus_per_trial: CpusPerTrial = 1.0,
+    address: RayAddress = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stage-3 steps per trial.")] = None,
     output: OutputOption = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")] = False,
+    resume: SweepResume = False,
     config: ConfigOption = None,
     set_: SetOption = None,
     data: DataOption = None,
@@ -858,18 +862,14 @@ def sweep_extend(
     """Add new tasks by prompt alone, one Ray trial (or more) per task; merge the best prompts."""
     with _errors():
         from .registry import parse_task_list
-        from .sweep import SweepError
         from .sweep import sweep_extend as run_extend
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        try:
-            result = run_extend(
-                source, parse_task_list(tasks), config=run_config, num_samples=num_samples,
-                gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
-                output=output, resume=resume,
-            )  # fmt: skip
-        except SweepError as error:
-            _fail(str(error), 2)
+        result = run_extend(
+            source, parse_task_list(tasks), config=run_config, num_samples=num_samples,
+            gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
+            output=output, resume=resume,
+        )  # fmt: skip
         typer.echo(f"merged checkpoint: {result.checkpoint}")
 
 
