@@ -963,12 +963,12 @@ def sweep_beta(
     started = time.time()
     config = _absolute_config(config or RunConfig())
     names = _check_tasks(tasks)
-    source_path, metadata = _check_source(source)
     if search not in SEARCHES:
         raise SweepError(f"--search {search!r}: use one of {', '.join(SEARCHES)}")
     if scheduler not in SCHEDULERS:
         raise SweepError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
-    _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
+    _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
+    source_path, metadata = _check_source(source)
     _check_inputs(config, names)
     steps = int(steps if steps is not None else config.train.stage2_steps)
     if steps < 1:
@@ -1080,6 +1080,7 @@ def sweep_extend(
     started = time.time()
     config = _absolute_config(config or RunConfig())
     names = _check_tasks(tasks)
+    _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
     source_path, metadata = _check_source(source)
     present = [task for task in names if task in metadata["tasks"]]
     if present:
@@ -1095,7 +1096,6 @@ def sweep_extend(
     problem = extension_problem(metadata)
     if problem:
         raise SweepError(problem)
-    _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)
     _check_inputs(config, names)
     default_lr = config.train.peak_lr(config.prior, stage=3)
     low, high = _check_range("--lr", *(lr_range or (default_lr, default_lr)))

@@ -381,6 +381,9 @@ def _corrupt(root):
         (["eval", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
         (["eval", "--ckpt", "{corrupt}", "--device", "cuda:99"], "device cuda:99: this machine has"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "gpu"], "device 'gpu' is not a device; use auto"),
+        (["sweep", "beta", "--from", "{root}/missing.safetensors"], "checkpoint not found"),
+        (["sweep", "beta", "--from", "{corrupt}", "--num-samples", "0"], "--num-samples 0: need at least 1"),
+        (["sweep", "extend", "--from", "{corrupt}", "--tasks", "det", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
     ],
 )
 def test_user_errors_exit_2_with_one_line(root, args, expected):
