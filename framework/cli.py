@@ -638,6 +638,14 @@ def eval_(
             "OUT/partial, and evaluate only the rest.",
         ),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            help="Processes that read and degrade the test images ahead of the restoration (default: none on "
+            "the CPU, where the restoration uses every core; beside a GPU, up to 8 of the cores).",
+        ),
+    ] = None,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
@@ -674,6 +682,8 @@ def eval_(
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         if batch_size < 1:
             raise ConfigError(f"--batch-size {batch_size}: give at least 1")
+        if workers is not None and workers < 0:
+            raise ConfigError(f"--workers {workers}: give 0 (read in this process) or more")
         run_config = _build_config(config, list(set_ or []))
         run_config.tasks = names
         data_unset = data is None and config is None
@@ -711,9 +721,12 @@ def eval_(
             "batch_size": batch_size, "grids_folder": out / "grids", "tile_size": tile_size or None,
             "partial_folder": out / "partial", "identity": identity,
         }  # fmt: skip
+        if workers is None:  # the cores this machine's processes share, one kept for each process itself
+            here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine
+            workers = 0 if torch_device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) // here - 1))
         report = evaluate_checkpoint(
             model, task_objects, str(ckpt), progress=distributed.main, resume=resume,
-            shard=(distributed.rank, distributed.world_size), **settings,
+            shard=(distributed.rank, distributed.world_size), workers=workers, **settings,
         )  # fmt: skip
         if distributed.enabled:
             units = list(dict.fromkeys(f"{label}/{task}" for label, task, _ in report.rows))
@@ -746,7 +759,8 @@ def eval_(
             mlflow.log_metric("skipped_files", report.skipped_files)
             for path in files + report.grids:
                 mlflow.log_artifact(str(path))
-        typer.echo(f"wrote {', '.join(str(p) for p in files)}; unreadable files skipped: {report.skipped_files}")
+        named = f" ({', '.join(report.skipped[:3])}{', ...' if report.skipped_files > 3 else ''})" if report.skipped else ""
+        typer.echo(f"wrote {', '.join(str(p) for p in files)}; unreadable files skipped: {report.skipped_files}{named}")
 
 
 @runs_app.command("compare")

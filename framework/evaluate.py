@@ -11,6 +11,7 @@ for the denoising noise, so two calls on the same weights give the same numbers.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -77,20 +78,59 @@ def _images_per_task(counts: Mapping[str, int]) -> str:
     return "images per task: " + ", ".join(f"{task} {count}" for task, count in counts.items())
 
 
-def _fixed_batches(dataset, count: int | None, batch_size: int):
+class _Chunks(torch.utils.data.Dataset):
+    """Chunk k of the first `count` images of `dataset`: (index of its first image, its samples, the unreadable
+    files its loading skipped as (path, reason): a DataLoader worker's own log of them stays in the worker)."""
+
+    def __init__(self, dataset, count: int, batch_size: int):
+        self.dataset, self.count, self.batch_size = dataset, count, batch_size
+
+    def __len__(self) -> int:
+        return math.ceil(self.count / self.batch_size)
+
+    def __getitem__(self, k: int) -> tuple[int, list, list[tuple[str, str]]]:
+        from .data.io import skip_mark, skipped_since
+
+        mark = skip_mark()
+        indices = range(k * self.batch_size, min((k + 1) * self.batch_size, self.count))
+        samples = [self.dataset[i] for i in indices]
+        return indices.start, samples, skipped_since(mark)
+
+
+def _as_is(item):
+    return item
+
+
+def _fixed_batches(dataset, count: int | None, batch_size: int, workers: int = 0):
     """(index of the batch's first image, batch) over the first `count` images, in order; full images of
-    several sizes come one at a time."""
-    from .data.sample import collate
+    several sizes come one at a time. `workers` DataLoader processes read and degrade the images ahead
+    (the same samples: each depends on its index alone)."""
+    from .data.io import UnreadableImage, report_bad_file
 
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0)
     count = len(dataset) if count is None else min(count, len(dataset))
-    for start in range(0, count, batch_size):
-        samples = [dataset[i] for i in range(start, min(start + batch_size, count))]
-        if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
-            yield from ((start + offset, collate([sample])) for offset, sample in enumerate(samples))
-        else:
-            yield start, collate(samples)
+    chunks = _Chunks(dataset, count, batch_size)
+    if workers > 0:
+        loaded = torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=_as_is, num_workers=workers)
+        for start, samples, skipped in loaded:
+            for path, reason in skipped:  # noted in this process, where the caller counts them
+                report_bad_file(UnreadableImage(path, reason))
+            yield from _batches(start, samples)
+    else:
+        for k in range(len(chunks)):
+            start, samples, _ = chunks[k]  # its skips are noted in this process already
+            yield from _batches(start, samples)
+
+
+def _batches(start: int, samples: list):
+    from .data.sample import collate
+
+    if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
+        yield from ((start + offset, collate([sample])) for offset, sample in enumerate(samples))
+    else:
+        yield start, collate(samples)
+
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -188,6 +228,7 @@ def evaluate(
     tile_size: int | None = None,
     prompts: Sequence[str] | None = None,
     worse: int = 4,
+    workers: int = 0,
 ) -> EvalTable:
     """Evaluate `model` on each task (Task objects, or a name → Task mapping) for every input in `inputs`.
 
@@ -197,6 +238,8 @@ def evaluate(
     no row. `progress` shows a bar per task (images done, images/s, time left), headed by the task's name
     and `label`; leave it off while another bar is live (validation inside a training stage). Images whose
     side exceeds `tile_size` are restored tile by tile (full-size test images: memory bounded by the tile).
+
+    `workers` DataLoader processes read and degrade the test images ahead of the restoration.
 
     With `lq` among the inputs, the `worse` images the task's own prompt restored furthest below their LQ,
     on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt;
@@ -234,7 +277,7 @@ def evaluate(
             description = f"evaluating {task.name} {label}".strip()
             table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
             with image_bar(description, table.counts[task.name], progress) as advance:
-                for done, batch in _fixed_batches(dataset, samples, batch_size):
+                for done, batch in _fixed_batches(dataset, samples, batch_size, workers):
                     batch = _to(batch, device)
                     count = batch["lq"].shape[0]
                     if own is not None and worse:  # to restore a batch again (`_replay_worse`)
@@ -349,10 +392,14 @@ class EvalReport:
     # images[(corruption, task, row)] = [{"image": path, metric: value}], the same images in the same order
     # for every row of a (corruption, task); only for metrics with per-image values
     images: dict[tuple[str, str, str], list[dict]] = field(default_factory=dict)
-    skipped_files: int = 0
+    skipped: list[str] = field(default_factory=list)  # the unreadable files the test sets skipped
     grids: list = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
     resumed: list[str] = field(default_factory=list)  # "<degradation>/<task>" units read back, not evaluated
+
+    @property
+    def skipped_files(self) -> int:
+        return len(self.skipped)
 
     def records(self) -> list[dict]:
         return [
@@ -485,7 +532,8 @@ class EvalReport:
             write_csv(folder / "eval.csv", self.records(), ["corruption", "task", "input", "metric", "value"]),
             write_text(folder / "eval.json", json.dumps(
                 {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples, "images": self.counts,
-                 "skipped_files": self.skipped_files, "results": self.records()}, indent=2)),
+                 "skipped_files": self.skipped_files, "skipped": self.skipped, "results": self.records()},
+                indent=2)),
             write_text(folder / "eval.md", self.markdown()),
         ]  # fmt: skip
         images = self.image_records()
@@ -524,7 +572,7 @@ def _unit(table: EvalTable, task: str, prompts: Sequence[str], key: dict) -> dic
         "count": table.counts[task],
         "rows": {row: table.results[task][source] for row, source in rows.items() if source in table.results[task]},
         "images": {row: table.images[task][source] for row, source in rows.items() if source in table.images[task]},
-        "skipped": 0,
+        "skipped": [],
         "grids": [],
     }
 
@@ -561,6 +609,7 @@ def evaluate_checkpoint(
     resume: bool = False,
     identity: Mapping[str, object] | None = None,
     shard: tuple[int, int] = (0, 1),
+    workers: int = 0,
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
@@ -571,13 +620,13 @@ def evaluate_checkpoint(
     unit saved there for the same checkpoint and settings (`identity` adds what this function does not see:
     the checkpoint file's size and time, the data, the precision) is read back instead of evaluated again.
     `shard` (rank, world size): only every world-th unit, from the rank-th, is evaluated and reported (one
-    process of several, each saving its units to the shared `partial_folder`).
+    process of several, each saving its units to the shared `partial_folder`). `workers` DataLoader
+    processes read and degrade the test images ahead (the results do not depend on them).
     """
     import json
-    import warnings
 
     from .data.config import DegradationConfig
-    from .data.io import BadFileWarning
+    from .data.io import BadFileWarning, skip_mark, skipped_since
     from .files import atomic_write
 
     check_prompts(model, list(tasks) + list(prompts or []), checkpoint)
@@ -586,8 +635,9 @@ def evaluate_checkpoint(
     settings = [(None, "default")] if not corruptions else [(c, f"{c}@{severity or 3}") for c in corruptions]
     units = [(corruption, label, name, task) for corruption, label in settings for name, task in tasks.items()]
     rank, world = shard
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", BadFileWarning)
+    skipped_paths: set[str] = set()
+    with warnings.catch_warnings():  # skipped files are counted and named in the report, not warned of
+        warnings.simplefilter("ignore", BadFileWarning)
         for corruption, label, name, task in units[rank::world]:
             chosen = prompts or list(dict.fromkeys([name, "pir"] if "pir" in available else [name]))
             prefix = label.replace("@", "-s")
@@ -603,14 +653,15 @@ def evaluate_checkpoint(
                     None if corruption is None
                     else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)
                 )  # fmt: skip
-                warned = len(caught)
+                mark = skip_mark()
                 # LQ, HQ and every prompt's restoration in one pass over the test images
                 table = evaluate(model, [task], split=split, samples=samples, batch_size=batch_size, seed=seed,
                                  prompts=chosen, device=device, progress=progress, examples=4,
-                                 label="" if corruption is None else label, tile_size=tile_size)  # fmt: skip
+                                 label="" if corruption is None else label, tile_size=tile_size,
+                                 workers=workers)  # fmt: skip
                 task.context.degradation = None
                 unit = _unit(table, name, chosen, key)
-                unit["skipped"] = sum(1 for w in caught[warned:] if issubclass(w.category, BadFileWarning))
+                unit["skipped"] = sorted({path for path, _ in skipped_since(mark)})  # each file once
                 if grids_folder is not None and f"restored[{name}]" in table.results[name]:
                     grids = save_grids(table, grids_folder, prefix)
                     grids += save_grids(table, grids_folder, f"{prefix}-worse", which="worse")
@@ -619,10 +670,12 @@ def evaluate_checkpoint(
                     text = json.dumps(unit)
                     atomic_write(partial, lambda temporary, text=text: Path(temporary).write_text(text))
             report.counts[name] = unit["count"]
-            report.skipped_files += unit["skipped"]
+            skipped = unit["skipped"]  # the files (a count, in results saved before they were named)
+            skipped_paths.update(skipped if isinstance(skipped, list) else [f"{label}/{name}: {skipped} file(s)"])
             report.grids += [Path(path) for path in unit["grids"] if Path(path).is_file()]
             for row, metrics in unit["rows"].items():
                 report.rows[(label, name, row)] = metrics
             for row, values in unit["images"].items():
                 report.images[(label, name, row)] = values
+    report.skipped = sorted(skipped_paths)
     return report

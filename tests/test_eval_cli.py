@@ -179,6 +179,42 @@ def test_eval_samples_0_takes_every_test_image_and_the_report_counts_what_it_too
         assert len((out / "eval_images.csv").read_text().splitlines()) == 1 + 2 * expected  # psnr and ssim
 
 
+def test_workers_read_the_same_test_images_and_count_the_unreadable_ones(checkpoint):
+    """`eval --workers 2` reads and degrades the test images in two processes: the same tables and per-image
+    values as reading them here, and a corrupt file is still counted (warned of in a worker, counted here)."""
+    import numpy as np
+    from PIL import Image
+
+    folder, path = checkpoint
+    photos = folder / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(5):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{k}.png")
+    (photos / "2b-broken.png").write_bytes(b"not a png")
+    data = folder / "photos.yaml"
+    data.write_text(f"size: 32\ntasks:\n  pir: [{{type: hq_folder, root: {photos}}}]\n")
+    outputs = {}
+    for workers in ("0", "2"):
+        out = folder / f"workers-{workers}"
+        result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--samples", "0", "--data",
+                                     str(data), "--out", str(out), "--workers", workers,
+                                     "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert "unreadable files skipped: 1" in result.output.replace("\n", " ")
+        outputs[workers] = [(out / name).read_text() for name in ("eval.csv", "eval_images.csv")]
+    assert outputs["0"] == outputs["2"]
+    assert "2b-broken" not in outputs["2"][1] and outputs["2"][1].count("4.png") == 2  # psnr and ssim rows
+    # one file skipped under two degradations is one file, named
+    out = folder / "workers-two-units"
+    result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--samples", "0", "--data", str(data),
+                                 "--out", str(out), "--workers", "2", "--corruption", "gaussian_noise,fog",
+                                 "--severity", "2", "--tracking-uri", f"sqlite:///{folder / 'mlflow.db'}"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"unreadable files skipped: 1 ({photos / '2b-broken.png'})" in result.output.replace("\n", "")
+    assert json.loads((out / "eval.json").read_text())["skipped"] == [str(photos / "2b-broken.png")]
+
+
 def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     """`evaluate` keeps the restored images that lost most against their LQ, in order."""
     from unirestore.framework.data.sample import make_sample

@@ -40,18 +40,35 @@ class UnreadableImage(DataError):
 
 
 class BadFileWarning(UserWarning):
-    """An unreadable file was skipped (one warning per file and process)."""
+    """An unreadable file was skipped (one warning per file and process); `path` and `reason` say which, why."""
+
+    def __init__(self, message: str, path: str = "", reason: str = ""):
+        super().__init__(message)
+        self.path, self.reason = path, reason
 
 
 _reported: set[str] = set()
+_skipped: list[tuple[str, str]] = []  # every skip in this process, in order: (path, reason)
 
 
 def report_bad_file(error: UnreadableImage) -> None:
-    """Warn once per process that the file of `error` is unreadable and is skipped."""
+    """Note that the file of `error` is skipped (`skipped_since` lists it) and warn of it once per process."""
+    _skipped.append((error.path, error.reason))
     if error.path in _reported:
         return
     _reported.add(error.path)
-    warnings.warn(f"skipping unreadable file {error.path}: {error.reason}", BadFileWarning, stacklevel=3)
+    message = f"skipping unreadable file {error.path}: {error.reason}"
+    warnings.warn(BadFileWarning(message, error.path, error.reason), stacklevel=3)
+
+
+def skip_mark() -> int:
+    """A mark in this process's log of skipped files, for `skipped_since`."""
+    return len(_skipped)
+
+
+def skipped_since(mark: int) -> list[tuple[str, str]]:
+    """(path, reason) of every file skipped in this process since `mark`, warned of or not."""
+    return _skipped[mark:]
 
 
 def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
