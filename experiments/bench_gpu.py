@@ -260,6 +260,7 @@ def main(argv=None) -> dict:
         "restore": dispatched_ops(lambda: restore_pass(images), modules),
     }
     print(f"dispatched operators, batch 1: {results['dispatched_ops_b1']}")
+    results["restore_files"] = bench_restore_files(model, args)
     deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
     results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
     results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
@@ -272,6 +273,36 @@ def main(argv=None) -> dict:
         (args.out / "bench_gpu.md").write_text(markdown(results))
     print(markdown(results))
     return results
+
+
+def bench_restore_files(model: UniRestore, args, count: int = 8) -> dict[str, float]:
+    """`unirestore restore`'s own loop (`restore_files`) over PNG files of the bench's size, three prompts,
+    reading and writing in this thread against reading ahead and writing in two threads (the default beside a
+    GPU): seconds for `count` images, the second of two runs each."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from unirestore.framework.inference import collect_images, restore_files
+
+    rng = np.random.default_rng(0)
+    seconds = {}
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "in"
+        inputs.mkdir()
+        for k in range(count):  # smooth content, as photos: PNG's compression works as on real images
+            small = (rng.random((args.size // 8, args.size // 8, 3)) * 255).astype(np.uint8)
+            Image.fromarray(small).resize((args.size, args.size), Image.BICUBIC).save(inputs / f"{k}.png")
+        files, _, _ = collect_images([inputs], Path(folder) / "out")
+        for threads in (0, 2):
+            for _ in range(2):
+                started = time.perf_counter()
+                restore_files(model, files, Path(folder) / f"out-{threads}", ["pir", "seg", "cls"],
+                              io_threads=threads)  # fmt: skip
+                seconds[f"io_threads_{threads}"] = time.perf_counter() - started
+    print(f"restore_files, {count} images, 3 prompts: {seconds}")
+    return {**seconds, "images": count}
 
 
 def time_parts(model: UniRestore, images: torch.Tensor, device, args) -> dict[str, float]:
@@ -453,6 +484,7 @@ def bench_training(model: UniRestore, device, args) -> dict:
 
 
 def markdown(results: dict) -> str:
+    files = results.get("restore_files") or {"images": 0, "io_threads_0": float("nan"), "io_threads_2": float("nan")}
     lines = [
         f"### Real scale ({results['scale']}, random weights) on {results['device']}",
         "",
@@ -485,6 +517,11 @@ def markdown(results: dict) -> str:
             f"- three prompts (pir, seg, cls) from one encode and denoise, bf16 weights, batch 1: **"
             f"{results.get('three_prompts_over_one_restore_b1', float('nan')):.2f}×** one restore's time "
             "(three restores: 3×)"
+        ),
+        (
+            f"- `restore_files` (the restore command's loop) over {files['images']} PNG files, three prompts, bf16 "
+            f"weights: {files['io_threads_0']:.2f} s reading and writing in turn, {files['io_threads_2']:.2f} s "
+            "reading ahead and writing in two threads"
         ),
         (
             f"- FLOPs of one restore: {results['flops']['restore'] / 1e12:.2f} TFLOP "

@@ -104,6 +104,60 @@ def _restore_group(model, group: list, tasks: list[str], seed: int, **options) -
     return [restored for item in group for restored in _restore_group(model, [item], tasks, seed, **options)]
 
 
+def _read_chunks(files: list[tuple[Path, Path]], batch_size: int, ahead: bool):
+    """Lists of (file, name, (3, H, W) image or the DataError reading it), `batch_size` files each; with
+    `ahead`, the next list is read in a thread while the caller works on this one (decoding releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .data.io import DataError, load_rgb
+
+    def read(chunk):
+        items = []
+        for path, name in chunk:
+            try:
+                items.append((path, name, load_rgb(path)))  # (3, H, W) in [0, 1]
+            except DataError as error:
+                items.append((path, name, error))
+        return items
+
+    chunks = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
+    if not ahead:
+        yield from map(read, chunks)
+        return
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        coming = reader.submit(read, chunks[0]) if chunks else None
+        for k in range(len(chunks)):
+            items = coming.result()
+            coming = reader.submit(read, chunks[k + 1]) if k + 1 < len(chunks) else None
+            yield items
+
+
+class _Writer:
+    """PNG writes (zlib, which releases the GIL) in `threads` threads beside the restoration, at most a few
+    queued (memory); 0 threads writes at once. `close()` waits for them all and raises the first failure."""
+
+    def __init__(self, threads: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=threads) if threads else None
+        self.pending, self.limit = deque(), 4 * threads
+
+    def write(self, save: Callable, *args) -> None:
+        if self.pool is None:
+            save(*args)
+            return
+        self.pending.append(self.pool.submit(save, *args))
+        while len(self.pending) > self.limit:
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)  # whatever else failed, what was restored is written
+            while self.pending:
+                self.pending.popleft().result()
+
+
 def restore_files(
     model,
     files: list[tuple[Path, Path]],
@@ -116,6 +170,7 @@ def restore_files(
     side_by_side: bool = False,
     advance: Callable[[int], None] = lambda count: None,
     on_skip: Callable[[str], None] = lambda message: None,
+    io_threads: int | None = None,
 ) -> RestoreReport:
     """Restore `files` ((file, output name) pairs, as `collect_images` gives) with each prompt of `tasks`.
 
@@ -124,49 +179,56 @@ def restore_files(
     together, each with the noise it would get alone. `advance(n)` is called as files are done (a progress bar),
     `on_skip(message)` as one is skipped.
     A grayscale input (its three channels equal) gets a grayscale output.
+    `io_threads` read the next files and write the PNGs while the model restores (default: 2 beside a GPU,
+    none on the CPU, whose cores the restoration uses); the files written are the same.
     """
     from torchvision.transforms.functional import rgb_to_grayscale
     from torchvision.utils import make_grid
 
-    from .data.io import DataError, load_rgb, save_png
+    from .data.io import DataError, save_png
 
     tasks = list(tasks)
     folders = output_folders(out, tasks)
     report = RestoreReport()
+    if io_threads is None:
+        io_threads = 0 if next(model.cfrm.parameters()).device.type == "cpu" else 2
 
     def skip(message: str) -> None:
         report.skipped.append(message)
         on_skip(message)
 
     options = {"steps": steps, "tile_size": tile_size}
-    for start in range(0, len(files), batch_size):
-        by_size: dict[tuple, list] = {}
-        for path, name in files[start : start + batch_size]:
-            try:
-                image = load_rgb(path)  # (3, H, W) in [0, 1]
-                by_size.setdefault(tuple(image.shape), []).append((path, name, image))
-            except DataError as error:
-                skip(str(error))
-                advance(1)
-        for group in by_size.values():
-            try:
-                outputs = _restore_group(model, group, tasks, seed, **options)
-            except torch.OutOfMemoryError:  # the cache is freed; the other sizes go on
-                height, width = group[0][2].shape[-2:]
-                for path, _, _ in group:
-                    skip(f"{path}: out of memory at {width}×{height}; restore it with a smaller --tile-size "
-                         f"(now {tile_size})")  # fmt: skip
-                advance(len(group))
-                continue
-            for (_, name, image), restored in zip(group, outputs, strict=True):
-                gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
-                for task, output in restored.items():
-                    output = output.float().cpu()
-                    save_png(rgb_to_grayscale(output) if gray else output, folders[task] / name)
-                if side_by_side:  # input | each task's output, in `tasks` order, 2-pixel white gaps
-                    row = torch.stack([image, *(output.float().cpu() for output in restored.values())])
-                    save_png(make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0),
-                             out / SIDE_BY_SIDE / name)  # fmt: skip
-                report.written += 1
-                advance(1)
+    writer = _Writer(io_threads)
+    try:
+        for items in _read_chunks(files, batch_size, ahead=io_threads > 0):
+            by_size: dict[tuple, list] = {}
+            for path, name, image in items:
+                if isinstance(image, DataError):
+                    skip(str(image))
+                    advance(1)
+                else:
+                    by_size.setdefault(tuple(image.shape), []).append((path, name, image))
+            for group in by_size.values():
+                try:
+                    outputs = _restore_group(model, group, tasks, seed, **options)
+                except torch.OutOfMemoryError:  # the cache is freed; the other sizes go on
+                    height, width = group[0][2].shape[-2:]
+                    for path, _, _ in group:
+                        skip(f"{path}: out of memory at {width}×{height}; restore it with a smaller --tile-size "
+                             f"(now {tile_size})")  # fmt: skip
+                    advance(len(group))
+                    continue
+                for (_, name, image), restored in zip(group, outputs, strict=True):
+                    gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+                    restored = {task: output.float().cpu() for task, output in restored.items()}
+                    for task, output in restored.items():
+                        writer.write(save_png, rgb_to_grayscale(output) if gray else output, folders[task] / name)
+                    if side_by_side:  # input | each task's output, in `tasks` order, 2-pixel white gaps
+                        row = torch.stack([image, *restored.values()])
+                        writer.write(save_png, make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0),
+                                     out / SIDE_BY_SIDE / name)  # fmt: skip
+                    report.written += 1
+                    advance(1)
+    finally:
+        writer.close()
     return report

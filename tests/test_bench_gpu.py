@@ -34,3 +34,5 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     report = (tmp_path / "bench_gpu.md").read_text()
     assert "restore / bare prior pass" in report and "stage 2 (bf16)" in report
     assert "three prompts (pir, seg, cls) from one encode and denoise" in report
+    assert saved["restore_files"]["io_threads_0"] > 0 and saved["restore_files"]["io_threads_2"] > 0
+    assert "`restore_files` (the restore command's loop) over 8 PNG files" in report

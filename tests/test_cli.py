@@ -152,6 +152,41 @@ def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):
     assert np.abs(written["1"][0] - written["1"][1]).max() > 10  # different inputs, different outputs
 
 
+def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, root, monkeypatch):
+    """Beside a GPU, files are read ahead and PNGs written in threads while the model restores: the same
+    files, skips and report as one thing at a time; a write that fails still fails the call."""
+    import errno
+
+    from unirestore.framework.checkpoint import load_checkpoint
+    from unirestore.framework.inference import collect_images, restore_files
+
+    output, _, _ = trained
+    model = load_checkpoint(output / "stage2.safetensors")
+    folder = root / "threaded"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for index, size in enumerate([(40, 56), (32, 32), (40, 56), (40, 56), (32, 32)]):
+        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
+    (folder / "2b.png").write_bytes(b"broken")
+    files, problems, _ = collect_images([folder], root / "unused")
+    assert not problems and len(files) == 6
+    reports, written = {}, {}
+    for threads in (0, 2):
+        out = root / f"threaded-{threads}"
+        reports[threads] = restore_files(model, files, out, ["pir", "cls"], batch_size=3, side_by_side=True,
+                                         io_threads=threads)  # fmt: skip
+        written[threads] = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.png"))}
+    assert reports[0] == reports[2] and reports[2].written == 5 and "2b.png" in reports[2].skipped[0]
+    assert len(written[2]) == 15 and written[0] == written[2]
+
+    def full_disk(image, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr("unirestore.framework.data.io.save_png", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        restore_files(model, files, root / "threaded-full", ["pir"], io_threads=2)
+
+
 def test_restore_notes_a_checkpoint_whose_tfa_is_untrained(trained, root):
     output, _, _ = trained
     images = root / "note-images"
