@@ -327,7 +327,8 @@ class _Run:
             config.train.batch_size, config.train.grad_accum, seed, config.train.task_weights,
             distributed.rank, distributed.world_size,
         )  # fmt: skip
-        data = batch_iterator(stream, collate, start, steps, position, config.train.num_workers)
+        data = batch_iterator(stream, collate, start, steps, position, config.train.num_workers,
+                              pin_memory=device.type == "cuda")  # fmt: skip
         loss = StageLoss(model, stage, tasks, config)
         if distributed.enabled:
             loss = torch.nn.parallel.DistributedDataParallel(

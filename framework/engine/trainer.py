@@ -240,8 +240,11 @@ def batch_iterator(
     stop_step: int,
     position: Mapping[str, int],
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[BatchPlan, dict]]:
-    """(plan, batch) for every micro-batch of steps start_step+1 .. stop_step, in order.
+    """(plan, batch) for every micro-batch of steps start_step+1 .. stop_step, in order; with `pin_memory`
+    (training on a GPU), the workers' batches come in page-locked memory, so `move_to` copies them to the
+    GPU without blocking.
 
     `close()` the result when done with it: it stops the DataLoader workers at once. (Left to the garbage
     collector, a stage's workers outlive it, and a later fork copies their iterator into the new workers.)
@@ -258,6 +261,7 @@ def batch_iterator(
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2,
+        pin_memory=pin_memory,
     )
     return _closing(iter(loader))
 
