@@ -353,6 +353,9 @@ class TrainConfig:
     seed: int = 0
     # `auto` (CUDA when there is one), `cpu`, `cuda` or `cuda:N`. Under torchrun each process takes its GPU.
     device: str = "auto"
+    # On a GPU, cuDNN times its convolution algorithms for each new shape (the crop size: once) and keeps the
+    # fastest; false keeps its default choice, which repeats run to run.
+    cudnn_benchmark: bool = True
 
     def cfrm_weights_for(self, levels: int) -> list[float]:
         """`cfrm_level_weights` for a VAE encoder with `levels` tapped levels (the default when unset)."""

@@ -521,3 +521,24 @@ def test_the_detector_size_reaches_the_detection_task():
     config = load_run_config(None, ["detector_size=800"])
     assert build_tasks(config, ["det"], torch.device("cpu"), 64)["det"].context.detector_size == 800
     assert build_tasks(load_run_config(), ["det"], torch.device("cpu"), 64)["det"].context.detector_size is None
+
+
+def test_cudnn_autotunes_while_a_stage_trains_on_a_gpu_only():
+    """`train.cudnn_benchmark` (on by default) turns cuDNN's autotuner on for a stage on a GPU and back after;
+    on the CPU, or set false, it stays as it was."""
+    import torch
+
+    from unirestore.framework.config import RunConfig, from_dict
+    from unirestore.framework.engine import _tuned_convolutions
+
+    assert RunConfig().train.cudnn_benchmark is True
+    assert from_dict(RunConfig, {"train": {"cudnn_benchmark": False}}, source="t").train.cudnn_benchmark is False
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        for device, enabled, inside in (("cuda", True, True), ("cuda", False, False), ("cpu", True, False)):
+            with _tuned_convolutions(torch.device(device), enabled):
+                assert torch.backends.cudnn.benchmark is inside
+            assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = before

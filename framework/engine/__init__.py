@@ -217,6 +217,17 @@ def _prepare(tasks: dict, distributed: Distributed) -> None:
 
 
 @contextmanager
+def _tuned_convolutions(device: torch.device, enabled: bool):
+    """cuDNN's autotuner on while a stage trains on a GPU (`train.cudnn_benchmark`): the crops keep one shape."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = before or (enabled and device.type == "cuda")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextmanager
 def _threads_beside_workers(device: torch.device, workers: int):
     """On the CPU, leave a core to each DataLoader worker while a stage trains: OpenMP threads that share
     cores with busy workers wait on each other (on 2 cores, one thread and one worker run stages 1 and 2
@@ -387,7 +398,9 @@ class _Run:
             scaler=scaler, hooks=hooks, seed=seed,
         )  # fmt: skip
         try:
-            with _threads_beside_workers(device, config.train.num_workers):
+            with _threads_beside_workers(device, config.train.num_workers), _tuned_convolutions(
+                device, config.train.cudnn_benchmark
+            ):
                 trainer.train()
         except TrainingDiverged as error:
             kept = read_training_state(folder).step if has_training_state(folder) else None
