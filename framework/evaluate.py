@@ -132,7 +132,6 @@ def _batches(start: int, samples: list):
         yield start, collate(samples)
 
 
-
 def _to(batch: dict, device: torch.device) -> dict:
     return {
         key: value.to(device)
@@ -280,7 +279,7 @@ def evaluate(
                 for done, batch in _fixed_batches(dataset, samples, batch_size, workers):
                     batch = _to(batch, device)
                     count = batch["lq"].shape[0]
-                    if own is not None and worse:  # to restore a batch again (`_replay_worse`)
+                    if own is not None and "lq" in rows and worse:  # to restore a batch again (`_replay_worse`)
                         states.append((done, count, generator.get_state()))
                     restored = _restore_prompts(model, batch["lq"], restoring, generator, tile_size) if restoring else {}
                     names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
