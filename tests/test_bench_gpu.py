@@ -27,6 +27,7 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     assert restore["total"] > ops["bare_prior"]["total"] and restore["prior"] >= ops["bare_prior"]["total"]
     training = saved["training"]
     assert {f"stage{s}/{p}/{c}" for s in (1, 2) for p in ("fp32", "bf16") for c in ("ckpt", "no-ckpt")} <= set(training)
+    assert {"stage1/bf16-channels-last/no-ckpt", "stage2/bf16-channels-last/no-ckpt"} <= set(training)
     comparison = training["stage2_comparison"]
     # The implemented stage 2 computes the straightforward step's losses (bf16 rounding apart).
     for key, value in comparison["implemented"]["losses"].items():
