@@ -60,6 +60,12 @@ def test_train_eval_and_restore_on_the_gpu(tmp_path, monkeypatch):
                                  "--device", "cuda", "--precision", "bf16", "--out", "eval", "--tracking-uri", uri])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert (tmp_path / "eval" / "eval.csv").is_file()
+    # beside a GPU the test images are read in worker processes by default: the same table as in this one
+    result = runner.invoke(app, ["eval", "--ckpt", str(checkpoint), "--tasks", "pir,cls", "--samples", "2",
+                                 "--device", "cuda", "--precision", "bf16", "--out", "eval-0", "--workers", "0",
+                                 "--tracking-uri", uri])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "eval-0" / "eval.csv").read_text() == (tmp_path / "eval" / "eval.csv").read_text()
     (tmp_path / "photos").mkdir()
     pixels = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
     Image.fromarray(pixels).save(tmp_path / "photos" / "a.png")
