@@ -670,7 +670,9 @@ def evaluate_checkpoint(
                     atomic_write(partial, lambda temporary, text=text: Path(temporary).write_text(text))
             report.counts[name] = unit["count"]
             skipped = unit["skipped"]  # the files (a count, in results saved before they were named)
-            skipped_paths.update(skipped if isinstance(skipped, list) else [f"{label}/{name}: {skipped} file(s)"])
+            if isinstance(skipped, int):
+                skipped = [f"{label}/{name}: unreadable file {k + 1} (unnamed)" for k in range(skipped)]
+            skipped_paths.update(skipped)
             report.grids += [Path(path) for path in unit["grids"] if Path(path).is_file()]
             for row, metrics in unit["rows"].items():
                 report.rows[(label, name, row)] = metrics

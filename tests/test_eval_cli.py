@@ -474,6 +474,12 @@ def test_eval_resume_evaluates_only_what_an_interrupted_run_left(checkpoint, mon
     assert calls == ["fog@2"] and "gaussian_noise@2/pir, rain@2/pir" in resumed.output
     assert (out / "eval.csv").read_text() == (tmp_path / "whole" / "eval.csv").read_text()
     assert (out / "eval_images.csv").read_text() == (tmp_path / "whole" / "eval_images.csv").read_text()
+    # results saved before skipped files were named held their count: 0 is none, 2 are two
+    for name, count in (("gaussian_noise-s2-pir.json", 0), ("rain-s2-pir.json", 2)):
+        unit = json.loads((out / "partial" / name).read_text())
+        (out / "partial" / name).write_text(json.dumps({**unit, "skipped": count}))
+    older, _ = _eval(folder, path, out, *args, "--resume")
+    assert older.exit_code == 0 and "unreadable files skipped: 2 (rain@2/pir: unreadable file 1" in older.output
     # results saved for another checkpoint file (retrained in place) are not read back
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     calls.clear()
