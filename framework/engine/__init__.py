@@ -424,9 +424,11 @@ class _Run:
         if not self.distributed.main:
             return None
         config = self.config
+        # beside a GPU, the training's DataLoader workers (stopped by now) read and degrade the test images
+        workers = config.train.num_workers if self.device.type == "cuda" else 0
         table = evaluate(
-            model, tasks, split="test", samples=config.train.eval_samples,
-            batch_size=config.train.batch_size, seed=config.train.seed, device=self.device, progress=self.progress,
+            model, tasks, split="test", samples=config.train.eval_samples, batch_size=config.train.batch_size,
+            seed=config.train.seed, device=self.device, progress=self.progress, workers=workers,
         )  # fmt: skip
         self.tracker.log_metrics(table.flat(), 0)
         grids = save_grids(table, self.output / "grids", "final")
