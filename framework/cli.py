@@ -91,6 +91,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def _fail(message: str, code: int) -> None:
     lines = [line for line in str(message).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[1].startswith("Original Traceback"):
+        # raised in a DataLoader worker: torch re-raises it here as "Caught DataError in DataLoader worker
+        # process 0." and the worker's traceback, whose last line is the error itself ("DataError: ...")
+        lines = [lines[-1].split(": ", 1)[-1]]
     typer.echo(f"error: {lines[0] if lines else 'failed'}", err=True)
     raise typer.Exit(code)
 

@@ -723,3 +723,27 @@ def test_an_output_path_through_a_file_is_one_line(trained, root, tmp_path):
         line = " ".join(result.stderr.split())
         assert f"error: cannot write {photo}/" in line and "give --out / --output a folder path" in line
     assert photo.is_file() and Image.open(photo).size == (24, 24)  # the input is untouched
+
+
+def test_a_user_error_raised_in_a_dataloader_worker_is_still_one_line_naming_it(capsys):
+    """torch re-raises a worker's error as "Caught DataError in DataLoader worker process 0." plus the worker's
+    traceback; the CLI prints the error itself (training and eval read data in workers)."""
+    import torch
+    import typer
+
+    from unirestore.framework.cli import _errors
+    from unirestore.framework.data.io import DataError
+
+    message = "/data/cityscapes/gtFine/val/x_labelIds.png: label map is 10×10 but its image is 20×20; fix the file"
+
+    class Broken(torch.utils.data.Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, index):
+            raise DataError(message)
+
+    with pytest.raises(typer.Exit) as stopped, _errors():
+        list(torch.utils.data.DataLoader(Broken(), batch_size=None, num_workers=1))
+    assert stopped.value.exit_code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
