@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from collections import OrderedDict
@@ -372,7 +373,15 @@ def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (truncated, corrupt, pickled objects: the reason is reported)
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        text = str(error)
+        pickled = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if pickled:  # torch's multi-line advice to load it with weights_only=False would run the file's code
+            raise DownstreamError(
+                f"{path}: holds a pickled Python object ({pickled.group(1)}), not only tensors, so it is not "
+                "loaded (that would run code from the file); save the weights alone, e.g. "
+                "torch.save(model.state_dict(), path), or as safetensors"
+            ) from None
+        reason = text.splitlines()[0] if text else type(error).__name__
         raise DownstreamError(
             f"{path}: not a readable checkpoint ({reason}); give a state dict saved with torch.save or safetensors"
         ) from None

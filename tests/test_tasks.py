@@ -295,6 +295,12 @@ def test_real_classifier_loads_a_local_checkpoint(tmp_path):
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(downstream.DownstreamError, match="does not fit"):
         downstream.load_real_classifier("resnet", {"resnet50": str(tmp_path / "other.pth")})
+    # a whole pickled model (torch.save(model)) is refused without running its code, with the fix
+    torch.save({"model": network}, tmp_path / "whole.pth")
+    with pytest.raises(downstream.DownstreamError) as refused:
+        downstream.load_real_classifier("resnet", {"resnet50": str(tmp_path / "whole.pth")})
+    assert "holds a pickled Python object (timm.models.resnet.ResNet)" in str(refused.value)
+    assert "torch.save(model.state_dict(), path)" in str(refused.value) and "\n" not in str(refused.value)
 
 
 def test_detection_evaluator_maps_detector_labels_back():
