@@ -105,19 +105,20 @@ def _restore_group(model, group: list, tasks: list[str], seed: int, **options) -
 
 
 def _read_chunks(files: list[tuple[Path, Path]], batch_size: int, ahead: bool):
-    """Lists of (file, name, (3, H, W) image or the DataError reading it), `batch_size` files each; with
-    `ahead`, the next list is read in a thread while the caller works on this one (decoding releases the GIL)."""
+    """Lists of (file, name, (3, H, W) image or the DataError reading it, its alpha or None), `batch_size`
+    files each; with `ahead`, the next list is read in a thread while the caller works on this one (decoding
+    releases the GIL)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from .data.io import DataError, load_rgb
+    from .data.io import DataError, load_rgb_alpha
 
     def read(chunk):
         items = []
         for path, name in chunk:
             try:
-                items.append((path, name, load_rgb(path)))  # (3, H, W) in [0, 1]
+                items.append((path, name, *load_rgb_alpha(path)))  # (3, H, W) in [0, 1], (1, H, W) or None
             except DataError as error:
-                items.append((path, name, error))
+                items.append((path, name, error, None))
         return items
 
     chunks = [files[start : start + batch_size] for start in range(0, len(files), batch_size)]
@@ -178,7 +179,8 @@ def restore_files(
     output in `out/side-by-side/name`; all writes are atomic. Up to `batch_size` same-size images are restored
     together, each with the noise it would get alone. `advance(n)` is called as files are done (a progress bar),
     `on_skip(message)` as one is skipped.
-    A grayscale input (its three channels equal) gets a grayscale output.
+    A grayscale input (its three channels equal) gets a grayscale output; an input with transparency gets its
+    alpha back (restored as composited on white, as every input with transparency is read).
     `io_threads` read the next files and write the PNGs while the model restores (default: 2 beside a GPU,
     none on the CPU, whose cores the restoration uses); the files written are the same.
     """
@@ -202,12 +204,14 @@ def restore_files(
     try:
         for items in _read_chunks(files, batch_size, ahead=io_threads > 0):
             by_size: dict[tuple, list] = {}
-            for path, name, image in items:
+            alphas = {}
+            for path, name, image, alpha in items:
                 if isinstance(image, DataError):
                     skip(str(image))
                     advance(1)
                 else:
                     by_size.setdefault(tuple(image.shape), []).append((path, name, image))
+                    alphas[name] = alpha
             for group in by_size.values():
                 try:
                     outputs = _restore_group(model, group, tasks, seed, **options)
@@ -221,8 +225,10 @@ def restore_files(
                 for (_, name, image), restored in zip(group, outputs, strict=True):
                     gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
                     restored = {task: output.float().cpu() for task, output in restored.items()}
+                    alpha = [alphas[name]] if alphas[name] is not None else []
                     for task, output in restored.items():
-                        writer.write(save_png, rgb_to_grayscale(output) if gray else output, folders[task] / name)
+                        output = torch.cat([rgb_to_grayscale(output) if gray else output, *alpha])
+                        writer.write(save_png, output, folders[task] / name)
                     if side_by_side:  # input | each task's output, in `tasks` order, 2-pixel white gaps
                         row = torch.stack([image, *restored.values()])
                         writer.write(save_png, make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0),

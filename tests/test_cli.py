@@ -132,6 +132,31 @@ def test_restore_writes_good_files_and_skips_bad_ones(trained, root):
     assert "no prompt for 'det'" in result.stderr and f"task add det --from {ckpt}" in result.stderr.replace("\n", "")
 
 
+def test_restore_gives_an_image_with_transparency_its_alpha_back(trained, root):
+    """A PNG with transparency is restored as composited on white and written with its own alpha; one whose
+    alpha is opaque everywhere, as plain RGB; grayscale with alpha as grayscale with alpha."""
+    output, _, _ = trained
+    folder = root / "transparent"
+    folder.mkdir()
+    rng = np.random.default_rng(6)
+    pixels = (rng.random((40, 56, 3)) * 255).astype(np.uint8)
+    alpha = np.full((40, 56), 255, np.uint8)
+    alpha[:, :20] = 0  # a cut-out
+    alpha[:, 20:28] = 128  # a soft edge
+    Image.fromarray(np.dstack([pixels, alpha])).save(folder / "cutout.png")
+    Image.fromarray(np.dstack([pixels, np.full((40, 56), 255, np.uint8)])).save(folder / "opaque.png")
+    Image.fromarray(np.dstack([pixels[:, :, 0], alpha])).save(folder / "gray.png")
+    result = runner.invoke(app, ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out",
+                                 str(root / "transparent-out")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cutout = Image.open(root / "transparent-out" / "cutout.png")
+    assert cutout.mode == "RGBA" and cutout.size == (56, 40)
+    assert np.array_equal(np.asarray(cutout)[:, :, 3], alpha)
+    assert Image.open(root / "transparent-out" / "opaque.png").mode == "RGB"
+    gray = Image.open(root / "transparent-out" / "gray.png")
+    assert gray.mode == "LA" and np.array_equal(np.asarray(gray)[:, :, 1], alpha)
+
+
 def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):
     output, _, _ = trained
     folder = root / "batch-images"

@@ -159,6 +159,19 @@ def load_rgb(path: str | os.PathLike) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
+def load_rgb_alpha(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`load_rgb`'s (3, H, W) image (transparent parts on white) and, for an image with transparency, its
+    (1, H, W) alpha in [0, 1] (None where every pixel is opaque), from one decode."""
+    image = _open(Path(path))
+    alpha = None
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
+        values = np.asarray(image.convert("RGBA"), dtype=np.float32)[:, :, 3] / 255.0
+        if (values < 1.0).any():
+            alpha = torch.from_numpy(np.ascontiguousarray(values[None]))
+    array = _to_rgb_array(image)
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), alpha
+
+
 def load_label_map(path: str | os.PathLike) -> np.ndarray:
     """A single-channel label image (L, P, I;16, I) as an (H, W) int64 array of its raw values.
 
@@ -194,13 +207,13 @@ def check_same_size(
 
 
 def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
-    """Write a (3, H, W) float tensor in [0, 1] or an (H, W, 3) uint8 array as an 8-bit RGB PNG; one channel,
-    (1, H, W) or (H, W, 1), as an 8-bit grayscale PNG."""
+    """Write a (C, H, W) float tensor in [0, 1] or an (H, W, C) uint8 array as an 8-bit PNG: 3 channels RGB,
+    4 RGBA, 1 grayscale, 2 grayscale with alpha."""
     if isinstance(image, torch.Tensor):
         array = (image.detach().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     else:
         array = image
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
-    image = Image.fromarray(np.ascontiguousarray(array))
+    image = Image.fromarray(np.ascontiguousarray(array))  # (H, W): L, 2 channels: LA, 3: RGB, 4: RGBA
     atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))  # never half a PNG
