@@ -89,13 +89,17 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _fail(message: str, code: int) -> None:
+def _first_line(message: str) -> str:
     lines = [line for line in str(message).strip().splitlines() if line.strip()]
     if len(lines) > 1 and lines[1].startswith("Original Traceback"):
         # raised in a DataLoader worker: torch re-raises it here as "Caught DataError in DataLoader worker
         # process 0." and the worker's traceback, whose last line is the error itself ("DataError: ...")
-        lines = [lines[-1].split(": ", 1)[-1]]
-    typer.echo(f"error: {lines[0] if lines else 'failed'}", err=True)
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0] if lines else "failed"
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"error: {_first_line(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -105,6 +109,13 @@ TRAINING_OOM = (
     "set train.precision=bf16 or model.gradient_checkpointing=true; it continues from its last checkpoint "
     "with --resume"
 )
+
+
+def _worker_ran_out(text: str) -> bool:
+    """A DataLoader worker killed (a bus error: /dev/shm full) or unable to share a batch with this process."""
+    if "DataLoader worker" not in text:
+        return False
+    return any(sign in text for sign in ("shared memory", "Bus error", "exited unexpectedly", "No space left"))
 
 
 @contextlib.contextmanager
@@ -127,6 +138,13 @@ def _errors(out_of_memory: str = TRAINING_OOM):
             _fail(f"out of memory: {first}; {out_of_memory}", 1)
         if isinstance(error, _user_errors()):
             _fail(str(error), 2)
+        if isinstance(error, RuntimeError) and _worker_ran_out(str(error)):
+            _fail(
+                f"a DataLoader worker failed: {_first_line(str(error))} (its memory or the shared memory /dev/shm, which a container keeps small, ran out); raise "
+                "the shared memory (docker run --shm-size 8g) or read the data in this process: eval --workers 0, "
+                "--set train.num_workers=0 for training (which continues with --resume)",
+                1,
+            )
         if isinstance(error, OSError) and error.errno in _PATH_ERRNOS and error.filename:
             _fail(
                 f"cannot write {error.filename}: {error.strerror} (a file stands where a folder is needed, or the "

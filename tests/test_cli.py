@@ -772,3 +772,31 @@ def test_a_user_error_raised_in_a_dataloader_worker_is_still_one_line_naming_it(
         list(torch.utils.data.DataLoader(Broken(), batch_size=None, num_workers=1))
     assert stopped.value.exit_code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        (
+            "DataLoader worker (pid 4242) is killed by signal: Bus error. It is possible that dataloader's workers "
+            "are out of shared memory. Please try to raise your shared memory limit."
+        ),
+        "DataLoader worker (pid(s) 4242) exited unexpectedly",
+        (
+            "Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n  "
+            'File "x.py", line 1\nRuntimeError: unable to write to file </torch_4242_1>: No space left on device (28)'
+        ),
+    ],
+)
+def test_a_dataloader_worker_out_of_shared_memory_is_one_line_with_the_fix(capsys, message):
+    """In a container /dev/shm is 64 MB unless raised: the workers that read training or test data fail there."""
+    import typer
+
+    from unirestore.framework.cli import _errors
+
+    with pytest.raises(typer.Exit) as stopped, _errors():
+        raise RuntimeError(message)
+    assert stopped.value.exit_code == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "--shm-size" in lines[0] and "--workers 0" in lines[0]
+    assert lines[0].startswith("error: a DataLoader worker failed: ") and "Caught" not in lines[0]
