@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from photos import write_photos
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -159,12 +160,8 @@ def test_restore_gives_an_image_with_transparency_its_alpha_back(trained, root):
 
 def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):
     output, _, _ = trained
-    folder = root / "batch-images"
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    for index, size in enumerate([(40, 56), (40, 56), (32, 32), (40, 56)]):
-        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
-    (folder / "4.png").write_bytes(b"broken")
+    sizes = [(40, 56), (40, 56), (32, 32), (40, 56)]
+    folder = write_photos(root / "batch-images", dict(zip("0123", sizes)), seed=3, broken="4.png")
     written = {}
     for batch in ("1", "3"):
         args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(root / f"b{batch}"),
@@ -187,12 +184,8 @@ def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, r
 
     output, _, _ = trained
     model = load_checkpoint(output / "stage2.safetensors")
-    folder = root / "threaded"
-    folder.mkdir()
-    rng = np.random.default_rng(5)
-    for index, size in enumerate([(40, 56), (32, 32), (40, 56), (40, 56), (32, 32)]):
-        Image.fromarray((rng.random((*size, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
-    (folder / "2b.png").write_bytes(b"broken")
+    sizes = [(40, 56), (32, 32), (40, 56), (40, 56), (32, 32)]
+    folder = write_photos(root / "threaded", dict(zip("01234", sizes)), seed=5, broken="2b.png")
     files, problems, _ = collect_images([folder], root / "unused")
     assert not problems and len(files) == 6
     reports, written = {}, {}
@@ -284,11 +277,7 @@ def test_restore_with_several_prompts_writes_each_tasks_image_as_alone(trained, 
 
     output, _, _ = trained
     ckpt = str(output / "stage2.safetensors")
-    folder = root / "prompts"
-    folder.mkdir()
-    rng = np.random.default_rng(4)
-    for name in ("a", "b"):
-        Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+    folder = write_photos(root / "prompts", {"a": (40, 56), "b": (40, 56)}, seed=4)
 
     def restore(out, task, *options):
         result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--task", task, "--out", str(out),
@@ -330,11 +319,8 @@ def test_restore_with_several_prompts_writes_each_tasks_image_as_alone(trained, 
 def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained, root):
     output, _, _ = trained
     ckpt = str(output / "stage2.safetensors")
-    folder, out = root / "resume-in", root / "resume-out"
-    folder.mkdir()
-    rng = np.random.default_rng(5)
-    for name in ("a", "b", "c"):
-        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{name}.png")
+    folder = write_photos(root / "resume-in", dict.fromkeys("abc", (32, 40)), seed=5)
+    out = root / "resume-out"
 
     def run(*options):
         result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--out", str(out), *options])
@@ -712,12 +698,7 @@ def test_restore_under_torchrun_shares_the_images_between_processes(trained, roo
     """Each process of `torchrun ... restore` (WORLD_SIZE, RANK) restores every world-th image, even with
     --skip-existing after another process has begun; together they write what one process writes."""
     output, _, _ = trained
-    folder = root / "shard-images"
-    folder.mkdir()
-    rng = np.random.default_rng(5)
-    for index in range(5):
-        Image.fromarray((rng.random((32, 40, 3)) * 255).astype(np.uint8)).save(folder / f"{index}.png")
-    (folder / "5.png").write_bytes(b"broken")
+    folder = write_photos(root / "shard-images", dict.fromkeys("01234", (32, 40)), seed=5, broken="5.png")
     args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors")]
     alone = runner.invoke(app, [*args, "--out", str(root / "alone")])
     assert alone.exit_code == 1 and "restored 5 image(s)" in alone.stdout

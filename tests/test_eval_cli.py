@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from photos import write_photos
 from typer.testing import CliRunner
 
 from unirestore.framework.checkpoint import save_checkpoint
@@ -182,16 +183,8 @@ def test_eval_samples_0_takes_every_test_image_and_the_report_counts_what_it_too
 def test_workers_read_the_same_test_images_and_count_the_unreadable_ones(checkpoint):
     """`eval --workers 2` reads and degrades the test images in two processes: the same tables and per-image
     values as reading them here, and a corrupt file is still counted (warned of in a worker, counted here)."""
-    import numpy as np
-    from PIL import Image
-
     folder, path = checkpoint
-    photos = folder / "photos"
-    photos.mkdir()
-    rng = np.random.default_rng(0)
-    for k in range(5):
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(photos / f"{k}.png")
-    (photos / "2b-broken.png").write_bytes(b"not a png")
+    photos = write_photos(folder / "photos", dict.fromkeys("01234", (40, 48)), seed=0, broken="2b-broken.png")
     data = folder / "photos.yaml"
     data.write_text(f"size: 32\ntasks:\n  pir: [{{type: hq_folder, root: {photos}}}]\n")
     outputs = {}
