@@ -208,9 +208,35 @@ def test_workers_read_the_same_test_images_and_count_the_unreadable_ones(checkpo
     assert json.loads((out / "eval.json").read_text())["skipped"] == [str(photos / "2b-broken.png")]
 
 
+def _fake_task(name: str, hq: torch.Tensor, lq: torch.Tensor, evaluator):
+    """A task whose test set is the (HQ, LQ) pairs given, scored by `evaluator()`."""
+    from unirestore.framework.data.sample import make_sample
+
+    class Task:
+        def dataset(self, split):
+            return [make_sample(h, lq=q, path=f"img{i}") for i, (h, q) in enumerate(zip(hq, lq))]
+
+    task = Task()
+    task.name, task.evaluator = name, evaluator
+    return task
+
+
+class _FakeModel(torch.nn.Module):
+    """What `evaluate` reads of a model (its prompts, config, device and `restore_tasks`), restoring with
+    `restore(images, generator)`."""
+
+    config = ModelConfig()
+
+    def __init__(self, tasks, restore):
+        super().__init__()
+        self.tasks, self.restore, self.cfrm = tuple(tasks), restore, torch.nn.Linear(1, 1)
+
+    def restore_tasks(self, images, tasks, generator=None, **kwargs):
+        return {task: self.restore(images, generator) for task in tasks}
+
+
 def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     """`evaluate` keeps the restored images that lost most against their LQ, in order."""
-    from unirestore.framework.data.sample import make_sample
     from unirestore.framework.evaluate import evaluate
     from unirestore.tasks.pir import PIREvaluator
 
@@ -219,33 +245,23 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
     noise = [0.0, 0.3, 0.01, 0.6, 0.0, 0.2, 0.02]  # what the "restoration" adds, per image
 
-    class Task:
-        name = "pir"
+    def model(better=False):
+        seen = []
 
-        def dataset(self, split):
-            return [make_sample(h, lq=l, path=f"img{i}") for i, (h, l) in enumerate(zip(hq, lq))]
-
-        def evaluator(self):
-            return PIREvaluator()
-
-    class Model(torch.nn.Module):
-        tasks = ("pir",)
-        config = ModelConfig()
-
-        def __init__(self, better=False):
-            super().__init__()
-            self.cfrm = torch.nn.Linear(1, 1)
-            self.seen, self.better = 0, better
-
-        def restore_tasks(self, images, tasks, **kwargs):
+        def restore(images, generator):  # the test images arrive in order, in batches of 3
             out = []
-            for image in images:  # the test images arrive in order, in batches of 3
-                noisy = (image + noise[self.seen] * torch.randn_like(image)).clamp(0, 1)
-                out.append(hq[self.seen] if self.better else noisy)
-                self.seen += 1
-            return {task: torch.stack(out) for task in tasks}
+            for image in images:
+                k = len(seen)
+                seen.append(k)
+                out.append(hq[k] if better else (image + noise[k] * torch.randn_like(image)).clamp(0, 1))
+            return torch.stack(out)
 
-    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
+        return _FakeModel(["pir"], restore)
+
+    def task():
+        return _fake_task("pir", hq, lq, PIREvaluator)
+
+    table = evaluate(model(), [task()], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
     rows = table.images["pir"]
     drops = [r["psnr"] - q["psnr"] for r, q in zip(rows["restored"], rows["lq"])]
     order = sorted(range(7), key=lambda i: drops[i])[:3]
@@ -254,16 +270,15 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     torch.testing.assert_close(kept_hq, hq[order])
     assert restored.shape == (3, 3, 32, 32)
     # a restoration above LQ on every image leaves nothing to show; without LQ there is nothing to compare
-    better = evaluate(Model(better=True), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"))
+    better = evaluate(model(better=True), [task()], samples=7, batch_size=3, inputs=("lq", "restored"))
     assert all(r["psnr"] > q["psnr"] for r, q in zip(better.images["pir"]["restored"], better.images["pir"]["lq"]))
     assert "pir" not in better.worse
-    assert "pir" not in evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("restored",)).worse
+    assert "pir" not in evaluate(model(), [task()], samples=7, batch_size=3, inputs=("restored",)).worse
 
 
 def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorations():
     """A per-image value that needs the whole set (a retrieval hit) comes when the images are gone: the worst
     images are restored again from the noise they had, and the grid shows what was scored."""
-    from unirestore.framework.data.sample import make_sample
     from unirestore.framework.evaluate import evaluate
 
     torch.manual_seed(0)
@@ -287,29 +302,12 @@ def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorat
         def per_image(self):
             return {"closeness": -torch.cat(self.errors)}
 
-    class Task:
-        name = "ret"
+    def restore(images, generator):  # a noise of random strength per image
+        strength = torch.rand(images.shape[0], 1, 1, 1, generator=generator)
+        return (images + strength * torch.randn(images.shape, generator=generator)).clamp(0, 1)
 
-        def dataset(self, split):
-            return [make_sample(h, lq=q, path=f"img{i}") for i, (h, q) in enumerate(zip(hq, lq))]
-
-        def evaluator(self):
-            return Evaluator()
-
-    class Model(torch.nn.Module):
-        tasks = ("ret",)
-        config = ModelConfig()
-
-        def __init__(self):
-            super().__init__()
-            self.cfrm = torch.nn.Linear(1, 1)
-
-        def restore_tasks(self, images, tasks, generator=None, **kwargs):  # a noise of random strength per image
-            strength = torch.rand(images.shape[0], 1, 1, 1, generator=generator)
-            noise = torch.randn(images.shape, generator=generator)
-            return {task: (images + strength * noise).clamp(0, 1) for task in tasks}
-
-    table = evaluate(Model(), [Task()], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
+    task = _fake_task("ret", hq, lq, Evaluator)
+    table = evaluate(_FakeModel(["ret"], restore), [task], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
     rows = table.images["ret"]
     drops = [r["closeness"] - q["closeness"] for r, q in zip(rows["restored"], rows["lq"])]
     order = sorted(range(7), key=lambda i: drops[i])[:3]
