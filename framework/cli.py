@@ -83,9 +83,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from .downstream import DownstreamError
 
         errors.append(DownstreamError)
-    from .sweep import SweepError  # ray is imported by the sweeps alone, not by this module
+    with contextlib.suppress(ImportError):
+        from .sweep import SweepError  # ray is imported by the sweeps alone, not by this module
 
-    errors.append(SweepError)
+        errors.append(SweepError)
     return tuple(errors)
 
 
