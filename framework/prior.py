@@ -60,12 +60,17 @@ TINY_VAE = {
     "scaling_factor": 0.18215,
 }
 
+# sd-turbo's UNet blocks, level by level: the tiny preset keeps them and shrinks only the widths.
+SD_UNET_BLOCKS = {
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+
 TINY_UNET = {
     "sample_size": 16,  # 64² images through the 4× VAE
     "in_channels": 16,  # = TINY_VAE latent_channels
     "out_channels": 16,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    **SD_UNET_BLOCKS,  # the kinds of block that sd-turbo's UNet has, at every level
     "block_out_channels": [32, 32, 64, 64],
     "layers_per_block": 1,
     "attention_head_dim": [2, 2, 4, 4],
@@ -459,8 +464,7 @@ SD_TURBO_UNET = {
     "sample_size": 64,
     "in_channels": 4,
     "out_channels": 4,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    **SD_UNET_BLOCKS,
     "block_out_channels": [320, 640, 1280, 1280],
     "layers_per_block": 2,
     "attention_head_dim": [5, 10, 20, 20],

@@ -40,11 +40,7 @@ class UnreadableImage(DataError):
 
 
 class BadFileWarning(UserWarning):
-    """An unreadable file was skipped (one warning per file and process); `path` and `reason` say which, why."""
-
-    def __init__(self, message: str, path: str = "", reason: str = ""):
-        super().__init__(message)
-        self.path, self.reason = path, reason
+    """An unreadable file was skipped (one warning per file and process)."""
 
 
 _reported: set[str] = set()
@@ -57,8 +53,7 @@ def report_bad_file(error: UnreadableImage) -> None:
     if error.path in _reported:
         return
     _reported.add(error.path)
-    message = f"skipping unreadable file {error.path}: {error.reason}"
-    warnings.warn(BadFileWarning(message, error.path, error.reason), stacklevel=3)
+    warnings.warn(f"skipping unreadable file {error.path}: {error.reason}", BadFileWarning, stacklevel=3)
 
 
 def skip_mark() -> int:
@@ -155,7 +150,11 @@ def load_rgb(path: str | os.PathLike) -> torch.Tensor:
 
     Raises `UnreadableImage` (a `DataError`) when the file cannot be decoded.
     """
-    array = _to_rgb_array(_open(Path(path)))
+    return _chw(_to_rgb_array(_open(Path(path))))
+
+
+def _chw(array: np.ndarray) -> torch.Tensor:
+    """(H, W, C) → a (C, H, W) tensor."""
     return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
 
@@ -167,9 +166,8 @@ def load_rgb_alpha(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor 
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (image.mode == "P" and "transparency" in image.info):
         values = np.asarray(image.convert("RGBA"), dtype=np.float32)[:, :, 3] / 255.0
         if (values < 1.0).any():
-            alpha = torch.from_numpy(np.ascontiguousarray(values[None]))
-    array = _to_rgb_array(image)
-    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), alpha
+            alpha = _chw(values[:, :, None])
+    return _chw(_to_rgb_array(image)), alpha
 
 
 def load_label_map(path: str | os.PathLike) -> np.ndarray:
