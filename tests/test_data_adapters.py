@@ -363,6 +363,9 @@ def test_a_flat_folder_with_a_labels_file_reads_like_class_folders(tmp_path):
     (tmp_path / "bare.csv").write_text("ILSVRC2012_val_00000001\n")
     with pytest.raises(DataError, match=r"bare.csv:1: no class after the image name"):
         ImageFolder(flat, labels=str(tmp_path / "bare.csv"))
+    (tmp_path / "image.csv").write_bytes((flat / "ILSVRC2012_val_00000001.JPEG").read_bytes())  # no text at all
+    with pytest.raises(DataError, match=r"image.csv: not a CSV text file \(UnicodeDecodeError\); give the CSV"):
+        ImageFolder(flat, labels=str(tmp_path / "image.csv"))
     with pytest.raises(DataError, match=r"no class sub-folders; .* add labels: <a CSV file of image, class>"):
         ImageFolder(flat)
 

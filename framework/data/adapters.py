@@ -394,17 +394,23 @@ class ImageFolder(FileDataset):
         for image in images:
             by_name[image.name] = by_name[image.stem] = image
         label_of: dict[Path, str] = {}
-        with path.open(newline="") as handle:
-            for number, row in enumerate(csv.reader(handle), start=1):
-                if not row or not row[0].strip():
-                    continue
-                image = by_name.get(row[0].strip())
-                if image is None:
-                    continue  # a header, or an image not in this folder
-                words = row[1].split() if len(row) > 1 else []
-                if not words:
-                    raise DataError(f"{path}:{number}: no class after the image name; each row is: image, class")
-                label_of[image] = words[0]
+        try:
+            with path.open(newline="") as handle:
+                rows = list(csv.reader(handle))
+        except (UnicodeDecodeError, csv.Error) as error:
+            raise DataError(
+                f"{path}: not a CSV text file ({type(error).__name__}); give the CSV of image names and classes"
+            ) from None
+        for number, row in enumerate(rows, start=1):
+            if not row or not row[0].strip():
+                continue
+            image = by_name.get(row[0].strip())
+            if image is None:
+                continue  # a header, or an image not in this folder
+            words = row[1].split() if len(row) > 1 else []
+            if not words:
+                raise DataError(f"{path}:{number}: no class after the image name; each row is: image, class")
+            label_of[image] = words[0]
         unlabelled = [image for image in images if image not in label_of]
         if unlabelled:
             raise DataError(
