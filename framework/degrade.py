@@ -48,6 +48,7 @@ from .data.io import (
     report_bad_file,
     save_png,
 )
+from .files import atomic_write
 
 # The 15 ImageNet-C corruptions, in the benchmark's order.
 CORRUPTIONS: tuple[str, ...] = (
@@ -557,10 +558,14 @@ def degrade_folder(
                 bar.advance(task, len(names))
     if rows:
         report.manifest = dst / "manifest.csv"
-        with open(report.manifest, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(("output", "source", "corruption", "severity", "short_side"))
-            writer.writerows(rows)
+
+        def write(temporary):
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(("output", "source", "corruption", "severity", "short_side"))
+                writer.writerows(rows)
+
+        atomic_write(report.manifest, write)
     report.seconds = time.perf_counter() - started
     return report
 

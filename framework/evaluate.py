@@ -511,7 +511,7 @@ class EvalReport:
         import csv
         import json
 
-        from .files import atomic_write
+        from .files import atomic_write, atomic_write_text
 
         folder = Path(folder)
 
@@ -524,16 +524,13 @@ class EvalReport:
 
             return atomic_write(path, write)
 
-        def write_text(path: Path, text: str) -> Path:
-            return atomic_write(path, lambda temporary: Path(temporary).write_text(text))
-
         files = [
             write_csv(folder / "eval.csv", self.records(), ["corruption", "task", "input", "metric", "value"]),
-            write_text(folder / "eval.json", json.dumps(
+            atomic_write_text(folder / "eval.json", json.dumps(
                 {"checkpoint": self.checkpoint, "split": self.split, "samples": self.samples, "images": self.counts,
                  "skipped_files": self.skipped_files, "skipped": self.skipped, "results": self.records()},
                 indent=2)),
-            write_text(folder / "eval.md", self.markdown()),
+            atomic_write_text(folder / "eval.md", self.markdown()),
         ]  # fmt: skip
         images = self.image_records()
         if images:

@@ -7,10 +7,15 @@ import tempfile
 from pathlib import Path
 
 
-def _umask() -> int:
+def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Read once, at import (one thread): os.umask can only be read by setting it, so reading it while other
+# threads write files (restore's writer threads) could leave it at 0 for them, or for good.
+_UMASK = _read_umask()
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -25,9 +30,14 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     os.close(handle)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
     return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """`atomic_write` of a text file (UTF-8)."""
+    return atomic_write(path, lambda temporary: Path(temporary).write_text(text, encoding="utf-8"))

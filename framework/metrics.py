@@ -48,13 +48,14 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of (B, C, H, W) images in [0, 1] (8-bit quantised; Gaussian window 11, σ 1.5).
 
-    The window shrinks (odd, ≥ 3) for images smaller than 11 pixels.
+    The Gaussian window reflects 5 pixels past the border, so an image with a side of 5 pixels or less gets
+    a uniform window of 2 · side − 1 instead (1 pixel: the luminance term alone).
     """
     prediction, target = quantize_8bit(prediction), quantize_8bit(target)
-    kernel = min(11, min(prediction.shape[-2:]))
-    kernel = max(3, kernel - (kernel + 1) % 2)
+    side = min(prediction.shape[-2:])
+    small = {} if side > 5 else {"gaussian_kernel": False, "kernel_size": 2 * side - 1}
     return structural_similarity_index_measure(
-        prediction, target, data_range=1.0, kernel_size=kernel, reduction="none"
+        prediction, target, data_range=1.0, reduction="none", **small
     ).reshape(-1)
 
 

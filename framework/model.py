@@ -147,8 +147,13 @@ class UniRestore(nn.Module):
         use_cfrm: bool | None = None,
         sample_posterior: bool | None = None,
         generator: torch.Generator | None = None,
+        posterior_noise: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        """Encode images in [0, 1] (B, 3, H, W); H and W multiples of the VAE factor."""
+        """Encode images in [0, 1] (B, 3, H, W); H and W multiples of the VAE factor.
+
+        With `sample_posterior`, the latent is drawn from the posterior with `posterior_noise` (the latents'
+        shape) if given, else with noise from `generator`.
+        """
         use_cfrm = self.config.use_cfrm if use_cfrm is None else use_cfrm
         sample_posterior = self.config.sample_posterior if sample_posterior is None else sample_posterior
         encoder = self.vae.encoder
@@ -172,7 +177,7 @@ class UniRestore(nn.Module):
         mean, logvar = torch.chunk(moments, 2, dim=1)
         if sample_posterior:
             std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-            noise = _randn_like(mean, generator)
+            noise = _randn_like(mean, generator) if posterior_noise is None else posterior_noise.to(mean)
             latents = mean + std * noise
         else:
             latents = mean
@@ -234,8 +239,9 @@ class UniRestore(nn.Module):
     def _run_unet_block(self, block, sample, embedding, context):
         kwargs = {"encoder_hidden_states": context} if context is not None else {}
         if self.config.gradient_checkpointing and torch.is_grad_enabled():
-            return checkpoint(lambda s, e: block(hidden_states=s, temb=e, **kwargs), sample, embedding,
-                              use_reentrant=False)
+            return checkpoint(
+                lambda s, e: block(hidden_states=s, temb=e, **kwargs), sample, embedding, use_reentrant=False
+            )
         return block(hidden_states=sample, temb=embedding, **kwargs)
 
     def predict_original(
@@ -261,7 +267,7 @@ class UniRestore(nn.Module):
 
         `noise` (the latents' shape) fixes the starting noise, e.g. one crop of a whole image's noise per tile.
         """
-        steps = steps or self.config.denoise_steps
+        steps = self.config.denoise_steps if steps is None else steps
         if not 1 <= steps <= 4:
             raise ValueError(f"denoise steps={steps}: must be 1 to 4")
         self.scheduler.set_timesteps(steps, device=latents.device)
@@ -278,7 +284,9 @@ class UniRestore(nn.Module):
     # ----------------------------------------------------------------------------------------------
     # decode: VAE decoder with the TFA and a task prompt
 
-    def decode(self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, task: str | None) -> torch.Tensor:
+    def decode(
+        self, latents: torch.Tensor, features: Sequence[torch.Tensor] | None, task: str | None
+    ) -> torch.Tensor:
         """Decode latents to images in [0, 1] (unclamped), fusing `features` through the TFA with `task`'s prompt.
 
         With the TFA switched off (or `features` None) this is the prior's plain decoder.
@@ -344,7 +352,9 @@ class UniRestore(nn.Module):
             images = F.pad(images, (0, pad_w, 0, pad_h), mode="reflect")
         return images, resized, (height, width)
 
-    def postprocess(self, images: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]) -> torch.Tensor:
+    def postprocess(
+        self, images: torch.Tensor, resized: tuple[int, int], original: tuple[int, int]
+    ) -> torch.Tensor:
         images = images[..., : resized[0], : resized[1]]
         if tuple(resized) != tuple(original):
             images = F.interpolate(images, size=original, mode="bicubic", align_corners=False, antialias=True)
@@ -372,11 +382,13 @@ class UniRestore(nn.Module):
         steps: int | None = None,
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        posterior_noise: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         """`forward_padded` for several prompts at once: one encode and denoise, then one decode per task
-        (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone."""
+        (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone.
+        `noise` and `posterior_noise` fix the noise that `generator` would draw (see `encode`, `denoise`)."""
         dtype = self.vae.dtype
-        encoded = self.encode(images.to(dtype), generator=generator)
+        encoded = self.encode(images.to(dtype), generator=generator, posterior_noise=posterior_noise)
         noise = None if noise is None else noise.to(dtype)
         latents = self.denoise(encoded.latents, steps=steps, generator=generator, noise=noise)
         features = encoded.features if self.config.use_tfa else None
@@ -420,6 +432,10 @@ class UniRestore(nn.Module):
         """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"restore expects (B, 3, H, W) images, got shape {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise TypeError(
+                f"restore expects float images in [0, 1], got {images.dtype}: pass images.float() / 255"
+            )
         tasks = list(dict.fromkeys(tasks))
         if not tasks:
             raise ValueError("restore_tasks needs at least one task")
@@ -429,7 +445,9 @@ class UniRestore(nn.Module):
         per_image = generator is not None and not isinstance(generator, torch.Generator)
         if per_image and len(generator) != images.shape[0]:
             raise ValueError(f"restore got {len(generator)} generators for {images.shape[0]} images")
-        padded, resized, original = self.preprocess(images)
+        if images.shape[0] == 0:
+            return {task: images.clone() for task in tasks}
+        padded, resized, original = self.preprocess(images.clamp(0, 1))
         if tile_size and max(padded.shape[-2:]) > tile_size:
             from .tiling import tiled_forward
 
@@ -440,15 +458,28 @@ class UniRestore(nn.Module):
                 ]  # per image, one output per task
                 restored = [torch.cat(outputs) for outputs in zip(*parts, strict=True)]
             else:
-                restored = tiled_forward(self, padded, tasks, tile_size, tile_overlap, steps=steps, generator=generator)
+                restored = tiled_forward(
+                    self, padded, tasks, tile_size, tile_overlap, steps=steps, generator=generator
+                )
         elif per_image:
             shape = (1, *self.latent_shape(padded)[1:])
-            like = padded.new_empty(shape, dtype=self.vae.dtype)  # drawn as the single-generator path draws it
-            noise = torch.cat([_randn_like(like, g) for g in generator])
-            restored = self.forward_padded_tasks(padded, tasks, steps=steps, noise=noise)
+            like = padded.new_empty(shape, dtype=self.vae.dtype)
+            # drawn as the single-generator path draws them: the posterior sample's noise (if any), then the
+            # denoising noise
+            draws = [
+                (_randn_like(like, g) if self.config.sample_posterior else None, _randn_like(like, g))
+                for g in generator
+            ]
+            posterior_noise = torch.cat([p for p, _ in draws]) if self.config.sample_posterior else None
+            noise = torch.cat([n for _, n in draws])
+            restored = self.forward_padded_tasks(
+                padded, tasks, steps=steps, noise=noise, posterior_noise=posterior_noise
+            )
         else:
             restored = self.forward_padded_tasks(padded, tasks, steps=steps, generator=generator)
-        return {task: self.postprocess(out, resized, original) for task, out in zip(tasks, restored, strict=True)}
+        return {
+            task: self.postprocess(out, resized, original) for task, out in zip(tasks, restored, strict=True)
+        }
 
 
 def _randn_like(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

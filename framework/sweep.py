@@ -82,6 +82,7 @@ from typing import Any
 import yaml
 
 from .config import ConfigError, RunConfig, from_dict, to_dict
+from .files import atomic_write_text
 
 SEARCHES = ("random", "grid")
 SCHEDULERS = ("asha", "none")
@@ -333,7 +334,7 @@ def _write_outcome(trials: str, trial_id: str, status: str | None) -> None:
         path.unlink(missing_ok=True)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"status": status}))
+        atomic_write_text(path, json.dumps({"status": status}))
 
 
 def _outcome_recorder(trials: Path):
@@ -633,7 +634,7 @@ def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
                 "or give another --output"
             )
     folder.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(spec, indent=2))
+    atomic_write_text(saved, json.dumps(spec, indent=2))
     return exists
 
 
@@ -917,8 +918,8 @@ def _write_results(folder: Path, records: Sequence[TrialRecord], timing: SweepTi
         return data
 
     path = folder / "results.json"
-    path.write_text(
-        json.dumps({**extra, "trials": [plain(r) for r in records], "timing": timing.as_dict()}, indent=2)
+    atomic_write_text(
+        path, json.dumps({**extra, "trials": [plain(r) for r in records], "timing": timing.as_dict()}, indent=2)
     )
     return path
 
@@ -1228,7 +1229,8 @@ def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord,
         f"# Best β of the sweep in {path.parent} (trial {best.trial_id}, objective {best.objective:.4f} at step "
         f"{best.step}),\n# from {source}. Use: unirestore train --config {path}\n"
     )
-    path.write_text(
+    atomic_write_text(
+        path,
         header + yaml.safe_dump({"train": {"beta": {k: float(v) for k, v in beta.items()}}}, sort_keys=False)
     )
     try:  # the file must be one `unirestore train --config` accepts

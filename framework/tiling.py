@@ -49,15 +49,25 @@ def tiled_forward(
     """encode → denoise → decode tile by tile on padded images (B, 3, H, W); returns the blended output of
     each task, every tile encoded and denoised once for all of them."""
     multiple = model.size_multiple
-    factor = 2 ** model.num_taps  # pixels per latent cell
+    factor = 2**model.num_taps  # pixels per latent cell
     tile = max(multiple, tile_size // multiple * multiple)
     overlap = DEFAULT_TILE_OVERLAP if tile_overlap is None else tile_overlap
-    overlap = min(overlap // multiple * multiple, tile // 2)
+    if overlap < 0:
+        raise ValueError(f"tile_overlap={overlap}: must be 0 or more pixels")
+    # Tiles start on the latent grid: the overlap is rounded up to whole latent cells (a blend, never none
+    # when one was asked for), and at most half a tile.
+    overlap = min(-(-overlap // factor) * factor, tile // 2)
     stride = tile - overlap
     height, width = images.shape[-2:]
     latent_shape = model.latent_shape(images)
     device = generator.device if generator is not None else images.device
-    noise = torch.randn(latent_shape, generator=generator, device=device).to(images.device, images.dtype)
+
+    def draw() -> torch.Tensor:
+        return torch.randn(latent_shape, generator=generator, device=device).to(images.device, images.dtype)
+
+    # the posterior sample's noise (if the model samples it) first, as an untiled pass draws it
+    posterior = draw() if model.config.sample_posterior else None
+    noise = draw()
     outputs = [torch.zeros_like(images) for _ in tasks]
     total = torch.zeros(1, 1, height, width, device=images.device, dtype=images.dtype)
     rows, columns = tile_starts(height, tile, stride), tile_starts(width, tile, stride)
@@ -65,11 +75,18 @@ def tiled_forward(
         for left in columns:
             bottom, right = min(top + tile, height), min(left + tile, width)
             crop = images[..., top:bottom, left:right]
-            crop_noise = noise[..., top // factor : bottom // factor, left // factor : right // factor]
-            restored = model.forward_padded_tasks(crop, tasks, steps=steps, noise=crop_noise)
-            weight = ramp(bottom - top, overlap, top == rows[0], bottom == height, images.device)[:, None] * ramp(
-                right - left, overlap, left == columns[0], right == width, images.device
-            )[None, :]
+            cells = (..., slice(top // factor, bottom // factor), slice(left // factor, right // factor))
+            restored = model.forward_padded_tasks(
+                crop,
+                tasks,
+                steps=steps,
+                noise=noise[cells],
+                posterior_noise=None if posterior is None else posterior[cells],
+            )
+            weight = (
+                ramp(bottom - top, overlap, top == rows[0], bottom == height, images.device)[:, None]
+                * ramp(right - left, overlap, left == columns[0], right == width, images.device)[None, :]
+            )
             weight = weight.to(images.dtype)[None, None]
             for output, out in zip(outputs, restored, strict=True):
                 output[..., top:bottom, left:right] += out * weight

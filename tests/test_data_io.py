@@ -112,6 +112,16 @@ def test_image_modes_become_rgb(tmp_path, mode, expected):
     assert torch.allclose(rgb[:, 0, 0], torch.tensor(expected), atol=0.01)
 
 
+def test_a_dark_16_bit_pgm_stays_dark(tmp_path):
+    """PIL opens a 16-bit PGM as 32-bit "I": its scale is the bit depth, whatever the brightest pixel."""
+    path = tmp_path / "dark.pgm"
+    values = np.array([[0, 100], [200, 255]], ">u2")
+    path.write_bytes(b"P5 2 2 65535\n" + values.tobytes())
+    with Image.open(path) as check:
+        assert check.mode == "I"
+    torch.testing.assert_close(load_rgb(path)[0], torch.from_numpy(values.astype(np.float32) / 65535))
+
+
 def test_exif_orientation_is_honoured(tmp_path):
     array = np.zeros((20, 40, 3), np.uint8)  # wide; left half white
     array[:, :20] = 255

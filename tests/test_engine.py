@@ -46,7 +46,7 @@ from unirestore.framework.engine.stages import (
 )
 from unirestore.framework.engine.state import read_training_state
 from unirestore.framework.engine.tracking import load_run_id
-from unirestore.framework.engine.trainer import TaskStream, scaled_lr
+from unirestore.framework.engine.trainer import Distributed, TaskStream, scaled_lr
 from unirestore.framework.evaluate import evaluate
 from unirestore.framework.model import UniRestore
 from unirestore.framework.prior import load_prior
@@ -542,3 +542,30 @@ def test_cudnn_autotunes_while_a_stage_trains_on_a_gpu_only():
             assert torch.backends.cudnn.benchmark is False
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+def _vote(rank: int, store: str, flags: list, results) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        distributed = Distributed(rank, 2, rank)
+        results.put((rank, [distributed.all_agree(flag) for flag in flags[rank]]))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_processes_agree_when_one_loss_is_not_finite(tmp_path):
+    """A loss that is not finite in one process stops them all: each votes before its backward, so none is
+    left waiting for the diverged one's gradients."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    flags = [[True, True, False], [True, False, True]]  # rank 0 diverges at the third vote, rank 1 at the second
+    processes = [context.Process(target=_vote, args=(rank, str(tmp_path / "store"), flags, results)) for rank in (0, 1)]
+    for process in processes:
+        process.start()
+    votes = dict(results.get(timeout=120) for _ in processes)
+    for process in processes:
+        process.join(timeout=60)
+    assert votes == {0: [True, False, False], 1: [True, False, False]}
+    assert Distributed().all_agree(False) is False and Distributed().all_agree(True) is True

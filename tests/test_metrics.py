@@ -43,6 +43,13 @@ def test_ssim_is_one_for_identical_images_and_lower_for_noise():
     assert metrics.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)).shape == (1,)  # small images work
 
 
+@pytest.mark.parametrize("side", [1, 2, 3, 5])
+def test_ssim_of_images_narrower_than_its_window(side):
+    images = torch.rand(2, 3, side, 40, generator=torch.Generator().manual_seed(side))
+    torch.testing.assert_close(metrics.ssim(images, images), torch.ones(2))
+    assert (metrics.ssim(images, 1 - images) < 0.9).all()
+
+
 def test_image_quality_accumulates_the_mean_over_images():
     a, b = torch.rand(2, 3, 16, 16), torch.rand(3, 3, 16, 16)
     ta, tb = torch.rand_like(a), torch.rand_like(b)

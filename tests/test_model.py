@@ -477,6 +477,57 @@ def test_restore_with_a_generator_per_image_matches_restoring_each_alone(model):
         model.restore(images, "pir", generator=[generator(), generator()])
 
 
+def test_a_sampled_posterior_draws_from_each_images_own_generator(tiny_prior):
+    torch.manual_seed(0)
+    model = UniRestore(tiny_prior, ModelConfig(sample_posterior=True), tasks=["pir"])
+    images = torch.rand(2, 3, 40, 56, generator=generator(5))
+    for tile_size in (None, 32):
+        alone = torch.cat(
+            [model.restore(images[i : i + 1], generator=generator(i), tile_size=tile_size) for i in range(2)]
+        )
+        torch.manual_seed(1)  # the global generator must not matter
+        batched = model.restore(images, generator=[generator(0), generator(1)], tile_size=tile_size)
+        torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
+        torch.manual_seed(2)
+        again = model.restore(images[:1], generator=generator(0), tile_size=tile_size)
+        torch.testing.assert_close(again, alone[:1], rtol=0, atol=0)
+
+
+def test_restore_refuses_integer_images_and_passes_an_empty_batch(model):
+    images = torch.rand(1, 3, 32, 32, generator=generator(1))
+    with pytest.raises(
+        TypeError, match=r"float images in \[0, 1\], got torch.uint8: pass images.float\(\) / 255"
+    ):
+        model.restore((images * 255).to(torch.uint8))
+    assert model.restore(images[:0]).shape == (0, 3, 32, 32)
+    # out-of-range values are clamped whatever the size (here no resize would have clamped them)
+    big = torch.rand(1, 3, 64, 64, generator=generator(2))
+    torch.testing.assert_close(
+        model.restore(big * 1.5 - 0.25, generator=generator()),
+        model.restore((big * 1.5 - 0.25).clamp(0, 1), generator=generator()),
+    )
+    with pytest.raises(ValueError, match="steps=0"):
+        model.restore(images, steps=0)
+
+
+def test_tile_overlaps_blend_on_the_latent_grid(model):
+    """An overlap under the size multiple still blends (rounded up to latent cells); a negative one is refused."""
+    from unirestore.framework.tiling import tiled_forward
+
+    assert model.size_multiple > 2**model.num_taps  # the case that once rounded a small overlap to none
+    images = torch.nn.functional.interpolate(torch.rand(1, 3, 8, 32, generator=generator(3)), size=(64, 256),
+                                             mode="bicubic").clamp(0, 1)  # fmt: skip
+    small = 2**model.num_taps + 1  # rounds up to two latent cells
+    blended, none = (
+        tiled_forward(model, images, ["pir"], tile_size=64, tile_overlap=overlap, generator=generator())[0]
+        for overlap in (small, 0)
+    )
+    assert torch.isfinite(blended).all()
+    assert not torch.equal(blended, none)  # the small overlap was not dropped
+    with pytest.raises(ValueError, match="tile_overlap=-8"):
+        tiled_forward(model, images, ["pir"], tile_size=64, tile_overlap=-8)
+
+
 def test_checkpoints_get_the_permissions_of_a_plain_file(tmp_path, tiny_prior):
     """Written through a private temporary file, a checkpoint must still be readable as any other output (other
     users, other nodes of a cluster), under the process's umask."""

@@ -58,3 +58,34 @@ def test_stage0_trains_the_vae_on_crops_and_scales_latents_on_whole_images(tmp_p
     assert result.trained
     assert seen[:2] == [(32, 32), (32, 32)]  # the two training steps
     assert seen[2:] and set(seen[2:]) == {(64, 64)}  # the scaling factor: whole images
+
+
+def test_a_failed_swap_leaves_the_untrained_prior_in_place(tmp_path, monkeypatch):
+    """Stage 0 writes the trained prior beside the cached one and swaps it in; if the swap fails half way,
+    the cached prior is put back rather than lost."""
+    import os
+
+    class Part:
+        def to(self, device):
+            return self
+
+        def save_pretrained(self, folder):
+            os.makedirs(folder)
+            (tmp_path / "unused").touch()
+
+    folder = tmp_path / "tiny"
+    (folder / "scheduler").mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    replace, calls = os.replace, []
+
+    def failing_replace(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        replace(source, target)
+
+    monkeypatch.setattr(stage0.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        stage0._write(folder, Part(), Part(), {"steps": 1})
+    assert (folder / "model_index.json").read_text() == "{}" and (folder / "scheduler").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny", "unused"]  # nothing half-written left beside it

@@ -123,8 +123,10 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         if mode.startswith("I;16"):
             array = array / 65535.0
         elif mode == "I":
-            # 32-bit integer images in practice hold 16-bit data (PIL opens 16-bit PNGs as "I" too)
-            array = array / (65535.0 if array.max(initial=0) > 255 else 255.0)
+            # 32-bit integer images hold 16-bit data in practice: PIL opens 16-bit PGMs (scaled to 65535) and
+            # signed 16-bit TIFFs as "I". The scale follows the bit depth, not the content (a dark image stays
+            # dark); only data beyond 16 bits is scaled by its own maximum.
+            array = array / max(65535.0, array.max(initial=0))
         else:
             array = array / (array.max(initial=0) if array.max(initial=0) > 1 else 1.0)
         gray = np.clip(array, 0, 1).astype(np.float32)

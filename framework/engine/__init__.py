@@ -31,6 +31,7 @@ from ..background import BackgroundJob, train_builtin_models
 from ..checkpoint import CheckpointError, extension_problem, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
 from ..evaluate import EvalTable, evaluate, save_grids
+from ..files import atomic_write_text
 from ..model import UniRestore
 from ..prior import load_prior
 from ..registry import get_task_class, parse_task_list
@@ -317,7 +318,7 @@ class _Run:
         history = MetricHistory(folder)
         if distributed.main:
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "config.yaml").write_text(dump_yaml(config))
+            atomic_write_text(folder / "config.yaml", dump_yaml(config))
             history.keep_until(start)  # the steps after the resumed checkpoint are logged again
 
         def log(metrics: dict, step: int) -> None:
@@ -499,7 +500,7 @@ def _start(
         run_name = config.run_name or (output.name if folder == output else f"{output.name}/{folder.name}")
         run_id = tracker.start(run_name, tags, run_id=load_run_id(folder) if resume else "")
         save_run_id(folder, run_id)
-        (folder / "config.yaml").write_text(dump_yaml(config))
+        atomic_write_text(folder / "config.yaml", dump_yaml(config))
         tracker.log_config(to_dict(config))
         tracker.log_params(params)
     return tracker

@@ -238,7 +238,11 @@ def _write(folder: Path, vae, unet, record: dict) -> None:
                 shutil.copy2(source, staging / name)
         (staging / MARKER).write_text(json.dumps(record, indent=2, default=str))
         os.replace(folder, old)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except BaseException:
+            os.replace(old, folder)  # the untrained prior back, rather than none
+            raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..files import atomic_write_text
+
 RUN_FILE = "mlflow_run.json"
 
 
@@ -126,7 +128,7 @@ class Tracker:
 def save_run_id(folder: Path, run_id: str) -> None:
     if run_id:
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / RUN_FILE).write_text(json.dumps({"run_id": run_id}))
+        atomic_write_text(folder / RUN_FILE, json.dumps({"run_id": run_id}))
 
 
 def load_run_id(folder: Path) -> str:

@@ -62,6 +62,14 @@ class Distributed:
         if self.enabled:
             torch.distributed.barrier()
 
+    def all_agree(self, flag: bool, device: torch.device | str = "cpu") -> bool:
+        """Whether `flag` is true in every process (a collective: every process must call it)."""
+        if not self.enabled:
+            return flag
+        votes = torch.tensor([0.0 if flag else 1.0], device=device)
+        torch.distributed.all_reduce(votes)
+        return float(votes) == 0.0
+
 
 def launch_position() -> Distributed:
     """This process's place in a torchrun launch, read from its environment (no process group is joined)."""
@@ -411,9 +419,13 @@ class Trainer:
                     terms = self.loss(move_to(batch, self.device))
                 total = sum(terms.values())
                 values = {key: float(value.detach()) for key, value in terms.items()}
-                if not math.isfinite(float(total.detach())):
-                    shown = ", ".join(f"{key}={value:.4g}" for key, value in values.items())
-                    raise TrainingDiverged(f"{self.stage}: loss is not finite at step {step} ({shown})")
+                finite = math.isfinite(float(total.detach()))
+                # every process votes, so that all stop together rather than wait for a diverged one's gradients
+                if not self.distributed.all_agree(finite, self.device):
+                    where = "in another process"
+                    if not finite:
+                        where = "(" + ", ".join(f"{key}={value:.4g}" for key, value in values.items()) + ")"
+                    raise TrainingDiverged(f"{self.stage}: loss is not finite at step {step} {where}")
                 scaled = total / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             self.position[plan.task] = plan.number + 1
