@@ -193,21 +193,28 @@ def image_bar(description: str, total: int, enabled: bool = True, console=None):
         yield advance
 
 
-def _restore_prompts(model, images, prompts: list[str], generator, tile_size) -> dict[str, torch.Tensor]:
-    """{prompt: restored images}, all from one encode and denoise; one prompt at a time, from the same noise,
-    if the decoder's copies do not fit."""
-    state = generator.get_state()
+def _generators(seed: int, start: int, count: int, device) -> list[torch.Generator]:
+    """One generator per test image, seeded by the image's index: its restoration does not depend on the batch
+    it is in (`--batch-size`), nor on which images came before."""
+    return [torch.Generator(device=device).manual_seed(seed * 2**32 + start + i) for i in range(count)]
+
+
+def _restore_prompts(model, images, prompts: list[str], seed: int, start: int, tile_size) -> dict[str, torch.Tensor]:
+    """{prompt: restored images}, all from one encode and denoise, images `start`, `start + 1`, ... of the
+    set; one prompt at a time, from the same noise, if the decoder's copies do not fit."""
+    count, device = images.shape[0], images.device
     try:
-        return model.restore_tasks(images, prompts, generator=generator, tile_size=tile_size)
+        generators = _generators(seed, start, count, device)
+        return model.restore_tasks(images, prompts, generator=generators, tile_size=tile_size)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
             raise
-        if images.device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     outputs = {}
     for prompt in prompts:
-        generator.set_state(state)
-        outputs[prompt] = model.restore(images, task=prompt, generator=generator, tile_size=tile_size)
+        generators = _generators(seed, start, count, device)
+        outputs[prompt] = model.restore(images, task=prompt, generator=generators, tile_size=tile_size)
     return outputs
 
 
@@ -233,7 +240,8 @@ def evaluate(
 
     `restored` is restored with the task's own prompt (row `restored`), or with each of `prompts` (rows
     `restored[<prompt>]`, the paper's Table 2 shows the PIR prompt on classification too), all of them from
-    one encode and denoise per batch, each with the noise it would get alone. A prompt the model lacks gets
+    one encode and denoise per batch, each with the noise it would get alone. Each test image's noise comes
+    from `seed` and its index alone, so the table does not depend on `batch_size`. A prompt the model lacks gets
     no row. `progress` shows a bar per task (images done, images/s, time left), headed by the task's name
     and `label`; leave it off while another bar is live (validation inside a training stage). Images whose
     side exceeds `tile_size` are restored tile by tile (full-size test images: memory bounded by the tile).
@@ -268,10 +276,8 @@ def evaluate(
             evaluators = {row: task.evaluator() for row in rows}
             per_image: dict[str, list[dict]] = {row: [] for row in rows}
             every_name: list[str] = []
-            states: list[tuple[int, int, torch.Tensor]] = []  # (first index, images, generator state) per batch
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
-            generator = torch.Generator(device=device).manual_seed(seed)
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
             table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
@@ -279,9 +285,7 @@ def evaluate(
                 for done, batch in _fixed_batches(dataset, samples, batch_size, workers):
                     batch = _to(batch, device)
                     count = batch["lq"].shape[0]
-                    if own is not None and "lq" in rows and worse:  # to restore a batch again (`_replay_worse`)
-                        states.append((done, count, generator.get_state()))
-                    restored = _restore_prompts(model, batch["lq"], restoring, generator, tile_size) if restoring else {}
+                    restored = _restore_prompts(model, batch["lq"], restoring, seed, done, tile_size) if restoring else {}
                     names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
                     every_name += names
                     scores = {}
@@ -313,8 +317,8 @@ def evaluate(
                     late_rows.add(row)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if own in late_rows and "lq" in late_rows and worse:
-                losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"], states,
-                                       generator, worse, tile_size, device)  # fmt: skip
+                losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"], seed,
+                                       worse, tile_size, device)  # fmt: skip
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
             if losses:
@@ -324,28 +328,22 @@ def evaluate(
     return table
 
 
-def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, states, generator, worse, tile_size,
+def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, seed, worse, tile_size,
                   device) -> list[tuple[float, int, tuple]]:
     """The `worse` images restored furthest below their LQ, worst first, as (restored − LQ, index, triple),
     for values known only once the whole set is seen (a retrieval hit, an image's detection mAP): the images
-    are gone by then, so the batches holding them are read and restored again, each from the generator
-    state it had (the same noise, so the same restoration)."""
+    are gone by then, so they are read and restored again, each from its own noise (the same restoration)."""
     from .data.sample import collate
 
     metric = next(key for key in restored_rows[0] if key != "image")
     drops = [(restored[metric] - lq[metric], i) for i, (restored, lq) in enumerate(zip(restored_rows, lq_rows))]
     order = sorted((drop, i) for drop, i in drops if drop < 0)[:worse]  # NaN (not scored) compares False
-    triples = {}
-    for start, count, state in states:
-        wanted = [i for _, i in order if start <= i < start + count]
-        if not wanted:
-            continue
-        batch = _to(collate([dataset[i] for i in range(start, start + count)]), device)
-        generator.set_state(state)
-        restored = _restore_prompts(model, batch["lq"], prompts, generator, tile_size)[task]
-        for i in wanted:
-            triples[i] = _for_grid(batch["lq"][i - start], restored[i - start], batch["hq"][i - start])
-    return [(drop, i, triples[i]) for drop, i in order]
+    triples = []
+    for _, i in order:
+        batch = _to(collate([dataset[i]]), device)
+        restored = _restore_prompts(model, batch["lq"], prompts, seed, i, tile_size)[task]
+        triples.append(_for_grid(batch["lq"][0], restored[0], batch["hq"][0]))
+    return [(drop, i, triple) for (drop, i), triple in zip(order, triples, strict=True)]
 
 
 def _image_rows(names: list[str], values: dict[str, torch.Tensor]) -> list[dict]:

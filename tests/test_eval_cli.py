@@ -74,11 +74,17 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     second, _ = _eval(folder, path, folder / "b")
     assert second.exit_code == 0, second.output
     assert (folder / "a" / "eval.csv").read_text() == (folder / "b" / "eval.csv").read_text()
+    # each image's noise comes from its index: another batch size gives the same table (to float rounding)
+    third, _ = _eval(folder, path, folder / "c", "--batch-size", "3")
+    assert third.exit_code == 0, third.output
+    values = [[float(line.rsplit(",", 1)[1]) for line in (folder / name / "eval.csv").read_text().splitlines()[1:]]
+              for name in ("a", "c")]  # fmt: skip
+    assert values[0] == pytest.approx(values[1], abs=1e-4)
     import mlflow
 
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["unirestore-eval"])
-    assert len(runs) == 2 and (runs["status"] == "FINISHED").all()
+    assert len(runs) == 3 and (runs["status"] == "FINISHED").all()
     assert "metrics.eval/default/cls/LQ/acc/resnet" in runs.columns or any(
         c.startswith("metrics.eval/default/cls/LQ/") for c in runs.columns
     )
@@ -88,7 +94,7 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
                                   "--metric", "eval/default/cls/LQ/acc/resnet",
                                   "--plot", str(folder / "compare.png")])  # fmt: skip
     assert compare.exit_code == 0, compare.output
-    assert compare.output.count("eval-model") == 2 and "★" in compare.output
+    assert compare.output.count("eval-model") == 3 and "★" in compare.output
     assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -302,9 +308,9 @@ def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorat
         def per_image(self):
             return {"closeness": -torch.cat(self.errors)}
 
-    def restore(images, generator):  # a noise of random strength per image
-        strength = torch.rand(images.shape[0], 1, 1, 1, generator=generator)
-        return (images + strength * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+    def restore(images, generators):  # a noise of random strength per image, from the image's own generator
+        noisy = [image + torch.rand(1, generator=g) * torch.randn(image.shape, generator=g) for image, g in zip(images, generators)]
+        return torch.stack(noisy).clamp(0, 1)
 
     task = _fake_task("ret", hq, lq, Evaluator)
     table = evaluate(_FakeModel(["ret"], restore), [task], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
