@@ -158,8 +158,16 @@ def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):
     assert decay["weight_decay"] == 0.01 and plain["weight_decay"] == 0.0
     assert all(p.ndim > 1 for p in decay["params"])
     names = {id(p): n for n, p in trainable.items()}
-    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") for p in plain["params"])
+    assert all(p.ndim <= 1 or names[id(p)].endswith(".bias") or p.squeeze().ndim <= 1 for p in plain["params"])
     assert len(decay["params"]) + len(plain["params"]) == len(trainable)
+    # vectors kept in 2-D or 4-D shapes are vectors too: NAFBlocks' per-channel scales, the task prompts
+    plain_names = {names[id(p)] for p in plain["params"]}
+    assert any(name.endswith(".beta") for name in plain_names) and any(name.endswith(".gamma") for name in plain_names)
+    stage2_trainable = apply_stage(model, stage2(["pir"]))
+    prompts = {name for name in stage2_trainable if name.startswith("prompts.")}
+    assert prompts and all(stage2_trainable[name].ndim == 2 for name in prompts)
+    _, plain = parameter_groups(stage2_trainable, 0.01)
+    assert {id(stage2_trainable[name]) for name in prompts} <= {id(p) for p in plain["params"]}
 
 
 def test_stage2_weighs_each_task_by_its_beta_the_tiny_presets_by_default(tiny_prior):

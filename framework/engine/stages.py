@@ -101,10 +101,16 @@ def check_stage(model: UniRestore, stage: Stage) -> None:
             raise RuntimeError(f"{stage.name}: parameter {name} is trainable but not part of the stage")
 
 
+def _decays(name: str, parameter: nn.Parameter) -> bool:
+    """Weight matrices and kernels decay; biases and vectors do not, whatever their shape: a task prompt
+    (1, D), a NAFBlock's per-channel scales (1, C, 1, 1) and a norm's weight (C,) are all one-dimensional."""
+    return sum(size > 1 for size in parameter.shape) > 1 and not name.endswith(".bias")
+
+
 def parameter_groups(trainable: Mapping[str, nn.Parameter], weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on weight matrices and kernels, none on biases and 1-D parameters."""
-    decay = [p for name, p in trainable.items() if p.ndim > 1 and not name.endswith(".bias")]
-    plain = [p for name, p in trainable.items() if p.ndim <= 1 or name.endswith(".bias")]
+    decay = [p for name, p in trainable.items() if _decays(name, p)]
+    plain = [p for name, p in trainable.items() if not _decays(name, p)]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
     return [group for group in groups if group["params"]]
 
