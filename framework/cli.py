@@ -196,6 +196,33 @@ def _check_precision(precision: str, device) -> None:
         raise ConfigError("--precision fp16: the CPU runs fp16 weights many times slower than fp32; use bf16")
 
 
+def _digest(path: Path) -> str:
+    """A checkpoint's identity: the start of its contents' SHA-256 (a retrained file at the same path differs)."""
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+
+
+def _check_seed(seed: int) -> None:
+    from .config import ConfigError
+
+    if not -(2**63) <= seed < 2**64:
+        raise ConfigError(f"--seed {seed}: give a seed from 0 to 2**64 - 1")
+
+
+def _make_folder(folder: Path, option: str) -> None:
+    """Create the output folder now, so that one that cannot be made stops the command before any work."""
+    from .config import ConfigError
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"{option} {folder}: cannot create this folder ({error.strerror or error}); give a folder you can write to"
+        ) from None
+
+
 def _cast(model, precision: str) -> None:
     """Weights cast once (no per-op casts, half the memory traffic); channels_last convs are faster in half
     precision (3 % on the CPU at sd-turbo scale). Inputs and outputs stay fp32."""
@@ -496,9 +523,10 @@ def restore(
         tasks = list(dict.fromkeys(task_key(part.strip()) for part in task.split(",") if part.strip()))
         if not tasks:
             raise ConfigError(f"--task '{task}': give a task, e.g. pir, or several, e.g. pir,seg,cls")
-        console = Console(stderr=True)
+        console = Console(stderr=True, soft_wrap=True)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
+        _check_seed(seed)
         if tile_size < 0:
             raise ConfigError(f"--tile-size {tile_size}: give a tile side in pixels, or 0 to restore whole images")
         if steps is not None and not 1 <= steps <= 4:
@@ -510,9 +538,13 @@ def restore(
         world, rank = position.world_size, position.rank
         torch_device = launch_device(position, device)
         _check_precision(precision, torch_device)
+        files, problems, renamed = collect_images(list(images), out)
+        if not files:  # before the model loads: nothing to restore is a mistake in the command
+            raise ConfigError(f"no image to restore: {'; '.join(problems) or 'no inputs'}")
         ckpt = resolve_checkpoint(ckpt)  # a run folder: its newest checkpoint
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         check_prompts(model, tasks, ckpt)
+        _make_folder(out, "--out")
         trained = (_checkpoint_prompts(ckpt) or (None, None))[1] if rank == 0 else None  # noted once
         if trained == []:
             console.print(
@@ -525,16 +557,23 @@ def restore(
                     f"[yellow]note[/yellow] the '{escape(name)}' prompt of {escape(str(ckpt))} was never trained; "
                     f"train it with `unirestore task add {escape(name)} --from {escape(str(ckpt))}`"
                 )
-        files, problems, renamed = collect_images(list(images), out)
         if world > 1:  # shared before --skip-existing looks, so the processes never split the work differently
             files = files[rank::world]
             if rank > 0:  # what concerns the inputs as a whole is the first process's to report
                 problems, renamed = [], []
+        # what each output records of how it was restored: --skip-existing keeps only outputs made so
+        settings = {"checkpoint": _digest(ckpt), "precision": precision, "seed": seed, "steps": steps,
+                    "tile_size": tile_size}  # fmt: skip
         if skip_existing:
-            done = already_restored(files, out, tasks, side_by_side)
+            done, stale = already_restored(files, out, tasks, side_by_side, settings)
             files = [item for item in files if item not in done]
             if done:
                 console.print(f"{len(done)} image(s) already restored in {escape(str(out))}: left as they are")
+            if stale:
+                console.print(
+                    f"{len(stale)} image(s) in {escape(str(out))} were restored with other settings (checkpoint, "
+                    "task, seed, steps, tile size or precision): restoring them again"
+                )
         for problem in problems:
             console.print(f"[yellow]skipped[/yellow] {escape(problem)}")
         for rename in renamed:
@@ -545,12 +584,25 @@ def restore(
                 "give a larger one, or 0 to restore whole images"
             )
         _cast(model, precision)
-        with image_bar("restoring", len(files), enabled=rank == 0, console=console) as advance:
-            report = restore_files(
-                model, files, out, tasks, seed=seed, steps=steps, tile_size=tile_size, batch_size=batch_size,
-                side_by_side=side_by_side, advance=advance,
-                on_skip=lambda message: console.print(f"[yellow]skipped[/yellow] {escape(message)}"),
-            )  # fmt: skip
+        done = [0]
+
+        def count(images: int) -> None:
+            done[0] += images
+            advance(images)
+
+        try:
+            with image_bar("restoring", len(files), enabled=rank == 0, console=console) as advance:
+                report = restore_files(
+                    model, files, out, tasks, seed=seed, steps=steps, tile_size=tile_size, batch_size=batch_size,
+                    side_by_side=side_by_side, advance=count, settings=settings,
+                    on_skip=lambda message: console.print(f"[yellow]skipped[/yellow] {escape(message)}"),
+                )  # fmt: skip
+        except KeyboardInterrupt:
+            console.print(
+                f"interrupted after {done[0]} of {len(files)} image(s); what was written is whole: the same command "
+                "with --skip-existing restores the rest"
+            )
+            raise
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
         if side_by_side:
             where = f"{where} (side by side with the input in {out / SIDE_BY_SIDE})"

@@ -435,7 +435,7 @@ def parse_corruptions(corruption: str) -> tuple[str, ...]:
     """ "all" (every registered name), one name, or a comma-separated list; unknown names raise ValueError."""
     if corruption.strip() == "all":
         return tuple(DEGRADATIONS)
-    names = tuple(name.strip() for name in corruption.split(",") if name.strip())
+    names = tuple(dict.fromkeys(name.strip() for name in corruption.split(",") if name.strip()))  # each once
     if not names:
         raise ValueError(f"no degradation named in {corruption!r}; known: all, {', '.join(DEGRADATIONS)}")
     for name in names:
@@ -497,15 +497,39 @@ def degrade_folder(
     _check_severity(severity)
     if workers < 1:
         raise ValueError(f"--workers {workers}: give at least 1 process")
+    if not 0 <= seed < 2**63:
+        raise ValueError(f"--seed {seed}: give a seed from 0 to 2**63 - 1")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise ValueError(f"{dst}: the output folder must not be {src} or inside it; choose another folder")
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: a file, not a folder; give DST a folder for the degraded copies")
+    split = len(names) > 1
+    for folder in [dst / name for name in names] if split else [dst]:  # where the copies go
+        if folder.resolve() == src.resolve() or folder.resolve().is_relative_to(src.resolve()):
+            raise ValueError(
+                f"{folder}: the copies degraded by '{folder.name}' would be written into {src}, over the clean "
+                "images; choose a DST that does not hold the source folder under a degradation's name"
+            )
     files = list_images(src)
     if not files:
         raise DataError(
             f"{src}: no image files found (looked for {', '.join(sorted({'.png', '.jpg', '.jpeg'}))}, ...)"
         )
+    root = src.resolve()
+    for folder in [dst / name for name in names] if split else [dst]:
+        if not root.is_relative_to(folder.resolve()):
+            continue
+        # an output folder holding SRC: refused if a copy would replace a source image, before any write
+        sources = {root / path.relative_to(src) for path in files}
+        for path in files:
+            target = folder.resolve() / path.relative_to(src).with_suffix(".png")
+            if target in sources:
+                raise ValueError(f"{target}: a degraded copy would replace this source image; choose another DST")
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{dst}: cannot create this folder ({error.strerror or error}); give a DST you can write to") from None
     report = DegradeReport(src=src, dst=dst, corruptions=names)
-    split = len(names) > 1
     candidates: dict[Path, list[Path]] = {}  # output name -> the files that would write it (a.jpg, a.png)
     for path in files:
         candidates.setdefault(path.relative_to(src).with_suffix(".png"), []).append(path)
@@ -586,6 +610,7 @@ def degrade_command(
     """
     import typer
     from rich.console import Console
+    from rich.markup import escape
 
     try:
         parse_corruptions(corruption)
@@ -595,7 +620,7 @@ def degrade_command(
         _check_severity(severity)
     except ValueError as error:
         raise DataError(f"--severity: {error}") from None
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         with warnings.catch_warnings():  # skipped files are listed below, once, without a code line
             warnings.simplefilter("ignore", BadFileWarning)
@@ -605,7 +630,7 @@ def degrade_command(
     except ValueError as error:
         raise DataError(str(error)) from None
     for path, reason in report.skipped:
-        console.print(f"[yellow]skipped[/yellow] {path}: {reason}")
+        console.print(f"[yellow]skipped[/yellow] {escape(str(path))}: {escape(reason)}")
     console.print(
         f"wrote {report.written} image(s) x {len(report.corruptions)} degradation(s) to {report.dst} "
         f"in {report.seconds:.1f} s; {len(report.skipped)} skipped"

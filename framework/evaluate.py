@@ -196,7 +196,7 @@ def image_bar(description: str, total: int, enabled: bool = True, console=None):
 def _generators(seed: int, start: int, count: int, device) -> list[torch.Generator]:
     """One generator per test image, seeded by the image's index: its restoration does not depend on the batch
     it is in (`--batch-size`), nor on which images came before."""
-    return [torch.Generator(device=device).manual_seed(seed * 2**32 + start + i) for i in range(count)]
+    return [torch.Generator(device=device).manual_seed((seed * 2**32 + start + i) % 2**64) for i in range(count)]
 
 
 def _restore_prompts(model, images, prompts: list[str], seed: int, start: int, tile_size) -> dict[str, torch.Tensor]:

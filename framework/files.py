@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from pathlib import Path
 
 
-def _read_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+_UMASK_LOCK = threading.Lock()
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where the kernel tells it (Linux: /proc/self/status);
+    elsewhere set and put back under a lock. Writer threads (restore's) call this: setting it to 0 even
+    briefly would let a file or folder made meanwhile be world-writable."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
-
-
-# Read once, at import (one thread): os.umask can only be read by setting it, so reading it while other
-# threads write files (restore's writer threads) could leave it at 0 for them, or for good.
-_UMASK = _read_umask()
 
 
 def atomic_write(path: str | os.PathLike, write) -> Path:
@@ -26,11 +36,12 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # a short temporary name: a file name near the 255-byte limit must not fail for its temporary's sake
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
         write(temporary)
-        os.chmod(temporary, 0o666 & ~_UMASK)
+        os.chmod(temporary, 0o666 & ~_umask())
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):

@@ -8,6 +8,9 @@ file, or an image that does not fit in memory even alone, is reported and skippe
 
 from __future__ import annotations
 
+import errno
+import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,7 @@ from pathlib import Path
 import torch
 
 SIDE_BY_SIDE = "side-by-side"  # the folder under `out` of the input | outputs rows
+PROVENANCE = "unirestore"  # the PNG text chunk of an output: what restored it (JSON)
 
 
 @dataclass
@@ -33,9 +37,10 @@ def output_folders(out: Path, tasks: Sequence[str]) -> dict[str, Path]:
 def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
     """(file, output name relative to `out`) for every image; problems and renames as messages.
 
-    Files already under `out` are left out (an output folder inside an input folder is not restored again),
-    and no two files get the same output name: `a.jpg` beside `a.png`, or `x.png` from two folders, would
-    overwrite each other, so later ones are named `a_jpg.png`, then `x-2.png`, ...
+    Files already under `out` are left out (an output folder inside an input folder is not restored again), a
+    file given twice (itself and in its folder) is restored once, and no two files get the same output name:
+    `a.jpg` beside `a.png`, or `x.png` from two folders, would overwrite each other, so later ones are named
+    `a_jpg.png`, then `x-2.png`, ...
     """
     from .data.io import DataError, list_images
 
@@ -61,6 +66,10 @@ def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, 
             problems.append(f"{item}: no such file or folder")
     taken: set[Path] = set()
     unique, renamed = [], []
+    once: dict[Path, tuple[Path, Path]] = {}
+    for path, name in found:
+        once.setdefault(path.resolve(), (path, name))  # a file given twice (itself and in its folder): once
+    found = list(once.values())
     for path, name in found:
         wanted = name
         if name in taken:
@@ -78,10 +87,45 @@ def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, 
     return unique, problems, renamed
 
 
-def already_restored(files: list[tuple[Path, Path]], out: Path, tasks: Sequence[str], side_by_side: bool) -> list:
-    """The (file, name) pairs whose every output (each task's, and the side-by-side row if asked) exists."""
-    folders = [*output_folders(out, tasks).values(), *([out / SIDE_BY_SIDE] if side_by_side else [])]
-    return [item for item in files if all((folder / item[1]).is_file() for folder in folders)]
+def provenance(path: Path) -> dict | None:
+    """What restored the PNG at `path` (its `PROVENANCE` text chunk), or None: not a restore's output, or
+    no file."""
+    import json
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:  # the text chunks come before the pixels: nothing is decoded
+            text = getattr(image, "text", {}).get(PROVENANCE)
+        return json.loads(text) if text else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def _labels(settings: dict, tasks: Sequence[str], side_by_side: bool) -> dict[str, dict]:
+    """The provenance each output of one image carries, by output kind (a task, or the side-by-side row)."""
+    labels = {task: {**settings, "task": task} for task in tasks}
+    if side_by_side:
+        labels[SIDE_BY_SIDE] = {**settings, "task": ",".join(tasks)}
+    return labels
+
+
+def already_restored(
+    files: list[tuple[Path, Path]], out: Path, tasks: Sequence[str], side_by_side: bool, settings: dict | None = None
+) -> tuple[list, list]:
+    """(done, stale): the (file, name) pairs whose every output (each task's, and the side-by-side row if
+    asked) is written, with these `settings` (the checkpoint, seed, ...), and those with one written with
+    other settings, or by something else."""
+    folders = {**output_folders(out, tasks), **({SIDE_BY_SIDE: out / SIDE_BY_SIDE} if side_by_side else {})}
+    labels = _labels(settings or {}, tasks, side_by_side)
+    done, stale = [], []
+    for item in files:
+        written = {kind: provenance(folder / item[1]) for kind, folder in folders.items()}
+        if all(written[kind] == labels[kind] for kind in folders):
+            done.append(item)
+        elif any(value is not None or (folders[kind] / item[1]).exists() for kind, value in written.items()):
+            stale.append(item)
+    return done, stale
 
 
 def _restore_group(model, group: list, tasks: list[str], seed: int, **options) -> list[dict[str, torch.Tensor]]:
@@ -172,6 +216,7 @@ def restore_files(
     advance: Callable[[int], None] = lambda count: None,
     on_skip: Callable[[str], None] = lambda message: None,
     io_threads: int | None = None,
+    settings: dict | None = None,
 ) -> RestoreReport:
     """Restore `files` ((file, output name) pairs, as `collect_images` gives) with each prompt of `tasks`.
 
@@ -183,6 +228,8 @@ def restore_files(
     alpha back (restored as composited on white, as every input with transparency is read).
     `io_threads` read the next files and write the PNGs while the model restores (default: 2 beside a GPU,
     none on the CPU, whose cores the restoration uses); the files written are the same.
+    Every output records what restored it (`settings`, e.g. the checkpoint, and its task) in a PNG text chunk;
+    a file in an output's place that does not (a photo of the user's) is never written over.
     """
     from torchvision.transforms.functional import rgb_to_grayscale
     from torchvision.utils import make_grid
@@ -191,6 +238,7 @@ def restore_files(
 
     tasks = list(tasks)
     folders = output_folders(out, tasks)
+    labels = _labels({**(settings or {}), "seed": seed, "steps": steps, "tile_size": tile_size}, tasks, side_by_side)
     report = RestoreReport()
     if io_threads is None:
         io_threads = 0 if next(model.cfrm.parameters()).device.type == "cpu" else 2
@@ -198,6 +246,25 @@ def restore_files(
     def skip(message: str) -> None:
         report.skipped.append(message)
         on_skip(message)
+
+    written = threading.Lock()
+
+    def write(path: Path, files: list[tuple[torch.Tensor, Path, dict]]) -> None:
+        """An image's outputs; one that cannot be written (a folder in its place, a name too long, a file
+        that no restore wrote) skips the image, a full disk stops the run."""
+        for image, target, label in files:
+            if target.exists() and provenance(target) is None:
+                skip(f"{path}: {target} exists and is not a restored image; move it, or give another --out")
+                return
+            try:
+                save_png(image, target, text={PROVENANCE: json.dumps(label, sort_keys=True)})
+            except OSError as error:
+                if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                skip(f"{path}: cannot write {target} ({error.strerror or error})")
+                return
+        with written:
+            report.written += 1
 
     options = {"steps": steps, "tile_size": tile_size}
     writer = _Writer(io_threads)
@@ -222,18 +289,21 @@ def restore_files(
                              f"(now {tile_size})")  # fmt: skip
                     advance(len(group))
                     continue
-                for (_, name, image), restored in zip(group, outputs, strict=True):
+                for (path, name, image), restored in zip(group, outputs, strict=True):
                     gray = bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
                     restored = {task: output.float().cpu() for task, output in restored.items()}
+                    if gray:  # one channel, shown as the input is
+                        restored = {task: rgb_to_grayscale(output) for task, output in restored.items()}
                     alpha = [alphas[name]] if alphas[name] is not None else []
-                    for task, output in restored.items():
-                        output = torch.cat([rgb_to_grayscale(output) if gray else output, *alpha])
-                        writer.write(save_png, output, folders[task] / name)
+                    files = [
+                        (torch.cat([output, *alpha]), folders[task] / name, labels[task])
+                        for task, output in restored.items()
+                    ]
                     if side_by_side:  # input | each task's output, in `tasks` order, 2-pixel white gaps
-                        row = torch.stack([image, *restored.values()])
-                        writer.write(save_png, make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0),
-                                     out / SIDE_BY_SIDE / name)  # fmt: skip
-                    report.written += 1
+                        row = torch.stack([image, *(output.expand_as(image) for output in restored.values())])
+                        grid = make_grid(row.clamp(0, 1), nrow=len(row), padding=2, pad_value=1.0)
+                        files.append((grid, out / SIDE_BY_SIDE / name, labels[SIDE_BY_SIDE]))
+                    writer.write(write, path, files)
                     advance(1)
     finally:
         writer.close()

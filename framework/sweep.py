@@ -611,7 +611,7 @@ def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     _check_downstream(config, list(tasks), config.train.crop_size or 512)
     data = _data_config(config)
     for message in training_images_in_test(data, list(tasks), str(config.data), "val") if data else []:
-        Console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")
+        Console(stderr=True, soft_wrap=True).print(f"[yellow]note[/yellow]: {escape(message)}")
 
 
 def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:

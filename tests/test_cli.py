@@ -197,7 +197,24 @@ def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, r
     assert reports[0] == reports[2] and reports[2].written == 5 and "2b.png" in reports[2].skipped[0]
     assert len(written[2]) == 15 and written[0] == written[2]
 
-    def full_disk(image, path):
+    # an output that cannot be written skips its image alone: a folder in its place, a write refused
+    from unirestore.framework.data.io import save_png
+
+    def denied(image, path, **options):
+        if path.name == "3.png":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        save_png(image, path, **options)
+
+    blocked = root / "threaded-blocked"
+    (blocked / "1.png").mkdir(parents=True)
+    monkeypatch.setattr("unirestore.framework.data.io.save_png", denied)
+    report = restore_files(model, files, blocked, ["pir"], io_threads=2)
+    assert report.written == 3, report.skipped
+    assert sum("1.png exists and is not a restored image" in message for message in report.skipped) == 1
+    assert sum("3.png: cannot write" in m and "Permission denied" in m for m in report.skipped) == 1
+    assert sorted(p.name for p in blocked.glob("*.png") if p.is_file()) == ["0.png", "2.png", "4.png"]
+
+    def full_disk(image, path, **options):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr("unirestore.framework.data.io.save_png", full_disk)
@@ -330,13 +347,21 @@ def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained,
     run("--task", "pir,cls")
     first = (out / "pir" / "a.png").read_bytes()
     (out / "pir" / "b.png").unlink()  # as if the run had been killed before writing b's PIR image
-    (out / "cls" / "c.png").write_bytes(b"kept as it is")
     text = run("--task", "pir,cls", "--skip-existing")
     assert "restored 1 image(s)" in text and "2 image(s) already restored" in " ".join(text.split())
     assert (out / "pir" / "b.png").is_file() and (out / "pir" / "a.png").read_bytes() == first
-    assert (out / "cls" / "c.png").read_bytes() == b"kept as it is"
+    # an output records how it was restored: outputs of other settings are not taken for done
+    text = " ".join(run("--task", "pir,cls", "--skip-existing", "--seed", "1").split())
+    assert "3 image(s) in" in text and "other settings" in text and "restored 3 image(s)" in text
+    assert (out / "pir" / "a.png").read_bytes() != first
     assert "restored 3 image(s)" in run("--task", "pir,cls")  # without the option every image is restored
-    assert (out / "cls" / "c.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "pir" / "a.png").read_bytes() == first
+    # a file of the user's where an output goes is never written over; the other images are restored
+    (out / "cls" / "c.png").write_bytes(b"a photo of mine")
+    result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--out", str(out), "--task", "pir,cls"])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "c.png exists and is not a restored image" in text, text
+    assert "restored 2 image(s)" in text and (out / "cls" / "c.png").read_bytes() == b"a photo of mine"
 
 
 def test_restore_never_overwrites_an_input_or_another_output(trained, root):
@@ -357,11 +382,21 @@ def test_restore_never_overwrites_an_input_or_another_output(trained, root):
         assert "restored 4 image(s)" in result.output and "renamed" in result.output
 
     before = (photos / "x.png").read_bytes()
+    # nothing left to restore is a mistake in the command: one line, exit 2, before the model loads
     result = runner.invoke(app, ["restore", str(photos / "x.png"), "--ckpt", ckpt, "--out", str(photos)])
-    assert result.exit_code == 1 and "would overwrite it" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "no image to restore" in result.output
+    assert "would overwrite it" in " ".join(result.output.split())
     assert (photos / "x.png").read_bytes() == before
     result = runner.invoke(app, ["restore", str(photos / "more"), "--ckpt", ckpt, "--out", str(photos)])
-    assert result.exit_code == 1 and "inside --out" in " ".join(result.output.split())
+    assert result.exit_code == 2 and "inside --out" in " ".join(result.output.split())
+    # x.jpg's output would replace x.png, a file no restore wrote: left alone (exit 1)
+    result = runner.invoke(app, ["restore", str(photos / "x.jpg"), "--ckpt", ckpt, "--out", str(photos)])
+    assert result.exit_code == 1 and "x.png exists and is not a restored image" in " ".join(result.output.split())
+    assert (photos / "x.png").read_bytes() == before
+    # a file given twice (itself and in its folder) is restored once
+    twice = root / "twice"
+    result = runner.invoke(app, ["restore", str(other), str(other / "x.png"), "--ckpt", ckpt, "--out", str(twice)])
+    assert result.exit_code == 0 and "restored 1 image(s)" in result.output and "renamed" not in result.output
 
 
 def _corrupt(root):
@@ -427,6 +462,10 @@ def _corrupt(root):
         (["eval", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
         (["eval", "--ckpt", "{corrupt}", "--device", "cuda:99"], "device cuda:99: this machine has"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "gpu"], "device 'gpu' is not a device; use auto"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "mps"], "device 'mps': unirestore runs on cpu or"),
+        (["restore", "{root}", "--ckpt", "{corrupt}", "--seed", "99999999999999999999"], "--seed 999999"),
+        (["restore", "{root}/no-such", "--ckpt", "{corrupt}"], "no-such: no such file or folder"),
+        (["degrade", "{root}", "{root}/degraded", "--seed", "-1"], "--seed -1: give a seed from 0"),
         (["sweep", "beta", "--from", "{root}/missing.safetensors"], "checkpoint not found"),
         (["sweep", "beta", "--from", "{corrupt}", "--num-samples", "0"], "--num-samples 0: need at least 1"),
         (["sweep", "extend", "--from", "{corrupt}", "--tasks", "det", "--gpus-per-trial", "-1"], "--gpus-per-trial"),
@@ -668,10 +707,10 @@ def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trai
         Image.fromarray(np.full((40, 40, 3), 120, np.uint8)).save(photos / f"{name}.png")
     real_save = io.save_png
 
-    def full_after_one(image, path):
+    def full_after_one(image, path, **options):
         if path.parent.is_dir() and any(path.parent.iterdir()):
             raise OSError(errno.ENOSPC, "No space left on device")
-        real_save(image, path)
+        real_save(image, path, **options)
 
     monkeypatch.setattr(io, "save_png", full_after_one)
     out = tmp_path / "restored"
@@ -727,7 +766,10 @@ def test_an_output_path_through_a_file_is_one_line(trained, root, tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
         line = " ".join(result.stderr.split())
-        assert f"error: cannot write {photo}/" in line and "give --out / --output a folder path" in line
+        if args[0] == "restore":  # the output folder is made before any work
+            assert f"error: --out {photo}/out: cannot create this folder (Not a directory)" in line, line
+        else:
+            assert f"error: cannot write {photo}/" in line and "give --out / --output a folder path" in line
     assert photo.is_file() and Image.open(photo).size == (24, 24)  # the input is untouched
 
 

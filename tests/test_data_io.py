@@ -145,6 +145,34 @@ def test_list_images_skips_hidden_and_non_images(tmp_path):
         load_rgb(tmp_path / "c.PNG")
 
 
+def test_list_images_follows_folder_links_once(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.png").write_bytes(b"")
+    (tmp_path / "self").symlink_to(".")  # a loop
+    (tmp_path / "sub" / "up").symlink_to("..")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes(b"")
+    (tmp_path / "sub" / "link").symlink_to(tmp_path / "elsewhere")  # a linked folder is still listed
+    names = sorted(p.relative_to(tmp_path).as_posix() for p in list_images(tmp_path))
+    assert len(names) == 2 and "sub/a.png" in names and names[0].endswith("b.png"), names
+
+
+def test_an_image_over_pils_pixel_limit_is_unreadable_not_a_crash(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((40, 50), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 2000 pixels is over twice the limit: refused
+    with pytest.raises(UnreadableImage, match=r"huge.png: 0.002 MP, over the 0.001 MP that PIL decodes"):
+        load_rgb(path)
+
+
+def test_a_file_name_near_the_length_limit_is_written(tmp_path):
+    from unirestore.framework.data.io import save_png
+
+    path = tmp_path / ("L" * 251 + ".png")  # 255 bytes: the longest name a file system takes
+    save_png(torch.zeros(3, 4, 4), path)
+    assert load_rgb(path).shape == (3, 4, 4)
+
+
 def test_missing_label_and_wrong_mask_size_are_errors_naming_the_file(tmp_path):
     image_dir = tmp_path / "leftImg8bit" / "val" / "ulm"
     label_dir = tmp_path / "gtFine" / "val" / "ulm"

@@ -170,6 +170,35 @@ def test_degrade_folder_several_names_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no image files"):
         degrade_folder(empty, tmp_path / "o3", corruption="rain", progress=False)
+    # a name given twice is one degradation (written straight into DST, as one name is)
+    assert degrade_folder(src, tmp_path / "o4", corruption="rain,rain", progress=False).corruptions == ("rain",)
+    assert (tmp_path / "o4" / "x.png").is_file()
+
+
+def test_degrade_never_writes_over_its_source(tmp_path):
+    """DST holding SRC: a degradation's folder that is SRC (work/snow, or work/clean under `all`), or a copy
+    that would land on a source image, is refused before anything is written."""
+    work = tmp_path / "work"
+    (work / "snow").mkdir(parents=True)
+    pixels = np.random.default_rng(0).integers(0, 255, (36, 36, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(work / "snow" / "x.png")
+    before = (work / "snow" / "x.png").read_bytes()
+    with pytest.raises(ValueError, match="would be written into .*snow, over the clean images"):
+        degrade_folder(work / "snow", work, corruption="snow,fog", progress=False)
+    (work / "clean").mkdir()
+    Image.fromarray(pixels).save(work / "clean" / "y.png")
+    with pytest.raises(ValueError, match="'clean' would be written into"):
+        degrade_folder(work / "clean", work, corruption="all", progress=False)
+    (work / "clean" / "clean").mkdir()
+    Image.fromarray(pixels).save(work / "clean" / "clean" / "y.png")  # its copy under one name: work/clean/y.png
+    with pytest.raises(ValueError, match="y.png: a degraded copy would replace this source image"):
+        degrade_folder(work / "clean", work, corruption="fog", progress=False)
+    assert (work / "snow" / "x.png").read_bytes() == before and not (work / "fog").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="a file, not a folder; give DST a folder"):
+        degrade_folder(work / "snow", tmp_path / "file", corruption="fog", progress=False)
+    with pytest.raises(ValueError, match="--seed -1"):
+        degrade_folder(work / "snow", tmp_path / "o", corruption="fog", seed=-1, progress=False)
 
 
 def test_degrade_folder_in_worker_processes_writes_what_one_process_writes(tmp_path):

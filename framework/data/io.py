@@ -77,6 +77,7 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
         raise DataError(f"{root}: not a folder; check the path (it must exist and hold the images)")
     found: list[Path] = []
     stack = [root]
+    seen = {_identity(root)}  # folders already listed: a link back up (`self -> .`) is not followed again
     while stack:
         folder = stack.pop()
         with os.scandir(folder) as entries:
@@ -84,11 +85,17 @@ def list_images(root: str | os.PathLike, recursive: bool = True) -> list[Path]:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir(follow_symlinks=True):
-                    if recursive:
+                    if recursive and _identity(entry.path) not in seen:
+                        seen.add(_identity(entry.path))
                         stack.append(Path(entry.path))
                 elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                     found.append(Path(entry.path))
     return sorted(found)
+
+
+def _identity(folder: str | os.PathLike) -> tuple[int, int]:
+    status = os.stat(folder)
+    return status.st_dev, status.st_ino
 
 
 def _open(path: Path) -> Image.Image:
@@ -107,9 +114,23 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: file not found; check the dataset path") from error
     except UnidentifiedImageError as error:
         raise UnreadableImage(path, "not an image PIL can read") from error
+    except Image.DecompressionBombError as error:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0) / 1e6
+        raise UnreadableImage(
+            path, f"{_pixels(error)} over the {limit:.3g} MP that PIL decodes (its guard against decompression "
+            "bombs); split it into parts, or downscale it"
+        ) from error
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UnreadableImage(path, f"cannot decode ({reason})") from error
+
+
+def _pixels(error: Exception) -> str:
+    """"400 MP" from PIL's "Image size (400000000 pixels) exceeds limit ..."."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(error))
+    return f"{int(found.group(1)) / 1e6:.3g} MP," if found else "too many pixels,"
 
 
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
@@ -206,9 +227,9 @@ def check_same_size(
         )
 
 
-def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
+def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike, text: dict[str, str] | None = None) -> None:
     """Write a (C, H, W) float tensor in [0, 1] or an (H, W, C) uint8 array as an 8-bit PNG: 3 channels RGB,
-    4 RGBA, 1 grayscale, 2 grayscale with alpha."""
+    4 RGBA, 1 grayscale, 2 grayscale with alpha; `text`, if given, as the PNG's text chunks."""
     if isinstance(image, torch.Tensor):
         array = (image.detach().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     else:
@@ -216,4 +237,11 @@ def save_png(image: torch.Tensor | np.ndarray, path: str | os.PathLike) -> None:
     if array.ndim == 3 and array.shape[2] == 1:
         array = array[:, :, 0]
     image = Image.fromarray(np.ascontiguousarray(array))  # (H, W): L, 2 channels: LA, 3: RGB, 4: RGBA
-    atomic_write(path, lambda temporary: image.save(temporary, format="PNG"))  # never half a PNG
+    options = {}
+    if text:
+        from PIL.PngImagePlugin import PngInfo
+
+        options["pnginfo"] = PngInfo()
+        for key, value in text.items():
+            options["pnginfo"].add_text(key, value)
+    atomic_write(path, lambda temporary: image.save(temporary, format="PNG", **options))  # never half a PNG

@@ -267,7 +267,7 @@ class _Run:
         if progress and distributed.main:
             from rich.console import Console
 
-            self.console = Console()
+            self.console = Console(soft_wrap=True)  # a message is one line in a log, not wrapped at 80 columns
         self.last_terms: dict[str, float] = {}
 
     def say(self, message: str) -> None:
