@@ -119,14 +119,21 @@ def _worker_ran_out(text: str) -> bool:
     return any(sign in text for sign in ("shared memory", "Bus error", "exited unexpectedly", "No space left"))
 
 
+TRAINING_INTERRUPTED = "what was saved is whole: the same command with --resume continues from the last checkpoint"
+
+
 @contextlib.contextmanager
-def _errors(out_of_memory: str = TRAINING_OOM):
+def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
     """User errors as one line and exit 2; a full disk or the device's memory running out as one line naming
-    the fix (`out_of_memory`) and exit 1; anything else as a traceback."""
+    the fix (`out_of_memory`) and exit 1; Ctrl-C as one line (`interrupted`: how to go on) and exit 130;
+    anything else as a traceback."""
     try:
         yield
     except typer.Exit:
         raise
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted{'; ' + interrupted if interrupted else ''}", err=True)
+        raise typer.Exit(130) from None
     except Exception as error:
         import torch
 
@@ -321,10 +328,10 @@ def train(
     tracking_uri: TrackingOption = None,
 ) -> None:
     """Train UniRestore: the tiny prior (stage 0), then stages 1 and 2; print the evaluation table."""
-    with _errors():
+    with _errors(interrupted=TRAINING_INTERRUPTED):
         overrides = []
-        if tasks is not None:
-            overrides.append(f"tasks=[{tasks}]")
+        if tasks is not None:  # "pir,,seg" as "pir,seg"; an empty list is reported by the config check
+            overrides.append(f"tasks=[{','.join(part.strip() for part in tasks.split(',') if part.strip())}]")
         if prior is not None:
             overrides.append(f"prior={prior}")
         if data is not None:
@@ -372,7 +379,7 @@ def task_add(
     data: DataOption = None,
 ) -> None:
     """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
-    with _errors():
+    with _errors(interrupted=TRAINING_INTERRUPTED):
         from .registry import resolve_task_name
 
         name = resolve_task_name(name)
@@ -389,6 +396,10 @@ def task_add(
             overrides.append(f"tracking_uri={tracking_uri}")
         run_config = _build_config(config, overrides + list(set_ or []))
         checkpoint = source or _latest_checkpoint(Path(run_config.output))
+        if Path(checkpoint).is_dir() or source is None:  # a folder: say which of its files is the source
+            from .checkpoint import resolve_checkpoint
+
+            typer.echo(f"from checkpoint {resolve_checkpoint(checkpoint)}", err=True)
         from .engine import add_task
 
         result = add_task(run_config, checkpoint, name, resume=resume, prior=prior)
@@ -508,12 +519,15 @@ def restore(
     ] = False,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
-    with _errors(out_of_memory="give a smaller --tile-size, --batch-size 1 or --precision bf16"):
-        from rich.console import Console
+    with _errors(
+        out_of_memory="give a smaller --tile-size, --batch-size 1 or --precision bf16",
+        interrupted="the images written are whole: the same command with --skip-existing restores the rest",
+    ):
         from rich.markup import escape
 
         from .checkpoint import load_checkpoint, resolve_checkpoint
         from .config import ConfigError
+        from .console import make_console
         from .engine.trainer import launch_device, launch_position
         from .evaluate import check_prompts, image_bar
         from .inference import SIDE_BY_SIDE, already_restored, collect_images, restore_files
@@ -523,7 +537,7 @@ def restore(
         tasks = list(dict.fromkeys(task_key(part.strip()) for part in task.split(",") if part.strip()))
         if not tasks:
             raise ConfigError(f"--task '{task}': give a task, e.g. pir, or several, e.g. pir,seg,cls")
-        console = Console(stderr=True, soft_wrap=True)
+        console = make_console(stderr=True)
         if out.exists() and not out.is_dir():
             raise ConfigError(f"--out {out} is a file; give a folder for the restored PNGs")
         _check_seed(seed)
@@ -598,10 +612,7 @@ def restore(
                     on_skip=lambda message: console.print(f"[yellow]skipped[/yellow] {escape(message)}"),
                 )  # fmt: skip
         except KeyboardInterrupt:
-            console.print(
-                f"interrupted after {done[0]} of {len(files)} image(s); what was written is whole: the same command "
-                "with --skip-existing restores the rest"
-            )
+            console.print(f"{done[0]} of {len(files)} image(s) done")
             raise
         where = out if len(tasks) == 1 else f"{out}/<task> for {', '.join(tasks)}"
         if side_by_side:
@@ -659,7 +670,7 @@ def degrade(
     ] = 1,
 ) -> None:
     """Write a degraded copy of a folder of images (ImageNet-C corruptions and the unseen-benchmark ones)."""
-    with _errors():
+    with _errors(interrupted="the images written are whole; run it again to write the rest"):
         from .degrade import degrade_command
 
         degrade_command(src, dst, corruption=corruption, severity=severity, seed=seed, workers=workers)
@@ -726,7 +737,10 @@ def eval_(
 
     Real data needs the real downstream models: give the run's config (--config, e.g. the run folder's
     config.yaml) or --set downstream_checkpoints.resnet50=PATH and the like."""
-    with _errors(out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})"):
+    with _errors(
+        out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})",
+        interrupted="the same command with --resume keeps the results saved so far and evaluates the rest",
+    ):
         from rich.console import Console
 
         from .checkpoint import load_checkpoint, resolve_checkpoint
@@ -822,10 +836,14 @@ def eval_(
             typer.echo(line)
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri or _default_tracking_uri())
+        from .engine.tracking import artifact_location
+
+        uri = tracking_uri or _default_tracking_uri()
+        mlflow.set_tracking_uri(uri)
         if mlflow.get_experiment_by_name(experiment) is None:
-            # artifacts beside the evaluation's files, not in a ./mlruns of whatever folder this runs in
-            mlflow.create_experiment(experiment, artifact_location=(out / "mlartifacts").resolve().as_uri())
+            # artifacts beside the store's database (not in a ./mlruns of whatever folder this runs in, nor in
+            # one evaluation's folder, which a later cleanup may delete with the other evaluations' artifacts)
+            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
         mlflow.set_experiment(experiment)
         with mlflow.start_run(run_name=f"eval-{Path(ckpt).stem}"):
             mlflow.log_params({"checkpoint": str(ckpt), "tasks": tasks, "data": data, "precision": precision,
@@ -918,7 +936,7 @@ def sweep_beta(
     data: DataOption = None,
 ) -> None:
     """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
-    with _errors():
+    with _errors(interrupted="the same command with --resume continues the sweep"):
         from .registry import parse_task_list
         from .sweep import parse_ranges
         from .sweep import sweep_beta as run_sweep
@@ -949,7 +967,7 @@ def sweep_extend(
     data: DataOption = None,
 ) -> None:
     """Add new tasks by prompt alone, one Ray trial (or more) per task; merge the best prompts."""
-    with _errors():
+    with _errors(interrupted="the same command with --resume continues the sweep"):
         from .registry import parse_task_list
         from .sweep import sweep_extend as run_extend
 

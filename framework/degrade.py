@@ -609,8 +609,9 @@ def degrade_command(
     folder without any readable image exits 1.
     """
     import typer
-    from rich.console import Console
     from rich.markup import escape
+
+    from .console import make_console
 
     try:
         parse_corruptions(corruption)
@@ -620,7 +621,7 @@ def degrade_command(
         _check_severity(severity)
     except ValueError as error:
         raise DataError(f"--severity: {error}") from None
-    console = Console(stderr=True, soft_wrap=True)
+    console = make_console(stderr=True)
     try:
         with warnings.catch_warnings():  # skipped files are listed below, once, without a code line
             warnings.simplefilter("ignore", BadFileWarning)

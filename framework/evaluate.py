@@ -112,7 +112,11 @@ def _fixed_batches(dataset, count: int | None, batch_size: int, workers: int = 0
     count = len(dataset) if count is None else min(count, len(dataset))
     chunks = _Chunks(dataset, count, batch_size)
     if workers > 0:
-        loaded = torch.utils.data.DataLoader(chunks, batch_size=None, collate_fn=_as_is, num_workers=workers)
+        from .engine.trainer import ignore_interrupts
+
+        loaded = torch.utils.data.DataLoader(
+            chunks, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=ignore_interrupts
+        )
         for start, samples, skipped in loaded:
             for path, reason in skipped:  # noted in this process, where the caller counts them
                 report_bad_file(UnreadableImage(path, reason))
@@ -181,6 +185,10 @@ def image_bar(description: str, total: int, enabled: bool = True, console=None):
 
     columns = (TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} images/s"), TimeRemainingColumn())  # fmt: skip
+    if console is None:
+        from .console import make_console
+
+        console = make_console()
     with Progress(*columns, disable=not enabled, console=console) as bar:
         task = bar.add_task(description, total=total, rate="-")
 

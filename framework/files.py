@@ -7,7 +7,6 @@ import tempfile
 import threading
 from pathlib import Path
 
-
 _UMASK_LOCK = threading.Lock()
 
 

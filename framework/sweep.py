@@ -807,7 +807,7 @@ def _session(kind: str, config: RunConfig, folder: Path, spec: dict, *, resume: 
         gpus = _resolve_gpus(gpus_per_trial)
         check_resources(cpus_per_trial, gpus)
         restore = _prepare_folder(folder, spec, resume)
-        tracker = Tracker(config.tracking_uri, config.experiment, folder / "mlartifacts")
+        tracker = Tracker(config.tracking_uri, config.experiment)
         tags = {"unirestore.sweep": kind, "unirestore.tasks": ",".join(spec["tasks"])}
         name = config.run_name or f"sweep-{kind}-{folder.name}"
         run_id = tracker.start(name, tags, run_id=load_run_id(folder) if resume else "")

@@ -13,12 +13,14 @@ Run folder (`config.output`):
         config.yaml
     stage1.safetensors  stage2.safetensors  stage3-<task>.safetensors     the final checkpoint of each stage
     grids/<stage>-<task>.png     before/after grids (LQ | restored | HQ)
-    mlartifacts/                 the MLflow artifact store of the experiment (when this run created it)
+    .lock                        held by the training using the folder (a second one stops)
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
@@ -265,9 +267,9 @@ class _Run:
         )
         self.console = None
         if progress and distributed.main:
-            from rich.console import Console
+            from ..console import make_console
 
-            self.console = Console(soft_wrap=True)  # a message is one line in a log, not wrapped at 80 columns
+            self.console = make_console()
         self.last_terms: dict[str, float] = {}
 
     def say(self, message: str) -> None:
@@ -454,6 +456,11 @@ def _check_folder(output: Path, stage_names: Iterable[str], resume: bool) -> Non
             )
 
 
+def _resumable(output: Path, stage_names: Iterable[str]) -> bool:
+    """Whether the run folder holds any of these stages, begun or done."""
+    return any(has_training_state(output / name) or (output / f"{name}.safetensors").is_file() for name in stage_names)
+
+
 def _check_resumed_config(output: Path, config: RunConfig) -> None:
     saved_path = output / "config.yaml"
     if not saved_path.is_file():
@@ -491,19 +498,59 @@ def _start(
     tags: dict,
     params: dict,
 ) -> Tracker:
-    """Start (or, resuming, continue) the MLflow run; `folder` keeps its id and the resolved config."""
-    tracker = Tracker(
-        config.tracking_uri, config.experiment, output / "mlartifacts", enabled=distributed.main
-    )
+    """Start (or, resuming, continue) the MLflow run; `folder` keeps its id and the resolved config. A failure
+    here ends the run as failed (not left running)."""
+    tracker = Tracker(config.tracking_uri, config.experiment, enabled=distributed.main)
     if distributed.main:
         folder.mkdir(parents=True, exist_ok=True)
         run_name = config.run_name or (output.name if folder == output else f"{output.name}/{folder.name}")
         run_id = tracker.start(run_name, tags, run_id=load_run_id(folder) if resume else "")
-        save_run_id(folder, run_id)
-        atomic_write_text(folder / "config.yaml", dump_yaml(config))
-        tracker.log_config(to_dict(config))
-        tracker.log_params(params)
+        try:
+            save_run_id(folder, run_id)
+            atomic_write_text(folder / "config.yaml", dump_yaml(config))
+            tracker.log_config(to_dict(config))
+            tracker.log_params(params)
+        except BaseException:
+            tracker.end("FAILED")
+            raise
     return tracker
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def run_folder_lock(output: Path, main: bool = True):
+    """Hold the run folder for this training: a second `train` or `task add` on it stops at once (their
+    stages, metric logs and checkpoints would mix), naming the process that holds it. The lock is the
+    kernel's (flock), so a killed run leaves none behind. Temporary files a kill left (a checkpoint cut
+    in half before its rename) are removed once the folder is held. Only the main process locks."""
+    if not main:
+        yield
+        return
+    import fcntl
+
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunFolderError(
+                f"run folder {output} is in use by another training (process {holder}); wait for it to end, "
+                "or give another --output"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        for stale in [*output.glob(".*.tmp"), *output.glob("*/.*.tmp")]:  # atomic_write's, cut by a kill
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: int) -> dict:
@@ -572,19 +619,23 @@ def train(
     label = ",".join(str(s) for s in chosen)
     tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
     params = _params(config, label, names, distributed.world_size)
-    tracker = _start(config, output, output, distributed, resume, tags, params)
-    run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
-    _note_training_images_in_test(run, config, names)
-    status = "FAILED"
-    try:
-        result = _train_stages(run, chosen, names, resume, prior)
-        status = "FINISHED"
-        return result
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
+    with run_folder_lock(output, distributed.main):
+        _check_folder(output, model_stages, resume)  # again, now that no other run can start here
+        tracker = _start(config, output, output, distributed, resume, tags, params)
+        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+        status = "FAILED"
+        try:
+            if resume and not _resumable(output, model_stages):
+                run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; starting the run anew")
+            _note_training_images_in_test(run, config, names)
+            result = _train_stages(run, chosen, names, resume, prior)
+            status = "FINISHED"
+            return result
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end(status)
 
 
 def _note_training_images_in_test(run: _Run, config: RunConfig, names: Sequence[str]) -> None:
@@ -786,18 +837,22 @@ def add_task(
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
             "unirestore.source": metadata["path"]}  # fmt: skip
     params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
-    tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
-    run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
-    _note_training_images_in_test(run, config, [task])
-    status = "FAILED"
-    try:
-        final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
-        table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added")
-        status = "FINISHED"
-        metrics = {**run.last_terms, **(table.flat() if table else {})}
-        return TrainResult(checkpoint=final, metrics=metrics, run_id=tracker.run_id, table=table)
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
+    with run_folder_lock(output, distributed.main):
+        _check_folder(output, [stage.name], resume)  # again, now that no other run can start here
+        tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
+        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+        status = "FAILED"
+        try:
+            if resume and not _resumable(output, [stage.name]):
+                run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; adding '{task}' anew")
+            _note_training_images_in_test(run, config, [task])
+            final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
+            table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added")
+            status = "FINISHED"
+            metrics = {**run.last_terms, **(table.flat() if table else {})}
+            return TrainResult(checkpoint=final, metrics=metrics, run_id=tracker.run_id, table=table)
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            tracker.end(status)

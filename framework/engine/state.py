@@ -109,9 +109,10 @@ def read_training_state(folder: Path) -> TrainingState:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (unpickling fails in many ways; each means an unusable file)
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        first = str(error).splitlines()[0].split(". ")[0][:160] if str(error) else type(error).__name__
         raise CheckpointError(
-            f"training state {path} is corrupt ({first}); delete the stage folder to restart it"
+            f"training state {path} is corrupt ({first}); its optimiser state is lost, so the stage restarts: "
+            f"delete {folder} and run again with --resume"
         ) from None
     if not isinstance(payload, dict) or payload.pop("format", None) != STATE_FORMAT:
         raise CheckpointError(f"{path} is not a unirestore training state; delete it to restart the stage")

@@ -4,7 +4,9 @@ or a notebook that has its own run is left alone).
 Every `unirestore train` / `task add` call is one MLflow run holding: the resolved config (`config.json`),
 params (stage, tasks, β, prior, steps, batch), per-step loss terms and learning rate, periodic validation
 metrics, before/after image grids (LQ | restored | HQ) and the final checkpoints as artifacts, and tags for
-the stages, tasks and prior. The experiment is created with its artifact location under the run folder.
+the stages, tasks and prior. A sqlite store keeps its artifacts in `mlartifacts/` beside its database file,
+shared by every run of every experiment (each under its own run id): deleting one run folder takes nothing of
+another run's with it.
 `Tracker(enabled=False)` (non-zero DDP ranks) does nothing.
 """
 
@@ -21,14 +23,27 @@ from ..files import atomic_write_text
 RUN_FILE = "mlflow_run.json"
 
 
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlartifacts/` beside a sqlite store's database (as
+    `mlflow server` keeps them); None (MLflow's own choice) for a file store or a tracking server."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme != "sqlite":
+        return None
+    database = Path(unquote(parsed.path))  # sqlite:////abs/x.db -> /abs/x.db; sqlite:///x.db -> /x.db
+    if tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        database = Path(unquote(tracking_uri[len("sqlite:///") :]))  # relative to the working directory
+    return (database.resolve().parent / "mlartifacts").as_uri()
+
+
 class Tracker:
     """One MLflow run. Methods are no-ops when disabled."""
 
-    def __init__(self, tracking_uri: str, experiment: str, artifact_root: Path, enabled: bool = True):
+    def __init__(self, tracking_uri: str, experiment: str, enabled: bool = True):
         self.enabled = enabled
         self.tracking_uri = tracking_uri
         self.experiment = experiment
-        self.artifact_root = Path(artifact_root)
         self.run_id = ""
         self._client = None
 
@@ -54,11 +69,8 @@ class Tracker:
         found = self.client.get_experiment_by_name(self.experiment)
         if found is not None:
             return found.experiment_id
-        self.artifact_root.mkdir(parents=True, exist_ok=True)
         try:
-            return self.client.create_experiment(
-                self.experiment, artifact_location=self.artifact_root.resolve().as_uri()
-            )
+            return self.client.create_experiment(self.experiment, artifact_location=artifact_location(self.tracking_uri))
         except MlflowException:  # another process created it in between
             found = self.client.get_experiment_by_name(self.experiment)
             if found is None:

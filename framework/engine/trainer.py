@@ -272,8 +272,17 @@ def batch_iterator(
         persistent_workers=False,
         prefetch_factor=2,
         pin_memory=pin_memory,
+        worker_init_fn=ignore_interrupts,
     )
     return _closing(iter(loader))
+
+
+def ignore_interrupts(worker_id: int = 0) -> None:
+    """A DataLoader worker leaves Ctrl-C to the main process (a terminal sends it to the whole process group):
+    a worker killed by it first would be reported as a worker failure instead of an interruption."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _closing(iterator: Iterator) -> Iterator:
