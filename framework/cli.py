@@ -385,6 +385,10 @@ def task_add(
         name = resolve_task_name(name)
         overrides = []
         if steps is not None:
+            if steps < 1:
+                from .config import ConfigError
+
+                raise ConfigError(f"--steps {steps}: the new prompt needs at least 1 training step")
             overrides.append(f"train.stage3_steps={steps}")
         if beta is not None:
             overrides.append(f"train.beta.{name}={beta}")
@@ -942,13 +946,13 @@ def sweep_beta(
         from .sweep import sweep_beta as run_sweep
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        result = run_sweep(
+        # prints its summary: the trials, the best β, its config file and checkpoint
+        run_sweep(
             source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
             scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,
             gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
             output=output, resume=resume,
         )  # fmt: skip
-        typer.echo(f"best β: {result.beta}\nconfig: {result.config_file}\ncheckpoint: {result.checkpoint}")
 
 
 @sweep_app.command("extend")

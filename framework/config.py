@@ -224,6 +224,11 @@ def apply_overrides(instance: Any, overrides: list[str], source: str = "--set") 
                     )
                 tp = types_[key]
                 cls = tp if dataclasses.is_dataclass(tp) else None
+                if last and cls is not None and not isinstance(value, dict):
+                    raise ConfigError(
+                        f"{source} '{item}': '{where}' is a section, not a value; set its keys, e.g. "
+                        f"{where}.{min(_field_types(cls))}=..."
+                    )
             elif not isinstance(node, dict):
                 raise ConfigError(f"{source} '{item}': '{keys[depth - 1]}' is not a mapping")
             if last:

@@ -551,9 +551,11 @@ def degrade_folder(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from .console import make_console
+
     columns = (TextColumn("degrading"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with contextlib.ExitStack() as stack:
-        bar = stack.enter_context(Progress(*columns, disable=not progress))
+        bar = stack.enter_context(Progress(*columns, disable=not progress, console=make_console(stderr=True)))
         task = bar.add_task("degrade", total=len(files) * len(names))
         firsts = [job(paths[0]) for paths in candidates.values()]
         if workers > 1 and len(firsts) > 1:

@@ -988,11 +988,14 @@ def sweep_beta(
     if any(not gap > 0 for gap in (gaps or {}).values()):
         raise SweepError(f"gaps {dict(gaps)}: each must be positive")
     if metadata["extra"].get("stage") not in (None, "stage1"):
-        import warnings
+        from rich.console import Console
+        from rich.markup import escape
 
-        warnings.warn(f"{source_path} is a {metadata['extra'].get('stage')} checkpoint; each trial fine-tunes its "
-                      "TFA and prompts instead of training them from the start (give a stage1.safetensors)",
-                      stacklevel=2)  # fmt: skip
+        Console(stderr=True, soft_wrap=True).print(
+            f"[yellow]note[/yellow]: {escape(str(source_path))} is a {metadata['extra'].get('stage')} checkpoint; "
+            "each trial fine-tunes its TFA and prompts instead of training them from the start (give a "
+            "stage1.safetensors)"
+        )
 
     from ray import tune
 

@@ -441,6 +441,7 @@ def _corrupt(root):
         (["train", "--tasks", "pir,cls", "--data", "{real_cls}", "--set", "downstream_checkpoints.resnet50={corrupt}",
           "--set", "downstream_checkpoints.vit_base_patch16_224={corrupt}"], "corrupt.safetensors"),
         (["task", "add", "detection", "--from", "{corrupt}"], "corrupt"),  # the alias names det
+        (["task", "add", "det", "--from", "{corrupt}", "--steps", "0"], "--steps 0: the new prompt needs at least"),
         (["train", "--tasks", "pir,segmentaton"], "known tasks: cls (classification), det (detection)"),
         (["task", "add", "det", "--from", "{corrupt}", "--set", "data={missing_root}"], "tasks.det[0] (coco): root /no/such/coco is not"),
         (["restore", "{root}", "--ckpt", "{root}/missing.safetensors"], "checkpoint not found"),

@@ -138,6 +138,9 @@ def test_run_config_is_strict_and_round_trips(tmp_path):
         apply_overrides(config, ["train.precision=fp8"])
     with pytest.raises(ConfigError, match="decoder_input"):
         apply_overrides(config, ["train.decoder_input=other"])
+    # a section given a value is named itself, not the next item that trips over it
+    with pytest.raises(ConfigError, match=r"'train=3': 'train' is a section, not a value; set its keys"):
+        apply_overrides(config, ["train=3", "train.stage1_steps=1"])
 
 
 def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):

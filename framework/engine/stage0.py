@@ -130,7 +130,9 @@ def _loop(
     columns = (TextColumn(f"[bold]stage 0 {name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))  # fmt: skip
     started = time.perf_counter()
-    with RichProgress(*columns, disable=not progress) as bar:
+    from ..console import make_console
+
+    with RichProgress(*columns, disable=not progress, console=make_console()) as bar:
         task = bar.add_task(name, total=steps, rate="-", loss="")
         for step in range(1, steps + 1):
             terms = step_fn()

@@ -475,6 +475,8 @@ class Progress(HookBase):
         )
         from rich.progress import Progress as RichProgress
 
+        from ..console import make_console
+
         self._progress = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -485,6 +487,7 @@ class Progress(HookBase):
             TimeRemainingColumn(),
             TextColumn("{task.fields[loss]}"),
             transient=False,
+            console=make_console(),
         )
         self._progress.start()
         trainer = self.trainer
