@@ -563,10 +563,10 @@ def degrade_folder(
             from concurrent.futures import ProcessPoolExecutor
 
             # spawn, not fork: the parent may hold torch's thread pools
-            pool = stack.enter_context(
-                ProcessPoolExecutor(min(workers, len(firsts)), mp_context=multiprocessing.get_context("spawn"))
-            )
-            results = pool.map(_degrade_file, firsts, chunksize=max(1, min(16, len(firsts) // (4 * workers))))
+            pool = ProcessPoolExecutor(min(workers, len(firsts)), mp_context=multiprocessing.get_context("spawn"))
+            stack.callback(pool.shutdown, wait=True, cancel_futures=True)  # Ctrl-C: the queued files are dropped
+            with _interrupts_left_to_this_process():  # the workers start (and stay) deaf to Ctrl-C
+                results = pool.map(_degrade_file, firsts, chunksize=max(1, min(16, len(firsts) // (4 * workers))))
         else:
             results = map(_degrade_file, firsts)
         for first, (file_rows, reason) in zip(firsts, results, strict=True):  # in file order, whatever the workers
@@ -594,6 +594,24 @@ def degrade_folder(
         atomic_write(report.manifest, write)
     report.seconds = time.perf_counter() - started
     return report
+
+
+@contextlib.contextmanager
+def _interrupts_left_to_this_process():
+    """Ignore Ctrl-C while worker processes start: they inherit it (Python keeps an ignored SIGINT ignored),
+    so a terminal's Ctrl-C, sent to the whole process group, reaches this process alone and stops the run in
+    one line, instead of a traceback from each worker."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def degrade_command(

@@ -224,3 +224,32 @@ def test_degrade_folder_in_worker_processes_writes_what_one_process_writes(tmp_p
     assert len(outputs[1]) == 11 and outputs[1] == outputs[2]  # 5 images × 2 degradations + manifest.csv
     with pytest.raises(ValueError, match="--workers 0"):
         degrade_folder(src, tmp_path / "w0", corruption="rain", progress=False, workers=0)
+
+
+def _sigint_handler(queue) -> None:
+    import signal
+
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_degrade_workers_start_deaf_to_ctrl_c():
+    """A terminal's Ctrl-C goes to the whole process group: workers started inside this block ignore it (they
+    inherit the ignored signal through spawn), so only the main process stops, in one line."""
+    import multiprocessing
+    import signal
+
+    from unirestore.framework.degrade import _interrupts_left_to_this_process
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    before = signal.getsignal(signal.SIGINT)
+    with _interrupts_left_to_this_process():
+        child = context.Process(target=_sigint_handler, args=(queue,))
+        child.start()
+    assert signal.getsignal(signal.SIGINT) is before  # the main process answers Ctrl-C again
+    assert queue.get(timeout=60) is True
+    child.join(timeout=60)
+    outside = context.Process(target=_sigint_handler, args=(queue,))
+    outside.start()
+    assert queue.get(timeout=60) is False  # without the block a worker would die of it
+    outside.join(timeout=60)
