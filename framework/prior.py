@@ -202,6 +202,18 @@ def _weights_variant(source: str, subfolder: str) -> dict:
     return {}
 
 
+def _check_weights(name: str, source: str) -> None:
+    """A local folder's VAE and UNet weights, named before diffusers looks for them (it prints a hub fetch
+    error and a pickle warning before its own error)."""
+    for subfolder in ("vae", "unet"):
+        folder = Path(source) / subfolder
+        if folder.is_dir() and not any(p.name.endswith((".safetensors", ".bin", ".index.json")) for p in folder.iterdir()):
+            raise PriorError(
+                f"prior '{name}': {folder} holds no weights (diffusion_pytorch_model.safetensors, or its .fp16 "
+                "variant); copy them from the model's download"
+            )
+
+
 def _encode_empty_prompt(source: str, local_only: bool, device) -> torch.Tensor:
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
@@ -321,6 +333,8 @@ def load_prior(
     with _loading(name, local, offline), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
         _architecture(name, source, local_only)
+        if local:
+            _check_weights(name, source)
         vae = AutoencoderKL.from_pretrained(
             source, subfolder="vae", local_files_only=local_only, **_weights_variant(source, "vae")
         )

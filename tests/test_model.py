@@ -407,6 +407,10 @@ def test_tiny_prior_saved_with_save_pretrained_loads_through_the_folder_loader(t
     assert torch.equal(prior.empty_prompt_embeds, tiny_prior.empty_prompt_embeds)
     assert isinstance(prior.unet, UNet2DConditionModel)
     assert all(not p.requires_grad for p in prior.unet.parameters())
+    # a folder whose UNet weights are missing (a partial copy) is named before diffusers looks for them
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(PriorError, match=r"sd-like/unet holds no weights \(diffusion_pytorch_model.safetensors"):
+        load_prior(folder)
 
 
 def test_bad_prior_paths_fail_clearly(tmp_path):
