@@ -556,7 +556,9 @@ def restore(
         world, rank = position.world_size, position.rank
         torch_device = launch_device(position, device)
         _check_precision(precision, torch_device)
-        files, problems, renamed = collect_images(list(images), out)
+        # one task writes OUT/<name>: an input folder named side-by-side must not land on the rows' folder
+        reserved = [SIDE_BY_SIDE] if side_by_side and len(tasks) == 1 else []
+        files, problems, renamed = collect_images(list(images), out, reserved)
         if not files:  # before the model loads: nothing to restore is a mistake in the command
             raise ConfigError(f"no image to restore: {'; '.join(problems) or 'no inputs'}")
         ckpt = resolve_checkpoint(ckpt)  # a run folder: its newest checkpoint

@@ -34,13 +34,16 @@ def output_folders(out: Path, tasks: Sequence[str]) -> dict[str, Path]:
     return {task: out if len(tasks) == 1 else out / task for task in tasks}
 
 
-def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
+def collect_images(
+    inputs: Sequence[Path], out: Path, reserved: Sequence[str] = ()
+) -> tuple[list[tuple[Path, Path]], list[str], list[str]]:
     """(file, output name relative to `out`) for every image; problems and renames as messages.
 
     Files already under `out` are left out (an output folder inside an input folder is not restored again), a
     file given twice (itself and in its folder) is restored once, and no two files get the same output name:
     `a.jpg` beside `a.png`, or `x.png` from two folders, would overwrite each other, so later ones are named
-    `a_jpg.png`, then `x-2.png`, ...
+    `a_jpg.png`, then `x-2.png`, ... An input subfolder named as one of `reserved` (folders under `out` that
+    hold other outputs, such as the side-by-side rows) is renamed `<name>-input`.
     """
     from .data.io import DataError, list_images
 
@@ -71,7 +74,9 @@ def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, 
         once.setdefault(path.resolve(), (path, name))  # a file given twice (itself and in its folder): once
     found = list(once.values())
     for path, name in found:
-        wanted = name
+        wanted, reason = name, f"{name} is another input's"
+        if len(name.parts) > 1 and name.parts[0] in reserved:
+            name, reason = Path(f"{name.parts[0]}-input", *name.parts[1:]), f"{name.parts[0]}/ holds other outputs"
         if name in taken:
             name = name.with_name(f"{name.stem}_{path.suffix[1:].lower()}.png")
         stem, number = name.stem, 2
@@ -82,7 +87,7 @@ def collect_images(inputs: Sequence[Path], out: Path) -> tuple[list[tuple[Path, 
             problems.append(f"{path}: its output would overwrite it; write the restored images to another folder")
             continue
         if name != wanted:
-            renamed.append(f"{path} → {name} ({wanted} is another input's)")
+            renamed.append(f"{path} → {name} ({reason})")
         unique.append((path, name))
     return unique, problems, renamed
 

@@ -398,6 +398,14 @@ def test_restore_never_overwrites_an_input_or_another_output(trained, root):
     twice = root / "twice"
     result = runner.invoke(app, ["restore", str(other), str(other / "x.png"), "--ckpt", ckpt, "--out", str(twice)])
     assert result.exit_code == 0 and "restored 1 image(s)" in result.output and "renamed" not in result.output
+    # an input folder named side-by-side does not land on the side-by-side rows of the one-task output
+    (other / "side-by-side").mkdir()
+    Image.fromarray(pixels[:, :40]).save(other / "side-by-side" / "x.png")
+    rows = root / "rows"
+    result = runner.invoke(app, ["restore", str(other), "--side-by-side", "--ckpt", ckpt, "--out", str(rows)])
+    assert result.exit_code == 0 and "side-by-side/ holds other outputs" in " ".join(result.output.split())
+    assert Image.open(rows / "side-by-side-input" / "x.png").size == (40, 40)  # the subfolder's image, restored
+    assert Image.open(rows / "side-by-side" / "x.png").size == (2 + 48 + 2 + 48 + 2, 2 + 40 + 2)  # x.png's row
 
 
 def _corrupt(root):
