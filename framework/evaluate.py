@@ -79,8 +79,9 @@ def _images_per_task(counts: Mapping[str, int]) -> str:
 
 
 class _Chunks(torch.utils.data.Dataset):
-    """Chunk k of the first `count` images of `dataset`: (index of its first image, its samples, the unreadable
-    files its loading skipped as (path, reason): a DataLoader worker's own log of them stays in the worker)."""
+    """Chunk k of the first `count` images of `dataset`: (the indices of its readable images, their samples, the
+    unreadable files its loading skipped as (path, reason): a DataLoader worker's own log of them stays in the
+    worker). An unreadable test image is left out, not replaced: each image is scored once."""
 
     def __init__(self, dataset, count: int, batch_size: int):
         self.dataset, self.count, self.batch_size = dataset, count, batch_size
@@ -88,13 +89,18 @@ class _Chunks(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return math.ceil(self.count / self.batch_size)
 
-    def __getitem__(self, k: int) -> tuple[int, list, list[tuple[str, str]]]:
-        from .data.io import skip_mark, skipped_since
+    def __getitem__(self, k: int) -> tuple[list[int], list, list[tuple[str, str]]]:
+        from .data.io import UnreadableImage, skip_mark, skipped_since
 
         mark = skip_mark()
-        indices = range(k * self.batch_size, min((k + 1) * self.batch_size, self.count))
-        samples = [self.dataset[i] for i in indices]
-        return indices.start, samples, skipped_since(mark)
+        kept, samples = [], []
+        for i in range(k * self.batch_size, min((k + 1) * self.batch_size, self.count)):
+            try:
+                samples.append(self.dataset[i])
+            except UnreadableImage:  # noted in the skip log
+                continue
+            kept.append(i)
+        return kept, samples, skipped_since(mark)
 
 
 def _as_is(item):
@@ -117,23 +123,26 @@ def _fixed_batches(dataset, count: int | None, batch_size: int, workers: int = 0
         loaded = torch.utils.data.DataLoader(
             chunks, batch_size=None, collate_fn=_as_is, num_workers=workers, worker_init_fn=ignore_interrupts
         )
-        for start, samples, skipped in loaded:
+        for kept, samples, skipped in loaded:
             for path, reason in skipped:  # noted in this process, where the caller counts them
                 report_bad_file(UnreadableImage(path, reason))
-            yield from _batches(start, samples)
+            yield from _batches(kept, samples)
     else:
         for k in range(len(chunks)):
-            start, samples, _ = chunks[k]  # its skips are noted in this process already
-            yield from _batches(start, samples)
+            kept, samples, _ = chunks[k]  # its skips are noted in this process already
+            yield from _batches(kept, samples)
 
 
-def _batches(start: int, samples: list):
+def _batches(indices: list[int], samples: list):
+    """(the images' indices in the set, their batch)."""
     from .data.sample import collate
 
+    if not samples:
+        return
     if len({tuple(sample["lq"].shape) for sample in samples}) > 1:  # full images of several sizes
-        yield from ((start + offset, collate([sample])) for offset, sample in enumerate(samples))
+        yield from (([index], collate([sample])) for index, sample in zip(indices, samples, strict=True))
     else:
-        yield start, collate(samples)
+        yield indices, collate(samples)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -201,18 +210,18 @@ def image_bar(description: str, total: int, enabled: bool = True, console=None):
         yield advance
 
 
-def _generators(seed: int, start: int, count: int, device) -> list[torch.Generator]:
+def _generators(seed: int, indices: Sequence[int], device) -> list[torch.Generator]:
     """One generator per test image, seeded by the image's index: its restoration does not depend on the batch
     it is in (`--batch-size`), nor on which images came before."""
-    return [torch.Generator(device=device).manual_seed((seed * 2**32 + start + i) % 2**64) for i in range(count)]
+    return [torch.Generator(device=device).manual_seed((seed * 2**32 + i) % 2**64) for i in indices]
 
 
-def _restore_prompts(model, images, prompts: list[str], seed: int, start: int, tile_size) -> dict[str, torch.Tensor]:
-    """{prompt: restored images}, all from one encode and denoise, images `start`, `start + 1`, ... of the
-    set; one prompt at a time, from the same noise, if the decoder's copies do not fit."""
-    count, device = images.shape[0], images.device
+def _restore_prompts(model, images, prompts: list[str], seed: int, indices: Sequence[int], tile_size) -> dict[str, torch.Tensor]:
+    """{prompt: restored images}, all from one encode and denoise, of the images at `indices` of the set; one
+    prompt at a time, from the same noise, if the decoder's copies do not fit."""
+    device = images.device
     try:
-        generators = _generators(seed, start, count, device)
+        generators = _generators(seed, indices, device)
         return model.restore_tasks(images, prompts, generator=generators, tile_size=tile_size)
     except torch.OutOfMemoryError:
         if len(prompts) == 1:
@@ -221,7 +230,7 @@ def _restore_prompts(model, images, prompts: list[str], seed: int, start: int, t
             torch.cuda.empty_cache()
     outputs = {}
     for prompt in prompts:
-        generators = _generators(seed, start, count, device)
+        generators = _generators(seed, indices, device)
         outputs[prompt] = model.restore(images, task=prompt, generator=generators, tile_size=tile_size)
     return outputs
 
@@ -284,18 +293,20 @@ def evaluate(
             evaluators = {row: task.evaluator() for row in rows}
             per_image: dict[str, list[dict]] = {row: [] for row in rows}
             every_name: list[str] = []
+            every_index: list[int] = []  # each scored image's index in the set (unreadable ones are left out)
             kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
             losses: list[tuple[float, int, tuple]] = []  # (restored − LQ, index, (lq, restored, hq)), worst first
             dataset = task.dataset(split)
             description = f"evaluating {task.name} {label}".strip()
             table.counts[task.name] = len(dataset) if samples is None else min(samples, len(dataset))
             with image_bar(description, table.counts[task.name], progress) as advance:
-                for done, batch in _fixed_batches(dataset, samples, batch_size, workers):
+                for indices, batch in _fixed_batches(dataset, samples, batch_size, workers):
                     batch = _to(batch, device)
                     count = batch["lq"].shape[0]
-                    restored = _restore_prompts(model, batch["lq"], restoring, seed, done, tile_size) if restoring else {}
-                    names = [path or f"#{done + i}" for i, path in enumerate(batch.get("path") or [""] * count)]
+                    restored = _restore_prompts(model, batch["lq"], restoring, seed, indices, tile_size) if restoring else {}
+                    names = [path or f"#{index}" for index, path in zip(indices, batch.get("path") or [""] * count)]
                     every_name += names
+                    every_index += indices
                     scores = {}
                     for row, prompt in rows.items():
                         images = batch[row] if prompt is None else restored[prompt]
@@ -309,7 +320,7 @@ def evaluate(
                             for i in range(count):
                                 if drops[i] < 0:  # NaN (not scored) compares False
                                     triple = _for_grid(batch["lq"][i], restored[task.name][i], batch["hq"][i])
-                                    losses.append((float(drops[i]), done + i, triple))
+                                    losses.append((float(drops[i]), indices[i], triple))
                             losses = sorted(losses, key=lambda item: item[:2])[:worse]
                     advance(count)
                     if len(kept) < examples:
@@ -317,6 +328,7 @@ def evaluate(
                         shown = restored[task.name] if own is not None else batch["lq"]
                         kept += [_for_grid(*triple) for triple in zip(batch["lq"][:take], shown[:take], batch["hq"][:take])]
             table.results[task.name] = {row: evaluators[row].compute() for row in rows}
+            table.counts[task.name] = len(every_index)  # the images scored (unreadable ones left out)
             late_rows = set()
             for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
                 late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
@@ -325,8 +337,8 @@ def evaluate(
                     late_rows.add(row)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if own in late_rows and "lq" in late_rows and worse:
-                losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"], seed,
-                                       worse, tile_size, device)  # fmt: skip
+                losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"],
+                                       every_index, seed, worse, tile_size, device)  # fmt: skip
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
             if losses:
@@ -336,7 +348,7 @@ def evaluate(
     return table
 
 
-def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, seed, worse, tile_size,
+def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, indices, seed, worse, tile_size,
                   device) -> list[tuple[float, int, tuple]]:
     """The `worse` images restored furthest below their LQ, worst first, as (restored − LQ, index, triple),
     for values known only once the whole set is seen (a retrieval hit, an image's detection mAP): the images
@@ -344,12 +356,12 @@ def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, seed, w
     from .data.sample import collate
 
     metric = next(key for key in restored_rows[0] if key != "image")
-    drops = [(restored[metric] - lq[metric], i) for i, (restored, lq) in enumerate(zip(restored_rows, lq_rows))]
+    drops = [(restored[metric] - lq[metric], index) for index, restored, lq in zip(indices, restored_rows, lq_rows)]
     order = sorted((drop, i) for drop, i in drops if drop < 0)[:worse]  # NaN (not scored) compares False
     triples = []
     for _, i in order:
         batch = _to(collate([dataset[i]]), device)
-        restored = _restore_prompts(model, batch["lq"], prompts, seed, i, tile_size)[task]
+        restored = _restore_prompts(model, batch["lq"], prompts, seed, [i], tile_size)[task]
         triples.append(_for_grid(batch["lq"][0], restored[0], batch["hq"][0]))
     return [(drop, i, triple) for (drop, i), triple in zip(order, triples, strict=True)]
 

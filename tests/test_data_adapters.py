@@ -144,10 +144,14 @@ def test_image_folder_of_imagenet_synsets_keeps_their_imagenet_indices(tmp_path)
     _save(tmp_path / "subset" / "n01484850" / "b.jpg", _flat(20))  # great white shark: 2
     subset = ImageFolder(tmp_path / "subset", split="val", size=16)
     assert [int(subset[i]["label"]) for i in range(2)] == [1, 2] and subset.num_classes == 1000
-    _save(tmp_path / "mixed" / "n01443537" / "a.jpg", _flat(10))
-    _save(tmp_path / "mixed" / "001.Black_footed_Albatross" / "b.jpg", _flat(20))  # CUB: by position
-    mixed = ImageFolder(tmp_path / "mixed", split="val", size=16)
-    assert [int(mixed[i]["label"]) for i in range(2)] == [0, 1] and mixed.num_classes == 2
+    _save(tmp_path / "cub" / "001.Black_footed_Albatross" / "a.jpg", _flat(10))  # CUB: by position
+    _save(tmp_path / "cub" / "002.Laysan_Albatross" / "b.jpg", _flat(20))
+    cub = ImageFolder(tmp_path / "cub", split="val", size=16)
+    assert [int(cub[i]["label"]) for i in range(2)] == [0, 1] and cub.num_classes == 2
+    # one stray folder (a zip's __MACOSX) among synsets would renumber every class by position: refused
+    _save(tmp_path / "subset" / "__MACOSX" / "._a.jpg", _flat(30))
+    with pytest.raises(DataError, match=r"2 classes are ImageNet synsets but 1 sub-folders of .* are not \(e.g. '__MACOSX'\)"):
+        ImageFolder(tmp_path / "subset", split="val", size=16)
 
 
 def _cityscapes(root: Path, split: str = "val", train_ids: bool = False) -> None:

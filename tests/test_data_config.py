@@ -64,6 +64,8 @@ tasks:
     datasets = build_task_datasets(config, "train")
     pir_set = datasets["pir"]
     assert isinstance(pir_set, WeightedConcat) and len(pir_set) == 3 * 2 + 2
+    # a held-out split scores each image once, whatever the training weight
+    assert len(build_task_datasets(config, "test")["pir"]) == 3 + 4
     batch = collate([pir_set[i] for i in range(len(pir_set))])  # folder and generated samples batch together
     assert batch["hq"].shape == batch["lq"].shape == (8, 3, 32, 32)
     assert (

@@ -204,6 +204,9 @@ def test_workers_read_the_same_test_images_and_count_the_unreadable_ones(checkpo
         outputs[workers] = [(out / name).read_text() for name in ("eval.csv", "eval_images.csv")]
     assert outputs["0"] == outputs["2"]
     assert "2b-broken" not in outputs["2"][1] and outputs["2"][1].count("4.png") == 2  # psnr and ssim rows
+    # the unreadable image is left out, not replaced by the next one (which would be scored twice)
+    assert all(outputs["2"][1].count(f"{name}.png") == 2 for name in "01234")
+    assert json.loads((folder / "workers-2" / "eval.json").read_text())["images"] == {"pir": 5}
     # one file skipped under two degradations is one file, named
     out = folder / "workers-two-units"
     result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--samples", "0", "--data", str(data),

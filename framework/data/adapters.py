@@ -101,7 +101,7 @@ class FileDataset(Dataset):
         self.root = Path(root)
         self.split, self.size, self.seed = split, size, seed
         self.epoch = 0
-        self._bad: set[int] = set()
+        self._bad: dict[int, UnreadableImage] = {}  # record -> why it cannot be read
         self.records: list = []
         self.index()
         if not self.records:
@@ -126,7 +126,7 @@ class FileDataset(Dataset):
                 return
             except UnreadableImage as error:
                 report_bad_file(error)
-                self._bad.add(i)
+                self._bad[i] = error
                 first_error = first_error or error
         raise DataError(
             f"{self.root}: none of the {len(self.records)} image file(s) can be read "
@@ -145,12 +145,16 @@ class FileDataset(Dataset):
         for step in range(count):
             i = (index + step) % count
             if i in self._bad:
+                if self.split != "train":
+                    raise self._bad[i]
                 continue
             try:
                 sample = self.load(i)
             except UnreadableImage as error:
                 report_bad_file(error)
-                self._bad.add(i)
+                self._bad[i] = error
+                if self.split != "train":
+                    raise  # a held-out image is skipped, not replaced by the next one (scored twice)
                 continue
             rng = np.random.default_rng([self.seed, self.epoch, index])
             return fit_to_size(sample, self.size, self.split == "train", rng)
@@ -378,6 +382,15 @@ class ImageFolder(FileDataset):
         self.class_names = [names[i] for i in positions]
         imagenet = _imagenet_indices()
         self.imagenet_labels = all(name in imagenet for name in self.class_names)
+        others = [name for name in self.class_names if name not in imagenet]
+        if not self.imagenet_labels and len(others) < len(self.class_names):
+            # a stray folder (__MACOSX) or a mistyped synset would silently renumber every class by position
+            where = f"rows of {self.labels}" if self.labels is not None else f"sub-folders of {self.root}"
+            raise DataError(
+                f"{self.root}: {len(self.class_names) - len(others)} classes are ImageNet synsets but {len(others)} "
+                f"{where} are not (e.g. {others[0]!r}); remove or correct them, so that every class keeps its "
+                "ImageNet index"
+            )
         for position in positions:
             name = names[position]
             label = imagenet[name] if self.imagenet_labels else int(name) if indices else position

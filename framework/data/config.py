@@ -456,7 +456,9 @@ def build_task_dataset(
             f"set with splits: [{split}]"
         )
     datasets = [build_dataset(e, split, size, _derive(seed, k), degradation) for k, e in serving]
-    return WeightedConcat(datasets, [e.weight for _, e in serving], seed=_derive(seed, len(entries)))
+    # weights mix the training sets; a held-out split scores each of its images once
+    weights = [e.weight if split == "train" else 1.0 for _, e in serving]
+    return WeightedConcat(datasets, weights, seed=_derive(seed, len(entries)))
 
 
 def build_task_datasets(
