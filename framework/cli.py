@@ -652,8 +652,10 @@ def downstream_train(
         run_config = _build_config(config, list(set_ or []))
         size = run_config.train.crop_size or prior_native_size(run_config.prior)
         built = build_tasks(run_config, [task], resolve_device(run_config.train.device), size)[task]
+        from ..tasks.base import Task
+
         prepare = getattr(built, "prepare", None)
-        if not callable(prepare):
+        if not callable(prepare) or getattr(type(built), "prepare", None) is Task.prepare:  # the base's: nothing
             typer.echo(f"task '{task}' has no downstream model to train")
             return
         prepare(force=force)

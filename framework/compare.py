@@ -9,8 +9,8 @@ from pathlib import Path
 from .plots import panels, save
 
 KEY_PARAMS = ("stage", "tasks", "beta", "prior", "steps")
-# Metrics where lower is better; every other metric is taken as higher-better.
-LOWER_IS_BETTER_PREFIXES = ("loss/", "lpips", "time", "seconds")
+# Metrics where lower is better (a part of the name that starts so); every other is taken as higher-better.
+LOWER_IS_BETTER_PREFIXES = ("loss", "lpips", "time", "seconds")
 
 
 class CompareError(ValueError):
@@ -30,7 +30,8 @@ class Comparison:
 
 
 def _lower_is_better(metric: str) -> bool:
-    return metric.startswith(LOWER_IS_BETTER_PREFIXES)
+    """A loss at any level of the name (loss/cfrm, stage2/loss_total), a time, an LPIPS."""
+    return any(part.startswith(LOWER_IS_BETTER_PREFIXES) for part in metric.split("/"))
 
 
 def _local_store(tracking_uri: str) -> Path | None:
@@ -88,8 +89,16 @@ def compare_runs(
                 f"no run has metric(s) {', '.join(missing)}; metrics present: {', '.join(sorted(metric_columns))}"
             )
         chosen = list(metrics)
-    else:
-        chosen = sorted(m for m in metric_columns if not m.startswith("loss/") and m not in ("lr", "step"))
+    else:  # the metrics every run has, losses and learning rates left out
+        chosen = sorted(
+            m for m in metric_columns
+            if not _lower_is_better(m) and m.rsplit("/", 1)[-1] not in ("lr", "step") and frame[f"metrics.{m}"].notna().all()
+        )  # fmt: skip
+        if not chosen:
+            raise CompareError(
+                f"these {len(frame)} runs share no metric; name the ones to compare with --metric (e.g. "
+                f"{', '.join(sorted(metric_columns)[:3])})"
+            )
     params = [p for p in KEY_PARAMS if f"params.{p}" in frame.columns]
     rows, run_ids = [], []
     for _, record in frame.iterrows():

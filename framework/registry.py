@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import warnings
+import sys
 from collections.abc import Callable
 
 _TASKS: dict[str, type] = {}
@@ -57,8 +57,13 @@ def load_tasks() -> None:
     for entry_point in importlib.metadata.entry_points(group="unirestore.tasks"):
         try:
             loaded = entry_point.load()
-            if isinstance(loaded, type) and getattr(loaded, "name", None) and loaded.name not in _TASKS:
-                register_task(loaded, source=f"plugin {entry_point.value}")
+            if isinstance(loaded, type):
+                problem = _plugin_problem(loaded)
+                if problem:
+                    raise TypeError(problem)
+                if _TASKS.get(loaded.name) is not loaded:
+                    register_task(loaded, source=f"plugin {entry_point.value}")
+                _SOURCES[loaded.name] = f"plugin {entry_point.value}"
             else:
                 for name, cls in _TASKS.items():
                     if cls.__module__ == getattr(loaded, "__name__", None):
@@ -66,10 +71,24 @@ def load_tasks() -> None:
         except Exception as error:  # noqa: BLE001 (a plugin may fail in any way; it must not take the others down)
             message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             _BROKEN[entry_point.name] = message
-            warnings.warn(
-                f"task plugin '{entry_point.name}' ({entry_point.value}) failed to load and is skipped: {message}",
-                stacklevel=2,
+            print(  # one line (a warning would add its source line), on every command until it is fixed
+                f"warning: task plugin '{entry_point.name}' ({entry_point.value}) is skipped: {message}",
+                file=sys.stderr,
             )
+
+
+def _plugin_problem(cls: type) -> str:
+    """Why a plugin's task class cannot be a task, or ''."""
+    from ..tasks.base import Task
+
+    name = getattr(cls, "name", None)
+    if not name:
+        return f"{cls.__name__} has no `name`; give it one, e.g. name = \"edges\""
+    if name in _TASKS and _TASKS[name] is not cls:
+        return f"its name '{name}' is taken by {_SOURCES.get(name, 'another task')}; give it another name"
+    if issubclass(cls, Task) and cls.losses is Task.losses:
+        return f"{cls.__name__} defines no losses(restored, batch); a task must say what it trains for"
+    return ""
 
 
 def known_tasks() -> list[str]:

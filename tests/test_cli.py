@@ -889,3 +889,8 @@ def test_ctrl_c_is_one_line_naming_how_to_go_on(trained, root, monkeypatch):
     mlflow.set_tracking_uri(uri)
     runs = mlflow.search_runs(experiment_names=["unirestore"], filter_string="attributes.run_name = 'interrupted'")
     assert list(runs["status"]) == ["KILLED"]
+
+
+def test_downstream_train_says_when_a_task_has_no_downstream_model(root):
+    result = runner.invoke(app, ["downstream", "train", "--task", "pir"])
+    assert result.exit_code == 0 and "task 'pir' has no downstream model to train" in result.output

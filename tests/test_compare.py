@@ -11,17 +11,22 @@ def store(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     experiment = mlflow.create_experiment("demo", artifact_location=str(tmp_path / "artifacts"))
-    for name, psnr, acc in (("small-beta", 20.5, 0.61), ("big-beta", 19.0, 0.72)):
+    for name, psnr, acc, loss in (("small-beta", 20.5, 0.61, 0.3), ("big-beta", 19.0, 0.72, 0.2)):
         with mlflow.start_run(experiment_id=experiment, run_name=name):
             mlflow.log_params({"stage": "2", "tasks": "pir,cls", "beta": name, "prior": "tiny", "steps": 10})
-            mlflow.log_metrics({"pir/psnr": psnr, "cls/acc/resnet": acc, "loss/pir_l1": 0.1})
+            mlflow.log_metrics({"pir/psnr": psnr, "cls/acc/resnet": acc, "loss/pir_l1": 0.1,
+                                "stage2/loss_total": loss})  # fmt: skip
+            if name == "big-beta":
+                mlflow.log_metric("downstream/vit/acc", 0.5)  # a metric of one run alone
     return uri
 
 
 def test_two_runs_side_by_side_with_the_best_marked(store, tmp_path):
     comparison = compare_runs(store, experiment="demo")
     assert len(comparison.rows) == 2
-    assert comparison.metrics == ["cls/acc/resnet", "pir/psnr"]  # loss terms are left out by default
+    assert comparison.metrics == ["cls/acc/resnet", "pir/psnr"]  # shared metrics; losses are left out by default
+    # a loss at any level of its name is best at its minimum
+    assert compare_runs(store, experiment="demo", metrics=["stage2/loss_total"]).best == {"stage2/loss_total": 0.2}
     assert comparison.best == {"pir/psnr": 20.5, "cls/acc/resnet": 0.72}
     assert {"stage", "tasks", "beta", "prior", "steps"} <= set(comparison.columns)
     from rich.console import Console

@@ -40,16 +40,27 @@ def test_bad_files_are_skipped_with_one_warning_each_and_batches_stay_whole(tmp_
     (tmp_path / "readme.txt").write_text("not listed: no image suffix")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dataset = HQFolder(tmp_path, split="val", size=32)
+        dataset = HQFolder(tmp_path, split="train", size=32)
         batch = collate([dataset[i] for i in range(len(dataset))])
         again = collate([dataset[i] for i in range(len(dataset))])  # a second pass warns no more
     reported = [str(w.message) for w in caught if issubclass(w.category, BadFileWarning)]
     assert len(dataset) == 8 and batch["hq"].shape == (8, 3, 32, 32)
     assert sorted(m.split("file ")[1].split(":")[0].rsplit("/", 1)[1] for m in reported) == bad
-    # a bad index is replaced by the next readable sample, deterministically
+    # in training a bad index is replaced by the next readable sample, deterministically
     names = [p.rsplit("/", 1)[1] for p in batch["path"]]
     assert names == ["a.png", "c.png", "c.png", "e.png", "e.png", "g.png", "g.png", "a.png"]
     assert batch["path"] == again["path"] and torch.equal(batch["hq"], again["hq"])
+    # a held-out image is not replaced (it would be scored twice): its index raises, for the caller to skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        held_out = HQFolder(tmp_path, split="val", size=32)
+        kept = []
+        for i in range(len(held_out)):
+            try:
+                kept.append(held_out[i]["path"].rsplit("/", 1)[1])
+            except UnreadableImage:
+                continue
+    assert kept == ["a.png", "c.png", "e.png", "g.png"]
 
 
 def test_bad_files_in_dataloader_workers(tmp_path):
@@ -58,7 +69,7 @@ def test_bad_files_in_dataloader_workers(tmp_path):
     _write_bad_files(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dataset = HQFolder(tmp_path, split="val", size=32)
+        dataset = HQFolder(tmp_path, split="train", size=32)
     loader = DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collate)
     batches = list(loader)
     assert sum(len(b["path"]) for b in batches) == len(dataset) == 6

@@ -10,7 +10,6 @@ import importlib.metadata
 import json
 import math
 import time
-import warnings
 
 import pytest
 import torch
@@ -219,10 +218,22 @@ class _EntryPoint:
         return self._load()
 
 
-def test_a_broken_plugin_is_reported_and_skipped(monkeypatch):
+def test_a_broken_plugin_is_reported_and_skipped(monkeypatch, capsys):
     class PluginTask(Task):
         name = "plugin_demo"
         metric_names = ("score",)
+
+        def losses(self, restored, batch):
+            return {"loss/plugin_demo": restored.mean()}
+
+    class Clash(PluginTask):
+        name = "seg"  # a built-in's name
+
+    class Nameless(PluginTask):
+        name = ""
+
+    class NoLosses(Task):
+        name = "no_losses"
 
     def broken():
         raise ImportError("No module named 'missing_dependency'")
@@ -230,18 +241,24 @@ def test_a_broken_plugin_is_reported_and_skipped(monkeypatch):
     points = [
         _EntryPoint("broken", "broken_pkg.tasks", broken),
         _EntryPoint("good", "good_pkg:PluginTask", lambda: PluginTask),
+        _EntryPoint("clash", "clash_pkg:Clash", lambda: Clash),
+        _EntryPoint("nameless", "nameless_pkg:Nameless", lambda: Nameless),
+        _EntryPoint("no_losses", "nl_pkg:NoLosses", lambda: NoLosses),
     ]
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda **kwargs: points)
     monkeypatch.setattr(registry, "_LOADED", False)
     monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
     monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
     monkeypatch.setattr(registry, "_BROKEN", {})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        names = registry.known_tasks()
-    assert any("broken" in str(w.message) and "skipped" in str(w.message) for w in caught)
-    assert "missing_dependency" in registry.broken_plugins()["broken"]
-    assert {"pir", "cls", "seg", "det", "ret", "plugin_demo"} <= set(names)
+    names = registry.known_tasks()
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("warning: task plugin '") for line in lines)  # one line each
+    broken = registry.broken_plugins()
+    assert "missing_dependency" in broken["broken"]
+    assert "its name 'seg' is taken by unirestore.tasks.seg" in broken["clash"] and "has no `name`" in broken["nameless"]
+    assert "defines no losses" in broken["no_losses"]
+    assert {"pir", "cls", "seg", "det", "ret", "plugin_demo"} <= set(names) and "no_losses" not in names
+    assert registry.get_task_class("seg") is not Clash
     assert registry.task_source("plugin_demo").startswith("plugin ")
     # a data config naming a type the broken plugin would have registered says why it is missing
     from unirestore.framework.data.config import parse_data_config
