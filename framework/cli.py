@@ -781,6 +781,9 @@ def eval_(
             raise ConfigError(f"--batch-size {batch_size}: give at least 1")
         if workers is not None and workers < 0:
             raise ConfigError(f"--workers {workers}: give 0 (read in this process) or more")
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)  # found now, not after the evaluation
+        if existing is not None and not existing.is_dir():
+            raise ConfigError(f"--out {out}: {existing} is a file; give a folder for the tables and grids")
         run_config = _build_config(config, list(set_ or []))
         run_config.tasks = names
         data_unset = data is None and config is None

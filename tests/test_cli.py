@@ -470,6 +470,7 @@ def _corrupt(root):
         (["restore", "{root}", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--task", " , "], "give a task, e.g. pir, or several"),
         (["eval", "--ckpt", "{corrupt}", "--batch-size", "0"], "--batch-size 0: give at least 1"),
+        (["eval", "--ckpt", "{corrupt}", "--out", "{corrupt}"], "corrupt.safetensors is a file; give a folder for the"),
         (["eval", "--ckpt", "{corrupt}", "--device", "cuda:99"], "device cuda:99: this machine has"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "gpu"], "device 'gpu' is not a device; use auto"),
         (["restore", "{root}", "--ckpt", "{corrupt}", "--device", "mps"], "device 'mps': unirestore runs on cpu or"),
@@ -778,8 +779,8 @@ def test_an_output_path_through_a_file_is_one_line(trained, root, tmp_path):
         line = " ".join(result.stderr.split())
         if args[0] == "restore":  # the output folder is made before any work
             assert f"error: --out {photo}/out: cannot create this folder (Not a directory)" in line, line
-        else:
-            assert f"error: cannot write {photo}/" in line and "give --out / --output a folder path" in line
+        else:  # before the evaluation, not after it
+            assert f"error: --out {photo}/ev: {photo} is a file; give a folder" in line, line
     assert photo.is_file() and Image.open(photo).size == (24, 24)  # the input is untouched
 
 
