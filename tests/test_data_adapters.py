@@ -282,6 +282,14 @@ def test_coco_boxes_labels_and_crowd(tmp_path):
     assert small["boxes"].tolist() == [[0, 2.5, 10, 7.5], [10, 10, 20, 17.5]]
     with pytest.raises(DataError, match="annotation file missing"):
         COCODetection(tmp_path, split="train")
+    # a malformed annotation (no bbox, a null one, a string one, no category) is named, not a KeyError
+    for broken in ({"id": 9, "image_id": 1, "category_id": 1}, {"id": 9, "image_id": 1, "category_id": 1, "bbox": None},
+                   {"id": 9, "image_id": 1, "category_id": 1, "bbox": ["a", 1, 2, 3]}, {"id": 9, "image_id": 1, "bbox": [1, 1, 2, 2]}):  # fmt: skip
+        (tmp_path / "annotations" / "instances_val2017.json").write_text(
+            json.dumps({**annotations, "annotations": [*annotations["annotations"], broken]})
+        )
+        with pytest.raises(DataError, match=r"instances_val2017.json: annotation 9 is not a COCO box"):
+            COCODetection(tmp_path, split="val", size=None)
 
 
 def _voc(objects: list[tuple[str, int, int, int, int]]) -> str:

@@ -686,15 +686,22 @@ class COCODetection(FileDataset):
         to_label = {cid: label for label, cid in enumerate(self.category_ids)}
         per_image: dict[int, list[tuple[list[float], int]]] = defaultdict(list)
         for ann in annotations:
-            x, y, w, h = ann["bbox"]
+            try:
+                x, y, w, h = (float(value) for value in ann["bbox"])
+                category, image_id = ann["category_id"], ann["image_id"]
+            except (KeyError, TypeError, ValueError) as error:  # no or a malformed bbox, category or image
+                raise DataError(
+                    f"{self.annotations}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is not a "
+                    f"COCO box ({type(error).__name__}: {error}); each needs bbox [x, y, w, h], category_id, image_id"
+                ) from None
             if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
                 continue
-            if ann["category_id"] not in to_label:
-                raise DataError(
-                    f"{self.annotations}: annotation {ann.get('id')} has unknown category {ann['category_id']}"
-                )
-            per_image[ann["image_id"]].append(([x, y, x + w, y + h], to_label[ann["category_id"]]))
-        for image in sorted(images, key=lambda im: im["id"]):
+            if category not in to_label:
+                raise DataError(f"{self.annotations}: annotation {ann.get('id')} has unknown category {category}")
+            per_image[image_id].append(([x, y, x + w, y + h], to_label[category]))
+        for image in sorted(images, key=lambda im: im.get("id", -1)):
+            if "id" not in image or "file_name" not in image:
+                raise DataError(f"{self.annotations}: image entry {image!r:.120} lacks its id or file_name")
             objects = per_image.get(image["id"], [])
             if self.skip_empty and not objects:
                 continue
