@@ -45,6 +45,23 @@ def _local_store(tracking_uri: str) -> Path | None:
     return None
 
 
+def _check_server(tracking_uri: str) -> None:
+    """A tracking server that does not answer is named at once (MLflow would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return  # it answers (a server without /health, or behind a proxy): MLflow's own errors take over
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise CompareError(
+            f"cannot reach the tracking server at {tracking_uri} ({reason}); start it (mlflow server) or give "
+            "--tracking-uri sqlite:///<path>/mlflow.db"
+        ) from None
+
+
 def compare_runs(
     tracking_uri: str,
     experiment: str | None = None,
@@ -61,6 +78,10 @@ def compare_runs(
         raise CompareError(
             f"no tracking store at {store}; run this in the folder you trained in, or give --tracking-uri"
         )
+    if store is not None and store.is_file() and "://" not in tracking_uri:
+        raise CompareError(f"{tracking_uri} is a file: give a sqlite store as sqlite:///{store.resolve()}")
+    if tracking_uri.startswith(("http://", "https://")):
+        _check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.tracking.MlflowClient()
     if experiment:

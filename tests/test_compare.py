@@ -53,6 +53,11 @@ def test_a_missing_store_is_named_and_not_created(tmp_path):
         with pytest.raises(CompareError, match="no tracking store at .*; run this in the folder you trained in"):
             compare_runs(uri)
     assert not any(tmp_path.iterdir())  # MLflow would have made an empty store
+    (tmp_path / "mlflow.db").write_bytes(b"")  # a sqlite file given as a plain path
+    with pytest.raises(CompareError, match=r"mlflow.db is a file: give a sqlite store as sqlite:///"):
+        compare_runs(str(tmp_path / "mlflow.db"))
+    with pytest.raises(CompareError, match=r"cannot reach the tracking server at http://127.0.0.1:9"):
+        compare_runs("http://127.0.0.1:9")  # nothing listens on the discard port: named at once, no retries
 
 
 def test_training_curves_of_several_runs_side_by_side(tmp_path):
