@@ -141,6 +141,8 @@ def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
 
         if isinstance(error, TrainingDiverged):
             _fail(str(error), 1)
+        if type(error).__name__ == "SweepInterrupted":  # Ctrl-C reached Ray's driver first: an interruption
+            _fail(str(error), 130)
         if isinstance(error, torch.OutOfMemoryError):
             first = str(error).strip().split(". ")[0].split("\n")[0]  # "CUDA out of memory" and what it tried
             _fail(f"out of memory: {first}; {out_of_memory}", 1)
@@ -983,12 +985,12 @@ def sweep_extend(
         from .sweep import sweep_extend as run_extend
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        result = run_extend(
+        # prints its summary: the trials and the merged checkpoint
+        run_extend(
             source, parse_task_list(tasks), config=run_config, num_samples=num_samples,
             gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, steps=steps,
             output=output, resume=resume,
         )  # fmt: skip
-        typer.echo(f"merged checkpoint: {result.checkpoint}")
 
 
 def main() -> None:

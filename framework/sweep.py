@@ -1277,9 +1277,9 @@ def _cell(value: Any) -> str:
 
 
 def print_summary(result: BetaSweepResult | ExtendSweepResult, console=None) -> None:
-    from rich.console import Console
+    from .console import make_console
 
-    console = console or Console()
+    console = console or make_console()
     if isinstance(result, BetaSweepResult):
         console.print(trials_table(result.trials, [result.best.trial_id], title=f"β sweep: {result.folder}"))
         console.print(
