@@ -201,11 +201,17 @@ def parse_ranges(text: str | None) -> dict[str, tuple[float, float]]:
         if not item.strip():
             continue
         name, _, value = item.partition("=")
-        low, _, high = value.partition(":")
+        low, colon, high = value.partition(":")
         try:
-            ranges[task_key(name.strip())] = (float(low), float(high or low))
+            if not name.strip() or (colon and not high.strip()):  # "=1:2", "seg=1:" (a half-written range)
+                raise ValueError(item)
+            bounds = (float(low), float(high or low))
         except ValueError:
             raise SweepError(f"range '{item}': expected task=LOW:HIGH, e.g. seg=0.01:1") from None
+        key = task_key(name.strip())
+        if key in ranges:
+            raise SweepError(f"range '{item}': {key} is given twice; give each task one range")
+        ranges[key] = bounds
     return ranges
 
 

@@ -92,8 +92,11 @@ def trained_source(source):
 
 def test_parse_ranges_and_grid():
     assert parse_ranges("pir=1,seg=0.01:1") == {"pir": (1.0, 1.0), "seg": (0.01, 1.0)}
-    with pytest.raises(SweepError, match="task=LOW:HIGH"):
-        parse_ranges("seg=a:b")
+    for text in ("seg=a:b", "seg=1:", "=1:2"):  # a half-written range is not a fixed β
+        with pytest.raises(SweepError, match="task=LOW:HIGH"):
+            parse_ranges(text)
+    with pytest.raises(SweepError, match="pir is given twice"):
+        parse_ranges("pir=1,pir=2")
     assert _log_grid(0.01, 1.0, 3) == [0.01, 0.1, 1.0]
     assert _log_grid(0.5, 0.5, 4) == [0.5]
 
