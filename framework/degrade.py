@@ -504,8 +504,10 @@ def degrade_folder(
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst}: a file, not a folder; give DST a folder for the degraded copies")
     split = len(names) > 1
-    for folder in [dst / name for name in names] if split else [dst]:  # where the copies go
-        if folder.resolve() == src.resolve() or folder.resolve().is_relative_to(src.resolve()):
+    root = src.resolve()
+    outputs = {folder: folder.resolve() for folder in ([dst / name for name in names] if split else [dst])}
+    for folder, resolved in outputs.items():  # where the copies go
+        if resolved.is_relative_to(root):
             raise ValueError(
                 f"{folder}: the copies degraded by '{folder.name}' would be written into {src}, over the clean "
                 "images; choose a DST that does not hold the source folder under a degradation's name"
@@ -515,14 +517,13 @@ def degrade_folder(
         raise DataError(
             f"{src}: no image files found (looked for {', '.join(sorted({'.png', '.jpg', '.jpeg'}))}, ...)"
         )
-    root = src.resolve()
-    for folder in [dst / name for name in names] if split else [dst]:
-        if not root.is_relative_to(folder.resolve()):
+    for resolved in outputs.values():
+        if not root.is_relative_to(resolved):
             continue
         # an output folder holding SRC: refused if a copy would replace a source image, before any write
         sources = {root / path.relative_to(src) for path in files}
         for path in files:
-            target = folder.resolve() / path.relative_to(src).with_suffix(".png")
+            target = resolved / path.relative_to(src).with_suffix(".png")
             if target in sources:
                 raise ValueError(f"{target}: a degraded copy would replace this source image; choose another DST")
     try:

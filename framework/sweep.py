@@ -607,9 +607,9 @@ def _check_common(
 def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     """Before Ray starts: the data config and its roots, and the real downstream models the tasks load
     (the size only sets the detector's input side, which the check does not depend on)."""
-    from rich.console import Console
     from rich.markup import escape
 
+    from .console import make_console
     from .data.config import training_images_in_test
     from .engine import _check_data, _check_downstream, _data_config
 
@@ -617,7 +617,7 @@ def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     _check_downstream(config, list(tasks), config.train.crop_size or 512)
     data = _data_config(config)
     for message in training_images_in_test(data, list(tasks), str(config.data), "val") if data else []:
-        Console(stderr=True, soft_wrap=True).print(f"[yellow]note[/yellow]: {escape(message)}")
+        make_console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")
 
 
 def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
@@ -994,10 +994,11 @@ def sweep_beta(
     if any(not gap > 0 for gap in (gaps or {}).values()):
         raise SweepError(f"gaps {dict(gaps)}: each must be positive")
     if metadata["extra"].get("stage") not in (None, "stage1"):
-        from rich.console import Console
         from rich.markup import escape
 
-        Console(stderr=True, soft_wrap=True).print(
+        from .console import make_console
+
+        make_console(stderr=True).print(
             f"[yellow]note[/yellow]: {escape(str(source_path))} is a {metadata['extra'].get('stage')} checkpoint; "
             "each trial fine-tunes its TFA and prompts instead of training them from the start (give a "
             "stage1.safetensors)"

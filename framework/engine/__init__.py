@@ -449,7 +449,7 @@ def _check_folder(output: Path, stage_names: Iterable[str], resume: bool) -> Non
     if resume:
         return
     for name in stage_names:
-        if has_training_state(output / name) or (output / f"{name}.safetensors").is_file():
+        if _resumable(output, [name]):
             raise RunFolderError(
                 f"run folder {output} already holds {name}; add --resume to continue it, "
                 "or give another --output"
