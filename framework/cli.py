@@ -836,6 +836,9 @@ def eval_(
             typer.echo(f"process {distributed.rank} of {distributed.world_size} evaluated {evaluated}")
             if report.resumed:
                 typer.echo(f"process {distributed.rank} read back from {out / 'partial'}: {', '.join(report.resumed)}")
+            if report.retested:
+                typer.echo(f"process {distributed.rank} evaluated again, their test set changed since "
+                           f"{out / 'partial'} was saved: {', '.join(report.retested)}")  # fmt: skip
             distributed.barrier()
             if not distributed.main:
                 return
@@ -843,6 +846,9 @@ def eval_(
             report.resumed = []  # each process said above what it read back
         if report.resumed:
             typer.echo(f"read back from {out / 'partial'} (evaluated before): {', '.join(report.resumed)}")
+        if report.retested:
+            typer.echo(f"evaluated again, their test set changed since {out / 'partial'} was saved: "
+                       f"{', '.join(report.retested)}")  # fmt: skip
         files = report.write(out)
         Console().print(report.rich_table())
         for line in report.improved():  # how many images each prompt helped: a mean can hide a split

@@ -413,6 +413,8 @@ class EvalReport:
     grids: list = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)  # images evaluated per task
     resumed: list[str] = field(default_factory=list)  # "<degradation>/<task>" units read back, not evaluated
+    # "<degradation>/<task> (what changed)": units saved for another test set, evaluated again on resuming
+    retested: list[str] = field(default_factory=list)
 
     @property
     def skipped_files(self) -> int:
@@ -564,8 +566,8 @@ def _column_order(name: str) -> tuple:
     return (keys.index(name) if name in keys else len(keys) + (name == "HQ"),)
 
 
-def _read_partial(path: Path | None, key: dict) -> dict | None:
-    """A unit's saved results if `path` holds them for exactly `key` (same checkpoint, data, settings)."""
+def _read_partial(path: Path | None) -> dict | None:
+    """A unit's saved results (its `key` says for which checkpoint, data and settings), None if none."""
     import json
 
     if path is None or not path.is_file():
@@ -574,7 +576,49 @@ def _read_partial(path: Path | None, key: dict) -> dict | None:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):  # cut short by a kill before the rename: not there
         return None
-    return saved if saved.get("key") == key else None
+    return saved if isinstance(saved, dict) else None
+
+
+def _test_set_key(dataset) -> dict[str, object]:
+    """What a test set is: its number of images and a digest of every file it reads (path, size, modification
+    time) and of their labels, so that results saved for it are not read back once an image was added,
+    removed or replaced. Generated (built-in) data counts by its type and length."""
+    import hashlib
+
+    digest, images, pending = hashlib.sha256(), 0, [dataset]
+    while pending:  # Degraded wraps one dataset, WeightedConcat several
+        part = pending.pop(0)
+        if hasattr(part, "datasets") or hasattr(part, "dataset"):
+            pending += list(getattr(part, "datasets", None) or [part.dataset])
+            continue
+        records = getattr(part, "records", None)
+        if records is None:
+            digest.update(f"{type(part).__name__} {len(part)}\n".encode())
+            images += len(part)
+            continue
+        images += len(records)
+        for record in records:
+            for item in record if isinstance(record, tuple) else (record,):
+                if isinstance(item, Path):
+                    try:
+                        stat = item.stat()
+                        item = f"{item} {stat.st_size} {stat.st_mtime_ns}"
+                    except OSError:  # removed since it was listed: the set differs from any saved one
+                        item = f"{item} gone"
+                digest.update(f"{item!r}\n".encode())
+    return {"images": images, "digest": digest.hexdigest()[:16]}
+
+
+def _test_set_changed(saved: dict, key: dict) -> str | None:
+    """Why the `saved` unit is not read back when only its test set differs from `key`'s (None otherwise)."""
+    then, now = saved.get("key", {}).get("test_set"), key.get("test_set")
+    if then == now or {**saved.get("key", {}), "test_set": None} != {**key, "test_set": None}:
+        return None
+    if then is None:
+        return "saved without a record of its test set"
+    if then["images"] != now["images"]:
+        return f"{then['images']} images then, {now['images']} now"
+    return f"{now['images']} images, some of them added, removed or replaced"
 
 
 def _unit(table: EvalTable, task: str, prompts: Sequence[str], key: dict) -> dict:
@@ -631,8 +675,10 @@ def evaluate_checkpoint(
     `corruptions` None: the datasets' own degradation (the training distribution, fixed seeds).
 
     Each (degradation, task) unit's results are saved to `partial_folder` as it finishes; with `resume`, a
-    unit saved there for the same checkpoint and settings (`identity` adds what this function does not see:
-    the checkpoint file's size and time, the data, the precision) is read back instead of evaluated again.
+    unit saved there for the same checkpoint, settings and test set (`identity` adds what this function does
+    not see: the checkpoint file's size and time, the data, the precision) is read back instead of evaluated
+    again; one saved for a test set that has changed since (images added, removed or replaced) is evaluated
+    again and named in `retested`.
     `shard` (rank, world size): only every world-th unit, from the rank-th, is evaluated and reported (one
     process of several, each saving its units to the shared `partial_folder`). `workers` DataLoader
     processes read and degrade the test images ahead (the results do not depend on them).
@@ -650,6 +696,7 @@ def evaluate_checkpoint(
     units = [(corruption, label, name, task) for corruption, label in settings for name, task in tasks.items()]
     rank, world = shard
     skipped_paths: set[str] = set()
+    test_sets: dict[str, dict] = {}  # per task: the same files under every degradation
     with warnings.catch_warnings():  # skipped files are counted and named in the report, not warned of
         warnings.simplefilter("ignore", BadFileWarning)
         for corruption, label, name, task in units[rank::world]:
@@ -659,10 +706,17 @@ def evaluate_checkpoint(
                    "seed": seed, "batch_size": batch_size, "tile_size": tile_size, "prompts": chosen,
                    "degradation": label, "task": name}  # fmt: skip
             partial = None if partial_folder is None else Path(partial_folder) / f"{prefix}-{name}.json"
-            unit = _read_partial(partial, key) if resume else None
+            if partial is not None:  # results of another test set are never read back into this table
+                if name not in test_sets:
+                    test_sets[name] = _test_set_key(task.dataset(split))
+                key["test_set"] = test_sets[name]
+            saved = _read_partial(partial) if resume else None
+            unit = saved if saved is not None and saved.get("key") == key else None
             if unit is not None:
                 report.resumed.append(f"{label}/{name}")
             else:
+                if saved is not None and (changed := _test_set_changed(saved, key)):
+                    report.retested.append(f"{label}/{name} ({changed})")
                 task.context.degradation = (
                     None if corruption is None
                     else DegradationConfig(corruptions=[corruption], severity=severity or 3, rescale=False)

@@ -487,6 +487,40 @@ def test_eval_resume_evaluates_only_what_an_interrupted_run_left(checkpoint, mon
     assert again.exit_code == 0 and calls == ["gaussian_noise@2", "rain@2", "fog@2"]
 
 
+def test_eval_resume_evaluates_again_a_unit_whose_test_set_changed(checkpoint, tmp_path):
+    """Results saved for another test set are never read back into the table: an image added, replaced or
+    removed since makes --resume evaluate that unit again and say why; an unchanged set is read back."""
+    folder, path = checkpoint
+    photos = write_photos(tmp_path / "photos", dict.fromkeys("012", (40, 48)), seed=0)
+    data = tmp_path / "photos.yaml"
+    data.write_text(f"size: 32\ntasks:\n  pir: [{{type: hq_folder, root: {photos}}}]\n")
+    args = ("--tasks", "pir", "--data", str(data), "--samples", "0")
+    out = tmp_path / "out"
+    first, _ = _eval(folder, path, out, *args)
+    assert first.exit_code == 0, first.output
+    write_photos(photos, {"3": (40, 48)}, seed=1)  # an image added
+    grown, _ = _eval(folder, path, out, *args, "--resume")
+    said = " ".join(grown.output.split())
+    assert grown.exit_code == 0, grown.output
+    assert "test set changed since" in said and "default/pir (3 images then, 4 now)" in said
+    assert "read back" not in said
+    fresh, _ = _eval(folder, path, tmp_path / "fresh", *args)
+    assert fresh.exit_code == 0, fresh.output
+    for name in ("eval.csv", "eval_images.csv"):
+        assert (out / name).read_text() == (tmp_path / "fresh" / name).read_text()
+    assert json.loads((out / "eval.json").read_text())["images"] == {"pir": 4}
+    write_photos(photos, {"1": (48, 40)}, seed=2)  # one replaced under its name: as many images as before
+    replaced, _ = _eval(folder, path, out, *args, "--resume")
+    said = " ".join(replaced.output.split())
+    assert replaced.exit_code == 0 and "default/pir (4 images, some of them added, removed or replaced)" in said
+    (photos / "0.png").unlink()
+    shrunk, _ = _eval(folder, path, out, *args, "--resume")
+    assert shrunk.exit_code == 0 and "default/pir (4 images then, 3 now)" in " ".join(shrunk.output.split())
+    assert "0.png" not in (out / "eval_images.csv").read_text()
+    same, _ = _eval(folder, path, out, *args, "--resume")
+    assert same.exit_code == 0 and "read back from" in same.output and "evaluated again" not in same.output
+
+
 def test_eval_under_torchrun_shares_the_units_and_writes_one_processs_table(checkpoint, tmp_path):
     """Two processes (torchrun, CPU, gloo): each evaluates its (degradation, task) units, the first reads them all
     back and writes the tables, which equal one process's."""
