@@ -747,16 +747,19 @@ def eval_(
 
     Real data needs the real downstream models: give the run's config (--config, e.g. the run folder's
     config.yaml) or --set downstream_checkpoints.resnet50=PATH and the like."""
-    with _errors(
-        out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})",
-        interrupted="the same command with --resume keeps the results saved so far and evaluates the rest",
+    with (
+        _errors(
+            out_of_memory=f"give a smaller --batch-size (now {batch_size}) or --tile-size (now {tile_size})",
+            interrupted="the same command with --resume keeps the results saved so far and evaluates the rest",
+        ),
+        contextlib.ExitStack() as held,  # the --out folder's lock, once the command's input is checked
     ):
         from rich.console import Console
 
         from .checkpoint import load_checkpoint, resolve_checkpoint
         from .config import ConfigError, _default_tracking_uri
         from .degrade import parse_corruptions
-        from .engine import _check_data, _prepare, build_tasks
+        from .engine import _check_data, _prepare, build_tasks, run_folder_lock
         from .engine.trainer import setup_distributed
         from .evaluate import check_prompts, evaluate_checkpoint
         from .registry import parse_task_list
@@ -810,6 +813,8 @@ def eval_(
                 f"{saved or 'with the run config'}",
                 highlight=False, soft_wrap=True,
             )
+        # two evaluations in one --out would overwrite each other's partial results and tables
+        held.enter_context(run_folder_lock(out, distributed.main, user="eval", option="--out"))
         task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
         _prepare(task_objects, distributed)  # built-in downstream models: trained once, by the first process
         stat = Path(ckpt).stat()

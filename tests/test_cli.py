@@ -851,7 +851,8 @@ def test_a_run_folder_in_use_stops_a_second_training(trained, root):
         for args in (resume, ["task", "add", "det", "--from", str(output / "stage2.safetensors")]):
             result = runner.invoke(app, [*args, "--output", str(output), "--tracking-uri", uri, *TINY])
             line = " ".join(result.stderr.split())
-            assert result.exit_code == 2 and f"is in use by another training (process {os.getpid()} on" in line, line
+            holder = f"in use by another process writing there (training, process {os.getpid()} on"
+            assert result.exit_code == 2 and holder in line, line
         assert leftover.is_file()  # the holder's business, not the refused run's
     # free again: the resumed run (everything done) goes through and the leftover is gone
     result = runner.invoke(app, [*resume, "--output", str(output), "--tracking-uri", uri])

@@ -521,6 +521,27 @@ def test_eval_resume_evaluates_again_a_unit_whose_test_set_changed(checkpoint, t
     assert same.exit_code == 0 and "read back from" in same.output and "evaluated again" not in same.output
 
 
+def test_a_second_eval_into_the_same_out_stops_at_once(checkpoint, tmp_path):
+    """Two evaluations writing one --out would overwrite each other's partial results and tables: while one holds
+    the folder, another exits 2 with one line naming the holder and writes nothing there."""
+    import os
+
+    from unirestore.framework.engine import run_folder_lock
+
+    folder, path = checkpoint
+    out = tmp_path / "out"
+    with run_folder_lock(out, user="eval", option="--out"):
+        second, _ = _eval(folder, path, out, "--tasks", "pir", "--samples", "1")
+        line = " ".join(second.stderr.split())
+        assert second.exit_code == 2, second.output
+        holder = f"error: {out} is in use by another process writing there (eval, process {os.getpid()} on"
+        assert line.startswith(holder), line
+        assert line.endswith("wait for it to end, or give another --out") and "Traceback" not in second.output
+        assert [p.name for p in out.iterdir()] == [".lock"]
+    free, _ = _eval(folder, path, out, "--tasks", "pir", "--samples", "1")  # once it is free, it goes through
+    assert free.exit_code == 0 and (out / "eval.csv").is_file(), free.output
+
+
 def test_eval_under_torchrun_shares_the_units_and_writes_one_processs_table(checkpoint, tmp_path):
     """Two processes (torchrun, CPU, gloo): each evaluates its (degradation, task) units, the first reads them all
     back and writes the tables, which equal one process's."""

@@ -520,11 +520,12 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def run_folder_lock(output: Path, main: bool = True):
-    """Hold the run folder for this training: a second `train` or `task add` on it stops at once (their
-    stages, metric logs and checkpoints would mix), naming the process that holds it. The lock is the
-    kernel's (flock), so a killed run leaves none behind. Temporary files a kill left (a checkpoint cut
-    in half before its rename) are removed once the folder is held. Only the main process locks."""
+def run_folder_lock(output: Path, main: bool = True, user: str = "training", option: str = "--output"):
+    """Hold the output folder for this `user` (a training, an eval): a second command writing there stops at
+    once (their stages, metric logs, checkpoints or tables would mix), naming the process that holds it and
+    the `option` that gives another folder. The lock is the kernel's (flock), so a killed run leaves none
+    behind. Temporary files a kill left (a checkpoint cut in half before its rename) are removed once the
+    folder is held. Only the main process locks."""
     if not main:
         yield
         return
@@ -538,12 +539,12 @@ def run_folder_lock(output: Path, main: bool = True):
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             raise RunFolderError(
-                f"run folder {output} is in use by another training (process {holder}); wait for it to end, "
-                "or give another --output"
+                f"{output} is in use by another process writing there ({holder}); wait for it to end, or give "
+                f"another {option}"
             ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(f"{os.getpid()} on {socket.gethostname()}")
+        handle.write(f"{user}, process {os.getpid()} on {socket.gethostname()}")
         handle.flush()
         for stale in [*output.glob(".*.tmp"), *output.glob("*/.*.tmp")]:  # atomic_write's, cut by a kill
             stale.unlink(missing_ok=True)
