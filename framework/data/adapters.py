@@ -94,6 +94,9 @@ class FileDataset(Dataset):
     # `root` is the whole set whatever the split (a folder of images), so one entry serving both training and
     # the test split would score the training images.
     reads_split: ClassVar[bool] = False
+    # The sample keys this class fills with real values (the "gives" column above); a data config refuses an
+    # entry of this type under a task that reads a key it lacks. None: not declared, so not checked.
+    sample_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, root: str | Path, split: str = "train", size: int | None = 256, seed: int = 0):
         if split not in SPLITS:
@@ -170,6 +173,8 @@ class FileDataset(Dataset):
 class HQFolder(FileDataset):
     """Clean images under `root`, recursively (DIV2K, Flickr2K, OST, ...); wrap in `Degraded` for `lq`."""
 
+    sample_keys = ("hq",)
+
     def __init__(
         self,
         root: str | Path,
@@ -203,6 +208,8 @@ class PairedFolder(FileDataset):
     Images of different sizes: a clean image larger on both sides is centre-cropped, else the degraded one
     is resized to the clean one. A degraded image without a clean partner is a `DataError`.
     """
+
+    sample_keys = ("hq", "lq")
 
     def __init__(
         self,
@@ -342,6 +349,8 @@ class ImageFolder(FileDataset):
     subset of the folder) are left out; a first row that names no image is a header.
     """
 
+    sample_keys = ("hq", "label")
+
     def __init__(
         self,
         root: str | Path,
@@ -459,6 +468,7 @@ class Cityscapes(FileDataset):
     class_names = CITYSCAPES_CLASSES
     image_dir, image_suffix = "leftImg8bit", "_leftImg8bit"
     reads_split = True
+    sample_keys = ("hq", "mask")
 
     def __init__(
         self,
@@ -523,6 +533,7 @@ class FoggyCityscapes(Cityscapes):
     """
 
     image_dir, image_suffix = "leftImg8bit_foggy", "_leftImg8bit_foggy_beta_"
+    sample_keys = ("hq", "lq", "mask")
 
     def __init__(
         self,
@@ -572,6 +583,7 @@ class ACDC(FileDataset):
 
     class_names = CITYSCAPES_CLASSES
     reads_split = True
+    sample_keys = ("hq", "lq", "mask")
 
     def __init__(
         self,
@@ -646,6 +658,7 @@ class COCODetection(FileDataset):
     """
 
     reads_split = True
+    sample_keys = ("hq", "boxes", "box_labels")
 
     def __init__(
         self,
@@ -723,6 +736,7 @@ class RTTS(FileDataset):
     """
 
     class_names = RTTS_CLASSES
+    sample_keys = ("hq", "lq", "boxes", "box_labels")
 
     def __init__(
         self,

@@ -24,7 +24,8 @@ all), `split` (pins the split the dataset class reads; default: the one being bu
 sets: add `lq`; default true), `corruption` / `severity` (this entry's own degradation); the other keys are
 the dataset class's own arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and
 keys, missing required keys and values of the wrong type fail at parse time with the file, the key and the
-valid choices.
+valid choices; so does a type whose samples lack what its task reads (an `hq_folder` under `cls` has no
+labels: the types' `sample_keys` against the task's).
 """
 
 from __future__ import annotations
@@ -278,6 +279,39 @@ def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
     return config
 
 
+def _missing_keys(type_name: str, needed: tuple[str, ...], degrade: bool = True) -> list[str]:
+    """The keys of `needed` that samples of `type_name` lack; none where the type does not declare its
+    `sample_keys` (a plugin's may not)."""
+    gives = getattr(DATASET_TYPES[type_name], "sample_keys", None)
+    if gives is None:
+        return []
+    gives = {*gives, "lq"} if degrade else set(gives)  # `Degraded` adds lq to HQ-only sets
+    return [key for key in needed if key not in gives]
+
+
+def _check_serves(task: str, entries: list[DatasetEntry], where: str) -> None:
+    """Refuse an entry whose type cannot give `task` what it reads: it would train on nothing and score 0
+    accuracy, or a NaN mIoU, without a word."""
+    from ..registry import get_task_class
+
+    needed = tuple(get_task_class(task).sample_keys)
+    for k, entry in enumerate(entries):
+        missing = _missing_keys(entry.type, needed, entry.degrade)
+        if missing:
+            if missing == ["lq"]:  # an HQ-only set with degrade: false
+                fix = "drop degrade: false, which leaves out the lq the degrader adds"
+            else:
+                serving = [
+                    name for name, cls in DATASET_TYPES.items()
+                    if getattr(cls, "sample_keys", None) is not None and not _missing_keys(name, needed)
+                ]  # fmt: skip
+                fix = f"use a type that gives them: {', '.join(serving)}"
+            raise DataError(
+                f"{where}[{k}] ({entry.type}): this type cannot serve task '{task}', its samples have no "
+                f"{', '.join(missing)}; {fix}"
+            )
+
+
 def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
     """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message."""
     if not isinstance(raw, dict):
@@ -313,6 +347,7 @@ def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
                 config.tasks[str(task)] = [
                     _parse_entry(e, f"{where}.{task}[{k}]") for k, e in enumerate(entries)
                 ]
+                _check_serves(task, config.tasks[task], f"{where}.{task}")
         else:
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
     return config
