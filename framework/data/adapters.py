@@ -654,7 +654,8 @@ class COCODetection(FileDataset):
 
     Default layout: images `<root>/<split><year>/`, annotations `<root>/annotations/instances_<split><year>.json`
     (or give `images` / `annotations`). `category_ids[label]` is the original COCO id, `class_names[label]`
-    its name. `skip_empty` drops images without boxes.
+    its name. `skip_empty` drops images without boxes. An image the annotations list but the folder lacks is
+    reported and skipped like an unreadable one (a `DataError` when none of them is there).
     """
 
     reads_split = True
@@ -712,15 +713,27 @@ class COCODetection(FileDataset):
             if category not in to_label:
                 raise DataError(f"{self.annotations}: annotation {ann.get('id')} has unknown category {category}")
             per_image[image_id].append(([x, y, x + w, y + h], to_label[category]))
+        missing: list[Path] = []
         for image in sorted(images, key=lambda im: im.get("id", -1)):
             if "id" not in image or "file_name" not in image:
                 raise DataError(f"{self.annotations}: image entry {image!r:.120} lacks its id or file_name")
             objects = per_image.get(image["id"], [])
             if self.skip_empty and not objects:
                 continue
+            path = self.images / image["file_name"]
+            if not path.is_file():
+                missing.append(path)
+                continue
             boxes = np.asarray([box for box, _ in objects], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray([label for _, label in objects], dtype=np.int64)
-            self.records.append((self.images / image["file_name"], boxes, labels, image["id"]))
+            self.records.append((path, boxes, labels, image["id"]))
+        if missing and not self.records:
+            raise DataError(
+                f"{self.images}: none of the {len(missing)} images {self.annotations.name} lists is here (e.g. "
+                f"{missing[0].name}); set `images` to their folder"
+            )
+        for path in missing:  # skipped as an unreadable image is: counted, the others go on
+            report_bad_file(UnreadableImage(path, f"missing, though {self.annotations.name} lists it"))
 
     def load(self, i: int) -> Sample:
         path, boxes, labels, _image_id = self.records[i]
