@@ -184,7 +184,12 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
 ]
 DataOption = Annotated[
-    str | None, typer.Option("--data", help="builtin or a data-config YAML file (default: --config's, or builtin).")
+    str | None,
+    typer.Option(
+        "--data",
+        help="builtin or a data-config YAML file, whose relative paths are read from its folder (default: --config's, "
+        "or builtin).",
+    ),
 ]
 OutputOption = Annotated[str | None, typer.Option("--output", help="Run folder (default: runs/unirestore).")]
 TrackingOption = Annotated[
@@ -315,7 +320,10 @@ def train(
     prior: Annotated[
         str | None, typer.Option("--prior", help="tiny, a diffusers folder or a hub id.")
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="builtin or a data-config YAML file.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="builtin or a data-config YAML file, whose relative paths are read from its folder."),
+    ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Steps of stages 1 and 2.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch.")] = None,
     beta: Annotated[

@@ -366,6 +366,29 @@ def test_every_task_is_served_by_its_built_in_type_and_the_real_types_of_its_kin
     parse_data_config({"tasks": {"pir": [{"type": "paired_folder", "root": "/x", "degrade": False}]}})
 
 
+def test_relative_paths_are_read_from_the_data_configs_own_folder(tmp_path, monkeypatch):
+    """They were read from the working directory: the file worked only from the folder it was written for."""
+    _photos(tmp_path / "photos", [(40, 40)] * 2)
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "data.yaml"
+    path.write_text(
+        "size: 32\ntasks:\n"
+        "  pir: [{type: hq_folder, root: ../photos}, {type: hq_folder, root: /elsewhere, splits: [val]}]\n"
+        "  seg: [{type: cityscapes, root: ../cityscapes, labels_root: gt}]\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_data_config("../cfg/data.yaml")  # the file named from another folder
+    pir, seg = config.tasks["pir"], config.tasks["seg"]
+    assert [entry.options["root"] for entry in pir] == [str(tmp_path / "photos"), "/elsewhere"]
+    assert seg[0].options == {"root": str(tmp_path / "cityscapes"), "labels_root": str(tmp_path / "cfg" / "gt")}
+    assert len(build_task_dataset(pir, "train", 32)) == 2
+    # a mapping parsed without a file keeps its paths for the working directory
+    raw = parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": "photos"}]}})
+    assert raw.tasks["pir"][0].options["root"] == "photos"
+
+
 def test_an_entry_feeding_training_and_the_test_split_from_the_same_files_is_named(tmp_path):
     from unirestore.framework.data.config import training_images_in_test
 

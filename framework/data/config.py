@@ -25,7 +25,9 @@ sets: add `lq`; default true), `corruption` / `severity` (this entry's own degra
 the dataset class's own arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and
 keys, missing required keys and values of the wrong type fail at parse time with the file, the key and the
 valid choices; so does a type whose samples lack what its task reads (an `hq_folder` under `cls` has no
-labels: the types' `sample_keys` against the task's).
+labels: the types' `sample_keys` against the task's). A relative path in the file (`root`, `labels`,
+`images`, ...: the keys a dataset class types as a `Path`) is read from the file's own folder, not from the
+working directory, so the file works from wherever a run starts.
 """
 
 from __future__ import annotations
@@ -197,7 +199,18 @@ def dataset_options(type_name: str) -> dict[str, inspect.Parameter]:
 _COMMON = {f.name: f for f in fields(DatasetEntry) if f.name not in ("type", "options")}
 
 
-def _parse_entry(raw: Any, where: str) -> DatasetEntry:
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def _under(base: Path, value: str | Path) -> str | Path:
+    """`value` (`~` expanded) read from the folder `base` when relative; the same type back."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else Path(os.path.normpath(base / path))  # `../images` named plainly
+    return path if isinstance(value, Path) else str(path)
+
+
+def _parse_entry(raw: Any, where: str, base: Path | None = None) -> DatasetEntry:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a mapping like {{type: hq_folder, root: ...}}, got {raw!r}")
     if "type" not in raw:
@@ -238,7 +251,10 @@ def _parse_entry(raw: Any, where: str) -> DatasetEntry:
                 value = _coerce(value, common_hints[key], f"{where}.{key}")
             setattr(entry, key, value)
         elif key in options:
-            entry.options[key] = _coerce(value, hints.get(key, Any), f"{where}.{key}")
+            value = _coerce(value, hints.get(key, Any), f"{where}.{key}")
+            if base is not None and _is_path(hints.get(key)) and isinstance(value, str | Path):
+                value = _under(base, value)
+            entry.options[key] = value
         else:
             valid = ["type", *_COMMON, *options]
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
@@ -312,8 +328,9 @@ def _check_serves(task: str, entries: list[DatasetEntry], where: str) -> None:
             )
 
 
-def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
-    """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message."""
+def parse_data_config(raw: Any, source: str = "<data config>", base: str | os.PathLike | None = None) -> DataConfig:
+    """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message, and
+    relative paths in it are read from the folder `base` (None: left as they are, for the working directory)."""
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a mapping with keys size, seed, degradation, tasks")
     config = DataConfig()
@@ -345,7 +362,8 @@ def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
                 if not isinstance(entries, list) or not entries:
                     raise DataError(f"{where}.{task}: expected a non-empty list of datasets")
                 config.tasks[str(task)] = [
-                    _parse_entry(e, f"{where}.{task}[{k}]") for k, e in enumerate(entries)
+                    _parse_entry(e, f"{where}.{task}[{k}]", None if base is None else Path(base))
+                    for k, e in enumerate(entries)
                 ]
                 _check_serves(task, config.tasks[task], f"{where}.{task}")
         else:
@@ -354,7 +372,7 @@ def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Read and validate a data config YAML file."""
+    """Read and validate a data config YAML file; relative paths in it are read from its own folder."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data config file not found")
@@ -364,7 +382,7 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         from ..config import yaml_syntax_error
 
         raise DataError(yaml_syntax_error(path, error)) from None
-    return parse_data_config(raw, str(path))
+    return parse_data_config(raw, str(path), base=path.absolute().parent)
 
 
 def check_entries(
