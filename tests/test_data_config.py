@@ -180,6 +180,9 @@ def test_the_shipped_paper_config_parses_with_the_release_mix():
         splits = [entry.splits for entry in config.tasks[task]]
         assert splits[-1] == ["val", "test"] and all(s == ["train"] for s in splits[:-1])
     assert config.size == 512 and config.degradation.severity is None
+    from unirestore.framework.degrade import TRAIN_CORRUPTIONS
+
+    assert config.degradation.corruptions == list(TRAIN_CORRUPTIONS)  # clean + the 15 ImageNet-C, as released
 
 
 def test_the_shipped_release_run_config_names_every_downstream_model_its_tasks_load(tmp_path):

@@ -4,7 +4,7 @@
 size: 256                 # crop side (null: full images, batch size 1; absent: the run's crop size)
 seed: 0
 degradation:              # optional; these are the release's defaults
-  corruptions: all        # "all" = clean + the 15 ImageNet-C corruptions, or a list of names
+  corruptions: [clean, imagenet_c]   # names and groups, read as `--corruption` reads them (see below)
   severity: null          # fixed 1..5, or null to draw with severity_probs
   severity_probs: [0.05, 0.25, 0.40, 0.25, 0.05]
   rescale: true
@@ -28,6 +28,11 @@ valid choices; so does a type whose samples lack what its task reads (an `hq_fol
 labels: the types' `sample_keys` against the task's). A relative path in the file (`root`, `labels`,
 `images`, ...: the keys a dataset class types as a `Path`) is read from the file's own folder, not from the
 working directory, so the file works from wherever a run starts.
+
+`corruptions` (and an entry's `corruption`) takes the words `unirestore degrade --corruption` and
+`unirestore eval --corruption` take, meaning the same names (`degrade.parse_corruptions`): a degradation
+name, `imagenet_c` (the 15 ImageNet-C corruptions), `all` (every registered degradation, the unseen
+benchmarks' synthesisers included), or a list of them. The default is the release's mix, clean + imagenet_c.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
-from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, get_degradation
+from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, parse_corruptions
 from .adapters import (
     ACDC,
     RESIDE,
@@ -241,12 +246,10 @@ def _parse_entry(raw: Any, where: str, base: Path | None = None) -> DatasetEntry
             continue
         if key in _COMMON:
             if key == "corruption":
-                value = _coerce(value, list[str], f"{where}.corruption")
-                for name in value:
-                    try:
-                        get_degradation(name)
-                    except ValueError as error:
-                        raise DataError(f"{where}.corruption: {error}") from None
+                try:
+                    value = list(parse_corruptions(_coerce(value, list[str], f"{where}.corruption")))
+                except ValueError as error:
+                    raise DataError(f"{where}.corruption: {error}") from None
             else:
                 value = _coerce(value, common_hints[key], f"{where}.{key}")
             setattr(entry, key, value)
@@ -285,9 +288,13 @@ def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
     for key, value in raw.items():
         if key not in hints:
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(hints)}")
-        if key == "corruptions" and value == "all":
-            value = list(TRAIN_CORRUPTIONS)
-        setattr(config, key, _coerce(value, hints[key], f"{where}.{key}"))
+        value = _coerce(value, hints[key], f"{where}.{key}")
+        if key == "corruptions":
+            try:
+                value = list(parse_corruptions(value))
+            except ValueError as error:
+                raise DataError(f"{where}.corruptions: {error}") from None
+        setattr(config, key, value)
     try:  # the Degrader checks names, severity and probabilities
         _degrader(config, None, None, 0)
     except ValueError as error:
