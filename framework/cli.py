@@ -7,7 +7,7 @@
     unirestore task list [--output DIR]
     unirestore restore IMAGES... --task pir --ckpt CKPT --out DIR
     unirestore downstream train --task cls [--force]
-    unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S]
+    unirestore degrade SRC DST [--corruption NAME,...|imagenet_c|all] [--severity 1-5] [--seed S]
 
 A problem the user can fix (unknown task, unknown or wrong-typed `--set`, missing prior, missing or corrupt
 checkpoint, unusable data) ends with exit code 2 and one line on stderr; a diverged training with exit code 1.
@@ -184,7 +184,12 @@ SetOption = Annotated[
     typer.Option("--set", help="Override a config key, e.g. --set train.lr=2e-4 (repeatable)."),
 ]
 DataOption = Annotated[
-    str | None, typer.Option("--data", help="builtin or a data-config YAML file (default: --config's, or builtin).")
+    str | None,
+    typer.Option(
+        "--data",
+        help="builtin or a data-config YAML file, whose relative paths are read from its folder (default: --config's, "
+        "or builtin).",
+    ),
 ]
 OutputOption = Annotated[str | None, typer.Option("--output", help="Run folder (default: runs/unirestore).")]
 TrackingOption = Annotated[
@@ -315,7 +320,10 @@ def train(
     prior: Annotated[
         str | None, typer.Option("--prior", help="tiny, a diffusers folder or a hub id.")
     ] = None,
-    data: Annotated[str | None, typer.Option("--data", help="builtin or a data-config YAML file.")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="builtin or a data-config YAML file, whose relative paths are read from its folder."),
+    ] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Steps of stages 1 and 2.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch.")] = None,
     beta: Annotated[
@@ -669,7 +677,11 @@ def degrade(
     src: Annotated[Path, typer.Argument(help="Folder of clean images.")],
     dst: Annotated[Path, typer.Argument(help="Output folder.")],
     corruption: Annotated[
-        str, typer.Option("--corruption", help="A degradation name, a list, or all.")
+        str,
+        typer.Option(
+            "--corruption",
+            help="A degradation name, a list, imagenet_c (the 15 ImageNet-C ones) or all (every registered one).",
+        ),
     ] = "all",
     severity: Annotated[
         int | None, typer.Option("--severity", help="1 to 5 (default: drawn per image).")
@@ -703,7 +715,12 @@ def eval_(
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated tasks, e.g. pir,cls,seg.")] = "pir,seg,cls",
     data: DataOption = None,
     corruption: Annotated[
-        str | None, typer.Option("--corruption", help="Evaluate per degradation: a name, a list, or all.")
+        str | None,
+        typer.Option(
+            "--corruption",
+            help="Evaluate per degradation: a name, a list, imagenet_c (the 15 ImageNet-C ones) or all (every "
+            "registered one).",
+        ),
     ] = None,
     severity: Annotated[int | None, typer.Option("--severity", help="1 to 5 with --corruption (default 3).")] = None,
     prompts: Annotated[

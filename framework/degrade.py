@@ -61,6 +61,9 @@ CORRUPTIONS: tuple[str, ...] = (
 TRAIN_CORRUPTIONS: tuple[str, ...] = ("clean", *CORRUPTIONS)
 # Synthesisers for the unseen-degradation benchmarks (rain, haze, snow, motion blur, noise).
 SYNTHETIC: tuple[str, ...] = ("rain", "haze", "snow_synth", "motion", "noise15", "noise25", "noise50")
+# Words that stand for several names, alike in `--corruption` and in a data config's `corruptions`; besides
+# these, "all" is every registered degradation ("clean", ImageNet-C, the synthesisers, a plugin's).
+CORRUPTION_GROUPS: dict[str, tuple[str, ...]] = {"imagenet_c": CORRUPTIONS}
 # P(severity = 1..5) in the release.
 SEVERITY_PROBS: tuple[float, ...] = (0.05, 0.25, 0.40, 0.25, 0.05)
 # imagecorruptions refuses images under 32 x 32.
@@ -76,6 +79,8 @@ def register_degradation(name: str) -> Callable[[DegradeFn], DegradeFn]:
     def decorator(fn: DegradeFn) -> DegradeFn:
         if name in DEGRADATIONS:
             raise ValueError(f"degradation {name!r} is already registered")
+        if name == "all" or name in CORRUPTION_GROUPS:
+            raise ValueError(f"{name!r} names a group of degradations; register this one under another name")
         DEGRADATIONS[name] = fn
         return fn
 
@@ -431,16 +436,30 @@ class DegradeReport:
     manifest: Path | None = None  # CSV: output, source, corruption, severity, short_side
 
 
-def parse_corruptions(corruption: str) -> tuple[str, ...]:
-    """ "all" (every registered name), one name, or a comma-separated list; unknown names raise ValueError."""
-    if corruption.strip() == "all":
-        return tuple(DEGRADATIONS)
-    names = tuple(dict.fromkeys(name.strip() for name in corruption.split(",") if name.strip()))  # each once
+def parse_corruptions(corruption: str | Sequence[str]) -> tuple[str, ...]:
+    """The degradation names that a comma-separated string or a list of words stands for, in order, each once.
+
+    A word is a registered name, "all" (every registered degradation) or a group of `CORRUPTION_GROUPS`
+    ("imagenet_c": the 15 ImageNet-C corruptions; the release's training mix is "clean,imagenet_c"). The same
+    words mean the same names in `unirestore degrade` / `eval --corruption` and in a data config. An unknown
+    word raises ValueError listing the known ones.
+    """
+    items = [corruption] if isinstance(corruption, str) else corruption
+    words = [word for item in items for word in str(item).split(",")]
+    groups = ", ".join(["all", *CORRUPTION_GROUPS])
+    names: list[str] = []
+    for word in (word.strip() for word in words):
+        if word == "all":
+            names += DEGRADATIONS
+        elif word in CORRUPTION_GROUPS:
+            names += CORRUPTION_GROUPS[word]
+        elif word:
+            if word not in DEGRADATIONS:
+                raise ValueError(f"unknown degradation {word!r}; known: {', '.join(DEGRADATIONS)} (or {groups})")
+            names.append(word)
     if not names:
-        raise ValueError(f"no degradation named in {corruption!r}; known: all, {', '.join(DEGRADATIONS)}")
-    for name in names:
-        get_degradation(name)
-    return names
+        raise ValueError(f"no degradation named in {corruption!r}; known: {groups}, {', '.join(DEGRADATIONS)}")
+    return tuple(dict.fromkeys(names))
 
 
 def _path_index(relative: str) -> int:
@@ -485,8 +504,8 @@ def degrade_folder(
 ) -> DegradeReport:
     """Write a degraded PNG copy of every image under `src` to `dst`, keeping relative paths.
 
-    `corruption` is "all" (one sub-folder of `dst` per registered degradation), a comma-separated list
-    (one sub-folder each) or one name (written straight into `dst`). `severity` None draws it per image
+    `corruption` is one name (written straight into `dst`) or several, as `parse_corruptions` reads them ("all":
+    every registered degradation, "imagenet_c", a comma-separated list), one sub-folder of `dst` each. `severity` None draws it per image
     with the release's probabilities. Each image's draw depends on (seed, its relative path) only, so
     `workers` processes write the same files as one. Files that cannot be decoded are warned about once,
     listed in the report and skipped. `dst/manifest.csv` records what each output got.
@@ -624,7 +643,8 @@ def degrade_command(
     rescale: bool = True,
     workers: int = 1,
 ) -> DegradeReport:
-    """Body of `unirestore degrade SRC DST [--corruption NAME|all] [--severity 1-5] [--seed S] [--workers N]`.
+    """Body of `unirestore degrade SRC DST [--corruption WORDS] [--severity 1-5] [--seed S] [--workers N]`
+    (WORDS as `parse_corruptions` reads them).
 
     Bad arguments and a missing source folder raise `DataError` (one line, exit code 2, from the CLI); a
     folder without any readable image exits 1.

@@ -80,6 +80,9 @@ class Task:
     builtin_type: ClassVar[str | None] = None
     # Fewest samples per batch the loss needs (a metric loss compares each image with the others).
     min_batch_size: ClassVar[int] = 1
+    # Sample keys the losses and the evaluator read: a data config refuses, when it is read, an entry whose
+    # dataset type does not give them (see `FileDataset.sample_keys`).
+    sample_keys: ClassVar[tuple[str, ...]] = ("hq", "lq")
 
     def __init__(self, context: TaskContext | None = None, loss_weights: dict[str, float] | None = None):
         self.context = context or TaskContext()

@@ -292,6 +292,32 @@ def test_coco_boxes_labels_and_crowd(tmp_path):
             COCODetection(tmp_path, split="val", size=None)
 
 
+def test_a_coco_image_missing_on_disk_is_skipped_as_an_unreadable_one(tmp_path):
+    """An image the annotations list but the folder lacks stopped a run partway (at its turn to load); now it is
+    reported once, counted where evaluation counts skipped files, and the other images go on."""
+    from unirestore.framework.data.io import BadFileWarning, skip_mark, skipped_since
+
+    _save(tmp_path / "val2017" / "a.jpg", _flat(70, 40, 60))
+    _save(tmp_path / "val2017" / "c.jpg", _flat(90, 40, 60))
+    annotations = {
+        "images": [{"id": k, "file_name": name} for k, name in enumerate(["a.jpg", "b.jpg", "c.jpg"])],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [1, 1, 5, 5]}],
+    }
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(annotations))
+    mark = skip_mark()
+    with pytest.warns(BadFileWarning, match=r"b\.jpg: missing, though instances_val2017\.json lists it"):
+        dataset = COCODetection(tmp_path, split="test", size=None)
+    assert [path for path, _ in skipped_since(mark)] == [str(tmp_path / "val2017" / "b.jpg")]
+    assert len(dataset) == 2
+    assert [_value(dataset[i]["hq"]) for i in range(2)] == [70, 90] and dataset[1]["boxes"].tolist() == [[1, 1, 6, 6]]
+    (tmp_path / "val2017" / "a.jpg").unlink()
+    (tmp_path / "val2017" / "c.jpg").unlink()
+    with pytest.raises(DataError, match=r"val2017: none of the 3 images instances_val2017.json lists is here \(e.g. a.jpg\)"):
+        COCODetection(tmp_path, split="test")
+
+
 def _voc(objects: list[tuple[str, int, int, int, int]]) -> str:
     body = "".join(
         f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"

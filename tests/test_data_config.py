@@ -180,6 +180,9 @@ def test_the_shipped_paper_config_parses_with_the_release_mix():
         splits = [entry.splits for entry in config.tasks[task]]
         assert splits[-1] == ["val", "test"] and all(s == ["train"] for s in splits[:-1])
     assert config.size == 512 and config.degradation.severity is None
+    from unirestore.framework.degrade import TRAIN_CORRUPTIONS
+
+    assert config.degradation.corruptions == list(TRAIN_CORRUPTIONS)  # clean + the 15 ImageNet-C, as released
 
 
 def test_the_shipped_release_run_config_names_every_downstream_model_its_tasks_load(tmp_path):
@@ -319,6 +322,74 @@ def test_the_task_keys_are_checked_against_the_registry(tmp_path):
     assert list(config.tasks) == ["pir"]
     with pytest.raises(DataError, match=r"tasks\.pir: listed twice"):
         load_data_config(_write(tmp_path, "tasks: {pir: [{type: builtin_photos}], restoration: [{type: builtin_photos}]}"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "tasks: {cls: [{type: hq_folder, root: /x}]}",
+            r"tasks\.cls\[0\] \(hq_folder\): .* task 'cls', its samples have no label; use .*: image_folder, builtin_scenes",
+        ),
+        (
+            "tasks: {seg: [{type: builtin_scenes}, {type: image_folder, root: /x}]}",
+            r"tasks\.seg\[1\] \(image_folder\): .* no mask; use a type that gives them: cityscapes, foggy_cityscapes, acdc",
+        ),
+        (
+            "tasks: {detection: [{type: builtin_photos}]}",
+            r"tasks\.det\[0\] \(builtin_photos\): .* no boxes, box_labels; use a type that gives them: coco, rtts",
+        ),
+        (
+            "tasks: {pir: [{type: hq_folder, root: /x, degrade: false}]}",
+            r"tasks\.pir\[0\] \(hq_folder\): .* no lq; drop degrade: false",
+        ),
+    ],
+)
+def test_a_type_that_cannot_serve_its_task_is_refused_when_read(tmp_path, text, message):
+    """Else a cls run on a folder of unlabelled images scored 0 accuracy, and seg a NaN mIoU, without a word."""
+    with pytest.raises(DataError, match=message) as error:
+        load_data_config(_write(tmp_path, text))
+    assert str(error.value).startswith(str(tmp_path / "data.yaml")) and "\n" not in str(error.value)
+
+
+def test_every_task_is_served_by_its_built_in_type_and_the_real_types_of_its_kind():
+    from unirestore.framework.registry import get_task_class, known_tasks
+
+    for task in known_tasks():
+        builtin = get_task_class(task).builtin_type
+        if builtin is not None:
+            parse_data_config({"tasks": {task: [{"type": builtin}]}})
+    real = {
+        "pir": ["hq_folder", "paired_folder", "gopro", "reside", "image_folder", "cityscapes", "coco"],
+        "cls": ["image_folder"], "ret": ["image_folder"], "seg": ["cityscapes", "foggy_cityscapes", "acdc"],
+        "det": ["coco", "rtts"],
+    }  # fmt: skip
+    for task, types in real.items():
+        parse_data_config({"tasks": {task: [{"type": name, "root": "/x"} for name in types]}})
+    parse_data_config({"tasks": {"pir": [{"type": "paired_folder", "root": "/x", "degrade": False}]}})
+
+
+def test_relative_paths_are_read_from_the_data_configs_own_folder(tmp_path, monkeypatch):
+    """They were read from the working directory: the file worked only from the folder it was written for."""
+    _photos(tmp_path / "photos", [(40, 40)] * 2)
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "data.yaml"
+    path.write_text(
+        "size: 32\ntasks:\n"
+        "  pir: [{type: hq_folder, root: ../photos}, {type: hq_folder, root: /elsewhere, splits: [val]}]\n"
+        "  seg: [{type: cityscapes, root: ../cityscapes, labels_root: gt}]\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config = load_data_config("../cfg/data.yaml")  # the file named from another folder
+    pir, seg = config.tasks["pir"], config.tasks["seg"]
+    assert [entry.options["root"] for entry in pir] == [str(tmp_path / "photos"), "/elsewhere"]
+    assert seg[0].options == {"root": str(tmp_path / "cityscapes"), "labels_root": str(tmp_path / "cfg" / "gt")}
+    assert len(build_task_dataset(pir, "train", 32)) == 2
+    # a mapping parsed without a file keeps its paths for the working directory
+    raw = parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": "photos"}]}})
+    assert raw.tasks["pir"][0].options["root"] == "photos"
 
 
 def test_an_entry_feeding_training_and_the_test_split_from_the_same_files_is_named(tmp_path):

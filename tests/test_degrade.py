@@ -175,6 +175,35 @@ def test_degrade_folder_several_names_and_errors(tmp_path):
     assert (tmp_path / "o4" / "x.png").is_file()
 
 
+@pytest.mark.parametrize(
+    "words, expected",
+    [
+        ("all", tuple(DEGRADATIONS)),
+        ("imagenet_c", CORRUPTIONS),
+        ("clean,imagenet_c", TRAIN_CORRUPTIONS),
+        ("rain, imagenet_c,all", ("rain", *CORRUPTIONS, "clean", *SYNTHETIC[1:])),  # each once, in order
+    ],
+)
+def test_the_command_line_and_a_data_config_read_corruption_words_alike(words, expected):
+    """`degrade --corruption all` meant every registered degradation (23), a data config's `corruptions: all`
+    clean + the 15 ImageNet-C ones: the same word, two sets."""
+    from unirestore.framework.data.config import DegradationConfig, parse_data_config
+    from unirestore.framework.degrade import parse_corruptions
+
+    assert len(DEGRADATIONS) == 23 and parse_corruptions(words) == expected
+    for written in (words, words.split(",")):  # the data config: one string, or a list of words
+        config = parse_data_config({
+            "degradation": {"corruptions": written},
+            "tasks": {"pir": [{"type": "builtin_photos", "corruption": written}]},
+        })  # fmt: skip
+        assert config.degradation.corruptions == config.tasks["pir"][0].corruption == list(expected)
+    assert DegradationConfig().corruptions == list(parse_corruptions("clean,imagenet_c"))  # the release's mix
+    with pytest.raises(ValueError, match=r"unknown degradation 'imagenet'; known: clean, .* \(or all, imagenet_c\)"):
+        parse_corruptions("clean,imagenet")
+    with pytest.raises(ValueError, match="names a group of degradations"):
+        register_degradation("imagenet_c")(lambda image, severity, rng: image)
+
+
 def test_degrade_never_writes_over_its_source(tmp_path):
     """DST holding SRC: a degradation's folder that is SRC (work/snow, or work/clean under `all`), or a copy
     that would land on a source image, is refused before anything is written."""

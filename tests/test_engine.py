@@ -508,6 +508,33 @@ def test_stage0_is_drawn_as_curves_too(root, tmp_path, monkeypatch):
     assert [r["step"] for r in history.read()] == [2, 4]
 
 
+def test_the_run_folders_config_names_its_data_config_by_an_absolute_path(root, tmp_path, monkeypatch):
+    """A relative `data:` was saved as given, so the run folder's config.yaml worked only from the folder the
+    run started in; a run folder saved that way still resumes from there."""
+    from unirestore.framework.config import load_yaml
+    from unirestore.framework.data.config import load_data_config
+
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))  # stage 0 of its own, left out of the others'
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (48, 48), (90, 120, 30)).save(tmp_path / "photos" / "a.png")
+    for name in ("data.yaml", "other.yaml"):
+        (tmp_path / name).write_text("tasks: {pir: [{type: hq_folder, root: photos}]}\n")
+    monkeypatch.chdir(tmp_path)
+    config = make_config(root, "relative-data", "tasks=[pir]", "data=data.yaml")
+    train(config, stages=(0,), progress=False)
+    saved = root / "relative-data" / "config.yaml"
+    assert load_yaml(saved)["data"] == str((tmp_path / "data.yaml").resolve())
+    monkeypatch.chdir(root)  # the saved config reads the same data from anywhere
+    data = load_data_config(load_run_config(saved).data)
+    assert data.tasks["pir"][0].options["root"] == str((tmp_path / "photos").resolve())
+    monkeypatch.chdir(tmp_path)
+    saved.write_text(saved.read_text().replace(f"data: {(tmp_path / 'data.yaml').resolve()}", "data: data.yaml"))
+    assert load_yaml(saved)["data"] == "data.yaml"  # as a run folder saved before paths were made absolute
+    train(config, stages=(0,), resume=True, progress=False)
+    with pytest.raises(RunFolderError, match=r"differs from the run's \(data\)"):
+        train(make_config(root, "relative-data", "tasks=[pir]", "data=other.yaml"), stages=(0,), resume=True)
+
+
 @pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (20, 0.05), (4, 0.25), (450, 0.1), (7, 0.0)])
 def test_the_one_cycle_schedule_warms_up_to_the_peak_and_decays(steps, warmup):
     """Whatever the steps: a warm-up of exactly one step (`--steps 10` at warmup 0.1) once divided by zero."""

@@ -94,6 +94,9 @@ class FileDataset(Dataset):
     # `root` is the whole set whatever the split (a folder of images), so one entry serving both training and
     # the test split would score the training images.
     reads_split: ClassVar[bool] = False
+    # The sample keys this class fills with real values (the "gives" column above); a data config refuses an
+    # entry of this type under a task that reads a key it lacks. None: not declared, so not checked.
+    sample_keys: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, root: str | Path, split: str = "train", size: int | None = 256, seed: int = 0):
         if split not in SPLITS:
@@ -170,6 +173,8 @@ class FileDataset(Dataset):
 class HQFolder(FileDataset):
     """Clean images under `root`, recursively (DIV2K, Flickr2K, OST, ...); wrap in `Degraded` for `lq`."""
 
+    sample_keys = ("hq",)
+
     def __init__(
         self,
         root: str | Path,
@@ -203,6 +208,8 @@ class PairedFolder(FileDataset):
     Images of different sizes: a clean image larger on both sides is centre-cropped, else the degraded one
     is resized to the clean one. A degraded image without a clean partner is a `DataError`.
     """
+
+    sample_keys = ("hq", "lq")
 
     def __init__(
         self,
@@ -342,6 +349,8 @@ class ImageFolder(FileDataset):
     subset of the folder) are left out; a first row that names no image is a header.
     """
 
+    sample_keys = ("hq", "label")
+
     def __init__(
         self,
         root: str | Path,
@@ -459,6 +468,7 @@ class Cityscapes(FileDataset):
     class_names = CITYSCAPES_CLASSES
     image_dir, image_suffix = "leftImg8bit", "_leftImg8bit"
     reads_split = True
+    sample_keys = ("hq", "mask")
 
     def __init__(
         self,
@@ -523,6 +533,7 @@ class FoggyCityscapes(Cityscapes):
     """
 
     image_dir, image_suffix = "leftImg8bit_foggy", "_leftImg8bit_foggy_beta_"
+    sample_keys = ("hq", "lq", "mask")
 
     def __init__(
         self,
@@ -572,6 +583,7 @@ class ACDC(FileDataset):
 
     class_names = CITYSCAPES_CLASSES
     reads_split = True
+    sample_keys = ("hq", "lq", "mask")
 
     def __init__(
         self,
@@ -642,10 +654,12 @@ class COCODetection(FileDataset):
 
     Default layout: images `<root>/<split><year>/`, annotations `<root>/annotations/instances_<split><year>.json`
     (or give `images` / `annotations`). `category_ids[label]` is the original COCO id, `class_names[label]`
-    its name. `skip_empty` drops images without boxes.
+    its name. `skip_empty` drops images without boxes. An image the annotations list but the folder lacks is
+    reported and skipped like an unreadable one (a `DataError` when none of them is there).
     """
 
     reads_split = True
+    sample_keys = ("hq", "boxes", "box_labels")
 
     def __init__(
         self,
@@ -699,15 +713,27 @@ class COCODetection(FileDataset):
             if category not in to_label:
                 raise DataError(f"{self.annotations}: annotation {ann.get('id')} has unknown category {category}")
             per_image[image_id].append(([x, y, x + w, y + h], to_label[category]))
+        missing: list[Path] = []
         for image in sorted(images, key=lambda im: im.get("id", -1)):
             if "id" not in image or "file_name" not in image:
                 raise DataError(f"{self.annotations}: image entry {image!r:.120} lacks its id or file_name")
             objects = per_image.get(image["id"], [])
             if self.skip_empty and not objects:
                 continue
+            path = self.images / image["file_name"]
+            if not path.is_file():
+                missing.append(path)
+                continue
             boxes = np.asarray([box for box, _ in objects], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray([label for _, label in objects], dtype=np.int64)
-            self.records.append((self.images / image["file_name"], boxes, labels, image["id"]))
+            self.records.append((path, boxes, labels, image["id"]))
+        if missing and not self.records:
+            raise DataError(
+                f"{self.images}: none of the {len(missing)} images {self.annotations.name} lists is here (e.g. "
+                f"{missing[0].name}); set `images` to their folder"
+            )
+        for path in missing:  # skipped as an unreadable image is: counted, the others go on
+            report_bad_file(UnreadableImage(path, f"missing, though {self.annotations.name} lists it"))
 
     def load(self, i: int) -> Sample:
         path, boxes, labels, _image_id = self.records[i]
@@ -723,6 +749,7 @@ class RTTS(FileDataset):
     """
 
     class_names = RTTS_CLASSES
+    sample_keys = ("hq", "lq", "boxes", "box_labels")
 
     def __init__(
         self,

@@ -176,6 +176,7 @@ class BuiltinPhotos(Dataset):
     """
 
     reads_split = True  # each split its own photos and random stream
+    sample_keys = ("hq",)  # see FileDataset.sample_keys
 
     def __init__(
         self,
@@ -338,6 +339,7 @@ class BuiltinScenes(Dataset):
     class_names = CLASS_NAMES
 
     reads_split = True  # each split its own photos and random stream
+    sample_keys = ("hq", "label", "mask", "boxes", "box_labels")  # see FileDataset.sample_keys
 
     def __init__(
         self, split: str = "train", size: int = 128, length: int = 1000, seed: int = 0, max_objects: int = 4

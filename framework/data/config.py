@@ -4,7 +4,7 @@
 size: 256                 # crop side (null: full images, batch size 1; absent: the run's crop size)
 seed: 0
 degradation:              # optional; these are the release's defaults
-  corruptions: all        # "all" = clean + the 15 ImageNet-C corruptions, or a list of names
+  corruptions: [clean, imagenet_c]   # names and groups, read as `--corruption` reads them (see below)
   severity: null          # fixed 1..5, or null to draw with severity_probs
   severity_probs: [0.05, 0.25, 0.40, 0.25, 0.05]
   rescale: true
@@ -24,7 +24,15 @@ all), `split` (pins the split the dataset class reads; default: the one being bu
 sets: add `lq`; default true), `corruption` / `severity` (this entry's own degradation); the other keys are
 the dataset class's own arguments (`root`, `lq_dir`, `beta`, ...; see `DATASET_TYPES`). Unknown types and
 keys, missing required keys and values of the wrong type fail at parse time with the file, the key and the
-valid choices.
+valid choices; so does a type whose samples lack what its task reads (an `hq_folder` under `cls` has no
+labels: the types' `sample_keys` against the task's). A relative path in the file (`root`, `labels`,
+`images`, ...: the keys a dataset class types as a `Path`) is read from the file's own folder, not from the
+working directory, so the file works from wherever a run starts.
+
+`corruptions` (and an entry's `corruption`) takes the words `unirestore degrade --corruption` and
+`unirestore eval --corruption` take, meaning the same names (`degrade.parse_corruptions`): a degradation
+name, `imagenet_c` (the 15 ImageNet-C corruptions), `all` (every registered degradation, the unseen
+benchmarks' synthesisers included), or a list of them. The default is the release's mix, clean + imagenet_c.
 """
 
 from __future__ import annotations
@@ -42,7 +50,7 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
-from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, get_degradation
+from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, parse_corruptions
 from .adapters import (
     ACDC,
     RESIDE,
@@ -196,7 +204,18 @@ def dataset_options(type_name: str) -> dict[str, inspect.Parameter]:
 _COMMON = {f.name: f for f in fields(DatasetEntry) if f.name not in ("type", "options")}
 
 
-def _parse_entry(raw: Any, where: str) -> DatasetEntry:
+def _is_path(annotation: Any) -> bool:
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def _under(base: Path, value: str | Path) -> str | Path:
+    """`value` (`~` expanded) read from the folder `base` when relative; the same type back."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else Path(os.path.normpath(base / path))  # `../images` named plainly
+    return path if isinstance(value, Path) else str(path)
+
+
+def _parse_entry(raw: Any, where: str, base: Path | None = None) -> DatasetEntry:
     if not isinstance(raw, dict):
         raise DataError(f"{where}: expected a mapping like {{type: hq_folder, root: ...}}, got {raw!r}")
     if "type" not in raw:
@@ -227,17 +246,18 @@ def _parse_entry(raw: Any, where: str) -> DatasetEntry:
             continue
         if key in _COMMON:
             if key == "corruption":
-                value = _coerce(value, list[str], f"{where}.corruption")
-                for name in value:
-                    try:
-                        get_degradation(name)
-                    except ValueError as error:
-                        raise DataError(f"{where}.corruption: {error}") from None
+                try:
+                    value = list(parse_corruptions(_coerce(value, list[str], f"{where}.corruption")))
+                except ValueError as error:
+                    raise DataError(f"{where}.corruption: {error}") from None
             else:
                 value = _coerce(value, common_hints[key], f"{where}.{key}")
             setattr(entry, key, value)
         elif key in options:
-            entry.options[key] = _coerce(value, hints.get(key, Any), f"{where}.{key}")
+            value = _coerce(value, hints.get(key, Any), f"{where}.{key}")
+            if base is not None and _is_path(hints.get(key)) and isinstance(value, str | Path):
+                value = _under(base, value)
+            entry.options[key] = value
         else:
             valid = ["type", *_COMMON, *options]
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
@@ -268,9 +288,13 @@ def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
     for key, value in raw.items():
         if key not in hints:
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(hints)}")
-        if key == "corruptions" and value == "all":
-            value = list(TRAIN_CORRUPTIONS)
-        setattr(config, key, _coerce(value, hints[key], f"{where}.{key}"))
+        value = _coerce(value, hints[key], f"{where}.{key}")
+        if key == "corruptions":
+            try:
+                value = list(parse_corruptions(value))
+            except ValueError as error:
+                raise DataError(f"{where}.corruptions: {error}") from None
+        setattr(config, key, value)
     try:  # the Degrader checks names, severity and probabilities
         _degrader(config, None, None, 0)
     except ValueError as error:
@@ -278,8 +302,42 @@ def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
     return config
 
 
-def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
-    """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message."""
+def _missing_keys(type_name: str, needed: tuple[str, ...], degrade: bool = True) -> list[str]:
+    """The keys of `needed` that samples of `type_name` lack; none where the type does not declare its
+    `sample_keys` (a plugin's may not)."""
+    gives = getattr(DATASET_TYPES[type_name], "sample_keys", None)
+    if gives is None:
+        return []
+    gives = {*gives, "lq"} if degrade else set(gives)  # `Degraded` adds lq to HQ-only sets
+    return [key for key in needed if key not in gives]
+
+
+def _check_serves(task: str, entries: list[DatasetEntry], where: str) -> None:
+    """Refuse an entry whose type cannot give `task` what it reads: it would train on nothing and score 0
+    accuracy, or a NaN mIoU, without a word."""
+    from ..registry import get_task_class
+
+    needed = tuple(get_task_class(task).sample_keys)
+    for k, entry in enumerate(entries):
+        missing = _missing_keys(entry.type, needed, entry.degrade)
+        if missing:
+            if missing == ["lq"]:  # an HQ-only set with degrade: false
+                fix = "drop degrade: false, which leaves out the lq the degrader adds"
+            else:
+                serving = [
+                    name for name, cls in DATASET_TYPES.items()
+                    if getattr(cls, "sample_keys", None) is not None and not _missing_keys(name, needed)
+                ]  # fmt: skip
+                fix = f"use a type that gives them: {', '.join(serving)}"
+            raise DataError(
+                f"{where}[{k}] ({entry.type}): this type cannot serve task '{task}', its samples have no "
+                f"{', '.join(missing)}; {fix}"
+            )
+
+
+def parse_data_config(raw: Any, source: str = "<data config>", base: str | os.PathLike | None = None) -> DataConfig:
+    """A `DataConfig` from a parsed YAML mapping; `source` (the file) prefixes every error message, and
+    relative paths in it are read from the folder `base` (None: left as they are, for the working directory)."""
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected a mapping with keys size, seed, degradation, tasks")
     config = DataConfig()
@@ -311,15 +369,17 @@ def parse_data_config(raw: Any, source: str = "<data config>") -> DataConfig:
                 if not isinstance(entries, list) or not entries:
                     raise DataError(f"{where}.{task}: expected a non-empty list of datasets")
                 config.tasks[str(task)] = [
-                    _parse_entry(e, f"{where}.{task}[{k}]") for k, e in enumerate(entries)
+                    _parse_entry(e, f"{where}.{task}[{k}]", None if base is None else Path(base))
+                    for k, e in enumerate(entries)
                 ]
+                _check_serves(task, config.tasks[task], f"{where}.{task}")
         else:
             raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
     return config
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
-    """Read and validate a data config YAML file."""
+    """Read and validate a data config YAML file; relative paths in it are read from its own folder."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: data config file not found")
@@ -329,7 +389,7 @@ def load_data_config(path: str | os.PathLike) -> DataConfig:
         from ..config import yaml_syntax_error
 
         raise DataError(yaml_syntax_error(path, error)) from None
-    return parse_data_config(raw, str(path))
+    return parse_data_config(raw, str(path), base=path.absolute().parent)
 
 
 def check_entries(
