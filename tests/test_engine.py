@@ -535,6 +535,29 @@ def test_the_run_folders_config_names_its_data_config_by_an_absolute_path(root, 
         train(make_config(root, "relative-data", "tasks=[pir]", "data=other.yaml"), stages=(0,), resume=True)
 
 
+def test_a_run_folders_config_names_a_local_prior_and_downstream_checkpoints_by_absolute_paths(tmp_path, monkeypatch):
+    """A prior folder and downstream checkpoints given relative to the working directory are saved absolute (a
+    hub id and `tiny` stay as they are), and a run folder that saved them relative still resumes from there."""
+    from unirestore.framework.config import RunConfig, dump_yaml
+    from unirestore.framework.engine import _absolute_paths, _check_resumed_config
+
+    (tmp_path / "priors" / "mine").mkdir(parents=True)
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path)
+    given = RunConfig(prior="priors/mine", downstream_checkpoints={"resnet50": "ckpt/r50.pth"})
+    config = _absolute_paths(given)
+    assert config.prior == str(tmp_path.resolve() / "priors" / "mine")
+    assert config.downstream_checkpoints == {"resnet50": str(tmp_path.resolve() / "ckpt" / "r50.pth")}
+    assert _absolute_paths(RunConfig(prior="stabilityai/sd-turbo")).prior == "stabilityai/sd-turbo"
+    assert _absolute_paths(RunConfig(prior="tiny")).prior == "tiny"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_yaml(given))  # as saved before paths were made absolute
+    _check_resumed_config(tmp_path / "run", config)
+    other = _absolute_paths(RunConfig(prior="priors/mine", downstream_checkpoints={"resnet50": "ckpt/other.pth"}))
+    with pytest.raises(RunFolderError, match=r"downstream_checkpoints\.resnet50"):
+        _check_resumed_config(tmp_path / "run", other)
+
+
 @pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (20, 0.05), (4, 0.25), (450, 0.1), (7, 0.0)])
 def test_the_one_cycle_schedule_warms_up_to_the_peak_and_decays(steps, warmup):
     """Whatever the steps: a warm-up of exactly one step (`--steps 10` at warmup 0.1) once divided by zero."""

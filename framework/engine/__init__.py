@@ -5,7 +5,7 @@ receive validation metrics through `on_validation(step, metrics)`.
 
 Run folder (`config.output`):
 
-    config.yaml                  the resolved config of the last call (the data config's path absolute)
+    config.yaml                  the resolved config of the last call (its local paths absolute)
     mlflow_run.json              the MLflow run id (a resumed run continues it)
     stage1/  stage2/  stage3-<task>/
         last.safetensors         periodic model checkpoint (trainable parts)
@@ -119,12 +119,19 @@ def _crop_size(config: RunConfig, prior) -> int:
     return config.train.crop_size or prior.native_size
 
 
-def _absolute_data(config: RunConfig) -> RunConfig:
-    """`config` with the path of its data config absolute: the run folder's config.yaml then names the same
-    file whatever folder a later `eval --config` or `--resume` starts from."""
-    if config.data == "builtin":
-        return config
-    return replace(config, data=str(Path(config.data).expanduser().resolve()))
+def _local_path(value: str) -> str:
+    """`value` absolute if it names a local file or folder (a prior may also be a hub id or `tiny`)."""
+    path = Path(value).expanduser()
+    return str(path.resolve()) if value != "tiny" and path.exists() else value
+
+
+def _absolute_paths(config: RunConfig) -> RunConfig:
+    """`config` with its local paths absolute (the data config, a prior folder, the downstream checkpoints):
+    the run folder's config.yaml then names the same files whatever folder a later `eval --config` or
+    `--resume` starts from."""
+    data = config.data if config.data == "builtin" else str(Path(config.data).expanduser().resolve())
+    checkpoints = {name: str(Path(path).expanduser().resolve()) for name, path in config.downstream_checkpoints.items()}
+    return replace(config, data=data, prior=_local_path(config.prior), downstream_checkpoints=checkpoints)
 
 
 def _data_config(config: RunConfig):
@@ -474,9 +481,14 @@ def _check_resumed_config(output: Path, config: RunConfig) -> None:
     if not saved_path.is_file():
         return
     saved, current = _flatten(load_yaml(saved_path)), _flatten(to_dict(config))
-    for flat in (saved, current):  # a run saved before its data path was made absolute: read it from here
+    for flat in (saved, current):  # a run saved before its paths were made absolute: read them from here
         if isinstance(flat.get("data"), str) and flat["data"] != "builtin":
             flat["data"] = str(Path(flat["data"]).expanduser().resolve())
+        if isinstance(flat.get("prior"), str):
+            flat["prior"] = _local_path(flat["prior"])
+        for key, value in flat.items():
+            if key.startswith("downstream_checkpoints.") and isinstance(value, str):
+                flat[key] = str(Path(value).expanduser().resolve())
     changed = sorted(
         k
         for k in set(saved) | set(current)
@@ -612,7 +624,7 @@ def train(
     built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite.
     """
     chosen = _stage_list(stages)
-    config = _absolute_data(config)
+    config = _absolute_paths(config)
     names = parse_task_list(list(config.tasks))
     distributed, device = setup_distributed(config.train.device)
     output = Path(config.output).expanduser().resolve()
@@ -826,7 +838,7 @@ def add_task(
     the source checkpoint's, so the old tasks' outputs do not change.
     """
     get_task_class(task)
-    config = _absolute_data(config)
+    config = _absolute_paths(config)
     distributed, device = setup_distributed(config.train.device)
     output = Path(config.output).expanduser().resolve()
     stage = stage3(task)
