@@ -1,5 +1,7 @@
 """Run comparison over an MLflow store."""
 
+import re
+
 import mlflow
 import pytest
 
@@ -93,3 +95,40 @@ def test_training_curves_of_several_runs_side_by_side(tmp_path):
     assert (tmp_path / "cli.png").is_file() and "curves:" in result.stdout
     refused = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--curves", str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "give one, e.g. --metric stage2/loss_total" in refused.stderr
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_work(store, tmp_path):
+    """One line and exit 2 before the runs are read: not the table, then a traceback."""
+    import os
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.png").mkdir()
+    cases = [
+        (tmp_path / "a-file" / "compare.png", "a-file is a file, not a folder"),
+        (tmp_path / "a-folder.png", "is a folder; give a file path"),
+        (tmp_path / ("n" * 300 + ".png"), "cannot write in .* \\(File name too long\\)"),
+    ]
+    if Path("/proc/self").is_dir():  # a folder that cannot be made, whoever runs the tests
+        cases.append((Path("/proc/unirestore-none/compare.png"), "cannot write in /proc/unirestore-none"))
+    if os.geteuid() != 0:  # the superuser writes into a read-only folder all the same
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append((tmp_path / "read-only" / "compare.png", "cannot write in .*read-only \\(Permission denied\\)"))
+    runner = CliRunner()
+    for option in ("--plot", "--curves"):
+        for path, message in cases:
+            result = runner.invoke(app, ["runs", "compare", "--tracking-uri", store, "--experiment", "demo",
+                                         "--metric", "pir/psnr", option, str(path)])  # fmt: skip
+            assert result.exit_code == 2, (path, result.output)
+            assert result.stderr.count("\n") == 1 and re.search(f"error: {option} .*{message}", result.stderr)
+            assert "small-beta" not in result.stdout  # refused before the runs were read
+    written = runner.invoke(app, ["runs", "compare", "--tracking-uri", store, "--experiment", "demo",
+                                  "--plot", str(tmp_path / "new" / "folder" / "compare.png")])  # fmt: skip
+    assert written.exit_code == 0, written.output
+    assert (tmp_path / "new" / "folder" / "compare.png").is_file()
+    assert [p.name for p in (tmp_path / "new" / "folder").iterdir()] == ["compare.png"]  # no scratch file left
+
