@@ -20,7 +20,7 @@ nothing else), so the merge equals adding the tasks one after another.
 
 Sweep folder (`output`, default `runs/sweep-beta` or `runs/sweep-extend`):
 
-    sweep.json             what was swept (a resumed sweep must sweep the same thing)
+    sweep.json             what was swept, and the trials' config (a resumed sweep must match both)
     mlflow_run.json        the parent MLflow run
     tune/                  Ray Tune's experiment state (`Tuner.restore` resumes from it)
     trials/<trial_id>/     each trial's run folder in the engine's layout, plus `timing.json` and
@@ -620,8 +620,10 @@ def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
         make_console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")
 
 
-def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
-    """Create the sweep folder; returns True when a Tune experiment there is to be restored."""
+def _check_folder(folder: Path, spec: dict, config: RunConfig, resume: bool) -> bool:
+    """Before Ray starts: True when `folder` holds a Tune experiment to restore. A sweep there is refused
+    without `resume`, and with it when the settings differ from those it saved: its trials would each
+    refuse to resume their run folders (the engine's check), one by one, inside Ray."""
     from ray import tune
 
     tune_folder = folder / "tune"
@@ -632,16 +634,32 @@ def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
             f"sweep folder {folder} already holds a sweep; add --resume to continue it, or give another --output"
         )
     if exists and saved.is_file():
-        before = json.loads(saved.read_text())
-        changed = sorted(key for key in set(before) | set(spec) if before.get(key) != spec.get(key))
+        changed = _resume_changes(json.loads(saved.read_text()), {**spec, "config": to_dict(config)})
         if changed:
             raise SweepError(
-                f"--resume of {folder} with other settings ({', '.join(changed)}); resume with the same ones, "
-                "or give another --output"
+                f"--resume of {folder} with other settings than its sweep's ({'; '.join(changed[:6])}); resume "
+                f"with the same options (saved in {saved}), or give another --output for a new sweep"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, json.dumps(spec, indent=2))
     return exists
+
+
+def _resume_changes(saved: dict, current: dict) -> list[str]:
+    """'setting: saved → current' for each setting that differs. The trials' config is compared as the engine
+    compares a resumed run's, but for the tracking store and experiment, which hold the sweep's runs; a
+    sweep.json written before it held the config is compared on the sweep's options alone."""
+    from .engine import _OPERATIONAL, _flatten
+
+    ignored = _OPERATIONAL - {"tracking_uri", "experiment"}
+
+    def settings(spec: dict) -> dict:
+        options = {key: value for key, value in spec.items() if key != "config"}
+        config = _flatten(spec["config"]) if "config" in saved else {}
+        return {**options, **{key: value for key, value in config.items()
+                              if key not in ignored and not key.startswith("stage0.")}}  # fmt: skip
+
+    before, after = settings(saved), settings(current)
+    return [f"{key}: {before.get(key)} → {after.get(key)}" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]  # fmt: skip
 
 
 def _baseline(
@@ -804,15 +822,18 @@ class _Session:
 @contextlib.contextmanager
 def _session(kind: str, config: RunConfig, folder: Path, spec: dict, *, resume: bool, address: str | None,
              cpus_per_trial: float, gpus_per_trial: float | None) -> Iterator[_Session]:  # fmt: skip
-    """Ray (joined or started), a fail-fast resource check, the sweep folder, then the parent MLflow run
-    (creating the tracking database and the experiment before any trial); on the way out, every child
-    run gets its final status and the parent run ends (FINISHED, FAILED, or KILLED when interrupted)."""
+    """The sweep folder checked, Ray (joined or started), a fail-fast resource check, the sweep's settings
+    saved, then the parent MLflow run (creating the tracking database and the experiment before any trial);
+    on the way out, every child run gets its final status and the parent run ends (FINISHED, FAILED, or
+    KILLED when interrupted)."""
     from .engine.tracking import Tracker, load_run_id, save_run_id
 
+    restore = _check_folder(folder, spec, config, resume)
     with ray_session(address):
         gpus = _resolve_gpus(gpus_per_trial)
         check_resources(cpus_per_trial, gpus)
-        restore = _prepare_folder(folder, spec, resume)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "sweep.json", json.dumps({**spec, "config": to_dict(config)}, indent=2))
         tracker = Tracker(config.tracking_uri, config.experiment)
         tags = {"unirestore.sweep": kind, "unirestore.tasks": ",".join(spec["tasks"])}
         name = config.run_name or f"sweep-{kind}-{folder.name}"
