@@ -983,14 +983,18 @@ def sweep_beta(
     set_: SetOption = None,
     data: DataOption = None,
 ) -> None:
-    """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
+    """Sweep the stage-2 β weights with Ray Tune; write the best trial's run config to OUTPUT/best.yaml.
+
+    best.yaml holds the winner's tasks, its β and the settings given here (--config, --set, --data, --steps).
+    Train it anew (stages 0, 1, 2): unirestore train --config OUTPUT/best.yaml --output DIR
+    Its stage 2 alone, as the trial: copy the --from checkpoint to DIR/stage1.safetensors and add --stage 2."""
     with _errors(interrupted="the same command with --resume continues the sweep"):
         from .registry import parse_task_list
         from .sweep import parse_ranges
         from .sweep import sweep_beta as run_sweep
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        # prints its summary: the trials, the best β, its config file and checkpoint
+        # prints its summary: the trials, the best β, best.yaml and the best checkpoint
         run_sweep(
             source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
             scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,

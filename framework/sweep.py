@@ -10,8 +10,8 @@ with m_k the task's primary metric (PSNR, accuracy, mIoU, ...) on the restored v
 LQ_k / HQ_k the same metric on the degraded and on the clean images: the LQ and HQ rows of the engine's
 evaluation, computed once on the driver before any trial starts and handed to every trial. PIR's HQ row
 is the clean image scored against itself (PSNR capped at 100 dB), not a reachable target, so PIR's gap is
-`CAPPED_GAP` (10 dB) unless `gaps` says otherwise. The best trial's β is written as a `{train: {beta}}`
-YAML file that `unirestore train --config FILE` reads.
+`CAPPED_GAP` (10 dB) unless `gaps` says otherwise. The best trial's run config (its tasks, β and the
+sweep's other settings) is written as a YAML file that `unirestore train --config FILE` reads.
 
 `sweep_extend` (`unirestore sweep extend`) trains each new task's prompt alone (stage 3, the engine's
 `add_task`) in one or more trials per task over the learning rate, one GPU each where there are GPUs,
@@ -25,7 +25,7 @@ Sweep folder (`output`, default `runs/sweep-beta` or `runs/sweep-extend`):
     tune/                  Ray Tune's experiment state (`Tuner.restore` resumes from it)
     trials/<trial_id>/     each trial's run folder in the engine's layout, plus `timing.json` and
                            `outcome.json` (Tune's final verdict on the trial, written on the driver)
-    best.yaml              β sweep: the best β, a RunConfig fragment
+    best.yaml              β sweep: the best trial's tasks, β and settings, a run config
     merged.safetensors     extension: the source checkpoint plus every task's best prompt
     results.json           every trial's parameters, last metrics, checkpoint, MLflow run; the timing
 
@@ -166,7 +166,7 @@ class BetaSweepResult:
 
     folder: Path
     beta: dict[str, float]  # the best trial's β
-    config_file: Path  # best.yaml: {train: {beta: ...}}
+    config_file: Path  # best.yaml: the best trial's run config (`unirestore train --config`)
     checkpoint: Path  # the best trial's stage-2 checkpoint
     best: TrialRecord
     trials: list[TrialRecord]
@@ -1067,7 +1067,7 @@ def sweep_beta(
         finished = [r for r in scored if r.step >= steps and r.status == "TERMINATED"]
         best = max(finished or scored, key=lambda r: r.objective)
         beta = {key.split(".", 1)[1]: value for key, value in best.params.items()}
-        config_file = _write_beta_config(folder / "best.yaml", beta, best, source_path)
+        config_file = _write_beta_config(folder / "best.yaml", config, beta, best, source_path)
         timing = _timing(started, records, folder / "trials", session.driver_seconds)
         _write_results(folder, records, timing, {"best": best.trial_id, "beta": beta, **found,
                                                  "checkpoint": str(best.checkpoint)})  # fmt: skip
@@ -1254,16 +1254,28 @@ def _timing(
     )
 
 
-def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord, source: Path) -> Path:
-    """best.yaml: a RunConfig fragment (`unirestore train --config best.yaml`)."""
+# Where a run writes and is tracked: the training of the winner chooses its own.
+_PLACE_KEYS = ("output", "tracking_uri", "experiment", "run_name")
+
+
+def _write_beta_config(path: Path, config: RunConfig, beta: Mapping[str, float], best: TrialRecord,
+                       source: Path) -> Path:  # fmt: skip
+    """best.yaml: the best trial's run config, as what differs from the defaults (its tasks always): the
+    sampled β and the sweep's settings (--config, --set, --data, the trial length). Where to write and
+    track is left to the training that reads it with `unirestore train --config best.yaml`."""
+    winner = from_dict(RunConfig, to_dict(config), source="sweep")
+    winner.train.beta = {**winner.train.beta, **{task: float(value) for task, value in beta.items()}}
+    differences = _differences(to_dict(winner), to_dict(RunConfig()))
+    fields = {"tasks": list(winner.tasks),
+              **{key: value for key, value in differences.items() if key not in (*_PLACE_KEYS, "tasks")}}  # fmt: skip
     header = (
-        f"# Best β of the sweep in {path.parent} (trial {best.trial_id}, objective {best.objective:.4f} at step "
-        f"{best.step}),\n# from {source}. Use: unirestore train --config {path}\n"
+        f"# The best trial of the β sweep in {path.parent}: {best.trial_id}, objective {best.objective:.4f} at "
+        f"step {best.step},\n# stage 2 from {source}.\n"
+        f"# Train it anew (stages 0, 1, 2):  unirestore train --config {path} --output DIR\n"
+        f"# Its stage 2 alone, as the trial: copy {source} to DIR/stage1.safetensors, then\n"
+        f"#   unirestore train --config {path} --stage 2 --output DIR\n"
     )
-    atomic_write_text(
-        path,
-        header + yaml.safe_dump({"train": {"beta": {k: float(v) for k, v in beta.items()}}}, sort_keys=False)
-    )
+    atomic_write_text(path, header + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True))
     try:  # the file must be one `unirestore train --config` accepts
         from .config import load_run_config
 
@@ -1271,6 +1283,21 @@ def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord,
     except ConfigError as error:
         raise SweepError(f"{path}: {error}") from None
     return path
+
+
+def _differences(values: dict, defaults: dict) -> dict:
+    """The entries of `values` that differ from `defaults`; a section (a non-empty dict of defaults) is
+    compared key by key, any other value whole."""
+    found = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and default:
+            value = _differences(value, default)
+            if value:
+                found[key] = value
+        elif value != default:
+            found[key] = value
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1311,7 +1338,8 @@ def print_summary(result: BetaSweepResult | ExtendSweepResult, console=None) -> 
     if isinstance(result, BetaSweepResult):
         console.print(trials_table(result.trials, [result.best.trial_id], title=f"β sweep: {result.folder}"))
         console.print(
-            f"best β: {', '.join(f'{k}={v:.4g}' for k, v in result.beta.items())}  → {result.config_file}"
+            f"best β: {', '.join(f'{k}={v:.4g}' for k, v in result.beta.items())}  → {result.config_file} "
+            f"(unirestore train --config {result.config_file})"
         )
         console.print(f"best checkpoint: {result.checkpoint}")
     else:

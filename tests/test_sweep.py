@@ -194,7 +194,10 @@ def test_gpus_requested_on_a_machine_without_fails_fast(source, trained_source, 
 
 
 def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, source, workspace):
+    import shutil
+
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
 
     checkpoint, config = source
     folder = workspace / "beta"
@@ -214,6 +217,23 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
 
     loaded = load_run_config(result.config_file)  # `unirestore train --config best.yaml`
     assert loaded.train.beta == pytest.approx(result.beta)
+    assert loaded.tasks == ["pir", "seg", "cls"]  # and the sweep's settings, given to it as a config:
+    assert (loaded.train.batch_size, loaded.train.stage2_steps, loaded.stage0.vae_steps) == (2, 2, 2)
+    # best.yaml trains the winner: its stage 2 from the same checkpoint, by `unirestore train`, is the trial's
+    replay = workspace / "replay"
+    replay.mkdir()
+    shutil.copyfile(checkpoint, replay / "stage1.safetensors")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray gives each 1-CPU trial
+    try:
+        trained = CliRunner().invoke(app, ["train", "--config", str(result.config_file), "--stage", "2", "--output",
+                                           str(replay), "--tracking-uri", config.tracking_uri])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert trained.exit_code == 0, trained.output
+    replayed, winner = load_file(str(replay / "stage2.safetensors")), load_file(str(result.checkpoint))
+    assert replayed.keys() == winner.keys()
+    assert not [key for key in winner if not torch.equal(replayed[key], winner[key])]
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
     parent = client.get_run(result.run_id)
