@@ -237,6 +237,30 @@ def _make_folder(folder: Path, option: str) -> None:
         ) from None
 
 
+def _check_output_file(path: Path, option: str) -> None:
+    """Make the folder of an output file and write a scratch file there now, as `atomic_write` will, so that
+    a path that cannot be written stops the command before any work, not after it."""
+    import tempfile
+
+    from .config import ConfigError
+
+    try:
+        if path.is_dir():
+            raise ConfigError(f"{option} {path} is a folder; give a file path, e.g. {path / 'compare.png'}")
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise ConfigError(f"{option} {path}: {blocking} is a file, not a folder; give a path in a folder")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=".unirestore-", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        os.unlink(scratch)
+    except OSError as error:
+        raise ConfigError(
+            f"{option} {path}: cannot write in {path.parent} ({error.strerror or error}); give a path you can "
+            "write to"
+        ) from None
+
+
 def _cast(model, precision: str) -> None:
     """Weights cast once (no per-op casts, half the memory traffic); channels_last convs are faster in half
     precision (3 % on the CPU at sd-turbo scale). Inputs and outputs stay fp32."""
@@ -934,21 +958,32 @@ def runs_compare(
 
         if curves is not None and not metric:
             _fail("--curves draws the history of each --metric; give one, e.g. --metric stage2/loss_total", 2)
+        figures = {option: path for option, path in (("--plot", plot), ("--curves", curves)) if path is not None}
+        for option, path in figures.items():
+            _check_output_file(path, option)
         try:
             comparison = compare_runs(tracking_uri or _default_tracking_uri(), experiment, metric, filter_)
         except CompareError as error:
             _fail(str(error), 2)
         Console(width=200).print(render_table(comparison, title=experiment or "all experiments"))
-        if plot is not None:
-            typer.echo(f"plot: {plot_comparison(comparison, plot)}")
-        if curves is not None:
-            typer.echo(f"curves: {plot_histories(tracking_uri or _default_tracking_uri(), comparison, curves)}")
+        unwritten = False
+        for option, path in figures.items():
+            try:
+                if option == "--plot":
+                    typer.echo(f"plot: {plot_comparison(comparison, path)}")
+                else:
+                    typer.echo(f"curves: {plot_histories(tracking_uri or _default_tracking_uri(), comparison, path)}")
+            except OSError as error:  # the folder checked above changed since: the other outputs still come
+                typer.echo(f"error: {option} {path}: cannot write it ({error.strerror or error}); give another path", err=True)
+                unwritten = True
         if per_image:
             try:
                 paired = paired_per_image(tracking_uri or _default_tracking_uri(), comparison)
             except CompareError as error:
                 _fail(str(error), 2)
             Console(width=200).print(render_paired(paired))
+        if unwritten:
+            raise typer.Exit(1)
 
 
 SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]
@@ -976,14 +1011,18 @@ def sweep_beta(
     set_: SetOption = None,
     data: DataOption = None,
 ) -> None:
-    """Sweep the stage-2 β weights with Ray Tune; write the best β as a config `train --config` accepts."""
+    """Sweep the stage-2 β weights with Ray Tune; write the best trial's run config to OUTPUT/best.yaml.
+
+    best.yaml holds the winner's tasks, its β and the settings given here (--config, --set, --data, --steps).
+    Train it anew (stages 0, 1, 2): unirestore train --config OUTPUT/best.yaml --output DIR
+    Its stage 2 alone, as the trial: copy the --from checkpoint to DIR/stage1.safetensors and add --stage 2."""
     with _errors(interrupted="the same command with --resume continues the sweep"):
         from .registry import parse_task_list
         from .sweep import parse_ranges
         from .sweep import sweep_beta as run_sweep
 
         run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
-        # prints its summary: the trials, the best β, its config file and checkpoint
+        # prints its summary: the trials, the best β, best.yaml and the best checkpoint
         run_sweep(
             source, parse_task_list(tasks), config=run_config, num_samples=num_samples, search=search,
             scheduler=scheduler, beta_ranges=parse_ranges(ranges) if ranges else None,

@@ -281,7 +281,30 @@ def paired_per_image(tracking_uri: str, comparison: Comparison) -> list[PairedRe
             p_value = binomtest(above, above + below).pvalue if above + below else None
             results.append(PairedResult(name, reference_name, corruption, task, row, metric, above, below,
                                         len(pairs), p_value))  # fmt: skip
+    if not results and any(key in reference for _, values in others for key in values):
+        rows = "; ".join(f"{name}: {', '.join(_restored_rows(values)) or 'none'}" for name, values in runs)
+        raise CompareError(
+            f"these eval runs share test images but no restored row ({rows}); select runs restored with the "
+            "same prompts (eval --prompts)"
+        )
+    if not results:
+        counts = "; ".join(f"{name}: {_images_of(values)}" for name, values in runs)
+        raise CompareError(
+            f"no test image is shared between these eval runs ({counts}); select runs evaluated on the same "
+            "data, tasks and degradations (--filter)"
+        )
     return results
+
+
+def _images_of(values: dict[tuple, dict[str, float]]) -> str:
+    """'8 images (default/pir)': a run's test images and the (degradation, task) units they belong to."""
+    images = {key[:3] for key in values}
+    units = ", ".join(sorted({f"{corruption}/{task}" for corruption, task, _ in images}))
+    return f"{len(images)} image(s) ({units or 'none'})"
+
+
+def _restored_rows(values: dict[tuple, dict[str, float]]) -> list[str]:
+    return sorted({row for rows in values.values() for row in rows if row.startswith("restored")})
 
 
 def render_paired(results: list[PairedResult]):

@@ -10,8 +10,8 @@ with m_k the task's primary metric (PSNR, accuracy, mIoU, ...) on the restored v
 LQ_k / HQ_k the same metric on the degraded and on the clean images: the LQ and HQ rows of the engine's
 evaluation, computed once on the driver before any trial starts and handed to every trial. PIR's HQ row
 is the clean image scored against itself (PSNR capped at 100 dB), not a reachable target, so PIR's gap is
-`CAPPED_GAP` (10 dB) unless `gaps` says otherwise. The best trial's β is written as a `{train: {beta}}`
-YAML file that `unirestore train --config FILE` reads.
+`CAPPED_GAP` (10 dB) unless `gaps` says otherwise. The best trial's run config (its tasks, β and the
+sweep's other settings) is written as a YAML file that `unirestore train --config FILE` reads.
 
 `sweep_extend` (`unirestore sweep extend`) trains each new task's prompt alone (stage 3, the engine's
 `add_task`) in one or more trials per task over the learning rate, one GPU each where there are GPUs,
@@ -20,12 +20,12 @@ nothing else), so the merge equals adding the tasks one after another.
 
 Sweep folder (`output`, default `runs/sweep-beta` or `runs/sweep-extend`):
 
-    sweep.json             what was swept (a resumed sweep must sweep the same thing)
+    sweep.json             what was swept, and the trials' config (a resumed sweep must match both)
     mlflow_run.json        the parent MLflow run
     tune/                  Ray Tune's experiment state (`Tuner.restore` resumes from it)
     trials/<trial_id>/     each trial's run folder in the engine's layout, plus `timing.json` and
                            `outcome.json` (Tune's final verdict on the trial, written on the driver)
-    best.yaml              β sweep: the best β, a RunConfig fragment
+    best.yaml              β sweep: the best trial's tasks, β and settings, a run config
     merged.safetensors     extension: the source checkpoint plus every task's best prompt
     results.json           every trial's parameters, last metrics, checkpoint, MLflow run; the timing
 
@@ -166,7 +166,7 @@ class BetaSweepResult:
 
     folder: Path
     beta: dict[str, float]  # the best trial's β
-    config_file: Path  # best.yaml: {train: {beta: ...}}
+    config_file: Path  # best.yaml: the best trial's run config (`unirestore train --config`)
     checkpoint: Path  # the best trial's stage-2 checkpoint
     best: TrialRecord
     trials: list[TrialRecord]
@@ -620,8 +620,10 @@ def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
         make_console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")
 
 
-def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
-    """Create the sweep folder; returns True when a Tune experiment there is to be restored."""
+def _check_folder(folder: Path, spec: dict, config: RunConfig, resume: bool) -> bool:
+    """Before Ray starts: True when `folder` holds a Tune experiment to restore. A sweep there is refused
+    without `resume`, and with it when the settings differ from those it saved: its trials would each
+    refuse to resume their run folders (the engine's check), one by one, inside Ray."""
     from ray import tune
 
     tune_folder = folder / "tune"
@@ -632,16 +634,32 @@ def _prepare_folder(folder: Path, spec: dict, resume: bool) -> bool:
             f"sweep folder {folder} already holds a sweep; add --resume to continue it, or give another --output"
         )
     if exists and saved.is_file():
-        before = json.loads(saved.read_text())
-        changed = sorted(key for key in set(before) | set(spec) if before.get(key) != spec.get(key))
+        changed = _resume_changes(json.loads(saved.read_text()), {**spec, "config": to_dict(config)})
         if changed:
             raise SweepError(
-                f"--resume of {folder} with other settings ({', '.join(changed)}); resume with the same ones, "
-                "or give another --output"
+                f"--resume of {folder} with other settings than its sweep's ({'; '.join(changed[:6])}); resume "
+                f"with the same options (saved in {saved}), or give another --output for a new sweep"
             )
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, json.dumps(spec, indent=2))
     return exists
+
+
+def _resume_changes(saved: dict, current: dict) -> list[str]:
+    """'setting: saved → current' for each setting that differs. The trials' config is compared as the engine
+    compares a resumed run's, but for the tracking store and experiment, which hold the sweep's runs; a
+    sweep.json written before it held the config is compared on the sweep's options alone."""
+    from .engine import _OPERATIONAL, _flatten
+
+    ignored = _OPERATIONAL - {"tracking_uri", "experiment"}
+
+    def settings(spec: dict) -> dict:
+        options = {key: value for key, value in spec.items() if key != "config"}
+        config = _flatten(spec["config"]) if "config" in saved else {}
+        return {**options, **{key: value for key, value in config.items()
+                              if key not in ignored and not key.startswith("stage0.")}}  # fmt: skip
+
+    before, after = settings(saved), settings(current)
+    return [f"{key}: {before.get(key)} → {after.get(key)}" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)]  # fmt: skip
 
 
 def _baseline(
@@ -804,15 +822,18 @@ class _Session:
 @contextlib.contextmanager
 def _session(kind: str, config: RunConfig, folder: Path, spec: dict, *, resume: bool, address: str | None,
              cpus_per_trial: float, gpus_per_trial: float | None) -> Iterator[_Session]:  # fmt: skip
-    """Ray (joined or started), a fail-fast resource check, the sweep folder, then the parent MLflow run
-    (creating the tracking database and the experiment before any trial); on the way out, every child
-    run gets its final status and the parent run ends (FINISHED, FAILED, or KILLED when interrupted)."""
+    """The sweep folder checked, Ray (joined or started), a fail-fast resource check, the sweep's settings
+    saved, then the parent MLflow run (creating the tracking database and the experiment before any trial);
+    on the way out, every child run gets its final status and the parent run ends (FINISHED, FAILED, or
+    KILLED when interrupted)."""
     from .engine.tracking import Tracker, load_run_id, save_run_id
 
+    restore = _check_folder(folder, spec, config, resume)
     with ray_session(address):
         gpus = _resolve_gpus(gpus_per_trial)
         check_resources(cpus_per_trial, gpus)
-        restore = _prepare_folder(folder, spec, resume)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "sweep.json", json.dumps({**spec, "config": to_dict(config)}, indent=2))
         tracker = Tracker(config.tracking_uri, config.experiment)
         tags = {"unirestore.sweep": kind, "unirestore.tasks": ",".join(spec["tasks"])}
         name = config.run_name or f"sweep-{kind}-{folder.name}"
@@ -1046,7 +1067,7 @@ def sweep_beta(
         finished = [r for r in scored if r.step >= steps and r.status == "TERMINATED"]
         best = max(finished or scored, key=lambda r: r.objective)
         beta = {key.split(".", 1)[1]: value for key, value in best.params.items()}
-        config_file = _write_beta_config(folder / "best.yaml", beta, best, source_path)
+        config_file = _write_beta_config(folder / "best.yaml", config, beta, best, source_path)
         timing = _timing(started, records, folder / "trials", session.driver_seconds)
         _write_results(folder, records, timing, {"best": best.trial_id, "beta": beta, **found,
                                                  "checkpoint": str(best.checkpoint)})  # fmt: skip
@@ -1233,16 +1254,28 @@ def _timing(
     )
 
 
-def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord, source: Path) -> Path:
-    """best.yaml: a RunConfig fragment (`unirestore train --config best.yaml`)."""
+# Where a run writes and is tracked: the training of the winner chooses its own.
+_PLACE_KEYS = ("output", "tracking_uri", "experiment", "run_name")
+
+
+def _write_beta_config(path: Path, config: RunConfig, beta: Mapping[str, float], best: TrialRecord,
+                       source: Path) -> Path:  # fmt: skip
+    """best.yaml: the best trial's run config, as what differs from the defaults (its tasks always): the
+    sampled β and the sweep's settings (--config, --set, --data, the trial length). Where to write and
+    track is left to the training that reads it with `unirestore train --config best.yaml`."""
+    winner = from_dict(RunConfig, to_dict(config), source="sweep")
+    winner.train.beta = {**winner.train.beta, **{task: float(value) for task, value in beta.items()}}
+    differences = _differences(to_dict(winner), to_dict(RunConfig()))
+    fields = {"tasks": list(winner.tasks),
+              **{key: value for key, value in differences.items() if key not in (*_PLACE_KEYS, "tasks")}}  # fmt: skip
     header = (
-        f"# Best β of the sweep in {path.parent} (trial {best.trial_id}, objective {best.objective:.4f} at step "
-        f"{best.step}),\n# from {source}. Use: unirestore train --config {path}\n"
+        f"# The best trial of the β sweep in {path.parent}: {best.trial_id}, objective {best.objective:.4f} at "
+        f"step {best.step},\n# stage 2 from {source}.\n"
+        f"# Train it anew (stages 0, 1, 2):  unirestore train --config {path} --output DIR\n"
+        f"# Its stage 2 alone, as the trial: copy {source} to DIR/stage1.safetensors, then\n"
+        f"#   unirestore train --config {path} --stage 2 --output DIR\n"
     )
-    atomic_write_text(
-        path,
-        header + yaml.safe_dump({"train": {"beta": {k: float(v) for k, v in beta.items()}}}, sort_keys=False)
-    )
+    atomic_write_text(path, header + yaml.safe_dump(fields, sort_keys=False, allow_unicode=True))
     try:  # the file must be one `unirestore train --config` accepts
         from .config import load_run_config
 
@@ -1250,6 +1283,21 @@ def _write_beta_config(path: Path, beta: Mapping[str, float], best: TrialRecord,
     except ConfigError as error:
         raise SweepError(f"{path}: {error}") from None
     return path
+
+
+def _differences(values: dict, defaults: dict) -> dict:
+    """The entries of `values` that differ from `defaults`; a section (a non-empty dict of defaults) is
+    compared key by key, any other value whole."""
+    found = {}
+    for key, value in values.items():
+        default = defaults.get(key)
+        if isinstance(value, dict) and isinstance(default, dict) and default:
+            value = _differences(value, default)
+            if value:
+                found[key] = value
+        elif value != default:
+            found[key] = value
+    return found
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1290,7 +1338,8 @@ def print_summary(result: BetaSweepResult | ExtendSweepResult, console=None) -> 
     if isinstance(result, BetaSweepResult):
         console.print(trials_table(result.trials, [result.best.trial_id], title=f"β sweep: {result.folder}"))
         console.print(
-            f"best β: {', '.join(f'{k}={v:.4g}' for k, v in result.beta.items())}  → {result.config_file}"
+            f"best β: {', '.join(f'{k}={v:.4g}' for k, v in result.beta.items())}  → {result.config_file} "
+            f"(unirestore train --config {result.config_file})"
         )
         console.print(f"best checkpoint: {result.checkpoint}")
     else:

@@ -1,5 +1,7 @@
 """Run comparison over an MLflow store."""
 
+import re
+
 import mlflow
 import pytest
 
@@ -93,3 +95,82 @@ def test_training_curves_of_several_runs_side_by_side(tmp_path):
     assert (tmp_path / "cli.png").is_file() and "curves:" in result.stdout
     refused = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--curves", str(tmp_path / "x.png")])
     assert refused.exit_code == 2 and "give one, e.g. --metric stage2/loss_total" in refused.stderr
+
+
+def test_a_plot_path_that_cannot_be_written_is_refused_before_any_work(store, tmp_path):
+    """One line and exit 2 before the runs are read: not the table, then a traceback."""
+    import os
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "a-folder.png").mkdir()
+    cases = [
+        (tmp_path / "a-file" / "compare.png", "a-file is a file, not a folder"),
+        (tmp_path / "a-folder.png", "is a folder; give a file path"),
+        (tmp_path / ("n" * 300 + ".png"), "cannot write in .* \\(File name too long\\)"),
+    ]
+    if Path("/proc/self").is_dir():  # a folder that cannot be made, whoever runs the tests
+        cases.append((Path("/proc/unirestore-none/compare.png"), "cannot write in /proc/unirestore-none"))
+    if os.geteuid() != 0:  # the superuser writes into a read-only folder all the same
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append((tmp_path / "read-only" / "compare.png", "cannot write in .*read-only \\(Permission denied\\)"))
+    runner = CliRunner()
+    for option in ("--plot", "--curves"):
+        for path, message in cases:
+            result = runner.invoke(app, ["runs", "compare", "--tracking-uri", store, "--experiment", "demo",
+                                         "--metric", "pir/psnr", option, str(path)])  # fmt: skip
+            assert result.exit_code == 2, (path, result.output)
+            assert result.stderr.count("\n") == 1 and re.search(f"error: {option} .*{message}", result.stderr)
+            assert "small-beta" not in result.stdout  # refused before the runs were read
+    written = runner.invoke(app, ["runs", "compare", "--tracking-uri", store, "--experiment", "demo",
+                                  "--plot", str(tmp_path / "new" / "folder" / "compare.png")])  # fmt: skip
+    assert written.exit_code == 0, written.output
+    assert (tmp_path / "new" / "folder" / "compare.png").is_file()
+    assert [p.name for p in (tmp_path / "new" / "folder").iterdir()] == ["compare.png"]  # no scratch file left
+
+
+def _eval_run(experiment: str, name: str, rows: list[tuple[str, str, str, float]], folder):
+    """An eval run that logged eval_images.csv: (task, image, restored row, PSNR) per line."""
+    import csv
+
+    path = folder / name / "eval_images.csv"
+    path.parent.mkdir()
+    columns = sorted({row for _, _, row, _ in rows})
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["corruption", "task", "image", "metric", "LQ", *columns])
+        for task, image, row, value in rows:
+            writer.writerow(["default", task, image, "psnr", 20.0, *(value if c == row else "" for c in columns)])
+    with mlflow.start_run(experiment_id=experiment, run_name=name):
+        mlflow.log_metric("pir/psnr", 20.0)
+        mlflow.log_artifact(str(path))
+
+
+def test_per_image_between_runs_that_share_no_image_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("unirestore-eval", artifact_location=str(tmp_path / "artifacts"))
+    _eval_run(experiment, "photos", [("pir", f"photo{i}.png", "restored[pir]", 21.0) for i in range(3)], tmp_path)
+    _eval_run(experiment, "scenes", [("seg", "scene.png", "restored[seg]", 22.0)], tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--per-image"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1
+    assert "no test image is shared between these eval runs" in result.stderr
+    assert "scenes (" in result.stderr and "1 image(s) (default/seg)" in result.stderr
+    assert "photos (" in result.stderr and "3 image(s) (default/pir)" in result.stderr
+
+    # the same images restored with other prompts: no row to pair, and that is what is said
+    _eval_run(experiment, "photos-cls", [("pir", f"photo{i}.png", "restored[cls]", 21.0) for i in range(3)], tmp_path)
+    filtered = "attributes.run_name != 'scenes'"
+    result = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--per-image", "--filter", filtered])
+    assert result.exit_code == 2, result.output
+    assert "share test images but no restored row" in result.stderr and "restored[cls]" in result.stderr

@@ -7,8 +7,10 @@ import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from unirestore.framework.config import RunConfig, load_run_config
+from unirestore.framework.cli import app
+from unirestore.framework.config import RunConfig, dump_yaml, load_run_config
 from unirestore.framework.sweep import (
     CAPPED_GAP,
     SweepError,
@@ -192,7 +194,10 @@ def test_gpus_requested_on_a_machine_without_fails_fast(source, trained_source, 
 
 
 def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, source, workspace):
+    import shutil
+
     from mlflow.tracking import MlflowClient
+    from safetensors.torch import load_file
 
     checkpoint, config = source
     folder = workspace / "beta"
@@ -212,6 +217,23 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
 
     loaded = load_run_config(result.config_file)  # `unirestore train --config best.yaml`
     assert loaded.train.beta == pytest.approx(result.beta)
+    assert loaded.tasks == ["pir", "seg", "cls"]  # and the sweep's settings, given to it as a config:
+    assert (loaded.train.batch_size, loaded.train.stage2_steps, loaded.stage0.vae_steps) == (2, 2, 2)
+    # best.yaml trains the winner: its stage 2 from the same checkpoint, by `unirestore train`, is the trial's
+    replay = workspace / "replay"
+    replay.mkdir()
+    shutil.copyfile(checkpoint, replay / "stage1.safetensors")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray gives each 1-CPU trial
+    try:
+        trained = CliRunner().invoke(app, ["train", "--config", str(result.config_file), "--stage", "2", "--output",
+                                           str(replay), "--tracking-uri", config.tracking_uri])  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    assert trained.exit_code == 0, trained.output
+    replayed, winner = load_file(str(replay / "stage2.safetensors")), load_file(str(result.checkpoint))
+    assert replayed.keys() == winner.keys()
+    assert not [key for key in winner if not torch.equal(replayed[key], winner[key])]
 
     client = MlflowClient(tracking_uri=config.tracking_uri)
     parent = client.get_run(result.run_id)
@@ -244,6 +266,23 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
     assert resumed.beta == result.beta and resumed.run_id == result.run_id
     assert resumed.timing.trial_seconds == 0.0
     assert ray_cluster.is_initialized()  # the sweeps joined the module's Ray and left it running
+
+    # Resumed with another config, its trials would each refuse their run folders inside Ray: refused before.
+    saved = (folder / "sweep.json").read_text()
+    config_file = workspace / "sweep-config.yaml"
+    config_file.write_text(dump_yaml(config))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["sweep", "beta", "--from", str(checkpoint), "--tasks", "pir,seg,cls", "--num-samples",
+                                  "2", "--steps", "2", "--output", str(folder), "--resume", "--config", str(config_file),
+                                  "--set", "train.lr=0.5"])  # fmt: skip
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.count("\n") == 1 and "with other settings than its sweep's (train.lr: None → 0.5)" in refused.stderr
+    assert "resume with the same options" in refused.stderr
+    with pytest.raises(SweepError, match=r"steps: 2 → 3; train.stage2_steps: 2 → 3\)"):
+        sweep_beta(checkpoint, "pir,seg,cls", config=config, num_samples=2, steps=3, val_every=1, output=folder,
+                   resume=True, show=False)  # fmt: skip
+    assert (folder / "sweep.json").read_text() == saved
+    assert MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id).info.status == "FINISHED"
 
 
 def test_extend_merge_equals_adding_tasks_one_by_one(trained_source, workspace):
