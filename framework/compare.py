@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -237,6 +238,8 @@ def _per_image_values(tracking_uri: str, run_id: str) -> dict[tuple, dict[str, f
     client = mlflow.tracking.MlflowClient(tracking_uri)
     if PER_IMAGE_ARTIFACT not in {item.path for item in client.list_artifacts(run_id)}:
         return None
+    # one small CSV per run: MLflow's download bars would only clutter the table's output
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as folder:
         path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PER_IMAGE_ARTIFACT, dst_path=folder,
                                                    tracking_uri=tracking_uri)  # fmt: skip
