@@ -49,3 +49,18 @@ def test_rewriting_benchmarks_keeps_the_notes_around_the_generated_block(tmp_pat
     assert "new tables" in text and "old tables" not in text
     assert "Hand-written note." in text and text.endswith("Closing note.\n")
     assert text.count(BEGIN) == 1 and (tmp_path / "paper_tables.png").is_file()
+
+
+def test_cfrm_latent_scores_every_test_image_once_and_an_initial_cfrm_as_the_identity(tiny_prior, tmp_path):
+    """The CFRM starts as the identity (SPEC: zero-initialised last convolutions), so before training its latent
+    decodes as the plain encoder's; every image of the first `samples` is counted under its own corruption."""
+    from unirestore.experiments.cfrm_latent import measure, table
+    from unirestore.framework.checkpoint import save_checkpoint
+    from unirestore.framework.model import UniRestore
+
+    path = save_checkpoint(UniRestore(tiny_prior, tasks=["pir"]), tmp_path / "initial.safetensors")
+    results = measure(path, samples=6, batch_size=4)
+    assert results["all"]["images"] == 6
+    assert sum(r["images"] for name, r in results.items() if name != "all") == 6
+    assert abs(results["all"]["cfrm"] - results["all"]["plain"]) < 0.05
+    assert "| all (6) |" in table(results)
