@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -41,6 +41,11 @@ def state_tensors(model: UniRestore, components: Mapping[str, torch.nn.Module] |
 
 def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[str, object] | None = None) -> Path:
     """Write the model's trainable parts and identity to `path` (a .safetensors file)."""
+    return atomic_write(path, checkpoint_writer(model, extra))
+
+
+def checkpoint_writer(model: UniRestore, extra: Mapping[str, object] | None = None) -> Callable[[str], None]:
+    """What `save_checkpoint` writes, as a function of the file to write it to (for `atomic_write_together`)."""
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(to_dict(model.config)),
@@ -50,7 +55,7 @@ def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[s
         "extra": json.dumps(dict(extra or {}), default=str),
     }
     tensors = state_tensors(model)
-    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    return lambda temporary: save_file(tensors, temporary, metadata=metadata)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
