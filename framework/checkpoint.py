@@ -2,8 +2,9 @@
 
 Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
 prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
-the identity of the prior (name, a fingerprint of its configs and, for the tiny prior, a hash of its weights).
-Loading onto another prior is refused.
+the identity of the prior (name, a fingerprint of its configs, for the tiny prior a hash of its weights and,
+for a prior read from a folder, the size and a sampled hash of each weight file). Loading onto another prior,
+or onto other weights of the same one, is refused.
 """
 
 from __future__ import annotations
@@ -137,6 +138,21 @@ def extension_problem(metadata: Mapping) -> str | None:
     return None
 
 
+def _other_weight_file(recorded: Mapping[str, dict] | None, loaded: Mapping[str, dict] | None) -> str | None:
+    """The first weight file of the same name whose size or sampled bytes differ (with both), or None.
+
+    Files of the same name alone are compared: a checkpoint trained on full-precision weights loads onto their
+    fp16 variant (the same weights, rounded), and one written before weight files were recorded loads unchecked.
+    """
+    for name in sorted(set(recorded or {}) & set(loaded or {})):
+        before, now = recorded[name], loaded[name]
+        if before["size"] != now["size"]:
+            return f"{name} is {now['size']} bytes, not {before['size']}"
+        if before["sample"] != now["sample"]:
+            return f"{name} holds other bytes"
+    return None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     prior: Prior | str | None = None,
@@ -172,6 +188,17 @@ def load_checkpoint(
             f"checkpoint {metadata['path']} was trained on other weights of prior '{prior.name}' "
             f"(weights {identity['weights']}) than the ones loaded now ({prior.weights}): stage 0 trained it again "
             "since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
+        )
+    changed = _other_weight_file(identity.get("weight_files"), prior.weight_files)
+    if changed and identity["name"] == prior.name:  # the folder's weights were replaced since
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on other weights than prior '{prior.name}' holds now "
+            f"({changed}); put back the weights it was trained on, or train it again on these"
+        )
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on the weights of prior '{identity['name']}', not on those "
+            f"of '{prior.name}' ({changed}); give --prior the folder it was trained on, or a copy of it"
         )
     config_dict = dict(metadata["model_config"])
     config_dict.update(config_overrides or {})
