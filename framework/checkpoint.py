@@ -2,15 +2,16 @@
 
 Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
 prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
-the identity of the prior (name, a fingerprint of its configs and, for the tiny prior, a hash of its weights).
-Loading onto another prior is refused.
+the identity of the prior (name, a fingerprint of its configs, for the tiny prior a hash of its weights and,
+for a prior read from a folder, the size and a sampled hash of each weight file). Loading onto another prior,
+or onto other weights of the same one, is refused.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ def state_tensors(model: UniRestore, components: Mapping[str, torch.nn.Module] |
 
 def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[str, object] | None = None) -> Path:
     """Write the model's trainable parts and identity to `path` (a .safetensors file)."""
+    return atomic_write(path, checkpoint_writer(model, extra))
+
+
+def checkpoint_writer(model: UniRestore, extra: Mapping[str, object] | None = None) -> Callable[[str], None]:
+    """What `save_checkpoint` writes, as a function of the file to write it to (for `atomic_write_together`)."""
     metadata = {
         "format": FORMAT,
         "model_config": json.dumps(to_dict(model.config)),
@@ -50,7 +56,7 @@ def save_checkpoint(model: UniRestore, path: str | os.PathLike, extra: Mapping[s
         "extra": json.dumps(dict(extra or {}), default=str),
     }
     tensors = state_tensors(model)
-    return atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
+    return lambda temporary: save_file(tensors, temporary, metadata=metadata)
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
@@ -132,6 +138,21 @@ def extension_problem(metadata: Mapping) -> str | None:
     return None
 
 
+def _other_weight_file(recorded: Mapping[str, dict] | None, loaded: Mapping[str, dict] | None) -> str | None:
+    """The first weight file of the same name whose size or sampled bytes differ (with both), or None.
+
+    Files of the same name alone are compared: a checkpoint trained on full-precision weights loads onto their
+    fp16 variant (the same weights, rounded), and one written before weight files were recorded loads unchecked.
+    """
+    for name in sorted(set(recorded or {}) & set(loaded or {})):
+        before, now = recorded[name], loaded[name]
+        if before["size"] != now["size"]:
+            return f"{name} is {now['size']} bytes, not {before['size']}"
+        if before["sample"] != now["sample"]:
+            return f"{name} holds other bytes"
+    return None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     prior: Prior | str | None = None,
@@ -167,6 +188,17 @@ def load_checkpoint(
             f"checkpoint {metadata['path']} was trained on other weights of prior '{prior.name}' "
             f"(weights {identity['weights']}) than the ones loaded now ({prior.weights}): stage 0 trained it again "
             "since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
+        )
+    changed = _other_weight_file(identity.get("weight_files"), prior.weight_files)
+    if changed and identity["name"] == prior.name:  # the folder's weights were replaced since
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on other weights than prior '{prior.name}' holds now "
+            f"({changed}); put back the weights it was trained on, or train it again on these"
+        )
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {metadata['path']} was trained on the weights of prior '{identity['name']}', not on those "
+            f"of '{prior.name}' ({changed}); give --prior the folder it was trained on, or a copy of it"
         )
     config_dict = dict(metadata["model_config"])
     config_dict.update(config_overrides or {})

@@ -126,12 +126,16 @@ TRAINING_INTERRUPTED = "what was saved is whole: the same command with --resume 
 def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
     """User errors as one line and exit 2; a full disk or the device's memory running out as one line naming
     the fix (`out_of_memory`) and exit 1; Ctrl-C as one line (`interrupted`: how to go on) and exit 130;
+    a training that stopped at a step it saved as its own line and 128 + the signal (130, SIGTERM 143);
     anything else as a traceback."""
     try:
         yield
     except typer.Exit:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interruption:
+        if type(interruption).__name__ == "TrainingInterrupted":  # by name: torch need not be loaded to tell
+            typer.echo(f"interrupted: {interruption}", err=True)
+            raise typer.Exit(128 + interruption.signal) from None
         typer.echo(f"interrupted{'; ' + interrupted if interrupted else ''}", err=True)
         raise typer.Exit(130) from None
     except Exception as error:

@@ -124,6 +124,9 @@ class Prior:
     # The tiny prior only (its weights are trained here, and stage 0 may train them again): a hash of its VAE
     # and UNet weight files, so that a checkpoint is not loaded onto other weights of the same architecture.
     weights: str | None = None
+    # A prior read from a folder (the tiny one too): what `sample_weight_files` says of the VAE and UNet weight
+    # files it read, the same check at a cost that does not grow with a real prior's gigabytes.
+    weight_files: dict[str, dict] | None = None
 
     @property
     def vae_scale_factor(self) -> int:
@@ -142,6 +145,8 @@ class Prior:
         identity = {"name": self.name, "fingerprint": self.fingerprint}
         if self.weights is not None:
             identity["weights"] = self.weights
+        if self.weight_files is not None:
+            identity["weight_files"] = self.weight_files
         return identity
 
     def to(self, device=None, dtype=None) -> Prior:
@@ -181,6 +186,43 @@ def weights_digest(folder: Path) -> str:
         with open(file, "rb") as handle:
             parts.append(f"{file.parent.name}/{file.name}:{hashlib.file_digest(handle, 'sha256').hexdigest()}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+# 16 slices of 64 KiB: 1 MiB read of each weight file, however large.
+_SAMPLED_SLICES, _SLICE_BYTES = 16, 64 * 1024
+
+
+def sample_weight_files(folder: Path) -> dict[str, dict]:
+    """The VAE and UNet weight files that `load_prior` reads from `folder`, each as `{"size": bytes, "sample": a
+    hash of 16 slices of 64 KiB spread evenly from its first byte to its last}` (of the whole of a smaller file).
+
+    Reading 1 MiB per file keeps this cheap enough for every load of a 5 GB sd-turbo folder, and another training
+    or fine-tune of the same architecture changes the bytes under every slice; weights changed in a few layers
+    only may fall between the slices.
+    """
+    files = {}
+    for subfolder in ("vae", "unet"):
+        half = bool(_weights_variant(str(folder), subfolder))  # only fp16 files there: diffusers reads those
+        paths = [path for path in (folder / subfolder).iterdir()
+                 if path.name.endswith((".safetensors", ".bin")) and (".fp16." in path.name) == half]  # fmt: skip
+        if any(path.suffix == ".safetensors" for path in paths):  # diffusers prefers them to .bin files
+            paths = [path for path in paths if path.suffix == ".safetensors"]
+        for path in sorted(paths):
+            files[f"{subfolder}/{path.name}"] = {"size": path.stat().st_size, "sample": _sample_digest(path)}
+    return files
+
+
+def _sample_digest(path: Path) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        if size <= _SAMPLED_SLICES * _SLICE_BYTES:
+            digest.update(handle.read())
+        else:
+            for index in range(_SAMPLED_SLICES):
+                handle.seek(index * (size - _SLICE_BYTES) // (_SAMPLED_SLICES - 1))
+                digest.update(handle.read(_SLICE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def freeze(module: torch.nn.Module) -> torch.nn.Module:
@@ -358,6 +400,7 @@ def load_prior(
         name="tiny" if name == "tiny" else name,
         fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
         weights=weights_digest(Path(source)) if name == "tiny" else None,
+        weight_files=sample_weight_files(Path(source)) if local else None,
     )
 
 

@@ -893,6 +893,83 @@ def test_ctrl_c_is_one_line_naming_how_to_go_on(trained, root, monkeypatch):
     assert list(runs["status"]) == ["KILLED"]
 
 
+def test_ctrl_c_during_training_saves_the_step_it_reached_and_resume_goes_on_from_it(root):
+    """The real signal to a real `unirestore train`: the step in progress finishes and is saved (past the last
+    periodic checkpoint), exit 130 with one line naming the step and the command that continues, which does."""
+    import os
+    import re
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from unirestore.framework.engine.curves import MetricHistory
+    from unirestore.framework.engine.state import read_training_state
+
+    output, uri = root / "ctrl-c", f"sqlite:///{root / 'ctrl-c.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # PYTHONPATH and UNIRESTORE_HOME as this process has them
+    python = [sys.executable, "-m", "unirestore.framework.cli"]
+    args = ["train", "--tasks", "pir", "--stage", "1", "--steps", "60", "--batch-size", "2", "--output", str(output),
+            "--tracking-uri", uri, "--set", "train.checkpoint_every=5", "--set", "train.eval_samples=2", *TINY]  # fmt: skip
+
+    # A test run started with nohup or `&` ignores Ctrl-C, and would pass that on: the child hears it as a shell's would.
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        training = subprocess.Popen([*python, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    try:
+        history = MetricHistory(output / "stage1")
+        deadline = time.monotonic() + 300
+        # past the first periodic checkpoint (step 5), so that the stop lands between two of them
+        while training.poll() is None and time.monotonic() < deadline and max(
+            (record["step"] for record in history.read()), default=0
+        ) < 6:
+            time.sleep(0.05)
+        training.send_signal(signal.SIGINT)
+        _, stderr = training.communicate(timeout=300)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.communicate()
+    assert training.returncode == 130, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    stopped = re.fullmatch(r"interrupted: stage1 stopped at step (\d+) of 60, saved in (\S+); continue with: (.+)", line)
+    assert stopped, stderr[-3000:]
+    step = int(stopped[1])
+    assert stopped[2] == str(output / "stage1" / "last.safetensors")
+    state = read_training_state(output / "stage1")
+    assert state.step == step and 5 < step < 60 and not state.done
+    mlflow.set_tracking_uri(uri)
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["KILLED"]
+    command = shlex.split(stopped[3])
+    assert command[:2] == ["unirestore", "train"] and command[-1] == "--resume"
+    resumed = subprocess.run([*python, *command[1:]], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage1: resuming at step {step} of 60" in resumed.stdout
+    assert (output / "stage1.safetensors").is_file() and read_training_state(output / "stage1").done
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
+
+
+def test_a_training_stopped_by_sigterm_exits_143_with_its_one_line(capsys):
+    """128 + the signal, as a shell reports a process killed by it: a scheduler tells preemption from failure."""
+    import signal
+
+    import typer
+
+    from unirestore.framework.cli import _errors
+    from unirestore.framework.engine.trainer import TrainingInterrupted
+
+    message = "stage2 stopped at step 7 of 20, saved in r/stage2/last.safetensors; continue with: unirestore train ..."
+    with pytest.raises(typer.Exit) as stopped, _errors():
+        raise TrainingInterrupted(message, signal.SIGTERM)
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err == f"interrupted: {message}\n"
+
+
 def test_downstream_train_says_when_a_task_has_no_downstream_model(root):
     result = runner.invoke(app, ["downstream", "train", "--task", "pir"])
     assert result.exit_code == 0 and "task 'pir' has no downstream model to train" in result.output

@@ -354,6 +354,83 @@ def test_kill_and_resume_reaches_the_same_weights(root, base_run):
                     assert a["metrics"][name] == pytest.approx(b["metrics"][name], rel=1e-5), (stage, name)
 
 
+def test_sigterm_saves_the_step_it_reached_and_the_resumed_run_matches_the_uninterrupted_one(root, base_run):
+    """A preemption's SIGTERM (or Ctrl-C) mid-stage: the step in progress finishes and is saved, though no periodic
+    checkpoint falls there, the MLflow run ends as killed, and resuming reaches the uninterrupted run's weights."""
+    import os
+    import signal
+
+    import mlflow
+
+    from unirestore.framework.engine import TrainingInterrupted
+
+    _, base, _ = base_run
+
+    def preempt(trainer):
+        if trainer.stage == "stage2" and trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # noted now, acted on after step 2
+
+    config = make_config(root, "preempted", "train.checkpoint_every=5")  # no periodic checkpoint in 3 steps
+    with pytest.raises(TrainingInterrupted) as caught:
+        train(config, stages=(1, 2), hooks=[CallbackHook(preempt)], progress=False)
+    assert caught.value.signal == signal.SIGTERM
+    folder = root / "preempted" / "stage2"
+    message = str(caught.value)
+    assert message.startswith(f"stage2 stopped at step 2 of 3, saved in {folder / 'last.safetensors'}; continue with: ")
+    assert message.endswith(f"unirestore train --config {root / 'preempted' / 'config.yaml'} --stage 1,2 --resume")
+    state = read_training_state(folder)
+    assert state.step == 2 and not state.done
+    assert [r["step"] for r in MetricHistory(folder).read()] == [1, 2]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back with the stage
+    mlflow.set_tracking_uri(config.tracking_uri)
+    runs = mlflow.search_runs(experiment_names=["unirestore"], filter_string="attributes.run_name = 'preempted'")
+    assert list(runs["status"]) == ["KILLED"]
+    resumed = train(config, stages=(1, 2), resume=True, progress=False)
+    expected, got = tensors(base.checkpoint), tensors(resumed.checkpoint)
+    assert expected.keys() == got.keys()
+    assert [k for k in expected if not torch.equal(expected[k], got[k])] == []
+
+
+@pytest.mark.parametrize("where", ["writing", "renaming"])
+def test_an_interruption_while_saving_leaves_the_previous_checkpoint_pair_or_the_new_one(tiny_prior, tmp_path,
+                                                                                         monkeypatch, where):  # fmt: skip
+    """A second Ctrl-C cuts the save of the step where the first one stopped: the stage still resumes, from the
+    pair before (cut while writing) or the new one (Ctrl-C between the renames waits for the second)."""
+    import os
+    import signal
+
+    from unirestore.framework import files
+    from unirestore.framework.config import ModelConfig
+    from unirestore.framework.engine import state as state_module
+    from unirestore.framework.engine.state import TrainingState, save_training_state
+
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    save_training_state(tmp_path, model, TrainingState(stage="stage1", step=1, total_steps=9))
+    if where == "writing":
+
+        def cut(payload, path):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(state_module.torch, "save", cut)
+    else:
+        real_replace = os.replace
+
+        def replace_then_ctrl_c(source, target):
+            real_replace(source, target)
+            os.kill(os.getpid(), signal.SIGINT)  # before the other file's rename
+
+        monkeypatch.setattr(files.os, "replace", replace_then_ctrl_c)
+    with torch.no_grad():
+        next(model.cfrm.parameters()).add_(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        save_training_state(tmp_path, model, TrainingState(stage="stage1", step=2, total_steps=9))
+    monkeypatch.undo()
+    kept = 1 if where == "writing" else 2
+    assert read_training_state(tmp_path).step == kept
+    assert read_checkpoint(tmp_path / "last.safetensors")[1]["extra"]["step"] == kept
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_add_task_changes_only_the_new_prompt(root, base_run):
     config, base, _ = base_run
     result = add_task(config, base.checkpoint, "det", progress=False)

@@ -360,6 +360,63 @@ def test_checkpoint_on_retrained_tiny_prior_weights_is_refused(tmp_path, tiny_pr
     assert "\n" not in str(error.value)
 
 
+def test_checkpoint_on_other_weights_of_a_prior_folder_is_refused(tmp_path):
+    """A real prior (sd-turbo: 5 GB) is not hashed whole at every load: each VAE and UNet weight file's size and
+    a hash of slices of it tell two folders of the same architecture apart. Old checkpoints (none recorded) and
+    the fp16 variant of the same weights still load."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+    from unirestore.framework.prior import build_tiny_prior
+
+    first, second = build_tiny_prior(tmp_path / "first", seed=0), build_tiny_prior(tmp_path / "second", seed=1)
+    model = UniRestore(load_prior(str(first)), ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    assert set(model.prior_identity["weight_files"]) == {
+        "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    }  # fmt: skip
+    assert load_checkpoint(path).prior_identity == model.prior_identity
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path, prior=str(second))
+    assert str(error.value) == (
+        f"checkpoint {path} was trained on the weights of prior '{first}', not on those of '{second}' "
+        "(unet/diffusion_pytorch_model.safetensors holds other bytes); give --prior the folder it was trained on, "
+        "or a copy of it"
+    )
+    (tmp_path / "in").mkdir()
+    Image = pytest.importorskip("PIL.Image")
+    Image.new("RGB", (40, 32), (90, 120, 30)).save(tmp_path / "in" / "a.png")
+    result = CliRunner().invoke(app, ["restore", str(tmp_path / "in"), "--ckpt", str(path), "--prior", str(second),
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {error.value}"
+    assert not (tmp_path / "out" / "a.png").exists()
+
+    # the fp16 variant of the same weights alone (a download of sd-turbo's fp16 files): the same prior, rounded
+    half = tmp_path / "half"
+    shutil.copytree(first, half)
+    for subfolder, cls in (("vae", AutoencoderKL), ("unet", UNet2DConditionModel)):
+        cls.from_pretrained(first, subfolder=subfolder).half().save_pretrained(half / subfolder, variant="fp16")
+        (half / subfolder / "diffusion_pytorch_model.safetensors").unlink()
+    assert load_checkpoint(path, prior=str(half)).tasks == ["pir"]
+
+    # a checkpoint written before weight files were recorded loads as it did
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    identity = json.loads(metadata["prior"])
+    del identity["weight_files"]
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={**metadata, "prior": json.dumps(identity)})
+    assert load_checkpoint(old, prior=str(second)).tasks == ["pir"]
+
+    # the folder it was trained on, its UNet replaced since
+    shutil.copy(second / "unet" / "diffusion_pytorch_model.safetensors", first / "unet")
+    with pytest.raises(CheckpointError, match=r"trained on other weights than prior '.*first' holds now .*put back"):
+        load_checkpoint(path)
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path, content):
     path = tmp_path / "broken.safetensors"

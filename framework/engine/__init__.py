@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ from ..registry import get_task_class, parse_task_list
 from .curves import MetricHistory, plot_curves
 from .stages import Stage, StageLoss, apply_stage, check_stage, parameter_groups, stage1, stage2, stage3
 from .state import (
+    MODEL_FILE,
     TrainingState,
     capture_rng,
     has_training_state,
@@ -59,6 +61,7 @@ from .trainer import (
     TaskStream,
     Trainer,
     TrainingDiverged,
+    TrainingInterrupted,
     Validator,
     batch_iterator,
     build_optimizer,
@@ -76,6 +79,7 @@ __all__ = [
     "TrainResult",
     "Trainer",
     "TrainingDiverged",
+    "TrainingInterrupted",
     "add_task",
     "build_tasks",
     "train",
@@ -272,8 +276,10 @@ class _Run:
         hooks: Sequence[HookBase],
         on_validation: Callable[[int, dict], None] | None,
         progress: bool,
+        resume_command: str,
     ):
         self.config, self.output, self.distributed, self.device = config, output, distributed, device
+        self.resume_command = resume_command  # the command that continues this call, named when it is interrupted
         self.tracker, self.hooks, self.on_validation, self.progress = (
             tracker,
             list(hooks),
@@ -428,6 +434,10 @@ class _Run:
                 else "none for this stage yet"
             )
             raise TrainingDiverged(f"{error}; last good checkpoint: {where}") from None
+        except TrainingInterrupted as stop:
+            raise TrainingInterrupted(
+                f"{stop}, saved in {folder / MODEL_FILE}; continue with: {self.resume_command}", stop.signal
+            ) from None
         finally:
             data.close()  # stop this stage's DataLoader workers now, not when the garbage collector runs
         model.requires_grad_(False)
@@ -621,7 +631,9 @@ def train(
     `resume` continues the stages found in the run folder where their last checkpoint left them (and skips
     finished ones); without it, a run folder that already holds one of these stages is refused.
     `on_validation(step, metrics)` receives each validation's metrics; `hooks` are added after the
-    built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite.
+    built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite, and
+    `TrainingInterrupted` (its message: where it stopped and the command that continues) when Ctrl-C or
+    SIGTERM stopped a stage, after saving the step it reached.
     """
     chosen = _stage_list(stages)
     config = _absolute_paths(config)
@@ -647,7 +659,9 @@ def train(
     with run_folder_lock(output, distributed.main):
         _check_folder(output, model_stages, resume)  # again, now that no other run can start here
         tracker = _start(config, output, output, distributed, resume, tags, params)
-        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+        stage_option = ["--stage", label] if chosen != (0, 1, 2) else []
+        command = shlex.join(["unirestore", "train", "--config", str(output / "config.yaml"), *stage_option, "--resume"])
+        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress, command)
         status = "FAILED"
         try:
             if resume and not _resumable(output, model_stages):
@@ -656,11 +670,20 @@ def train(
             result = _train_stages(run, chosen, names, resume, prior)
             status = "FINISHED"
             return result
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interruption:
             status = "KILLED"
+            _end_together(tracker, distributed, interruption)
             raise
         finally:
             tracker.end(status)
+
+
+def _end_together(tracker: Tracker, distributed: Distributed, interruption: KeyboardInterrupt) -> None:
+    """After a stop that every process agreed on, the others wait until the main one has ended the MLflow
+    run: torchrun stops all the processes when the first one leaves."""
+    if isinstance(interruption, TrainingInterrupted) and distributed.enabled:
+        tracker.end("KILLED")
+        distributed.barrier()
 
 
 def _note_training_images_in_test(run: _Run, config: RunConfig, names: Sequence[str]) -> None:
@@ -866,7 +889,10 @@ def add_task(
     with run_folder_lock(output, distributed.main):
         _check_folder(output, [stage.name], resume)  # again, now that no other run can start here
         tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
-        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress)
+        prior_option = ["--prior", prior] if prior else []
+        command = shlex.join(["unirestore", "task", "add", task, "--from", metadata["path"], "--config",
+                              str(output / stage.name / "config.yaml"), *prior_option, "--resume"])  # fmt: skip
+        run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress, command)
         status = "FAILED"
         try:
             if resume and not _resumable(output, [stage.name]):
@@ -877,8 +903,9 @@ def add_task(
             status = "FINISHED"
             metrics = {**run.last_terms, **(table.flat() if table else {})}
             return TrainResult(checkpoint=final, metrics=metrics, run_id=tracker.run_id, table=table)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interruption:
             status = "KILLED"
+            _end_together(tracker, distributed, interruption)
             raise
         finally:
             tracker.end(status)

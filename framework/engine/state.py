@@ -1,13 +1,14 @@
 """Periodic training checkpoints that a killed run resumes from exactly.
 
-A stage folder holds two files, each written atomically (temporary file + `os.replace`):
+A stage folder holds two files, written together (`atomic_write_together`: both temporaries, then both
+renames, which Ctrl-C and SIGTERM wait for):
 
 - `last.safetensors`: the model checkpoint (`save_checkpoint`: the trainable parts, every component);
 - `last.state.pt`: optimiser, scheduler, gradient scaler, RNG states, the step and the data position,
   written with `torch.save` and read with `torch.load(weights_only=True)` (tensors and plain containers).
 
-The state file is written second and names the step of the model file it belongs to; a pair whose steps
-disagree (a kill between the two renames) is reported instead of resumed.
+The state file names the step of the model file it belongs to; a pair whose steps disagree (a SIGKILL or a
+power cut between the two renames) is reported instead of resumed.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, load_components, read_checkpoint, save_checkpoint
-from ..files import atomic_write
+from ..checkpoint import CheckpointError, checkpoint_writer, load_components, read_checkpoint
+from ..files import atomic_write_together
 from ..model import UniRestore
 
 MODEL_FILE = "last.safetensors"
@@ -88,13 +89,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 def save_training_state(
     folder: Path, model: UniRestore, state: TrainingState, extra: dict | None = None
 ) -> Path:
-    """Write `last.safetensors` then `last.state.pt` into `folder`; returns the model file."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write `last.safetensors` and `last.state.pt` into `folder`, together; returns the model file."""
     metadata = {"stage": state.stage, "step": state.step, **(extra or {})}
-    path = save_checkpoint(model, folder / MODEL_FILE, extra=metadata)
     payload = {"format": STATE_FORMAT, **state.__dict__}
-    atomic_write(folder / STATE_FILE, lambda temporary: torch.save(payload, temporary))
-    return path
+    writes = {
+        folder / MODEL_FILE: checkpoint_writer(model, extra=metadata),
+        folder / STATE_FILE: lambda temporary: torch.save(payload, temporary),
+    }
+    return atomic_write_together(writes)[0]
 
 
 def has_training_state(folder: Path) -> bool:

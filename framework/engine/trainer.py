@@ -12,6 +12,11 @@ Order of events for every optimiser step:
 `before_train` runs in the same order before the first step; `after_train` only when the last step is
 done (a failed run writes nothing more: its last good checkpoint stays as it was); `close` always.
 
+Ctrl-C or SIGTERM (a cluster's preemption) while the steps run asks for a stop: the step in progress
+finishes, every process votes after it (so that all stop at the same step), and then every hook's
+`after_interrupt` runs instead of its `after_step` (`Checkpointer` saves that step) and the trainer raises
+`TrainingInterrupted`. A second Ctrl-C or SIGTERM interrupts at once, the save in progress included.
+
 The data stream is a pure function of the step (`TaskStream`): resuming from a checkpoint at step k
 reproduces steps k+1.. exactly as the uninterrupted run did them.
 """
@@ -21,11 +26,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Self
 
 import numpy as np
 import torch
@@ -36,6 +44,15 @@ from ..config import ConfigError, TrainConfig
 
 class TrainingDiverged(RuntimeError):
     """A loss became NaN or infinite; the message names the step and the loss terms."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM stopped training after a whole step, which was saved; `signal` is the signal's number
+    (a process stopped by another's vote says SIGINT)."""
+
+    def __init__(self, message: str, signal_number: int = signal.SIGINT):
+        super().__init__(message)
+        self.signal = signal_number
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,11 +295,12 @@ def batch_iterator(
 
 
 def ignore_interrupts(worker_id: int = 0) -> None:
-    """A DataLoader worker leaves Ctrl-C to the main process (a terminal sends it to the whole process group):
-    a worker killed by it first would be reported as a worker failure instead of an interruption."""
-    import signal
-
+    """A DataLoader worker leaves Ctrl-C and SIGTERM to the main process (a terminal sends Ctrl-C to the whole
+    process group, a Slurm preemption SIGTERM to every process of the job): a worker killed by one first
+    would be reported as a worker failure instead of an interruption, and the stop's last step would lack
+    its data. The main process stops the workers when it is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _closing(iterator: Iterator) -> Iterator:
@@ -362,8 +380,41 @@ class HookBase:
     def after_train(self) -> None:
         pass
 
+    def after_interrupt(self) -> None:
+        """Instead of `after_step`, after the step at which the processes agreed to stop (Ctrl-C, SIGTERM)."""
+
     def close(self) -> None:
         """Release what the hook holds (a live display); called after the stage, whatever happened."""
+
+
+class StopRequest:
+    """While entered, in the main thread: the first Ctrl-C or SIGTERM is noted in `signal` (the trainer stops
+    after the step in progress), a second one raises KeyboardInterrupt at once. A signal ignored when entering
+    (a run started with nohup) stays ignored; in another thread (a sweep's trial) nothing is caught. A stop
+    noted but never `taken` (it came after the last step's vote) is delivered on leaving, as before."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self.taken = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(number) not in (signal.SIG_IGN, None):
+                    self._previous[number] = signal.signal(number, self._note)
+        return self
+
+    def _note(self, number: int, frame) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = number
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        if self.signal is not None and not self.taken and exc_info[0] is None:
+            signal.raise_signal(self.signal)
 
 
 class Trainer:
@@ -406,10 +457,18 @@ class Trainer:
         try:
             for hook in self.hooks:
                 hook.before_train()
-            while self.step < self.max_steps:
-                self.run_step()
-                for hook in self.hooks:
-                    hook.after_step()
+            with StopRequest() as stop:
+                while self.step < self.max_steps:
+                    self.run_step()
+                    if not self.distributed.all_agree(stop.signal is None, self.device):
+                        stop.taken = True
+                        for hook in self.hooks:
+                            hook.after_interrupt()
+                        raise TrainingInterrupted(
+                            f"{self.stage} stopped at step {self.step} of {self.max_steps}", stop.signal or signal.SIGINT
+                        )
+                    for hook in self.hooks:
+                        hook.after_step()
             for hook in self.hooks:
                 hook.after_train()
         finally:
@@ -506,6 +565,10 @@ class Progress(HookBase):
     def after_train(self) -> None:
         self.close()
 
+    def after_interrupt(self) -> None:
+        self.after_step()
+        self.close()
+
     def close(self) -> None:
         if self._progress is not None:
             self._progress.stop()
@@ -521,13 +584,13 @@ class MetricLogger(HookBase):
         self._count = 0
         self._seconds = 0.0
 
-    def after_step(self) -> None:
+    def after_step(self, last: bool = False) -> None:
         trainer = self.trainer
         for key, value in trainer.terms.items():
             self._sums[key] = self._sums.get(key, 0.0) + value
         self._count += 1
         self._seconds += trainer.step_seconds
-        if trainer.step % self.every == 0 or trainer.step == trainer.max_steps:
+        if last or trainer.step % self.every == 0 or trainer.step == trainer.max_steps:
             metrics = {key: value / self._count for key, value in self._sums.items()}
             metrics[f"{self.prefix}/loss_total"] = metrics.pop("loss/total")
             metrics[f"{self.prefix}/lr"] = trainer.lr
@@ -535,9 +598,13 @@ class MetricLogger(HookBase):
             self.log(metrics, trainer.step)
             self._sums, self._count, self._seconds = {}, 0, 0.0
 
+    def after_interrupt(self) -> None:
+        self.after_step(last=True)  # the steps since the last log, which a resumed stage does not replay
+
 
 class Checkpointer(HookBase):
-    """Calls `save(done)` every `every` steps and once after the last step (done=True)."""
+    """Calls `save(done)` every `every` steps, at the step where an interruption stops, and once after the
+    last step (done=True)."""
 
     def __init__(self, save: Callable[[bool], None], every: int):
         self.save, self.every = save, every
@@ -545,6 +612,9 @@ class Checkpointer(HookBase):
     def after_step(self) -> None:
         if self.trainer.step % self.every == 0 and self.trainer.step < self.trainer.max_steps:
             self.save(False)
+
+    def after_interrupt(self) -> None:
+        self.save(False)  # at the last step too: the resumed stage then validates and saves it as done
 
     def after_train(self) -> None:
         self.save(True)
