@@ -477,6 +477,26 @@ def test_add_task_from_a_checkpoint_of_other_prior_weights_leaves_no_run(root, b
     assert not (root / "other-weights").exists()  # refused before the run started
 
 
+def test_add_task_trains_with_the_defaults_of_the_checkpoints_prior_not_the_configs(root, tmp_path):
+    """A checkpoint of a prior folder (as sd-turbo's) extended with a config that names no prior (so `tiny`):
+    stage 3 takes the release's learning rate, not the tiny preset's 320 times higher one, and its saved config
+    names the prior it trained on."""
+    from unirestore.framework.checkpoint import save_checkpoint
+    from unirestore.framework.prior import build_tiny_prior
+
+    folder = build_tiny_prior(tmp_path / "sd-like")
+    model = UniRestore(load_prior(folder), tasks=["pir"])
+    source = save_checkpoint(model, tmp_path / "stage2.safetensors", extra={"trained_prompts": ["pir"]})
+    config = make_config(root, "folder-prior-add", "train.eval_samples=2")
+    assert config.prior == "tiny"
+    peaks = []
+    hook = CallbackHook(lambda trainer: peaks.append(trainer.optimizer.param_groups[0]["max_lr"]))
+    add_task(config, source, "det", hooks=[hook], progress=False)
+    assert peaks and all(peak == pytest.approx(RELEASE_LR * math.sqrt(2 / 64)) for peak in peaks)
+    saved = load_run_config(root / "folder-prior-add" / "stage3-det" / "config.yaml")
+    assert saved.prior == str(folder.resolve())
+
+
 def test_a_cpu_stage_leaves_a_core_to_its_data_worker(root, base_run):
     _, base, _ = base_run
     seen = []

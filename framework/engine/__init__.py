@@ -880,6 +880,9 @@ def add_task(
     model = load_checkpoint(source_checkpoint, prior=prior, device=device,
                             config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
     model.add_task(task)
+    # The prompt trains on the checkpoint's prior whatever the config names (by default `tiny`): the defaults
+    # that depend on the prior (lr, β), the logged params and the saved config follow that one.
+    config = replace(config, prior=_local_path(model.prior_identity["name"]))
     # The task's downstream model, before the run starts too: a missing or unfitting checkpoint leaves no run.
     tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
     _prepare(tasks, distributed)
