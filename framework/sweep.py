@@ -573,6 +573,14 @@ def _check_source(source: str | Path) -> tuple[Path, dict]:
     return path, metadata
 
 
+def _source_prior(config: RunConfig, metadata: dict) -> None:
+    """The trials' prior: the config's when it names one, else (`tiny`, the default) the prior the source
+    checkpoint was trained on, as `task add`, `eval` and `restore` take it. The defaults that depend on the
+    prior (learning rate, β) then follow the prior the trials train on."""
+    if config.prior == "tiny":
+        config.prior = metadata["prior"]["name"]
+
+
 def _check_tasks(tasks: str | Sequence[str]) -> list[str]:
     from .registry import UnknownTaskError, parse_task_list
 
@@ -997,6 +1005,7 @@ def sweep_beta(
         raise SweepError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
     source_path, metadata = _check_source(source)
+    _source_prior(config, metadata)
     _check_inputs(config, names)
     steps = int(steps if steps is not None else config.train.stage2_steps)
     if steps < 1:
@@ -1114,6 +1123,7 @@ def sweep_extend(
     names = _check_tasks(tasks)
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
     source_path, metadata = _check_source(source)
+    _source_prior(config, metadata)
     present = [task for task in names if task in metadata["tasks"]]
     if present:
         raise SweepError(

@@ -484,7 +484,7 @@ def test_add_task_trains_with_the_defaults_of_the_checkpoints_prior_not_the_conf
     from unirestore.framework.checkpoint import save_checkpoint
     from unirestore.framework.prior import build_tiny_prior
 
-    folder = build_tiny_prior(tmp_path / "sd-like")
+    folder = build_tiny_prior(tmp_path / "sd-like", seed=1)  # weights of its own, not the tiny prior's
     model = UniRestore(load_prior(folder), tasks=["pir"])
     source = save_checkpoint(model, tmp_path / "stage2.safetensors", extra={"trained_prompts": ["pir"]})
     config = make_config(root, "folder-prior-add", "train.eval_samples=2")

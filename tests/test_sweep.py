@@ -285,6 +285,39 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
     assert MlflowClient(tracking_uri=config.tracking_uri).get_run(result.run_id).info.status == "FINISHED"
 
 
+def test_sweeps_from_a_prior_folders_checkpoint_run_on_that_prior(ray_cluster, workspace):
+    """A checkpoint of a prior folder (as sd-turbo's) swept with a config that names no prior (so `tiny`): the
+    trials train on the checkpoint's prior, as `task add` does, with its defaults (the release's learning rate
+    and β), instead of failing to load the checkpoint onto the tiny prior or taking the tiny preset's lr."""
+    import math
+
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.checkpoint import save_checkpoint
+    from unirestore.framework.config import RELEASE_LR, ModelConfig
+    from unirestore.framework.model import UniRestore
+    from unirestore.framework.prior import build_tiny_prior, load_prior
+
+    folder = build_tiny_prior(workspace / "sd-like", seed=1)  # weights of its own, not the tiny prior's
+    model = UniRestore(load_prior(folder), ModelConfig(use_tfa=False), tasks=["pir"])
+    stage1 = save_checkpoint(model, workspace / "sd-like-stage1.safetensors", extra={"stage": "stage1"})
+    config = tiny_config(workspace, "experiment=sweep-folder-prior")
+    assert config.prior == "tiny"
+    result = sweep_beta(stage1, "pir", config=config, num_samples=1, steps=1, val_every=1, scheduler="none",
+                        output=workspace / "folder-beta", show=False)  # fmt: skip
+    assert load_run_config(result.config_file).prior == str(folder.resolve())
+    assert 0.1 <= result.beta["pir"] <= 10  # a decade either side of pir's own β, 1
+    client = MlflowClient(tracking_uri=config.tracking_uri)
+    params = client.get_run(result.trials[0].run_id).data.params
+    assert float(params["lr/stage2"]) == pytest.approx(RELEASE_LR * math.sqrt(2 / 64))
+
+    model = UniRestore(load_prior(folder), tasks=["pir"])
+    stage2 = save_checkpoint(model, workspace / "sd-like-stage2.safetensors", extra={"trained_prompts": ["pir"]})
+    extended = sweep_extend(stage2, "det", config=config, num_samples=1, steps=1, output=workspace / "folder-extend",
+                            show=False)  # fmt: skip
+    assert extended.best["det"].params["lr"] == pytest.approx(RELEASE_LR)
+
+
 def test_extend_merge_equals_adding_tasks_one_by_one(trained_source, workspace):
     from mlflow.tracking import MlflowClient
     from safetensors.torch import load_file
