@@ -256,6 +256,24 @@ def _check_weights(name: str, source: str) -> None:
             )
 
 
+def _check_text_encoder(name: str, source: str) -> None:
+    """A local folder's text encoder and tokenizer, named before transformers looks for them: it reports
+    missing text-encoder weights as missing from the folder itself, and a missing tokenizer/ only as a
+    traceback when the tokenizer it made without one runs."""
+    missing = [sub for sub in ("text_encoder", "tokenizer") if not (Path(source) / sub).is_dir()]
+    if missing:
+        raise PriorError(
+            f"prior folder {source} lacks {', '.join(sub + '/' for sub in missing)}, with which the empty prompt is "
+            "encoded when a run starts; copy it from the model's download"
+        )
+    folder = Path(source) / "text_encoder"
+    if not any(p.name.endswith((".safetensors", ".bin", ".index.json")) for p in folder.iterdir()):
+        raise PriorError(
+            f"prior '{name}': {folder} holds no weights (model.safetensors, or its .fp16 variant); copy them from "
+            "the model's download"
+        )
+
+
 def _encode_empty_prompt(source: str, local_only: bool, device) -> torch.Tensor:
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
@@ -377,6 +395,8 @@ def load_prior(
         _architecture(name, source, local_only)
         if local:
             _check_weights(name, source)
+            if empty_prompt_embeds is None:
+                _check_text_encoder(name, source)
         vae = AutoencoderKL.from_pretrained(
             source, subfolder="vae", local_files_only=local_only, **_weights_variant(source, "vae")
         )

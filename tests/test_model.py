@@ -464,6 +464,19 @@ def test_tiny_prior_saved_with_save_pretrained_loads_through_the_folder_loader(t
     assert torch.equal(prior.empty_prompt_embeds, tiny_prior.empty_prompt_embeds)
     assert isinstance(prior.unet, UNet2DConditionModel)
     assert all(not p.requires_grad for p in prior.unet.parameters())
+    # the text encoder and tokenizer are read only to encode the empty prompt: a partial copy without them is
+    # named (transformers would blame the folder itself, or fail with a traceback), and loads when the
+    # embedding is given, as a checkpoint gives it
+    for sub in ("tokenizer", "text_encoder"):
+        moved = shutil.move(folder / sub, tmp_path / sub)
+        with pytest.raises(PriorError, match=rf"sd-like lacks {sub}/, with which the empty prompt is encoded"):
+            load_prior(folder)
+        assert torch.equal(load_prior(folder, empty_prompt_embeds=prior.empty_prompt_embeds).empty_prompt_embeds,
+                           prior.empty_prompt_embeds)  # fmt: skip
+        shutil.move(moved, folder / sub)
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    with pytest.raises(PriorError, match=r"sd-like/text_encoder holds no weights \(model.safetensors"):
+        load_prior(folder)
     # a folder whose UNet weights are missing (a partial copy) is named before diffusers looks for them
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(PriorError, match=r"sd-like/unet holds no weights \(diffusion_pytorch_model.safetensors"):
