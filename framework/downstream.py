@@ -98,8 +98,10 @@ class Classifier(_ImageModel):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[-2:] != (self.input_size, self.input_size):
+            # fp32: antialiased resizing has no bf16 or fp16 kernel on the CPU, where a stage trained under
+            # autocast (train.precision) hands the restored images in those
             images = F.interpolate(
-                images,
+                images.float(),
                 size=(self.input_size, self.input_size),
                 mode="bilinear",
                 antialias=True,

@@ -309,6 +309,10 @@ def test_real_classifier_loads_a_local_checkpoint(tmp_path):
     assert logits.shape == (2, 7)
     (gradient,) = torch.autograd.grad(logits.sum(), images)
     assert gradient.abs().sum() > 0
+    # a stage trained with train.precision=bf16 hands it bf16 images under autocast (on the CPU too)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = classifier(images.detach().bfloat16())
+    assert (half.float() - logits.detach()).abs().max() < 0.05 * logits.detach().abs().max()  # bf16 rounding
     torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
     with pytest.raises(downstream.DownstreamError, match="does not fit"):
         downstream.load_real_classifier("resnet", {"resnet50": str(tmp_path / "other.pth")})
