@@ -520,6 +520,22 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
     assert not (root / "runs").exists()  # and no run folder was made
 
 
+def test_stage_0_alone_on_a_prior_folder_is_refused_before_a_run_starts(root):
+    """Stage 0 trains the tiny prior alone: on another prior it would start an MLflow run that trains nothing
+    and print the tiny prior's folder as its checkpoint. `--stage all` still skips it with a note."""
+    from unirestore.framework.prior import build_tiny_prior
+
+    folder = build_tiny_prior(root / "folder-prior", seed=1)
+    result = runner.invoke(app, ["train", "--stage", "0", "--prior", str(folder), "--output", str(root / "stage0-run"),
+                                 "--tracking-uri", f"sqlite:///{root / 'stage0.db'}"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr == (
+        f"error: --stage 0 trains the built-in tiny prior only; prior '{folder}' comes trained: train stages 1 and 2 "
+        "on it (--stage 1,2)\n"
+    )
+    assert not (root / "stage0.db").exists() and not (root / "stage0-run").exists()
+
+
 def test_degrade_writes_a_degraded_copy(root):
     source = root / "clean"
     source.mkdir()

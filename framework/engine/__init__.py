@@ -636,6 +636,11 @@ def train(
     SIGTERM stopped a stage, after saving the step it reached.
     """
     chosen = _stage_list(stages)
+    if chosen == (0,) and config.prior != "tiny":
+        raise ConfigError(
+            f"--stage 0 trains the built-in tiny prior only; prior '{config.prior}' comes trained: train stages 1 "
+            "and 2 on it (--stage 1,2)"
+        )
     config = _absolute_paths(config)
     names = parse_task_list(list(config.tasks))
     distributed, device = setup_distributed(config.train.device)
