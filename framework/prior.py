@@ -323,7 +323,10 @@ def _locate(name: str) -> tuple[str, bool, bool]:
 def _loading(name: str, local: bool, offline: bool) -> Iterator[None]:
     """diffusers' errors while reading prior `name` as one-line `PriorError`s that say what to do."""
     try:
-        yield
+        with warnings.catch_warnings():
+            # diffusers passes huggingface_hub an argument it deprecated: a warning printed before every message
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            yield
     except PriorError:
         raise
     except (OSError, ValueError) as error:
@@ -389,9 +392,7 @@ def load_prior(
     name = str(name_or_path)
     source, local, offline = _locate(name)
     local_only = local or offline
-    # diffusers passes huggingface_hub an argument it deprecated
-    with _loading(name, local, offline), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+    with _loading(name, local, offline):
         _architecture(name, source, local_only)
         if local:
             _check_weights(name, source)

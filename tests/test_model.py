@@ -490,6 +490,21 @@ def test_bad_prior_paths_fail_clearly(tmp_path):
         load_prior(str(tmp_path / "missing"))
 
 
+def test_a_hub_id_that_does_not_load_fails_in_one_line_without_a_library_warning():
+    """`downstream train` reads a prior's native size from its configs alone: a hub id missing offline is one
+    line there as well, without huggingface_hub's warning about an argument diffusers passes it."""
+    import warnings
+
+    from unirestore.framework.prior import prior_native_size
+
+    for read in (prior_native_size, load_prior):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(PriorError, match="downloads are off"):
+                read("someone/no-such-prior")
+        assert [str(warning.message) for warning in caught] == []
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_tiled_and_untiled_restore_agree(tiny_prior, prediction_type):
     from diffusers import DDIMScheduler
