@@ -418,7 +418,8 @@ def load_prior(
         unet=unet,
         scheduler=scheduler,
         empty_prompt_embeds=empty_prompt_embeds.detach().to(device).float(),
-        name="tiny" if name == "tiny" else name,
+        # a folder by its absolute path: a checkpoint records it, and is read from any working directory
+        name="tiny" if name == "tiny" else source if local else name,
         fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
         weights=weights_digest(Path(source)) if name == "tiny" else None,
         weight_files=sample_weight_files(Path(source)) if local else None,

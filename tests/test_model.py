@@ -340,6 +340,20 @@ def test_checkpoint_whose_prior_moved_names_the_fix_and_loads_with_it(tmp_path, 
     assert not (tmp_path / "mlflow.db").exists()  # refused before the run started
 
 
+def test_a_prior_folder_given_by_a_relative_path_is_recorded_by_its_absolute_one(tmp_path, monkeypatch):
+    """A checkpoint names its prior for every later load: a folder given relative to the working directory
+    (load_prior("models/sd-turbo")) is recorded absolute, so the checkpoint loads from anywhere."""
+    from unirestore.framework.prior import build_tiny_prior
+
+    build_tiny_prior(tmp_path / "models" / "prior", seed=1)
+    monkeypatch.chdir(tmp_path)
+    model = UniRestore(load_prior("models/prior"), ModelConfig(), tasks=["pir"])
+    assert model.prior_identity["name"] == str(tmp_path.resolve() / "models" / "prior")
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    monkeypatch.chdir(tmp_path / "models")
+    assert load_checkpoint(path).prior_identity == model.prior_identity
+
+
 def test_checkpoint_on_retrained_tiny_prior_weights_is_refused(tmp_path, tiny_prior, monkeypatch):
     """Stage 0 can train the tiny prior again (same architecture, other weights): its old checkpoints must not
     load onto it silently."""
