@@ -655,6 +655,31 @@ def test_a_run_folders_config_names_a_local_prior_and_downstream_checkpoints_by_
         _check_resumed_config(tmp_path / "run", other)
 
 
+def test_a_real_prior_trained_for_the_preset_step_counts_is_told_so():
+    """At the release's learning rate the tiny preset's 450 steps barely move the modules: a user who gave only
+    --prior hears the release's counts and where they are; the tiny prior or steps set by hand hear nothing."""
+    from unirestore.framework.config import RunConfig, TrainConfig
+    from unirestore.framework.engine import _note_preset_steps
+
+    class Run:
+        def __init__(self):
+            self.said = []
+
+        def say(self, message):
+            self.said.append(message)
+
+    def notes(config, chosen=(1, 2)):
+        run = Run()
+        _note_preset_steps(run, config, chosen)
+        return run.said
+
+    [note] = notes(RunConfig(prior="/models/sd-turbo"))
+    assert "stage 1: 450 and stage 2: 450" in note and "release.yaml" in note
+    assert "stage 2: 450" in notes(RunConfig(prior="/models/sd-turbo"), chosen=(2,))[0]
+    assert notes(RunConfig(prior="tiny")) == []
+    assert notes(RunConfig(prior="/models/sd-turbo", train=TrainConfig(stage1_steps=200000))) == []
+
+
 @pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (20, 0.05), (4, 0.25), (450, 0.1), (7, 0.0)])
 def test_the_one_cycle_schedule_warms_up_to_the_peak_and_decays(steps, warmup):
     """Whatever the steps: a warm-up of exactly one step (`--steps 10` at warmup 0.1) once divided by zero."""

@@ -32,7 +32,7 @@ import torch
 
 from ..background import BackgroundJob, train_builtin_models
 from ..checkpoint import CheckpointError, extension_problem, load_checkpoint, read_checkpoint, save_checkpoint
-from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
+from ..config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
 from ..evaluate import EvalTable, evaluate, save_grids
 from ..files import atomic_write_text
 from ..model import UniRestore
@@ -672,6 +672,7 @@ def train(
             if resume and not _resumable(output, model_stages):
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; starting the run anew")
             _note_training_images_in_test(run, config, names)
+            _note_preset_steps(run, config, chosen)
             result = _train_stages(run, chosen, names, resume, prior)
             status = "FINISHED"
             return result
@@ -689,6 +690,23 @@ def _end_together(tracker: Tracker, distributed: Distributed, interruption: Keyb
     if isinstance(interruption, TrainingInterrupted) and distributed.enabled:
         tracker.end("KILLED")
         distributed.barrier()
+
+
+def _note_preset_steps(run: _Run, config: RunConfig, chosen: tuple[int, ...]) -> None:
+    """Say (not stop) when a real prior trains for the tiny preset's few hundred steps: at the release's
+    learning rate they barely move the modules, and a user who gave only --prior may not know the defaults."""
+    from rich.markup import escape
+
+    preset = TrainConfig()
+    steps = {n: getattr(config.train, f"stage{n}_steps") for n in (1, 2) if n in chosen}
+    if config.prior == "tiny" or not steps or any(v != getattr(preset, f"stage{n}_steps") for n, v in steps.items()):
+        return
+    shown = " and ".join(f"stage {n}: {v}" for n, v in steps.items())
+    run.say(
+        f"[yellow]note[/yellow]: training prior '{escape(config.prior)}' for the tiny preset's step counts ({shown}, batch "
+        f"{config.train.batch_size}); the release trains 200k and 250k steps at an effective batch of 48: start "
+        "from experiments/configs/release.yaml, or set train.stage1_steps / train.stage2_steps"
+    )
 
 
 def _note_training_images_in_test(run: _Run, config: RunConfig, names: Sequence[str]) -> None:
