@@ -350,6 +350,7 @@ def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained,
     (out / "pir" / "b.png").unlink()  # as if the run had been killed before writing b's PIR image
     text = run("--task", "pir,cls", "--skip-existing")
     assert "restored 1 image(s)" in text and "2 image(s) already restored" in " ".join(text.split())
+    assert "other settings" not in text  # b's cls image is this run's own: b was cut short, not made otherwise
     assert (out / "pir" / "b.png").is_file() and (out / "pir" / "a.png").read_bytes() == first
     # an output records how it was restored: outputs of other settings are not taken for done
     text = " ".join(run("--task", "pir,cls", "--skip-existing", "--seed", "1").split())
