@@ -364,6 +364,11 @@ def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained,
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "c.png exists and is not a restored image" in text, text
     assert "restored 2 image(s)" in text and (out / "cls" / "c.png").read_bytes() == b"a photo of mine"
+    result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--out", str(out), "--task", "pir,cls",
+                                 "--skip-existing"])  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "c.png exists and is not a restored image" in text, text
+    assert "other settings" not in text and (out / "cls" / "c.png").read_bytes() == b"a photo of mine"
 
 
 def test_restore_never_overwrites_an_input_or_another_output(trained, root):
