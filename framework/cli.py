@@ -758,9 +758,14 @@ def eval_(
         str | None, typer.Option("--prompts", help="Prompts to restore with (default: each task's own and pir).")
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Test images per task; 0: all of them.")] = 32,
-    out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / .json / .md, per-image eval_images.csv, grids.")] = Path(
-        "runs/eval"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Folder for eval.csv / .json / .md, per-image eval_images.csv and eval_gains.png, grids/, and "
+            "partial/ (what --resume reads back).",
+        ),
+    ] = Path("runs/eval"),
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
     tracking_uri: TrackingOption = None,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "unirestore-eval",
