@@ -539,7 +539,10 @@ def restore(
         ),
     ] = 1024,
     precision: Annotated[
-        str, typer.Option("--precision", help="fp32, bf16 or (GPU) fp16 weights: bf16 is 1.8× faster on the CPU.")
+        str,
+        typer.Option(
+            "--precision", help="fp32, bf16 or (GPU) fp16 weights: bf16 is 1.8× faster on a CPU with AVX512-BF16."
+        ),
     ] = "fp32",
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
     batch_size: Annotated[
@@ -755,9 +758,14 @@ def eval_(
         str | None, typer.Option("--prompts", help="Prompts to restore with (default: each task's own and pir).")
     ] = None,
     samples: Annotated[int, typer.Option("--samples", help="Test images per task; 0: all of them.")] = 32,
-    out: Annotated[Path, typer.Option("--out", help="Folder for eval.csv / .json / .md, per-image eval_images.csv, grids.")] = Path(
-        "runs/eval"
-    ),
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            help="Folder for eval.csv / .json / .md, per-image eval_images.csv and eval_gains.png, grids/, and "
+            "partial/ (what --resume reads back).",
+        ),
+    ] = Path("runs/eval"),
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
     tracking_uri: TrackingOption = None,
     experiment: Annotated[str, typer.Option("--experiment", help="MLflow experiment.")] = "unirestore-eval",
@@ -939,8 +947,8 @@ def runs_compare(
         bool,
         typer.Option(
             "--per-image",
-            help="Eval runs image by image against the newest shown: on how many test images each restored row "
-            "is above or below it, with the sign test.",
+            help="Eval runs image by image against the newest shown with a value for a --metric: on how many "
+            "test images each restored row is above or below it, with the sign test.",
         ),
     ] = False,
     tracking_uri: TrackingOption = None,
@@ -991,8 +999,11 @@ def runs_compare(
 
 
 SweepFrom = Annotated[Path, typer.Option("--from", help="The checkpoint to start from.")]
-GpusPerTrial = Annotated[float | None, typer.Option("--gpus-per-trial")]
-CpusPerTrial = Annotated[float, typer.Option("--cpus-per-trial")]
+GpusPerTrial = Annotated[
+    float | None,
+    typer.Option("--gpus-per-trial", help="GPUs each trial holds (default: 1 where the cluster has GPUs, else 0)."),
+]
+CpusPerTrial = Annotated[float, typer.Option("--cpus-per-trial", help="CPU cores each trial holds.")]
 RayAddress = Annotated[str | None, typer.Option("--address", help="An existing Ray cluster.")]
 SweepResume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted sweep.")]
 
@@ -1009,7 +1020,7 @@ def sweep_beta(
     cpus_per_trial: CpusPerTrial = 1.0,
     address: RayAddress = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stage-2 steps per trial.")] = None,
-    output: OutputOption = None,
+    output: Annotated[str | None, typer.Option("--output", help="Sweep folder (default: runs/sweep-beta).")] = None,
     resume: SweepResume = False,
     config: ConfigOption = None,
     set_: SetOption = None,
@@ -1044,7 +1055,7 @@ def sweep_extend(
     cpus_per_trial: CpusPerTrial = 1.0,
     address: RayAddress = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Stage-3 steps per trial.")] = None,
-    output: OutputOption = None,
+    output: Annotated[str | None, typer.Option("--output", help="Sweep folder (default: runs/sweep-extend).")] = None,
     resume: SweepResume = False,
     config: ConfigOption = None,
     set_: SetOption = None,

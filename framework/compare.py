@@ -256,18 +256,23 @@ def paired_per_image(tracking_uri: str, comparison: Comparison) -> list[PairedRe
     """Every eval run of `comparison` against the first one listed (the newest), image by image: on how many
     of the test images both scored its restored rows are above or below the reference's, with the sign test.
 
-    Only runs that logged eval_images.csv take part; rows and images are matched by name."""
+    Only runs that logged eval_images.csv and have a value for one of the comparison's metrics take part
+    (an evaluation by corruption does not become the reference of a comparison of the default table's
+    metric); rows and images are matched by name."""
     from scipy.stats import binomtest
 
     runs = []
     for row, run_id in zip(comparison.rows, comparison.run_ids, strict=True):
+        if all(row[metric] is None for metric in comparison.metrics):
+            continue
         values = _per_image_values(tracking_uri, run_id)
         if values is not None:
             runs.append((str(row["run"]), values))
     if len(runs) < 2:
         raise CompareError(
             f"--per-image compares eval runs image by image, and {len(runs)} of the runs shown logged "
-            f"{PER_IMAGE_ARTIFACT}; select two or more `unirestore eval` runs (--experiment unirestore-eval, --filter)"
+            f"{PER_IMAGE_ARTIFACT} and a value for {', '.join(comparison.metrics)}; select two or more "
+            "`unirestore eval` runs (--experiment unirestore-eval, --filter, --metric)"
         )
     (reference_name, reference), others = runs[0], runs[1:]
     results = []

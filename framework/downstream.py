@@ -557,7 +557,7 @@ def build_task_data(
     if degradation_override is not None:
         entries = [replace(entry, corruption=None, severity=None) for entry in entries]
         degradation = degradation_override
-    return build_task_dataset(entries, split, size, seed if config_seed is None else config_seed, degradation)
+    return build_task_dataset(entries, split, size, seed if config_seed is None else config_seed, degradation, task)
 
 
 def context_dataset(context: Any, task: str, split: str, builtin_type: str | None):

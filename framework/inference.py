@@ -120,7 +120,9 @@ def already_restored(
 ) -> tuple[list, list]:
     """(done, stale): the (file, name) pairs whose every output (each task's, and the side-by-side row if
     asked) is written, with these `settings` (the checkpoint, seed, ...), and those with one written with
-    other settings, or by something else."""
+    other settings. An image whose outputs are only partly written, with these settings (an interruption
+    between them), is in neither: it is restored again, as one never begun; so is one where a file that no
+    restore wrote stands in an output's place (`restore_files` then leaves that file alone and says so)."""
     folders = {**output_folders(out, tasks), **({SIDE_BY_SIDE: out / SIDE_BY_SIDE} if side_by_side else {})}
     labels = _labels(settings or {}, tasks, side_by_side)
     done, stale = [], []
@@ -128,7 +130,7 @@ def already_restored(
         written = {kind: provenance(folder / item[1]) for kind, folder in folders.items()}
         if all(written[kind] == labels[kind] for kind in folders):
             done.append(item)
-        elif any(value is not None or (folders[kind] / item[1]).exists() for kind, value in written.items()):
+        elif any(value is not None and value != labels[kind] for kind, value in written.items()):
             stale.append(item)
     return done, stale
 

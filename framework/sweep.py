@@ -613,16 +613,20 @@ def _check_common(
 
 
 def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
-    """Before Ray starts: the data config and its roots, and the real downstream models the tasks load
-    (the size only sets the detector's input side, which the check does not depend on)."""
+    """Before Ray starts: the data config and its roots, the validation sets the trials are scored on, and
+    the real downstream models the tasks load (the size only sets the detector's input side and the crops,
+    which the checks do not depend on)."""
+    import torch
     from rich.markup import escape
 
     from .console import make_console
     from .data.config import training_images_in_test
-    from .engine import _check_data, _check_downstream, _data_config
+    from .engine import _check_data, _check_downstream, _check_held_out_data, _data_config, build_tasks
 
     _check_data(config, list(tasks))
-    _check_downstream(config, list(tasks), config.train.crop_size or 512)
+    size = config.train.crop_size or 512
+    _check_held_out_data(build_tasks(config, list(tasks), torch.device("cpu"), size), splits=("val",))
+    _check_downstream(config, list(tasks), size)
     data = _data_config(config)
     for message in training_images_in_test(data, list(tasks), str(config.data), "val") if data else []:
         make_console(stderr=True).print(f"[yellow]note[/yellow]: {escape(message)}")

@@ -350,6 +350,7 @@ def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained,
     (out / "pir" / "b.png").unlink()  # as if the run had been killed before writing b's PIR image
     text = run("--task", "pir,cls", "--skip-existing")
     assert "restored 1 image(s)" in text and "2 image(s) already restored" in " ".join(text.split())
+    assert "other settings" not in text  # b's cls image is this run's own: b was cut short, not made otherwise
     assert (out / "pir" / "b.png").is_file() and (out / "pir" / "a.png").read_bytes() == first
     # an output records how it was restored: outputs of other settings are not taken for done
     text = " ".join(run("--task", "pir,cls", "--skip-existing", "--seed", "1").split())
@@ -363,6 +364,11 @@ def test_restore_skip_existing_goes_on_where_an_interrupted_run_stopped(trained,
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "c.png exists and is not a restored image" in text, text
     assert "restored 2 image(s)" in text and (out / "cls" / "c.png").read_bytes() == b"a photo of mine"
+    result = runner.invoke(app, ["restore", str(folder), "--ckpt", ckpt, "--out", str(out), "--task", "pir,cls",
+                                 "--skip-existing"])  # fmt: skip
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "c.png exists and is not a restored image" in text, text
+    assert "other settings" not in text and (out / "cls" / "c.png").read_bytes() == b"a photo of mine"
 
 
 def test_restore_never_overwrites_an_input_or_another_output(trained, root):
@@ -440,6 +446,9 @@ def _corrupt(root):
         (["train", "--data", "{missing_root}"], "tasks.pir[0] (hq_folder): root /no/such/DIV2K is not a folder"),
         (["train", "--data", "{missing_labels}", "--tasks", "pir,cls"],
          "tasks.cls[0] (image_folder): labels file /no/such/LOC_val_solution.csv not found"),
+        # a held-out set that cannot be read is named before stage 1, not when stage 2 validates or the table is made
+        (["train", "--tasks", "pir,cls", "--data", "{flat_val}"], "flat-val: no class sub-folders; expected"),
+        (["train", "--tasks", "pir", "--data", "{empty_val}", "--steps", "1"], "empty: no samples found for HQFolder"),
         (["train", "--beta", "pir=-1"], "train.beta={'pir': -1.0}: a task's β must be >= 0"),
         (["train", "--set", "train.loss_weights.pir.l1=-2"], "loss term weights must be >= 0"),
         (["task", "add", "nope"], "unknown task 'nope'"),
@@ -501,13 +510,26 @@ def test_user_errors_exit_2_with_one_line(root, args, expected):
         f"tasks:\n  pir: [{{type: builtin_photos}}]\n  cls: [{{type: image_folder, root: {root / 'imagenet'}, "
         "labels: /no/such/LOC_val_solution.csv}]\n"
     )
+    flat_val = root / "flat-val.yaml"  # ImageNet's val as distributed (one flat folder), its labels file left out
+    (root / "flat-val").mkdir(exist_ok=True)
+    Image.new("RGB", (40, 40)).save(root / "flat-val" / "ILSVRC2012_val_00000001.png")
+    flat_val.write_text(
+        f"tasks:\n  pir: [{{type: builtin_photos}}]\n  cls: [{{type: image_folder, root: {root / 'imagenet'}, "
+        f"splits: [train]}}, {{type: image_folder, root: {root / 'flat-val'}, splits: [val, test]}}]\n"
+    )
+    empty_val = root / "empty-val.yaml"  # a held-out folder holding no image
+    (root / "empty").mkdir(exist_ok=True)
+    empty_val.write_text(
+        f"tasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}, splits: [train]}}, "
+        f"{{type: hq_folder, root: {root / 'empty'}, splits: [val, test]}}]\n"
+    )
     full_size = root / "full-size.yaml"
     full_size.write_text(
         f"size: null\ntasks:\n  pir: [{{type: hq_folder, root: {root / 'imagenet'}}}]\n"
         f"  ret: [{{type: image_folder, root: {root / 'imagenet'}}}]\n"
     )
     args = [a.format(root=root, corrupt=corrupt, missing_root=missing_root, real_cls=real_cls, full_size=full_size,
-                     pir_only=pir_only, missing_labels=missing_labels)
+                     pir_only=pir_only, missing_labels=missing_labels, flat_val=flat_val, empty_val=empty_val)
             for a in args]  # fmt: skip
     tracked = args[0] == "train" or args[:2] == ["task", "add"]
     result = runner.invoke(app, [*args, *(["--tracking-uri", f"sqlite:///{root}/errors.db"] if tracked else [])])
@@ -884,6 +906,24 @@ def test_resuming_a_folder_with_nothing_in_it_says_so(trained, root):
     assert result.exit_code == 0, result.output
     assert f"nothing to resume in {output}; starting the run anew" in " ".join(result.output.split())
     assert (output / "stage1.safetensors").is_file()
+
+
+def test_task_add_names_a_held_out_set_that_cannot_be_read_before_training(trained, root):
+    """The new task's validation and test sets are read only after its steps: one that cannot be read (a flat
+    folder without its labels file) stops `task add` before the run starts, as its downstream model does."""
+    output, uri, _ = trained
+    classes, flat = root / "add-classes" / "n01440764", root / "add-flat"
+    for folder in (classes, flat):
+        write_photos(folder, {"a": (40, 40), "b": (40, 40)}, seed=0)
+    data = root / "add-flat.yaml"
+    data.write_text(f"tasks:\n  ret: [{{type: image_folder, root: {classes.parent}, splits: [train]}}, "
+                    f"{{type: image_folder, root: {flat}, splits: [val, test]}}]\n")  # fmt: skip
+    added = root / "add-flat-run"
+    result = runner.invoke(app, ["task", "add", "ret", "--from", str(output / "stage2.safetensors"), "--data",
+                                 str(data), "--output", str(added), "--tracking-uri", uri])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "add-flat: no class sub-folders" in " ".join(result.stderr.split())
+    assert not (added / "stage3-ret").exists()
 
 
 def test_ctrl_c_is_one_line_naming_how_to_go_on(trained, root, monkeypatch):

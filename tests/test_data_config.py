@@ -284,7 +284,7 @@ def test_entries_serve_only_their_splits(tmp_path):
     assert {tuple(built["train"][i]["hq"].shape) for i in range(3)} == {(3, 40, 40)}
     assert {tuple(built["test"][i]["hq"].shape) for i in range(2)} == {(3, 50, 50)}
     only_train = parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["train"]}]}})
-    with pytest.raises(DataError, match=r"serves the test split.*splits: \[test\]"):
+    with pytest.raises(DataError, match=r"no dataset of tasks.pir serves the test split.*splits: \[test\]"):
         build_task_datasets(only_train, "test")
     with pytest.raises(DataError, match=r"splits: unknown split 'tset'"):
         parse_data_config({"tasks": {"pir": [{"type": "hq_folder", "root": str(train), "splits": ["tset"]}]}})

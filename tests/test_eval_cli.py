@@ -389,6 +389,18 @@ def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint,
     alone = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
                                 "--filter", "tags.mlflow.runName = 'eval-model'", "--per-image"])  # fmt: skip
     assert alone.exit_code == 2 and "1 of the runs shown logged eval_images.csv" in alone.stderr
+    # an evaluation by corruption since (README's order): it has no value for the metric, so the two checkpoints'
+    # default tables are still what is compared, not the newest run
+    result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--corruption", "gaussian_noise",
+                                 "--severity", "3", "--samples", "4", "--out", str(tmp_path / "by-corruption"),
+                                 "--tracking-uri", uri])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    again = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
+                                "--metric", "eval/default/pir/restored_pir/psnr", "--per-image"])  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "per image, against eval-other" in again.output
+    line = next(text for text in again.output.splitlines() if "restored[pir]" in text and "psnr" in text)
+    assert [cell.strip() for cell in line.split("│")[6:9]] == [str(above), str(below), "4"], line
 
 
 def test_eval_loads_the_checkpoint_on_the_device_asked_for(checkpoint, monkeypatch, tmp_path):

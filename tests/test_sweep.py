@@ -150,16 +150,24 @@ def test_user_errors_are_one_line(source, workspace):
     assert not (workspace / "never").exists()
 
 
-def test_real_data_without_its_downstream_model_is_refused_before_ray_starts(source, trained_source, workspace):
-    """The trials would each fail on the missing model (and be retried); the sweep refuses at once."""
+def test_real_data_without_its_downstream_model_or_a_readable_val_set_is_refused_before_ray_starts(
+    source, trained_source, workspace
+):
+    """The trials would each fail on the missing model or set (and be retried); the sweep refuses at once."""
     from dataclasses import replace
 
     from PIL import Image
 
+    from unirestore.framework.data.io import DataError
     from unirestore.framework.downstream import DownstreamError
 
     (workspace / "voc" / "JPEGImages").mkdir(parents=True, exist_ok=True)
     (workspace / "voc" / "Annotations").mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (40, 40)).save(workspace / "voc" / "JPEGImages" / "a.png")
+    (workspace / "voc" / "Annotations" / "a.xml").write_text(
+        "<annotation><object><name>car</name><bndbox><xmin>2</xmin><ymin>2</ymin><xmax>30</xmax><ymax>20</ymax>"
+        "</bndbox></object></annotation>"
+    )
     (workspace / "imagenet" / "n01440764").mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (40, 40)).save(workspace / "imagenet" / "n01440764" / "a.png")
     data = workspace / "real.yaml"
@@ -173,6 +181,17 @@ def test_real_data_without_its_downstream_model_is_refused_before_ray_starts(sou
                      output=workspace / "never-real", show=False)  # fmt: skip
     with pytest.raises(DownstreamError, match="set downstream_checkpoints.resnet50"):
         sweep_beta(source[0], "pir,cls", config=replace(source[1], data=str(data)),
+                   output=workspace / "never-real", show=False)  # fmt: skip
+    # a validation set the trials could not read (ImageNet's flat val without its labels file) is named too
+    (workspace / "flat-val").mkdir(exist_ok=True)
+    Image.new("RGB", (40, 40)).save(workspace / "flat-val" / "ILSVRC2012_val_00000001.png")
+    flat = workspace / "flat-val.yaml"
+    flat.write_text(
+        f"tasks:\n  pir: [{{type: builtin_photos}}]\n  cls: [{{type: image_folder, root: {workspace / 'imagenet'}, "
+        f"splits: [train]}}, {{type: image_folder, root: {workspace / 'flat-val'}, splits: [val, test]}}]\n"
+    )
+    with pytest.raises(DataError, match="flat-val: no class sub-folders"):
+        sweep_beta(source[0], "pir,cls", config=replace(source[1], data=str(flat)),
                    output=workspace / "never-real", show=False)  # fmt: skip
     assert not (workspace / "never-real").exists()
 

@@ -503,16 +503,19 @@ def build_task_dataset(
     size: int | None,
     seed: int = 0,
     degradation: DegradationConfig | None = None,
+    task: str = "",
 ) -> WeightedConcat:
-    """One task's datasets mixed by their weights (a `WeightedConcat`); every sample has every key."""
+    """One task's datasets mixed by their weights (a `WeightedConcat`); every sample has every key. `task`
+    names the entries in messages."""
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     if not entries:
         raise DataError("build_task_dataset needs at least one dataset entry")
     serving = [(k, e) for k, e in enumerate(entries) if e.splits is None or split in e.splits]
     if not serving:
+        where = f"tasks.{task}" if task else "this task"
         raise DataError(
-            f"no dataset of this task serves the {split} split (each lists other `splits`); add a held-out "
+            f"no dataset of {where} serves the {split} split (each lists other `splits`); add a held-out "
             f"set with splits: [{split}]"
         )
     datasets = [build_dataset(e, split, size, _derive(seed, k), degradation) for k, e in serving]
@@ -529,7 +532,7 @@ def build_task_datasets(
     size = run_size if config.size == 0 else config.size
     return {
         task: build_task_dataset(
-            entries, split, size, _derive(config.seed, zlib.crc32(task.encode())), config.degradation
+            entries, split, size, _derive(config.seed, zlib.crc32(task.encode())), config.degradation, task
         )
         for task, entries in config.tasks.items()
     }

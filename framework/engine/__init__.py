@@ -198,6 +198,19 @@ def _check_downstream(config: RunConfig, names: Sequence[str], size: int) -> Non
             task.prepare()
 
 
+def _check_held_out_data(tasks: dict, splits: Sequence[str] = ("val", "test")) -> None:
+    """Before a run starts: each task's held-out sets build (their files listed, one image read). They are
+    first read by stage 2's validation and by the final table, so a flat ImageNet val without its labels
+    file or a missing gtFine/val would otherwise stop a run only after all of stage 1. Built-in data always
+    builds and is not touched; the training sets are built as the first stage starts."""
+    from ..downstream import context_is_builtin
+
+    for name, task in tasks.items():
+        if not context_is_builtin(task.context, name):
+            for split in splits:
+                task.dataset(split)
+
+
 def build_tasks(config: RunConfig, names: Sequence[str], device: torch.device, size: int) -> dict:
     """Task objects for `names`, with the run's data, crop size, seed, device and loss weights.
 
@@ -657,7 +670,9 @@ def train(
     if chosen != (0,):
         from ..prior import tiny_native_size
 
-        _check_downstream(config, names, config.train.crop_size or (prior.native_size if prior else tiny_native_size()))
+        size = config.train.crop_size or (prior.native_size if prior else tiny_native_size())
+        _check_held_out_data(build_tasks(config, names, torch.device("cpu"), size))
+        _check_downstream(config, names, size)
     label = ",".join(str(s) for s in chosen)
     tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
     params = _params(config, label, names, distributed.world_size)
@@ -908,6 +923,7 @@ def add_task(
     config = replace(config, prior=_local_path(model.prior_identity["name"]))
     # The task's downstream model, before the run starts too: a missing or unfitting checkpoint leaves no run.
     tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
+    _check_held_out_data(tasks)
     _prepare(tasks, distributed)
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
             "unirestore.source": metadata["path"]}  # fmt: skip
