@@ -752,3 +752,61 @@ def test_processes_agree_when_one_loss_is_not_finite(tmp_path):
         process.join(timeout=60)
     assert votes == {0: [True, False, False], 1: [True, False, False]}
     assert Distributed().all_agree(False) is False and Distributed().all_agree(True) is True
+
+
+class _Square(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, batch):
+        return {"loss/square": (self.weight * batch["x"]).pow(2).mean()}
+
+
+def _train_until_stopped(rank: int, store: str, results) -> None:
+    import os
+    import signal
+
+    from unirestore.framework.engine.trainer import BatchPlan, HookBase, Trainer, TrainingInterrupted
+
+    class Record(HookBase):
+        def after_step(self):
+            if rank == 1 and self.trainer.step == 2:  # Ctrl-C in one process only, between two steps' votes
+                os.kill(os.getpid(), signal.SIGINT)
+
+        def after_interrupt(self):
+            results.put((rank, "saved at", self.trainer.step))
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_Square())
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = ((BatchPlan(step, 0, "pir", step), {"x": torch.ones(2, 3)}) for step in range(1, 100))
+        trainer = Trainer(model, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0), data, stage="s",
+                          start_step=0, max_steps=10, config=TrainConfig(), device=torch.device("cpu"),
+                          distributed=Distributed(rank, 2, rank), hooks=[Record()])  # fmt: skip
+        try:
+            trainer.train()
+            results.put((rank, "finished", trainer.step))
+        except TrainingInterrupted:
+            results.put((rank, "interrupted", trainer.step))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_a_ctrl_c_in_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """Under DDP the stop request rides on the next step's vote on a finite loss (no second collective per
+    step): a Ctrl-C noted in rank 1 after step 2 stops both processes after step 3, each saving that step."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [
+        context.Process(target=_train_until_stopped, args=(rank, str(tmp_path / "store"), results)) for rank in (0, 1)
+    ]
+    for process in processes:
+        process.start()
+    events = sorted(results.get(timeout=120) for _ in range(4))
+    for process in processes:
+        process.join(timeout=60)
+    assert events == [(0, "interrupted", 3), (0, "saved at", 3), (1, "interrupted", 3), (1, "saved at", 3)]

@@ -13,9 +13,9 @@ Order of events for every optimiser step:
 done (a failed run writes nothing more: its last good checkpoint stays as it was); `close` always.
 
 Ctrl-C or SIGTERM (a cluster's preemption) while the steps run asks for a stop: the step in progress
-finishes, every process votes after it (so that all stop at the same step), and then every hook's
-`after_interrupt` runs instead of its `after_step` (`Checkpointer` saves that step) and the trainer raises
-`TrainingInterrupted`. A second Ctrl-C or SIGTERM interrupts at once, the save in progress included.
+finishes (under DDP: the step whose vote on a finite loss first carries the request, so that all processes
+stop at the same step), and then every hook's `after_interrupt` runs instead of its `after_step`
+(`Checkpointer` saves that step) and the trainer raises `TrainingInterrupted`. A second Ctrl-C or SIGTERM interrupts at once, the save in progress included.
 
 The data stream is a pure function of the step (`TaskStream`): resuming from a checkpoint at step k
 reproduces steps k+1.. exactly as the uninterrupted run did them.
@@ -81,11 +81,15 @@ class Distributed:
 
     def all_agree(self, flag: bool, device: torch.device | str = "cpu") -> bool:
         """Whether `flag` is true in every process (a collective: every process must call it)."""
+        return self.all_agree_each((flag,), device)[0]
+
+    def all_agree_each(self, flags: Sequence[bool], device: torch.device | str = "cpu") -> tuple[bool, ...]:
+        """For each of `flags`, whether it is true in every process, in one collective."""
         if not self.enabled:
-            return flag
-        votes = torch.tensor([0.0 if flag else 1.0], device=device)
+            return tuple(flags)
+        votes = torch.tensor([0.0 if flag else 1.0 for flag in flags], device=device)
         torch.distributed.all_reduce(votes)
-        return float(votes) == 0.0
+        return tuple(vote == 0.0 for vote in votes.tolist())
 
 
 def launch_position() -> Distributed:
@@ -448,6 +452,8 @@ class Trainer:
         self.hooks = list(hooks)
         for hook in self.hooks:
             hook.trainer = self
+        self._stop: StopRequest | None = None
+        self._stop_agreed = False  # a process asked to stop, as the last vote said
 
     @property
     def lr(self) -> float:
@@ -458,9 +464,11 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_train()
             with StopRequest() as stop:
+                self._stop = stop
                 while self.step < self.max_steps:
                     self.run_step()
-                    if not self.distributed.all_agree(stop.signal is None, self.device):
+                    # one process decides alone; several stop at the step whose vote first carried the request
+                    if self._stop_agreed if self.distributed.enabled else stop.signal is not None:
                         stop.taken = True
                         for hook in self.hooks:
                             hook.after_interrupt()
@@ -490,8 +498,12 @@ class Trainer:
                 total = sum(terms.values())
                 values = {key: float(value.detach()) for key, value in terms.items()}
                 finite = math.isfinite(float(total.detach()))
-                # every process votes, so that all stop together rather than wait for a diverged one's gradients
-                if not self.distributed.all_agree(finite, self.device):
+                # Every process votes, so that all stop together rather than wait for a diverged one's gradients;
+                # the same collective carries a Ctrl-C or SIGTERM (no second synchronisation per step).
+                running = self._stop is None or self._stop.signal is None
+                agreed_finite, agreed_running = self.distributed.all_agree_each((finite, running), self.device)
+                self._stop_agreed = self._stop_agreed or not agreed_running
+                if not agreed_finite:
                     where = "in another process"
                     if not finite:
                         where = "(" + ", ".join(f"{key}={value:.4g}" for key, value in values.items()) + ")"
