@@ -937,7 +937,7 @@ def eval_(
 def runs_compare(
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (default: all).")] = None,
     metric: Annotated[list[str] | None, typer.Option("--metric", help="Metric to show (repeatable).")] = None,
-    filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stage = \'2\'".')] = "",
+    filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stages = \'2\'".')] = "",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the metrics.")] = None,
     curves: Annotated[
         Path | None,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .plots import panels, save
 
-KEY_PARAMS = ("stage", "tasks", "beta", "prior", "steps")
+# As the runs log them: `stages` of train and task add, `steps` of a sweep.
+KEY_PARAMS = ("stages", "tasks", "beta", "prior", "steps")
 # Metrics where lower is better (a part of the name that starts so); every other is taken as higher-better.
 LOWER_IS_BETTER_PREFIXES = ("loss", "lpips", "time", "seconds")
 
