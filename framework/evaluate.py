@@ -560,6 +560,35 @@ class EvalReport:
         return files + ([gains] if gains else [])
 
 
+def track_evaluation(report: EvalReport, files: Sequence, *, tracking_uri: str, experiment: str, run_name: str,
+                     params: Mapping[str, object], tags: Mapping[str, str], config: dict) -> str:
+    """One MLflow run of an evaluation (`unirestore eval`): the config it read (config.json), `params`, `tags`,
+    the table's metrics (`eval/<degradation>/<task>/<row>/<metric>`) and the unreadable files' count, `files`
+    (tables, per-image CSV, gains plot) and the grids (under grids/, as in the output folder). Through the
+    tracking module's explicit client, as training is tracked; ended FAILED, or KILLED on Ctrl-C, when cut
+    short. Returns the run's id."""
+    from .engine.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.start(run_name, tags)
+    status = "FAILED"
+    try:
+        tracker.log_config(config)
+        tracker.log_params(params)
+        tracker.log_metrics({**report.flat(), "skipped_files": report.skipped_files}, 0)
+        for path in files:
+            tracker.log_artifact(path)
+        for path in report.grids:
+            tracker.log_artifact(path, "grids")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+    return tracker.run_id
+
+
 def _column_order(name: str) -> tuple:
     """eval_images.csv's columns: where the value is from, then LQ, the restored rows, HQ."""
     keys = ("corruption", "task", "image", "metric", "LQ")
