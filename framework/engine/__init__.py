@@ -617,7 +617,25 @@ def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: in
         "decoder_input": train_config.decoder_input,
         "precision": train_config.precision,
         "seed": train_config.seed,
+        **_config_params(config),
     }
+
+
+# Settings that are MLflow's own (where and under what name the run is tracked), or params above already.
+_NOT_PARAMS = {"tracking_uri", "experiment", "run_name", "output", "tasks", "prior", "data"}
+
+
+def _config_params(config: RunConfig) -> dict[str, str]:
+    """Every other setting of the resolved config under its `--set` name (`model.use_tfa`,
+    `train.eval_samples`): runs that differ in any of them (an ablation, a larger test set) show it in a
+    column of their own and can be filtered on, which config.json alone does not allow."""
+
+    def text(value) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+
+    return {key: text(value) for key, value in _flatten(to_dict(config)).items() if key not in _NOT_PARAMS}
 
 
 def _stage_list(stages: Iterable[int]) -> tuple[int, ...]:
@@ -674,7 +692,8 @@ def train(
         _check_held_out_data(build_tasks(config, names, torch.device("cpu"), size))
         _check_downstream(config, names, size)
     label = ",".join(str(s) for s in chosen)
-    tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
+    tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior,
+            "unirestore.output": str(output)}  # fmt: skip
     params = _params(config, label, names, distributed.world_size)
     with run_folder_lock(output, distributed.main):
         _check_folder(output, model_stages, resume)  # again, now that no other run can start here
@@ -925,9 +944,12 @@ def add_task(
     tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
     _check_held_out_data(tasks)
     _prepare(tasks, distributed)
+    source = str(Path(metadata["path"]).resolve())  # named as given, it would be read from another folder later
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
-            "unirestore.source": metadata["path"]}  # fmt: skip
-    params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
+            "unirestore.source": source, "unirestore.output": str(output)}  # fmt: skip
+    if metadata["extra"].get("run_id"):  # the run that trained the source checkpoint
+        tags["unirestore.source_run"] = metadata["extra"]["run_id"]
+    params = {**_params(config, "3", [task], distributed.world_size), "source": source}
     with run_folder_lock(output, distributed.main):
         _check_folder(output, [stage.name], resume)  # again, now that no other run can start here
         tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
