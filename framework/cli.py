@@ -955,8 +955,9 @@ def runs_compare(
         bool,
         typer.Option(
             "--per-image",
-            help="Eval runs image by image against the newest shown with a value for a --metric: on how many "
-            "test images each restored row is above or below it, with the sign test.",
+            help="Eval runs (and training runs, by their final table) image by image against the newest shown "
+            "with a value for a --metric: on how many test images each restored row is above or below it, with "
+            "the sign test.",
         ),
     ] = False,
     tracking_uri: TrackingOption = None,

@@ -420,6 +420,20 @@ class EvalReport:
     def skipped_files(self) -> int:
         return len(self.skipped)
 
+    @classmethod
+    def from_table(cls, table: EvalTable, checkpoint: str, label: str = "default") -> EvalReport:
+        """The report of one `evaluate` table (a training's final one), its rows named as `eval` names them
+        (LQ, HQ, restored[<task>]): its files then read, and pair image by image (`runs compare --per-image`),
+        as an evaluation's do."""
+        report = cls(checkpoint=checkpoint, split=table.split, samples=table.samples, counts=dict(table.counts))
+        for task, rows in table.results.items():
+            names = {"lq": "LQ", "hq": "HQ", "restored": f"restored[{task}]"}
+            for source, metrics in rows.items():
+                report.rows[(label, task, names.get(source, source))] = metrics
+            for source, values in table.images.get(task, {}).items():
+                report.images[(label, task, names.get(source, source))] = values
+        return report
+
     def records(self) -> list[dict]:
         return [
             {"corruption": corruption, "task": task, "input": row, "metric": metric, "value": value}
