@@ -448,8 +448,9 @@ def task_add(
         typer.echo(f"checkpoint: {result.checkpoint}")
 
 
-def _checkpoint_prompts(path: Path) -> tuple[list[str], list[str]] | None:
-    """(tasks with a prompt, tasks whose prompt was trained) from a checkpoint's metadata, or None."""
+def _checkpoint_header(path: Path) -> tuple[list[str], dict] | None:
+    """(tasks with a prompt, what training recorded: stage, trained prompts, MLflow run) from a checkpoint's
+    metadata alone (its tensors are not read), or None."""
     import json
 
     from safetensors import safe_open
@@ -457,10 +458,17 @@ def _checkpoint_prompts(path: Path) -> tuple[list[str], list[str]] | None:
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-        tasks = json.loads(metadata.get("tasks", "[]"))
-        extra = json.loads(metadata.get("extra", "{}"))
+        return json.loads(metadata.get("tasks", "[]")), json.loads(metadata.get("extra", "{}"))
     except Exception:  # noqa: BLE001 (not a readable unirestore checkpoint: not listed)
         return None
+
+
+def _checkpoint_prompts(path: Path) -> tuple[list[str], list[str]] | None:
+    """(tasks with a prompt, tasks whose prompt was trained) from a checkpoint's metadata, or None."""
+    header = _checkpoint_header(path)
+    if header is None:
+        return None
+    tasks, extra = header
     return tasks, list(extra.get("trained_prompts", tasks))
 
 
@@ -810,11 +818,11 @@ def eval_(
         from rich.console import Console
 
         from .checkpoint import load_checkpoint, resolve_checkpoint
-        from .config import ConfigError, _default_tracking_uri
+        from .config import ConfigError, to_dict
         from .degrade import parse_corruptions
-        from .engine import _check_data, _prepare, build_tasks, run_folder_lock
+        from .engine import _absolute_paths, _check_data, _prepare, build_tasks, run_folder_lock
         from .engine.trainer import setup_distributed
-        from .evaluate import check_prompts, evaluate_checkpoint
+        from .evaluate import check_prompts, evaluate_checkpoint, track_evaluation
         from .registry import parse_task_list
 
         names = parse_task_list(tasks)
@@ -911,24 +919,24 @@ def eval_(
         Console().print(report.rich_table())
         for line in report.improved():  # how many images each prompt helped: a mean can hide a split
             typer.echo(line)
-        import mlflow
-
-        from .engine.tracking import artifact_location
-
-        uri = tracking_uri or _default_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        if mlflow.get_experiment_by_name(experiment) is None:
-            # artifacts beside the store's database (not in a ./mlruns of whatever folder this runs in, nor in
-            # one evaluation's folder, which a later cleanup may delete with the other evaluations' artifacts)
-            mlflow.create_experiment(experiment, artifact_location=artifact_location(uri))
-        mlflow.set_experiment(experiment)
-        with mlflow.start_run(run_name=f"eval-{Path(ckpt).stem}"):
-            mlflow.log_params({"checkpoint": str(ckpt), "tasks": tasks, "data": data, "precision": precision,
-                               "corruption": corruption or "default", "severity": severity or "", "samples": samples or "all"})  # fmt: skip
-            mlflow.log_metrics(report.flat())
-            mlflow.log_metric("skipped_files", report.skipped_files)
-            for path in files + report.grids:
-                mlflow.log_artifact(str(path))
+        checkpoint = Path(ckpt).resolve()
+        resolved = _absolute_paths(run_config)
+        prior_name = model.prior_identity["name"]
+        tags = {"unirestore.tasks": ",".join(names), "unirestore.prior": prior_name,
+                "unirestore.source": str(checkpoint)}  # fmt: skip
+        trained_in = (_checkpoint_header(checkpoint) or ([], {}))[1].get("run_id")
+        if trained_in:  # the run that trained the checkpoint: its curves, config and checkpoints
+            tags["unirestore.source_run"] = trained_in
+        params = {"checkpoint": str(checkpoint), "tasks": ",".join(names),
+                  "prompts": ",".join(prompt_names or ["default"]), "data": resolved.data, "prior": prior_name,
+                  "precision": precision,
+                  "corruption": corruption or "default", "severity": (severity or 3) if corruption else "",
+                  "samples": samples or "all", "tile_size": tile_size}  # fmt: skip
+        # a run folder holds several checkpoints: the run is named after both; the store is the one --config
+        # names (the training's, say) unless --tracking-uri is given, as `train` and `task add` take it
+        track_evaluation(report, files, tracking_uri=tracking_uri or run_config.tracking_uri, experiment=experiment,
+                         run_name=f"eval-{checkpoint.parent.name}/{checkpoint.stem}", params=params, tags=tags,
+                         config=to_dict(resolved))  # fmt: skip
         named = f" ({', '.join(report.skipped[:3])}{', ...' if report.skipped_files > 3 else ''})" if report.skipped else ""
         typer.echo(f"wrote {', '.join(str(p) for p in files)}; unreadable files skipped: {report.skipped_files}{named}")
 
@@ -937,7 +945,7 @@ def eval_(
 def runs_compare(
     experiment: Annotated[str | None, typer.Option("--experiment", help="MLflow experiment (default: all).")] = None,
     metric: Annotated[list[str] | None, typer.Option("--metric", help="Metric to show (repeatable).")] = None,
-    filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stage = \'2\'".')] = "",
+    filter_: Annotated[str, typer.Option("--filter", help='MLflow filter, e.g. "params.stages = \'2\'".')] = "",
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG bar chart of the metrics.")] = None,
     curves: Annotated[
         Path | None,
@@ -947,8 +955,9 @@ def runs_compare(
         bool,
         typer.Option(
             "--per-image",
-            help="Eval runs image by image against the newest shown with a value for a --metric: on how many "
-            "test images each restored row is above or below it, with the sign test.",
+            help="Eval runs (and training runs, by their final table) image by image against the newest shown "
+            "with a value for a --metric: on how many test images each restored row is above or below it, with "
+            "the sign test.",
         ),
     ] = False,
     tracking_uri: TrackingOption = None,

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from .plots import panels, save
 
-KEY_PARAMS = ("stage", "tasks", "beta", "prior", "steps")
+# As the runs log them: `stages` of train and task add, `steps` of a sweep.
+KEY_PARAMS = ("stages", "tasks", "beta", "prior", "steps")
 # Metrics where lower is better (a part of the name that starts so); every other is taken as higher-better.
 LOWER_IS_BETTER_PREFIXES = ("loss", "lpips", "time", "seconds")
 
@@ -210,6 +211,8 @@ def plot_histories(tracking_uri: str, comparison: Comparison, path: str | Path) 
 
 
 PER_IMAGE_ARTIFACT = "eval_images.csv"  # written and logged by `unirestore eval`
+# where runs log it: `eval` at the root; train, task add and a sweep's trials under final/, for their final table
+PER_IMAGE_FOLDERS = ("", "final")
 
 
 @dataclass
@@ -228,6 +231,15 @@ class PairedResult:
     p_value: float | None  # two-sided sign test over the untied images
 
 
+def _per_image_artifact(client, run_id: str) -> str | None:
+    """Where the run logged its per-image values: an evaluation at the root, a training under final/."""
+    for folder in PER_IMAGE_FOLDERS:
+        path = f"{folder}/{PER_IMAGE_ARTIFACT}" if folder else PER_IMAGE_ARTIFACT
+        if path in {item.path for item in client.list_artifacts(run_id, folder or None)}:
+            return path
+    return None
+
+
 def _per_image_values(tracking_uri: str, run_id: str) -> dict[tuple, dict[str, float]] | None:
     """{(corruption, task, image, metric, occurrence): {row: value}} from a run's eval_images.csv; None if absent."""
     import csv
@@ -236,12 +248,13 @@ def _per_image_values(tracking_uri: str, run_id: str) -> dict[tuple, dict[str, f
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri)
-    if PER_IMAGE_ARTIFACT not in {item.path for item in client.list_artifacts(run_id)}:
+    found = _per_image_artifact(client, run_id)
+    if found is None:
         return None
     # one small CSV per run: MLflow's download bars would only clutter the table's output
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     with tempfile.TemporaryDirectory() as folder:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=PER_IMAGE_ARTIFACT, dst_path=folder,
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=found, dst_path=folder,
                                                    tracking_uri=tracking_uri)  # fmt: skip
         lines = list(csv.DictReader(Path(path).read_text().splitlines()))
     values, seen = {}, {}
@@ -255,6 +268,7 @@ def _per_image_values(tracking_uri: str, run_id: str) -> dict[tuple, dict[str, f
 def paired_per_image(tracking_uri: str, comparison: Comparison) -> list[PairedResult]:
     """Every eval run of `comparison` against the first one listed (the newest), image by image: on how many
     of the test images both scored its restored rows are above or below the reference's, with the sign test.
+    Training runs (a sweep's trials, say) take part as eval runs do, with their final table.
 
     Only runs that logged eval_images.csv and have a value for one of the comparison's metrics take part
     (an evaluation by corruption does not become the reference of a comparison of the default table's
@@ -272,7 +286,7 @@ def paired_per_image(tracking_uri: str, comparison: Comparison) -> list[PairedRe
         raise CompareError(
             f"--per-image compares eval runs image by image, and {len(runs)} of the runs shown logged "
             f"{PER_IMAGE_ARTIFACT} and a value for {', '.join(comparison.metrics)}; select two or more "
-            "`unirestore eval` runs (--experiment unirestore-eval, --filter, --metric)"
+            "`unirestore eval` runs (--experiment unirestore-eval, --filter, --metric) or training runs"
         )
     (reference_name, reference), others = runs[0], runs[1:]
     results = []

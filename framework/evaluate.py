@@ -420,6 +420,20 @@ class EvalReport:
     def skipped_files(self) -> int:
         return len(self.skipped)
 
+    @classmethod
+    def from_table(cls, table: EvalTable, checkpoint: str, label: str = "default") -> EvalReport:
+        """The report of one `evaluate` table (a training's final one), its rows named as `eval` names them
+        (LQ, HQ, restored[<task>]): its files then read, and pair image by image (`runs compare --per-image`),
+        as an evaluation's do."""
+        report = cls(checkpoint=checkpoint, split=table.split, samples=table.samples, counts=dict(table.counts))
+        for task, rows in table.results.items():
+            names = {"lq": "LQ", "hq": "HQ", "restored": f"restored[{task}]"}
+            for source, metrics in rows.items():
+                report.rows[(label, task, names.get(source, source))] = metrics
+            for source, values in table.images.get(task, {}).items():
+                report.images[(label, task, names.get(source, source))] = values
+        return report
+
     def records(self) -> list[dict]:
         return [
             {"corruption": corruption, "task": task, "input": row, "metric": metric, "value": value}
@@ -558,6 +572,35 @@ class EvalReport:
             files.append(write_csv(folder / "eval_images.csv", images, rows))
         gains = self.plot_gains(folder / "eval_gains.png")
         return files + ([gains] if gains else [])
+
+
+def track_evaluation(report: EvalReport, files: Sequence, *, tracking_uri: str, experiment: str, run_name: str,
+                     params: Mapping[str, object], tags: Mapping[str, str], config: dict) -> str:
+    """One MLflow run of an evaluation (`unirestore eval`): the config it read (config.json), `params`, `tags`,
+    the table's metrics (`eval/<degradation>/<task>/<row>/<metric>`) and the unreadable files' count, `files`
+    (tables, per-image CSV, gains plot) and the grids (under grids/, as in the output folder). Through the
+    tracking module's explicit client, as training is tracked; ended FAILED, or KILLED on Ctrl-C, when cut
+    short. Returns the run's id."""
+    from .engine.tracking import Tracker
+
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.start(run_name, tags)
+    status = "FAILED"
+    try:
+        tracker.log_config(config)
+        tracker.log_params(params)
+        tracker.log_metrics({**report.flat(), "skipped_files": report.skipped_files}, 0)
+        for path in files:
+            tracker.log_artifact(path)
+        for path in report.grids:
+            tracker.log_artifact(path, "grids")
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end(status)
+    return tracker.run_id
 
 
 def _column_order(name: str) -> tuple:

@@ -28,8 +28,11 @@ Sweep folder (`output`, default `runs/sweep-beta` or `runs/sweep-extend`):
     best.yaml              β sweep: the best trial's tasks, β and settings, a run config
     merged.safetensors     extension: the source checkpoint plus every task's best prompt
     results.json           every trial's parameters, last metrics, checkpoint, MLflow run; the timing
+    objective.png          each trial's objective against the step
 
-MLflow: the sweep is a parent run; each trial is a nested child run (tag `mlflow.parentRunId`) that the
+MLflow: the sweep is a parent run (named after the sweep folder, tagged `unirestore.sweep_parent`: its
+settings, the base config, the best trial's values, results.json and objective.png); each trial is a
+nested child run (tags `mlflow.parentRunId` and `unirestore.sweep`, named `<parent>-<trial id>`) that the
 engine itself logs into (params, loss terms, validation metrics, grids), plus the sweep's params
 (`sweep.*`) and the objective. The tracking database, the experiment and the parent run are created on
 the driver before any trial starts (trials creating a new sqlite database at once crash). Every run is
@@ -787,7 +790,9 @@ def _records(results, trials: Path, kind: str, steps: int) -> list[TrialRecord]:
             trial_id=trial_id, status=status, params=params, step=step,
             objective=float(last["objective"]) if "objective" in last else None, metrics=metrics,
             checkpoint=checkpoint, run_id=load_run_id(_engine_run_folder(folder, kind, params.get("task", ""))),
-            stopped_early=status == "TERMINATED" and step < steps,
+            # stopped by the scheduler, at the last validation too (below the cutoff there): no final checkpoint
+            # and evaluation, so its run lacks the test metrics the others have
+            stopped_early=status == "TERMINATED" and (step < steps or not final.is_file()),
             work_seconds=sum(stop - start for start, stop in segments), error=error,
         ))  # fmt: skip
     return sorted(records, key=lambda record: record.trial_id)
@@ -815,6 +820,24 @@ def _reconcile_runs(tracking_uri: str, parent_run_id: str, records: Sequence[Tri
             client.set_terminated(run.info.run_id, status=status)
 
 
+def sweep_run_name(kind: str, folder: Path) -> str:
+    """The parent run's name: the sweep folder's (`sweep-beta` for the default `runs/sweep-beta`), after
+    `sweep-<kind>-` where the folder's name does not already say which sweep it is."""
+    return folder.name if folder.name.startswith(f"sweep-{kind}") else f"sweep-{kind}-{folder.name}"
+
+
+def _spec_params(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep's settings as MLflow params, written as the command line takes them (`pir,seg,cls`,
+    `seg=0.01:1`) and as the trials' own params are (`tasks`: `pir,seg,cls`), not as JSON."""
+    params = dict(spec)
+    params["tasks"] = ",".join(spec["tasks"])
+    if "ranges" in spec:
+        params["ranges"] = ",".join(f"{task}={low}:{high}" for task, (low, high) in spec["ranges"].items())
+    if "lr_range" in spec:
+        params["lr_range"] = "{}:{}".format(*spec["lr_range"])
+    return params
+
+
 @dataclass
 class _Session:
     """One sweep call on the driver: Ray, the sweep folder, the parent MLflow run, the trials' records."""
@@ -827,6 +850,7 @@ class _Session:
     restore: bool
     tracker: Any
     experiment_id: str
+    name: str  # the parent run's name; each trial's run is named `<name>-<trial id>`
     records: list[TrialRecord] = field(default_factory=list)
     driver_seconds: float = 0.0
 
@@ -847,17 +871,18 @@ def _session(kind: str, config: RunConfig, folder: Path, spec: dict, *, resume: 
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "sweep.json", json.dumps({**spec, "config": to_dict(config)}, indent=2))
         tracker = Tracker(config.tracking_uri, config.experiment)
-        tags = {"unirestore.sweep": kind, "unirestore.tasks": ",".join(spec["tasks"])}
-        name = config.run_name or f"sweep-{kind}-{folder.name}"
+        # Not the trials' `unirestore.sweep`: a filter on that selects the trials alone, runs that compare column
+        # by column (the README's `runs compare --filter`), without this one's row of other metrics.
+        tags = {"unirestore.sweep_parent": kind, "unirestore.tasks": ",".join(spec["tasks"]),
+                "unirestore.prior": config.prior}  # fmt: skip
+        name = config.run_name or sweep_run_name(kind, folder)
         run_id = tracker.start(name, tags, run_id=load_run_id(folder) if resume else "")
         save_run_id(folder, run_id)
-        params = {
-            key: json.dumps(value) if isinstance(value, (dict, list)) else value
-            for key, value in spec.items()
-        }
-        tracker.log_params({**params, "gpus_per_trial": gpus, "cpus_per_trial": cpus_per_trial})
+        tracker.log_config(to_dict(config))
+        tracker.log_params({**_spec_params(spec), "prior": config.prior, "data": config.data, "gpus_per_trial": gpus,
+                            "cpus_per_trial": cpus_per_trial})  # fmt: skip
         experiment_id = tracker.client.get_run(run_id).info.experiment_id
-        session = _Session(kind, config, folder, gpus, cpus_per_trial, restore, tracker, experiment_id)
+        session = _Session(kind, config, folder, gpus, cpus_per_trial, restore, tracker, experiment_id, name)
         status = "FAILED"
         try:
             yield session
@@ -887,7 +912,7 @@ def _run_trials(session: _Session, source: Path, tasks: Sequence[str], space: di
     task_gap = task_gaps(baseline, metrics, gaps)
     job = {
         "kind": session.kind,
-        "name": f"sweep-{session.kind}",
+        "name": session.name,
         "config": to_dict(_trial_config(config, session.gpus)),
         "source": str(source),
         "trials": str(folder / "trials"),
@@ -931,6 +956,35 @@ def _run_trials(session: _Session, source: Path, tasks: Sequence[str], space: di
     session.records[:] = _records(results, folder / "trials", session.kind, steps)
     _check_interrupted(session.records, folder)
     return {"baseline": baseline, "gaps": task_gap}
+
+
+def _plot_objectives(session: _Session, path: Path) -> Path | None:
+    """A PNG of each trial's objective against the step as its run logged it, one line per trial (a panel per
+    task of an extension sweep): the sweep at a glance in its parent run. None when no trial logged one."""
+    from .plots import panels, save
+
+    client, lines = session.tracker.client, {}
+    for record in session.records:
+        history = client.get_metric_history(record.run_id, "sweep/objective") if record.run_id else []
+        if history:
+            history = sorted(history, key=lambda metric: (metric.step, metric.timestamp))
+            values = ", ".join(f"{key.split('.')[-1]}={_cell(value)}" for key, value in record.params.items()
+                               if key != "task")  # fmt: skip
+            label = f"{record.trial_id.rsplit('_', 1)[-1]}: {values}"
+            lines.setdefault(str(record.params.get("task", "")), []).append((label, history))
+    if not lines:
+        return None
+    figure, axes = panels(len(lines), columns=3, width=4.6, height=3.4)
+    for axis, (task, trials) in zip(axes, lines.items()):
+        for label, history in trials:
+            axis.plot([m.step for m in history], [m.value for m in history], marker="o" if len(history) < 20 else None,
+                      markersize=3, linewidth=1.2, label=label)  # fmt: skip
+        axis.set_title(f"{session.name}: objective {task}".strip(), fontsize=9)
+        axis.set_xlabel("step", fontsize=8)
+        axis.tick_params(labelsize=7)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=6)
+    return save(figure, path, dpi=110)
 
 
 def _resolve_gpus(gpus_per_trial: float | None) -> float:
@@ -1093,6 +1147,9 @@ def sweep_beta(
         )
         tracker.log_artifact(config_file)
         tracker.log_artifact(folder / "results.json")
+        objectives = _plot_objectives(session, folder / "objective.png")
+        if objectives is not None:
+            tracker.log_artifact(objectives)
     result = BetaSweepResult(folder=folder, beta=beta, config_file=config_file, checkpoint=best.checkpoint, best=best,
                              trials=records, baseline=found["baseline"], run_id=tracker.run_id, timing=timing)  # fmt: skip
     if show:
@@ -1189,6 +1246,9 @@ def sweep_extend(
                              **{f"sweep/best_objective/{t}": r.objective for t, r in best.items()}})  # fmt: skip
         tracker.set_tags({"unirestore.merged_checkpoint": str(merged)})
         tracker.log_artifact(folder / "results.json")
+        objectives = _plot_objectives(session, folder / "objective.png")
+        if objectives is not None:
+            tracker.log_artifact(objectives)
     result = ExtendSweepResult(folder=folder, checkpoint=merged, best=best, trials=records, baseline=found["baseline"],
                                run_id=tracker.run_id, timing=timing)  # fmt: skip
     if show:

@@ -94,6 +94,37 @@ def test_train_end_to_end_writes_checkpoint_grids_and_an_mlflow_run(trained):
     assert run["artifact_uri"].startswith((output.parent / "mlartifacts").as_uri())
 
 
+def test_a_training_runs_final_table_is_logged_and_pairs_image_by_image_with_an_evaluation(trained, root):
+    """The final table is written and logged as `eval` writes its own, each test image's values included, so
+    that `runs compare --per-image` takes training runs (a sweep's trials) as it takes eval runs."""
+    import csv
+
+    import mlflow
+
+    output, uri, _ = trained
+    folder = output / "final" / "stage2"
+    for name in ("eval.md", "eval.csv", "eval_images.csv", "eval_gains.png"):
+        assert (folder / name).is_file(), name
+    assert "grids/final-worse-pir.png" in (folder / "eval.md").read_text()
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("unirestore").experiment_id])
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id, "final")}
+    assert {"final/eval.md", "final/eval_images.csv", "final/eval_gains.png"} <= logged
+    lines = [line for line in csv.DictReader((folder / "eval_images.csv").read_text().splitlines())
+             if line["task"] == "pir" and line["metric"] == "psnr"]  # fmt: skip
+    mean = sum(float(line["restored[pir]"]) for line in lines) / len(lines)
+    assert mean == pytest.approx(run.data.metrics["test/pir/restored/psnr"], abs=1e-4)
+    # the same checkpoint evaluated on the first 4 of those test images: paired with the training run's
+    evaluated = runner.invoke(app, ["eval", "--ckpt", str(output / "stage2.safetensors"), "--tasks", "pir",
+                                    "--samples", "4", "--out", str(root / "eval-final"), "--tracking-uri", uri])  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    compare = runner.invoke(app, ["runs", "compare", "--tracking-uri", uri, "--metric", "test/pir/restored/psnr",
+                                  "--metric", "eval/default/pir/restored_pir/psnr", "--per-image"])  # fmt: skip
+    assert compare.exit_code == 0, compare.output
+    line = next(text for text in compare.output.splitlines() if "restored[pir]" in text and "psnr" in text)
+    assert line.split("│")[1].strip().startswith(output.name) and line.split("│")[8].strip() == "4", line
+
+
 def test_task_list_names_sources_and_checkpoints(trained, root):
     result = runner.invoke(app, ["task", "list", "--output", str(root)])
     assert result.exit_code == 0, result.output

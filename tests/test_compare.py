@@ -15,7 +15,7 @@ def store(tmp_path):
     experiment = mlflow.create_experiment("demo", artifact_location=str(tmp_path / "artifacts"))
     for name, psnr, acc, loss in (("small-beta", 20.5, 0.61, 0.3), ("big-beta", 19.0, 0.72, 0.2)):
         with mlflow.start_run(experiment_id=experiment, run_name=name):
-            mlflow.log_params({"stage": "2", "tasks": "pir,cls", "beta": name, "prior": "tiny", "steps": 10})
+            mlflow.log_params({"stages": "2", "tasks": "pir,cls", "beta": name, "prior": "tiny", "steps": 10})
             mlflow.log_metrics({"pir/psnr": psnr, "cls/acc/resnet": acc, "loss/pir_l1": 0.1,
                                 "stage2/loss_total": loss})  # fmt: skip
             if name == "big-beta":
@@ -30,7 +30,7 @@ def test_two_runs_side_by_side_with_the_best_marked(store, tmp_path):
     # a loss at any level of its name is best at its minimum
     assert compare_runs(store, experiment="demo", metrics=["stage2/loss_total"]).best == {"stage2/loss_total": 0.2}
     assert comparison.best == {"pir/psnr": 20.5, "cls/acc/resnet": 0.72}
-    assert {"stage", "tasks", "beta", "prior", "steps"} <= set(comparison.columns)
+    assert {"stages", "tasks", "beta", "prior", "steps"} <= set(comparison.columns)  # as train and sweeps log them
     from rich.console import Console
 
     console = Console(record=True, width=200)

@@ -497,6 +497,24 @@ def test_add_task_trains_with_the_defaults_of_the_checkpoints_prior_not_the_conf
     assert saved.prior == str(folder.resolve())
 
 
+def test_add_task_names_its_source_checkpoint_and_the_run_that_trained_it(root, tmp_path, monkeypatch):
+    """The run of `task add` names its source by an absolute path (given relative, it would point elsewhere
+    from another folder) and links the run that trained it (recorded in the checkpoint)."""
+    import mlflow
+
+    from unirestore.framework.checkpoint import save_checkpoint
+
+    model = UniRestore(load_prior("tiny"), tasks=["pir"])
+    save_checkpoint(model, tmp_path / "stage2.safetensors", extra={"trained_prompts": ["pir"], "run_id": "trained-0"})
+    monkeypatch.chdir(tmp_path)
+    config = make_config(root, "source-named", "train.eval_samples=2")
+    result = add_task(config, "stage2.safetensors", "det", progress=False)
+    run = mlflow.MlflowClient(config.tracking_uri).get_run(result.run_id)
+    source = str(tmp_path / "stage2.safetensors")
+    assert run.data.tags["unirestore.source"] == run.data.params["source"] == source
+    assert run.data.tags["unirestore.source_run"] == "trained-0"
+
+
 def test_a_cpu_stage_leaves_a_core_to_its_data_worker(root, base_run):
     _, base, _ = base_run
     seen = []
@@ -592,13 +610,24 @@ def test_metric_history_skips_a_line_cut_by_a_kill_and_cuts_back_to_the_resumed_
     assert steps == [10, 20] and values == pytest.approx([0.1, 0.05])  # the NaN is not drawn
 
 
-def test_stage0_is_drawn_as_curves_too(root, tmp_path, monkeypatch):
+def test_stage0_is_drawn_as_curves_and_logged_as_the_other_stages_are(root, tmp_path, monkeypatch):
+    import mlflow
+
     monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))  # no trained tiny prior: stage 0 runs
-    config = make_config(root, "stage0-curves")
-    train(config, stages=(0,), progress=False)
+    config = make_config(root, "stage0-curves", "model.use_tfa=false")
+    result = train(config, stages=(0,), progress=False)
     history = MetricHistory(root / "stage0-curves" / "stage0")
     assert [r["step"] for r in history.read()] == [2, 4]  # the VAE's last step, then the UNet's
-    assert {"loss/vae_l1", "loss/vae_kl"} <= set(history.series())
+    # the loss terms, and the total, learning rate and speed under the names stages 1 to 3 give theirs
+    stage_keys = {"stage0/loss_total", "stage0/lr", "stage0/steps_per_second"}
+    assert {"loss/vae_l1", "loss/vae_kl", "loss/unet_v"} | stage_keys <= set(history.series())
+    run = mlflow.MlflowClient(config.tracking_uri).get_run(result.run_id)
+    assert stage_keys <= set(run.data.metrics)
+    # every setting of the config is a param under its --set name: an ablation shows in a column of its own
+    params = run.data.params
+    assert (params["model.use_tfa"], params["stage0.vae_steps"], params["train.eval_samples"]) == ("False", "2", "32")
+    assert params["tasks"] == "pir,seg,cls" and "tracking_uri" not in params
+    assert run.data.tags["unirestore.output"] == str(root / "stage0-curves")
     with Image.open(root / "stage0-curves" / "curves" / "stage0.png") as image:
         assert image.format == "PNG"
     train(config, stages=(0,), resume=True, progress=False)  # the prior is trained now: skipped, history kept

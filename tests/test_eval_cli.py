@@ -88,13 +88,24 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     assert "metrics.eval/default/cls/LQ/acc/resnet" in runs.columns or any(
         c.startswith("metrics.eval/default/cls/LQ/") for c in runs.columns
     )
+    # named after the run folder and the file (every run folder holds a stage2.safetensors); the checkpoint by
+    # its absolute path, the tasks as train logs them, the config it read and the grids as in the --out folder
+    name = f"eval-{path.parent.name}/model"
+    run = runs.iloc[0]
+    assert set(runs["tags.mlflow.runName"]) == {name}
+    assert run["params.checkpoint"] == run["tags.unirestore.source"] == str(path.resolve())
+    assert (run["params.tasks"], run["params.prompts"], run["params.prior"]) == ("pir,cls", "default", "tiny")
+    artifacts = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"])}
+    assert {"config.json", "eval_images.csv", "grids"} <= artifacts
+    grids = {a.path for a in mlflow.MlflowClient(uri).list_artifacts(run["run_id"], "grids")}
+    assert "grids/default-worse-pir.png" in grids  # where eval.md says it is
 
     compare = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
                                   "--metric", "eval/default/pir/restored_pir/psnr",
                                   "--metric", "eval/default/cls/LQ/acc/resnet",
                                   "--plot", str(folder / "compare.png")])  # fmt: skip
     assert compare.exit_code == 0, compare.output
-    assert compare.output.count("eval-model") == 3 and "★" in compare.output
+    assert compare.output.count(name) == 3 and "★" in compare.output
     assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -110,6 +121,29 @@ def test_eval_per_corruption_and_missing_prompt(checkpoint, monkeypatch):
     assert missing.exit_code == 2
     assert "no prompt for 'seg'" in missing.output and "pir, cls" in missing.output
     assert "Traceback" not in missing.output
+
+
+def test_eval_logs_where_its_config_tracks_and_names_the_run_that_trained_the_checkpoint(checkpoint, tiny_prior,
+                                                                                         monkeypatch):
+    """`eval --config` (the run folder's config.yaml, as the README says) logs into the store that config names,
+    as `task add --config` does, not into a mlflow.db of whatever folder it runs in."""
+    import mlflow
+
+    folder, _ = checkpoint
+    (folder / "trained").mkdir()
+    monkeypatch.chdir(folder / "trained")
+    model = UniRestore(tiny_prior, ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, folder / "trained" / "stage2.safetensors", extra={"run_id": "trained-0"})
+    store = f"sqlite:///{folder / 'training.db'}"
+    (folder / "trained" / "config.yaml").write_text(f"tracking_uri: {store}\n")
+    result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--samples", "2", "--out",
+                                 str(folder / "from-config"), "--config", str(folder / "trained" / "config.yaml")])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not (folder / "trained" / "mlflow.db").exists()
+    client = mlflow.MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("unirestore-eval").experiment_id])
+    assert run.info.run_name == "eval-trained/stage2" and run.info.status == "FINISHED"
+    assert run.data.tags["unirestore.source_run"] == "trained-0"
 
 
 def test_eval_on_real_data_reads_the_downstream_checkpoints_from_config_or_set(checkpoint):
@@ -375,7 +409,7 @@ def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint,
     compare = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
                                   "--metric", "eval/default/pir/restored_pir/psnr", "--per-image"])  # fmt: skip
     assert compare.exit_code == 0, compare.output
-    assert "per image, against eval-other" in compare.output
+    assert f"per image, against eval-{tmp_path.name}/other" in compare.output
     rows = {}
     for name in ("first", "second"):
         for line in csv.DictReader((tmp_path / name / "eval_images.csv").read_text().splitlines()):
@@ -387,7 +421,7 @@ def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint,
     assert [cell.strip() for cell in line.split("│")[6:9]] == [str(above), str(below), "4"], line
     # one eval run alone has nothing to be compared with
     alone = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
-                                "--filter", "tags.mlflow.runName = 'eval-model'", "--per-image"])  # fmt: skip
+                                "--filter", f"tags.mlflow.runName = 'eval-{path.parent.name}/model'", "--per-image"])  # fmt: skip
     assert alone.exit_code == 2 and "1 of the runs shown logged eval_images.csv" in alone.stderr
     # an evaluation by corruption since (README's order): it has no value for the metric, so the two checkpoints'
     # default tables are still what is compared, not the newest run
@@ -398,7 +432,7 @@ def test_runs_compare_per_image_pairs_two_checkpoints_image_by_image(checkpoint,
     again = runner.invoke(app, ["runs", "compare", "--experiment", "unirestore-eval", "--tracking-uri", uri,
                                 "--metric", "eval/default/pir/restored_pir/psnr", "--per-image"])  # fmt: skip
     assert again.exit_code == 0, again.output
-    assert "per image, against eval-other" in again.output
+    assert f"per image, against eval-{tmp_path.name}/other" in again.output
     line = next(text for text in again.output.splitlines() if "restored[pir]" in text and "psnr" in text)
     assert [cell.strip() for cell in line.split("│")[6:9]] == [str(above), str(below), "4"], line
 

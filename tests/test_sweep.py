@@ -4,12 +4,14 @@ stage-1 checkpoint built once with the engine, trials of a few steps each."""
 import copy
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from unirestore.framework.cli import app
+from unirestore.framework.compare import compare_runs
 from unirestore.framework.config import RunConfig, dump_yaml, load_run_config
 from unirestore.framework.sweep import (
     CAPPED_GAP,
@@ -20,6 +22,7 @@ from unirestore.framework.sweep import (
     parse_ranges,
     sweep_beta,
     sweep_extend,
+    sweep_run_name,
     task_gaps,
 )
 
@@ -101,6 +104,12 @@ def test_parse_ranges_and_grid():
         parse_ranges("pir=1,pir=2")
     assert _log_grid(0.01, 1.0, 3) == [0.01, 0.1, 1.0]
     assert _log_grid(0.5, 0.5, 4) == [0.5]
+
+
+def test_the_sweeps_run_is_named_after_its_folder_once():
+    assert sweep_run_name("beta", Path("runs/sweep-beta")) == "sweep-beta"  # the default folder
+    assert sweep_run_name("beta", Path("runs/sweep-beta-2")) == "sweep-beta-2"
+    assert sweep_run_name("extend", Path("runs/b1")) == "sweep-extend-b1"
 
 
 def test_objective_normalises_by_the_lq_hq_gap():
@@ -267,6 +276,22 @@ def test_beta_sweep_writes_best_config_and_nested_mlflow_runs(ray_cluster, sourc
         params, metrics = set(run.data.params), set(run.data.metrics)
         assert {"sweep.beta.pir", "sweep.beta.seg", "sweep.beta.cls", "stages", "beta"} <= params
         assert {"sweep/objective", "stage2/loss_total"} <= metrics
+        assert run.info.run_name.startswith(f"{parent.info.run_name}-")  # the trials of this sweep, not another's
+        # a trial the scheduler stopped, at the last validation too, has no test table: it says so
+        trial = next(trial for trial in result.trials if trial.run_id == run.info.run_id)
+        assert ("test/pir/restored/psnr" not in metrics) == trial.stopped_early
+        assert (run.data.tags.get("unirestore.stopped_early") == "true") == trial.stopped_early
+    # The parent: named after its folder (`beta`), its settings as the command line and the trials write them,
+    # the base config, and a tag of its own, so that filtering on the trials' tag lists the trials alone
+    assert parent.info.run_name == "sweep-beta-beta"
+    assert parent.data.params["tasks"] == "pir,seg,cls"
+    assert parse_ranges(parent.data.params["ranges"]) == {"pir": (0.1, 10.0), "seg": (0.5, 50.0), "cls": (0.5, 50.0)}
+    assert parent.data.tags["unirestore.sweep_parent"] == "beta" and "unirestore.sweep" not in parent.data.tags
+    artifacts = {artifact.path for artifact in client.list_artifacts(parent.info.run_id)}
+    assert {"config.json", "results.json", "best.yaml", "objective.png"} <= artifacts
+    trials = compare_runs(config.tracking_uri, config.experiment, filter_string="tags.`unirestore.sweep` = 'beta'")
+    assert set(trials.run_ids) == {trial.run_id for trial in result.trials}
+    assert "stage2/val/pir/restored/psnr" in trials.metrics  # what the trials share (the parent has none of it)
 
     timing = result.timing
     assert 0 < timing.trial_seconds <= timing.wall_seconds

@@ -13,6 +13,9 @@ Run folder (`config.output`):
         config.yaml
     stage1.safetensors  stage2.safetensors  stage3-<task>.safetensors     the final checkpoint of each stage
     grids/<stage>-<task>.png     before/after grids (LQ | restored | HQ)
+    final/stage2/  final/stage3-<task>/     the final table of that checkpoint as `unirestore eval` writes
+                                 its own (eval.md, .csv, .json, each test image's values in eval_images.csv,
+                                 eval_gains.png)
     .lock                        held by the training using the folder (a second one stops)
 """
 
@@ -33,7 +36,7 @@ import torch
 from ..background import BackgroundJob, train_builtin_models
 from ..checkpoint import CheckpointError, extension_problem, load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
-from ..evaluate import EvalTable, evaluate, save_grids
+from ..evaluate import EvalReport, EvalTable, evaluate, save_grids
 from ..files import atomic_write_text
 from ..model import UniRestore
 from ..prior import load_prior
@@ -461,7 +464,10 @@ class _Run:
         distributed.barrier()
         return final
 
-    def final_evaluation(self, model: UniRestore, tasks: dict, title: str) -> EvalTable | None:
+    def final_evaluation(self, model: UniRestore, tasks: dict, title: str, checkpoint: Path) -> EvalTable | None:
+        """The test table of `checkpoint`: printed, logged as metrics (`test/<task>/<input>/<metric>`), written
+        to `final/<checkpoint>/` as `eval` writes its tables (each test image's values and their gains plot
+        included) and logged under final/, with the before/after grids."""
         if not self.distributed.main:
             return None
         config = self.config
@@ -476,8 +482,14 @@ class _Run:
         grids += save_grids(table, self.output / "grids", "final-worse", which="worse")  # where it hurt most
         for path in grids:
             self.tracker.log_artifact(path, "grids")
+        report = EvalReport.from_table(table, str(checkpoint))
+        report.grids = grids  # named in eval.md
+        folder = self.output / "final" / checkpoint.stem  # a run folder's `task add`s evaluate there too
+        for path in report.write(folder):
+            self.tracker.log_artifact(path, "final")
         if self.console is not None:
             self.console.print(table.rich_table(title=title))
+            self.console.print(f"table and each test image's values: {folder}")
             self.console.print(f"before/after grids: {self.output / 'grids'} (final-worse-*: below their LQ)")
             self.console.print(f"metric curves: {self.output / 'curves'}")
         return table
@@ -617,7 +629,25 @@ def _params(config: RunConfig, stages: str, tasks: Sequence[str], world_size: in
         "decoder_input": train_config.decoder_input,
         "precision": train_config.precision,
         "seed": train_config.seed,
+        **_config_params(config),
     }
+
+
+# Settings that are MLflow's own (where and under what name the run is tracked), or params above already.
+_NOT_PARAMS = {"tracking_uri", "experiment", "run_name", "output", "tasks", "prior", "data"}
+
+
+def _config_params(config: RunConfig) -> dict[str, str]:
+    """Every other setting of the resolved config under its `--set` name (`model.use_tfa`,
+    `train.eval_samples`): runs that differ in any of them (an ablation, a larger test set) show it in a
+    column of their own and can be filtered on, which config.json alone does not allow."""
+
+    def text(value) -> str:
+        if isinstance(value, list):
+            return ",".join(map(str, value))
+        return json.dumps(value, sort_keys=True) if isinstance(value, dict) else str(value)
+
+    return {key: text(value) for key, value in _flatten(to_dict(config)).items() if key not in _NOT_PARAMS}
 
 
 def _stage_list(stages: Iterable[int]) -> tuple[int, ...]:
@@ -674,7 +704,8 @@ def train(
         _check_held_out_data(build_tasks(config, names, torch.device("cpu"), size))
         _check_downstream(config, names, size)
     label = ",".join(str(s) for s in chosen)
-    tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior}
+    tags = {"unirestore.stages": label, "unirestore.tasks": ",".join(names), "unirestore.prior": config.prior,
+            "unirestore.output": str(output)}  # fmt: skip
     params = _params(config, label, names, distributed.world_size)
     with run_folder_lock(output, distributed.main):
         _check_folder(output, model_stages, resume)  # again, now that no other run can start here
@@ -875,7 +906,7 @@ def _run_stages(
             model.config = replace(model.config, **stage2_model)
         final = run.run_stage(stage2(names), model, tasks, resume, trained_prompts=list(names))
     table = run.final_evaluation(
-        model, tasks, title=f"UniRestore after stage {max(chosen)}: {', '.join(names)}"
+        model, tasks, title=f"UniRestore after stage {max(chosen)}: {', '.join(names)}", checkpoint=final
     )
     metrics = {**run.last_terms, **(table.flat() if table else {})}
     return TrainResult(checkpoint=final, metrics=metrics, run_id=run.tracker.run_id, table=table)
@@ -925,9 +956,12 @@ def add_task(
     tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
     _check_held_out_data(tasks)
     _prepare(tasks, distributed)
+    source = str(Path(metadata["path"]).resolve())  # named as given, it would be read from another folder later
     tags = {"unirestore.stages": "3", "unirestore.tasks": task, "unirestore.prior": metadata["prior"]["name"],
-            "unirestore.source": metadata["path"]}  # fmt: skip
-    params = {**_params(config, "3", [task], distributed.world_size), "source": metadata["path"]}
+            "unirestore.source": source, "unirestore.output": str(output)}  # fmt: skip
+    if metadata["extra"].get("run_id"):  # the run that trained the source checkpoint
+        tags["unirestore.source_run"] = metadata["extra"]["run_id"]
+    params = {**_params(config, "3", [task], distributed.world_size), "source": source}
     with run_folder_lock(output, distributed.main):
         _check_folder(output, [stage.name], resume)  # again, now that no other run can start here
         tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
@@ -941,7 +975,7 @@ def add_task(
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; adding '{task}' anew")
             _note_training_images_in_test(run, config, [task])
             final = run.run_stage(stage, model, tasks, resume, trained_prompts=[*trained, task])
-            table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added")
+            table = run.final_evaluation(model, tasks, title=f"UniRestore with '{task}' added", checkpoint=final)
             status = "FINISHED"
             metrics = {**run.last_terms, **(table.flat() if table else {})}
             return TrainResult(checkpoint=final, metrics=metrics, run_id=tracker.run_id, table=table)

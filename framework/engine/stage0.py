@@ -127,6 +127,8 @@ def _loop(
     module.train()
     module.requires_grad_(True)
     last: dict[str, float] = {}
+    sums: dict[str, float] = {}  # since the last log: what is logged is the mean, as the other stages log it
+    count, window = 0, time.perf_counter()
     columns = (TextColumn(f"[bold]stage 0 {name}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} steps/s"), TimeRemainingColumn(), TextColumn("{task.fields[loss]}"))  # fmt: skip
     started = time.perf_counter()
@@ -145,8 +147,16 @@ def _loop(
             optimizer.step()
             schedule.step()
             last = {key: float(value.detach()) for key, value in terms.items()}
+            for key, value in {**last, "stage0/loss_total": float(loss.detach())}.items():
+                sums[key] = sums.get(key, 0.0) + value
+            count += 1
             if step % 50 == 0 or step == steps:
-                log(last, offset + step)
+                # the names stages 1 to 3 log too (`<stage>/loss_total`, `/lr`, `/steps_per_second`), so that
+                # stage 0's curves and MLflow columns read as theirs; one step axis for the VAE, then the UNet
+                seconds = time.perf_counter() - window
+                log({**{key: value / count for key, value in sums.items()}, "stage0/lr": schedule.get_last_lr()[0],
+                     "stage0/steps_per_second": count / max(seconds, 1e-9)}, offset + step)  # fmt: skip
+                sums, count, window = {}, 0, time.perf_counter()
             rate = step / (time.perf_counter() - started)
             bar.update(task, completed=step, rate=f"{rate:.1f}", loss=f"loss {float(loss.detach()):.4f}")
     module.eval()

@@ -2,11 +2,13 @@
 or a notebook that has its own run is left alone).
 
 Every `unirestore train` / `task add` call is one MLflow run holding: the resolved config (`config.json`),
-params (stage, tasks, β, prior, steps, batch), per-step loss terms and learning rate, periodic validation
-metrics, before/after image grids (LQ | restored | HQ) and the final checkpoints as artifacts, and tags for
-the stages, tasks and prior. A sqlite store keeps its artifacts in `mlartifacts/` beside its database file,
-shared by every run of every experiment (each under its own run id): deleting one run folder takes nothing of
-another run's with it.
+params (stages, tasks, β, prior, steps, batch, the learning rates as scaled, and every config setting under
+its `--set` name), per-step loss terms, learning rate and speed of each stage (stage 0's too), periodic
+validation metrics, the final table's metrics, before/after image grids (LQ | restored | HQ), metric curves
+and the final checkpoints as artifacts, and tags for the stages, tasks, prior and run folder (`task add`:
+the source checkpoint and the run that trained it). A sqlite store keeps its artifacts in `mlartifacts/`
+beside its database file, shared by every run of every experiment (each under its own run id): deleting one
+run folder takes nothing of another run's with it.
 `Tracker(enabled=False)` (non-zero DDP ranks) does nothing.
 """
 
@@ -119,8 +121,8 @@ class Tracker:
 
         existing = self.client.get_run(self.run_id).data.params
         fresh = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in existing]
-        if fresh:
-            self.client.log_batch(self.run_id, params=fresh)
+        for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
+            self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if not (self.enabled and self.run_id and metrics):
