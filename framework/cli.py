@@ -474,7 +474,7 @@ def task_list(
         from rich.markup import escape
         from rich.table import Table
 
-        from .registry import broken_plugins, get_task_class, known_tasks, task_source
+        from .registry import broken_plugins, get_task_class, known_tasks, task_source, unimported_task_files
 
         holders: dict[str, list[str]] = {}
         if output.is_dir():
@@ -506,6 +506,9 @@ def task_list(
         console.print(f"data-config dataset types: {escape(', '.join(types))}", highlight=False)
         for plugin, problem in broken_plugins().items():
             console.print(f"[yellow]plugin {plugin} failed to load:[/yellow] {problem}")
+        for path in unimported_task_files():
+            console.print(f"[yellow]{path} is not imported in tasks/__init__.py:[/yellow] its tasks are not "
+                          "registered; add it to the import there")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------

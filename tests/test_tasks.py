@@ -278,6 +278,28 @@ def test_unknown_task_lists_the_known_ones():
     assert "det (detection)" in message and "seg (segmentation)" in message
 
 
+def test_a_file_in_tasks_that_is_not_imported_is_named_in_the_lookup_error(monkeypatch, tmp_path):
+    """A task file dropped into tasks/ without its import in tasks/__init__.py registered nothing, and looking
+    its task up said only "unknown task"."""
+    import unirestore.tasks
+
+    for name in ("pir.py", "base.py", "edges.py"):
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(unirestore.tasks, "__path__", [str(tmp_path)])
+    assert registry.unimported_task_files() == ["tasks/edges.py"]  # pir is imported; base holds no task
+    with pytest.raises(UnknownTaskError, match=r"tasks/edges.py not imported in tasks/__init__.py.*add it there"):
+        get_task_class("edges")
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    listing = CliRunner().invoke(app, ["task", "list", "--output", str(tmp_path / "runs")])
+    assert listing.exit_code == 0, listing.output
+    assert "tasks/edges.py is not imported in tasks/__init__.py: its tasks are not registered" in " ".join(
+        listing.stdout.split()
+    )
+
+
 def test_aliases_resolve_to_the_registered_name():
     assert registry.resolve_task_name("detection") == "det"
     assert get_task_class("classification") is get_task_class("cls")
