@@ -541,7 +541,7 @@ def build_task_data(
     """
     from dataclasses import replace
 
-    from .data.config import DatasetEntry, build_task_dataset
+    from .data.config import DATASET_TYPES, DatasetEntry, build_task_dataset, dataset_options
     from .data.io import DataError
 
     entries, degradation, config_seed = task_entries(data, task)
@@ -551,7 +551,14 @@ def build_task_data(
                 f"task '{task}' has no built-in data; give a data config (--data) that lists its datasets "
                 f"under tasks.{task}"
             )
-        entries = [DatasetEntry(type=builtin_type, options={"length": length or BUILTIN_LENGTHS[split]})]
+        if builtin_type not in DATASET_TYPES:
+            raise DataError(
+                f"task '{task}': its builtin_type {builtin_type!r} is not a dataset type; register it with "
+                f"register_dataset_type (valid: {', '.join(DATASET_TYPES)})"
+            )
+        # a task's own generated type may have no `length` (a fixed set drawn in memory, say)
+        options = {"length": length or BUILTIN_LENGTHS[split]} if "length" in dataset_options(builtin_type) else {}
+        entries = [DatasetEntry(type=builtin_type, options=options)]
     elif getattr(data, "size", 0) != 0:  # the data config's own crop side (None: full images)
         size = data.size
     if degradation_override is not None:

@@ -154,6 +154,53 @@ def test_prepare_force_retrains(tmp_path):
     assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 2
 
 
+def test_a_task_may_generate_its_own_built_in_data(monkeypatch):
+    """`builtin_type` naming a generated dataset type of the task's own: it was built with a `length` its
+    constructor may not take (a TypeError), and a type never registered failed with a KeyError."""
+    from unirestore.framework.data import config as data_config
+    from unirestore.framework.data.io import DataError
+    from unirestore.framework.data.sample import make_sample
+
+    monkeypatch.setattr(data_config, "DATASET_TYPES", dict(data_config.DATASET_TYPES))
+
+    @data_config.register_dataset_type("blobs")
+    class Blobs(torch.utils.data.Dataset):  # a fixed set drawn in memory: no `length`
+        sample_keys = ("hq", "blob")
+
+        def __init__(self, split="train", size=64, seed=0):
+            self.images = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            image = self.images[index]
+            return {**make_sample(image), "blob": image.mean(dim=0, keepdim=True)}
+
+    @data_config.register_dataset_type("endless_blobs")
+    class EndlessBlobs(Blobs):
+        def __init__(self, split="train", size=64, seed=0, length=3):
+            super().__init__(split, size, seed)
+            self.length = length
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, index):
+            return super().__getitem__(index % 5)
+
+    class BlobTask(Task):
+        name, builtin_type, sample_keys = "blobs", "blobs", ("hq", "lq", "blob")
+
+    test = BlobTask(TaskContext(size=32)).dataset("test")
+    assert len(test) == 5 and test[0]["lq"].shape == (3, 32, 32) and test[0]["blob"].shape == (1, 32, 32)
+    BlobTask.builtin_type = "endless_blobs"  # one that takes a length gets the built-in data's
+    assert len(BlobTask(TaskContext(size=32)).dataset("val")) == downstream.BUILTIN_LENGTHS["val"]
+    BlobTask.builtin_type = "never_registered"
+    with pytest.raises(DataError, match="builtin_type 'never_registered' is not a dataset type; register it"):
+        BlobTask(TaskContext(size=32)).dataset("train")
+
+
 def test_pir_loss_is_selectable(tasks):
     batch = _batch(tasks["pir"])
     pir = get_task_class("pir")
