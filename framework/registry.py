@@ -147,6 +147,14 @@ def task_key(name: str) -> str:
     return _ALIASES.get(name, name)
 
 
+def lower_is_better(task: str, metric: str) -> bool:
+    """True when `task` declares `metric` lower-better (`Task.lower_is_better`); False for a task not
+    registered here (a plugin no longer installed, named in an old run's records)."""
+    load_tasks()
+    cls = _TASKS.get(_ALIASES.get(task, task))
+    return cls is not None and metric in getattr(cls, "lower_is_better", ())
+
+
 def get_task_class(name: str) -> type:
     return _TASKS[resolve_task_name(name)]
 

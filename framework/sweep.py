@@ -245,19 +245,23 @@ def primary_metric(task: str) -> str:
 
 def task_gaps(baseline: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Mapping[str, str],
               gaps: Mapping[str, float] | None = None) -> dict[str, float]:  # fmt: skip
-    """The LQ→HQ gap of each task's primary metric; `gaps` overrides; a capped PSNR row gets CAPPED_GAP."""
+    """The LQ→HQ gap of each task's primary metric; `gaps` overrides; a capped PSNR row gets CAPPED_GAP. A
+    metric the task declares lower-better (an error) has a negative gap, so that a gain is still positive: a
+    measured one is so already, and a given size or the raw-difference fallback is negated."""
     from .metrics import PSNR_CAP_DB
+    from .registry import lower_is_better
 
     result = {}
     for task, metric in metrics.items():
+        sign = -1.0 if lower_is_better(task, metric) else 1.0
         if gaps and task in gaps:
-            result[task] = float(gaps[task])
+            result[task] = sign * float(gaps[task])
             continue
         lq, hq = baseline[task]["lq"][metric], baseline[task]["hq"][metric]
         if metric == "psnr" and hq >= PSNR_CAP_DB - 1e-6:
             result[task] = CAPPED_GAP
         elif abs(hq - lq) < 1e-6:  # a downstream model that cannot tell clean from degraded: raw difference
-            result[task] = 1.0
+            result[task] = sign
         else:
             result[task] = hq - lq
     return result

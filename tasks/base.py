@@ -71,8 +71,12 @@ class Task:
     loss_weights: ClassVar[dict[str, float]] = {}
     # Default β of the task in the stage-2 total (Eq. 5/6).
     default_beta: ClassVar[float] = 1.0
-    # Metric names the evaluator returns; the first is the task's primary metric (higher is better).
+    # Metric names the evaluator returns; the first is the task's primary metric (the sweeps' objective).
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # Metrics where lower is better (an error or a distance: "mae", "abs_rel"), among `metric_names` and the
+    # per-image values; every other one is higher-better. `runs compare` marks their lowest value best, and
+    # `eval` counts and draws an image whose value rose above LQ's as one the restoration made worse.
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
     # Add the unweighted L1 between the PIR-prompt output and the clean image for this task's samples.
     anchor_to_pir: ClassVar[bool] = False
     # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`, or
