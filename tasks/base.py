@@ -29,7 +29,8 @@ class TaskContext:
     size: int = 64
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    # Cache folder for built-in downstream models (UNIRESTORE_HOME/downstream by default).
+    # Cache folder for built-in downstream models; None: UNIRESTORE_HOME/downstream
+    # (`framework.downstream.downstream_home(home)` resolves it).
     home: Path | None = None
     # Local checkpoints of real downstream models, by model name (e.g. {"resnet50": "/ckpt/r50.pth"}).
     checkpoints: dict[str, str] = field(default_factory=dict)
@@ -108,7 +109,11 @@ class Task:
         return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def downstream(self) -> nn.Module | None:
-        """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
+        """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached; the
+        engine calls `prepare()` first. Frozen for good: a network of your own wrapped in
+        `framework.downstream.FrozenNetwork` stays in eval mode whatever module holds it, with no parameter
+        gradients. Real checkpoints come from `context.checkpoints` (`--set downstream_checkpoints.KEY=PATH`;
+        `framework.downstream.checkpoint_path` names the key to set when it is missing)."""
         return None
 
     def _builtin(self) -> bool:
@@ -119,7 +124,11 @@ class Task:
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Before a run starts: build, load or check what the task needs (its downstream models), so that a
-        missing checkpoint stops the run at once. Nothing by default."""
+        missing checkpoint stops the run at once. Nothing by default. `train`, `task add`, `eval`, sweep trials
+        and `downstream train` call it before `losses`, `evaluator` or `downstream` are used; `force` (from
+        `downstream train --force`) rebuilds a cached model, `steps` is a training budget (None: your default).
+        A model of your own that trains here caches under `framework.downstream.downstream_home(context.home)`
+        (UNIRESTORE_HOME/downstream), in a file named after what it depends on (the crop size, the data)."""
 
     def builtin_specs(self) -> list:
         """The built-in downstream models `prepare` trains and caches for this run (none with real data).
