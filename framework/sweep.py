@@ -618,17 +618,18 @@ def _check_common(
 
 def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     """Before Ray starts: the data config and its roots, the validation sets the trials are scored on, and
-    the real downstream models the tasks load (the size only sets the detector's input side and the crops,
-    which the checks do not depend on)."""
+    the real downstream models the tasks load, at the trials' crop size (a task plugin's `prepare` may train
+    and cache a model of its own for that size, which the trials then find)."""
     import torch
     from rich.markup import escape
 
     from .console import make_console
     from .data.config import training_images_in_test
     from .engine import _check_data, _check_downstream, _check_held_out_data, _data_config, build_tasks
+    from .prior import prior_native_size
 
     _check_data(config, list(tasks))
-    size = config.train.crop_size or 512
+    size = config.train.crop_size or prior_native_size(config.prior)  # the configs alone: no weights are read
     _check_held_out_data(build_tasks(config, list(tasks), torch.device("cpu"), size), splits=("val",))
     _check_downstream(config, list(tasks), size)
     data = _data_config(config)
