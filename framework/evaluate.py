@@ -334,8 +334,11 @@ def evaluate(
             table.counts[task.name] = len(every_index)  # the images scored (unreadable ones left out)
             late_rows = set()
             for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
-                late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
-                if late:
+                late = getattr(evaluator, "per_image", lambda: None)()
+                if late and per_image[row]:  # both kinds (an MAE per batch, an F at the set's threshold): one row
+                    for values, more in zip(per_image[row], _image_rows(every_name, late), strict=True):
+                        values.update(more)
+                elif late:
                     per_image[row] = _image_rows(every_name, late)
                     late_rows.add(row)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}

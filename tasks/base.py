@@ -49,7 +49,9 @@ class Evaluator:
     for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric whose per-image
     values need the whole set (a retrieval query's hit needs every other image), or are costly to compute
     per batch (each image's own mAP), gives them from `per_image()` after the last update instead,
-    {metric: (N,) tensor} in update order (NaN: not scored). None from both: no per-image values.
+    {metric: (N,) tensor} in update order (NaN: not scored); values of both kinds join in one row per image,
+    the batch ones first. None from both: no per-image values. The first per-image metric is the one eval's
+    summary (on how many images a prompt beat LQ) and its worse-than-LQ grid go by.
     """
 
     def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor] | None:

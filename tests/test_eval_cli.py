@@ -376,6 +376,37 @@ def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorat
     assert not torch.equal(restored_kept, lq_kept)
 
 
+def test_per_image_values_of_both_kinds_land_in_one_row_per_image():
+    """An evaluator with a value per batch (an MAE) and one that needs the whole set (an F-measure at the set's
+    best threshold): the second was dropped without a word."""
+    from unirestore.framework.evaluate import evaluate
+
+    hq = torch.rand(5, 3, 16, 16)
+    lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
+
+    class Both:
+        def __init__(self):
+            self.errors = []
+
+        def update(self, images, batch):
+            self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
+            return {"mae": self.errors[-1]}
+
+        def compute(self):
+            return {"mae": float(torch.cat(self.errors).mean())}
+
+        def per_image(self):
+            errors = torch.cat(self.errors)
+            return {"rank": errors.argsort().argsort().float()}  # known once every image is seen
+
+    table = evaluate(_FakeModel(["sal"], lambda images, generator: images), [_fake_task("sal", hq, lq, Both)],
+                     samples=5, batch_size=2, inputs=("lq", "restored"))  # fmt: skip
+    rows = table.images["sal"]["lq"]
+    assert [list(row) for row in rows] == [["image", "mae", "rank"]] * 5
+    errors = torch.tensor([row["mae"] for row in rows])
+    assert [row["rank"] for row in rows] == errors.argsort().argsort().float().tolist()
+
+
 def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):
     folder, path = checkpoint
     scores = {}
