@@ -482,7 +482,7 @@ def task_list(
         from rich.markup import escape
         from rich.table import Table
 
-        from .registry import broken_plugins, get_task_class, known_tasks, task_source
+        from .registry import broken_plugins, get_task_class, known_tasks, task_source, unimported_task_files
 
         holders: dict[str, list[str]] = {}
         if output.is_dir():
@@ -514,6 +514,9 @@ def task_list(
         console.print(f"data-config dataset types: {escape(', '.join(types))}", highlight=False)
         for plugin, problem in broken_plugins().items():
             console.print(f"[yellow]plugin {plugin} failed to load:[/yellow] {problem}")
+        for path in unimported_task_files():
+            console.print(f"[yellow]{path} is not imported in tasks/__init__.py:[/yellow] its tasks are not "
+                          "registered; add it to the import there")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -689,8 +692,10 @@ def downstream_train(
     force: Annotated[bool, typer.Option("--force", help="Retrain even when a cached model exists.")] = False,
     config: ConfigOption = None,
     set_: SetOption = None,
+    data: DataOption = None,
 ) -> None:
-    """Train (or load from the cache) a task's built-in downstream model."""
+    """Train (or load from the cache) a task's built-in downstream model; with real data, check that its
+    checkpoints load (a task plugin's `prepare` may train its own model on the data config's training set)."""
     with _errors():
         from .engine import build_tasks
         from .engine.trainer import resolve_device
@@ -698,7 +703,8 @@ def downstream_train(
         from .registry import resolve_task_name
 
         task = resolve_task_name(task)
-        run_config = _build_config(config, list(set_ or []))
+        # a task without built-in data is told to give --data: the option must exist here too
+        run_config = _build_config(config, ([f"data={data}"] if data is not None else []) + list(set_ or []))
         size = run_config.train.crop_size or prior_native_size(run_config.prior)
         built = build_tasks(run_config, [task], resolve_device(run_config.train.device), size)[task]
         from ..tasks.base import Task

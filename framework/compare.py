@@ -11,7 +11,8 @@ from .plots import panels, save
 
 # As the runs log them: `stages` of train and task add, `steps` of a sweep.
 KEY_PARAMS = ("stages", "tasks", "beta", "prior", "steps")
-# Metrics where lower is better (a part of the name that starts so); every other is taken as higher-better.
+# Metrics where lower is better (a part of the name that starts so), besides those a task declares
+# (`Task.lower_is_better`); every other is taken as higher-better.
 LOWER_IS_BETTER_PREFIXES = ("loss", "lpips", "time", "seconds")
 
 
@@ -31,9 +32,20 @@ class Comparison:
         return value is not None and self.best.get(metric) is not None and value == self.best[metric]
 
 
-def _lower_is_better(metric: str) -> bool:
+def _named_lower(metric: str) -> bool:
     """A loss at any level of the name (loss/cfrm, stage2/loss_total), a time, an LPIPS."""
     return any(part.startswith(LOWER_IS_BETTER_PREFIXES) for part in metric.split("/"))
+
+
+def _lower_is_better(metric: str) -> bool:
+    """`_named_lower`, or a metric its task declares lower-better (a saliency MAE) under a key that names the
+    task: test/sal/restored/mae, eval/default/sal/restored_sal/mae, stage3-sal/val/sal/restored/mae."""
+    if _named_lower(metric):
+        return True
+    from .registry import get_task_class, known_tasks
+
+    named = set(known_tasks()) & set(metric.split("/")[:-1])
+    return any(metric.endswith(f"/{name}") for task in named for name in get_task_class(task).lower_is_better)
 
 
 def _local_store(tracking_uri: str) -> Path | None:
@@ -112,10 +124,10 @@ def compare_runs(
                 f"no run has metric(s) {', '.join(missing)}; metrics present: {', '.join(sorted(metric_columns))}"
             )
         chosen = list(metrics)
-    else:  # the metrics every run has, losses and learning rates left out
+    else:  # the metrics every run has, losses, times and learning rates left out (a task's MAE stays)
         chosen = sorted(
             m for m in metric_columns
-            if not _lower_is_better(m) and m.rsplit("/", 1)[-1] not in ("lr", "step") and frame[f"metrics.{m}"].notna().all()
+            if not _named_lower(m) and m.rsplit("/", 1)[-1] not in ("lr", "step") and frame[f"metrics.{m}"].notna().all()
         )  # fmt: skip
         if not chosen:
             raise CompareError(

@@ -22,7 +22,8 @@ Two sources:
   `UNIRESTORE_DOWNSTREAM_STEPS` overrides every built-in model's number of training steps (tests use it).
 
 `freeze` puts a model in eval mode with `requires_grad` off; the wrappers keep eval mode even when a
-parent module is put in train mode, so BatchNorm statistics and dropout never move.
+parent module is put in train mode, so BatchNorm statistics and dropout never move. `FrozenNetwork` does
+both for a network of a task plugin's own.
 """
 
 from __future__ import annotations
@@ -67,6 +68,19 @@ class _Frozen(nn.Module):
 
     def train(self, mode: bool = True) -> _Frozen:
         return super().train(False)
+
+
+class FrozenNetwork(_Frozen):
+    """Any network frozen for a task's loss and metric (a task plugin's own model): eval mode that a parent's
+    `train()` does not undo, no parameter gradients (they still flow to the inputs); `forward` is the
+    network's."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = freeze(network)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.network(*args, **kwargs)
 
 
 class _ImageModel(_Frozen):
@@ -541,7 +555,7 @@ def build_task_data(
     """
     from dataclasses import replace
 
-    from .data.config import DatasetEntry, build_task_dataset
+    from .data.config import DATASET_TYPES, DatasetEntry, build_task_dataset, dataset_options
     from .data.io import DataError
 
     entries, degradation, config_seed = task_entries(data, task)
@@ -551,7 +565,14 @@ def build_task_data(
                 f"task '{task}' has no built-in data; give a data config (--data) that lists its datasets "
                 f"under tasks.{task}"
             )
-        entries = [DatasetEntry(type=builtin_type, options={"length": length or BUILTIN_LENGTHS[split]})]
+        if builtin_type not in DATASET_TYPES:
+            raise DataError(
+                f"task '{task}': its builtin_type {builtin_type!r} is not a dataset type; register it with "
+                f"register_dataset_type (valid: {', '.join(DATASET_TYPES)})"
+            )
+        # a task's own generated type may have no `length` (a fixed set drawn in memory, say)
+        options = {"length": length or BUILTIN_LENGTHS[split]} if "length" in dataset_options(builtin_type) else {}
+        entries = [DatasetEntry(type=builtin_type, options=options)]
     elif getattr(data, "size", 0) != 0:  # the data config's own crop side (None: full images)
         size = data.size
     if degradation_override is not None:
@@ -893,7 +914,7 @@ BUILTIN_DEFAULTS: dict[str, dict[str, Any]] = {
 
 __all__ = [
     "BUILTIN_DEFAULTS", "BUILTIN_VERSION", "BuiltinSpec", "Classifier", "Detector", "DownstreamError", "Embedder",
-    "RetinaNetDetector", "Segmenter", "build_small_deeplab", "build_small_fcn", "build_small_resnet",
+    "FrozenNetwork", "RetinaNetDetector", "Segmenter", "build_small_deeplab", "build_small_fcn", "build_small_resnet",
     "build_small_retinanet", "build_small_vit", "build_task_data", "builtin_model", "builtin_spec",
     "checkpoint_path", "context_dataset", "context_is_builtin", "default_steps", "evaluate_clean", "freeze",
     "is_builtin", "load_real_classifier", "load_real_detector", "load_real_embedder", "load_real_segmenter",

@@ -266,8 +266,9 @@ def evaluate(
     `workers` DataLoader processes read and degrade the test images ahead of the restoration.
 
     With `lq` among the inputs, the `worse` images the task's own prompt restored furthest below their LQ,
-    on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt;
-    for values known only once the whole set is seen (a retrieval hit), those images are restored again.
+    on the task's first per-image metric, are kept (worst first) for a grid of what the restoration hurt
+    (furthest above their LQ for a metric in the task's `lower_is_better`, an error); for values known only
+    once the whole set is seen (a retrieval hit), those images are restored again.
     """
     task_list = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
     device = torch.device(device) if device is not None else next(model.cfrm.parameters()).device
@@ -291,6 +292,7 @@ def evaluate(
             restoring = list(dict.fromkeys(p for p in rows.values() if p is not None))
             own = next((row for row, prompt in rows.items() if prompt == task.name), None)
             evaluators = {row: task.evaluator() for row in rows}
+            lower = tuple(getattr(task, "lower_is_better", ()))  # metrics where lower is better
             per_image: dict[str, list[dict]] = {row: [] for row in rows}
             every_name: list[str] = []
             every_index: list[int] = []  # each scored image's index in the set (unreadable ones are left out)
@@ -317,6 +319,7 @@ def evaluate(
                         metric = next(iter(row_scores))
                         if scores.get("lq") and metric in scores["lq"]:
                             drops = row_scores[metric].float().cpu() - scores["lq"][metric].float().cpu()
+                            drops = -drops if metric in lower else drops  # an error that rose is a drop
                             for i in range(count):
                                 if drops[i] < 0:  # NaN (not scored) compares False
                                     triple = _for_grid(batch["lq"][i], restored[task.name][i], batch["hq"][i])
@@ -331,14 +334,17 @@ def evaluate(
             table.counts[task.name] = len(every_index)  # the images scored (unreadable ones left out)
             late_rows = set()
             for row, evaluator in evaluators.items():  # values that need the whole set (a retrieval hit)
-                late = getattr(evaluator, "per_image", lambda: None)() if not per_image[row] else None
-                if late:
+                late = getattr(evaluator, "per_image", lambda: None)()
+                if late and per_image[row]:  # both kinds (an MAE per batch, an F at the set's threshold): one row
+                    for values, more in zip(per_image[row], _image_rows(every_name, late), strict=True):
+                        values.update(more)
+                elif late:
                     per_image[row] = _image_rows(every_name, late)
                     late_rows.add(row)
             table.images[task.name] = {row: values for row, values in per_image.items() if values}
             if own in late_rows and "lq" in late_rows and worse:
                 losses = _replay_worse(model, dataset, restoring, task.name, per_image[own], per_image["lq"],
-                                       every_index, seed, worse, tile_size, device)  # fmt: skip
+                                       every_index, seed, worse, tile_size, device, lower)  # fmt: skip
             if kept:
                 table.examples[task.name] = _stack_padded(kept)
             if losses:
@@ -349,14 +355,16 @@ def evaluate(
 
 
 def _replay_worse(model, dataset, prompts, task, restored_rows, lq_rows, indices, seed, worse, tile_size,
-                  device) -> list[tuple[float, int, tuple]]:
+                  device, lower=()) -> list[tuple[float, int, tuple]]:
     """The `worse` images restored furthest below their LQ, worst first, as (restored − LQ, index, triple),
     for values known only once the whole set is seen (a retrieval hit, an image's detection mAP): the images
-    are gone by then, so they are read and restored again, each from its own noise (the same restoration)."""
+    are gone by then, so they are read and restored again, each from its own noise (the same restoration).
+    A metric in `lower` (lower is better) counts the images restored furthest above their LQ, as LQ − restored."""
     from .data.sample import collate
 
     metric = next(key for key in restored_rows[0] if key != "image")
-    drops = [(restored[metric] - lq[metric], index) for index, restored, lq in zip(indices, restored_rows, lq_rows)]
+    sign = -1.0 if metric in lower else 1.0  # an error that rose is a drop
+    drops = [(sign * (restored[metric] - lq[metric]), index) for index, restored, lq in zip(indices, restored_rows, lq_rows)]
     order = sorted((drop, i) for drop, i in drops if drop < 0)[:worse]  # NaN (not scored) compares False
     triples = []
     for _, i in order:
@@ -464,15 +472,21 @@ class EvalReport:
 
     def improved(self) -> list[str]:
         """Per task and restored row, on how many images the first per-image metric beats LQ, and the two-sided
-        sign test's p-value of that split (ties left out): how likely so uneven a split is by chance alone."""
+        sign test's p-value of that split (ties left out): how likely so uneven a split is by chance alone. A
+        metric the task declares lower-better (`Task.lower_is_better`) beats LQ below it."""
         from scipy.stats import binomtest
+
+        from .registry import lower_is_better
 
         lines = []
         for (corruption, task, row, metric), gains in self._gains().items():
             better, worse = sum(gain > 0 for gain in gains), sum(gain < 0 for gain in gains)
+            beats, loses = "above", "below"
+            if lower_is_better(task, metric):
+                (better, worse), (beats, loses) = (worse, better), (loses, beats)
             test = f" (sign test p = {binomtest(better, better + worse).pvalue:.2g})" if better + worse else ""
-            lines.append(f"{corruption}, {task}, {row}: {metric} above LQ on {better} of {len(gains)} images, "
-                         f"below on {worse}{test}")  # fmt: skip
+            lines.append(f"{corruption}, {task}, {row}: {metric} {beats} LQ on {better} of {len(gains)} images, "
+                         f"{loses} on {worse}{test}")  # fmt: skip
         return lines
 
     def _gains(self) -> dict[tuple[str, str, str, str], list[float]]:

@@ -106,11 +106,29 @@ def broken_plugins() -> dict[str, str]:
     return dict(_BROKEN)
 
 
+def unimported_task_files() -> list[str]:
+    """Modules in the `tasks/` folder that `tasks/__init__.py` does not import (`tasks/edges.py`): a file
+    dropped there registers nothing until it is imported, and a lookup of its task would only say
+    "unknown task"."""
+    import pkgutil
+
+    package = importlib.import_module("unirestore.tasks")
+    return [
+        f"tasks/{module.name}.py"
+        for module in pkgutil.iter_modules(package.__path__)
+        if not module.ispkg and module.name != "base" and f"{package.__name__}.{module.name}" not in sys.modules
+    ]
+
+
 def _known_listing() -> str:
     aliases: dict[str, list[str]] = {}
     for alias, name in sorted(_ALIASES.items()):
         aliases.setdefault(name, []).append(alias)
-    return ", ".join(f"{name} ({', '.join(aliases[name])})" if name in aliases else name for name in sorted(_TASKS))
+    listing = ", ".join(f"{name} ({', '.join(aliases[name])})" if name in aliases else name for name in sorted(_TASKS))
+    unimported = unimported_task_files()
+    if unimported:
+        listing += f" ({', '.join(unimported)} not imported in tasks/__init__.py, so not registered; add it there)"
+    return listing
 
 
 def resolve_task_name(name: str) -> str:
@@ -127,6 +145,14 @@ def task_key(name: str) -> str:
     such as `--beta detection=2`, which their own checks report when unknown)."""
     load_tasks()
     return _ALIASES.get(name, name)
+
+
+def lower_is_better(task: str, metric: str) -> bool:
+    """True when `task` declares `metric` lower-better (`Task.lower_is_better`); False for a task not
+    registered here (a plugin no longer installed, named in an old run's records)."""
+    load_tasks()
+    cls = _TASKS.get(_ALIASES.get(task, task))
+    return cls is not None and metric in getattr(cls, "lower_is_better", ())
 
 
 def get_task_class(name: str) -> type:

@@ -248,19 +248,23 @@ def primary_metric(task: str) -> str:
 
 def task_gaps(baseline: Mapping[str, Mapping[str, Mapping[str, float]]], metrics: Mapping[str, str],
               gaps: Mapping[str, float] | None = None) -> dict[str, float]:  # fmt: skip
-    """The LQ→HQ gap of each task's primary metric; `gaps` overrides; a capped PSNR row gets CAPPED_GAP."""
+    """The LQ→HQ gap of each task's primary metric; `gaps` overrides; a capped PSNR row gets CAPPED_GAP. A
+    metric the task declares lower-better (an error) has a negative gap, so that a gain is still positive: a
+    measured one is so already, and a given size or the raw-difference fallback is negated."""
     from .metrics import PSNR_CAP_DB
+    from .registry import lower_is_better
 
     result = {}
     for task, metric in metrics.items():
+        sign = -1.0 if lower_is_better(task, metric) else 1.0
         if gaps and task in gaps:
-            result[task] = float(gaps[task])
+            result[task] = sign * float(gaps[task])
             continue
         lq, hq = baseline[task]["lq"][metric], baseline[task]["hq"][metric]
         if metric == "psnr" and hq >= PSNR_CAP_DB - 1e-6:
             result[task] = CAPPED_GAP
         elif abs(hq - lq) < 1e-6:  # a downstream model that cannot tell clean from degraded: raw difference
-            result[task] = 1.0
+            result[task] = sign
         else:
             result[task] = hq - lq
     return result
@@ -617,17 +621,18 @@ def _check_common(
 
 def _check_inputs(config: RunConfig, tasks: Sequence[str]) -> None:
     """Before Ray starts: the data config and its roots, the validation sets the trials are scored on, and
-    the real downstream models the tasks load (the size only sets the detector's input side and the crops,
-    which the checks do not depend on)."""
+    the real downstream models the tasks load, at the trials' crop size (a task plugin's `prepare` may train
+    and cache a model of its own for that size, which the trials then find)."""
     import torch
     from rich.markup import escape
 
     from .console import make_console
     from .data.config import training_images_in_test
     from .engine import _check_data, _check_downstream, _check_held_out_data, _data_config, build_tasks
+    from .prior import prior_native_size
 
     _check_data(config, list(tasks))
-    size = config.train.crop_size or 512
+    size = config.train.crop_size or prior_native_size(config.prior)  # the configs alone: no weights are read
     _check_held_out_data(build_tasks(config, list(tasks), torch.device("cpu"), size), splits=("val",))
     _check_downstream(config, list(tasks), size)
     data = _data_config(config)

@@ -5,7 +5,9 @@ metric; the engine owns everything else. One task per file in `tasks/`, register
 The sample format every dataset yields (see `unirestore.framework.data`):
 `hq` (3, H, W) clean in [0, 1]; `lq` (3, H, W) degraded; and, by task, `label` (), `mask` (H, W) with 255
 ignored, `boxes` (N, 4) xyxy pixels and `box_labels` (N,). A collated batch stacks tensors and keeps
-`boxes` / `box_labels` as lists.
+`boxes` / `box_labels` as lists. A task's own dataset type may add keys of its own (`edges`, `saliency`): a
+(..., H, W) tensor of the image's size is cropped and resized with it (`framework/data/sample.py`); the task
+lists the keys it reads in `sample_keys`.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ class TaskContext:
     size: int = 64
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
-    # Cache folder for built-in downstream models (UNIRESTORE_HOME/downstream by default).
+    # Cache folder for built-in downstream models; None: UNIRESTORE_HOME/downstream
+    # (`framework.downstream.downstream_home(home)` resolves it).
     home: Path | None = None
     # Local checkpoints of real downstream models, by model name (e.g. {"resnet50": "/ckpt/r50.pth"}).
     checkpoints: dict[str, str] = field(default_factory=dict)
@@ -46,7 +49,9 @@ class Evaluator:
     for a right/wrong class): `unirestore eval` writes them to eval_images.csv. A metric whose per-image
     values need the whole set (a retrieval query's hit needs every other image), or are costly to compute
     per batch (each image's own mAP), gives them from `per_image()` after the last update instead,
-    {metric: (N,) tensor} in update order (NaN: not scored). None from both: no per-image values.
+    {metric: (N,) tensor} in update order (NaN: not scored); values of both kinds join in one row per image,
+    the batch ones first. None from both: no per-image values. The first per-image metric is the one eval's
+    summary (on how many images a prompt beat LQ) and its worse-than-LQ grid go by.
     """
 
     def update(self, images: torch.Tensor, batch: dict) -> dict[str, torch.Tensor] | None:
@@ -71,11 +76,17 @@ class Task:
     loss_weights: ClassVar[dict[str, float]] = {}
     # Default β of the task in the stage-2 total (Eq. 5/6).
     default_beta: ClassVar[float] = 1.0
-    # Metric names the evaluator returns; the first is the task's primary metric (higher is better).
+    # Metric names the evaluator returns; the first is the task's primary metric (the sweeps' objective).
     metric_names: ClassVar[tuple[str, ...]] = ()
+    # Metrics where lower is better (an error or a distance: "mae", "abs_rel"), among `metric_names` and the
+    # per-image values; every other one is higher-better. `runs compare` marks their lowest value best, and
+    # `eval` counts and draws an image whose value rose above LQ's as one the restoration made worse.
+    lower_is_better: ClassVar[tuple[str, ...]] = ()
     # Add the unweighted L1 between the PIR-prompt output and the clean image for this task's samples.
     anchor_to_pir: ClassVar[bool] = False
-    # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`);
+    # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`, or
+    # a generated type of the task's own, registered with `register_dataset_type`: it is built with `split`,
+    # `size`, `seed` and, if its constructor takes one, `length`, and its samples get `lq` from the degrader);
     # None: the task has no built-in data, and a run of it needs a data config that lists its datasets.
     builtin_type: ClassVar[str | None] = None
     # Fewest samples per batch the loss needs (a metric loss compares each image with the others).
@@ -102,7 +113,11 @@ class Task:
         return context_dataset(self.context, self.name, split, self.builtin_type)
 
     def downstream(self) -> nn.Module | None:
-        """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached."""
+        """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached; the
+        engine calls `prepare()` first. Frozen for good: a network of your own wrapped in
+        `framework.downstream.FrozenNetwork` stays in eval mode whatever module holds it, with no parameter
+        gradients. Real checkpoints come from `context.checkpoints` (`--set downstream_checkpoints.KEY=PATH`;
+        `framework.downstream.checkpoint_path` names the key to set when it is missing)."""
         return None
 
     def _builtin(self) -> bool:
@@ -113,7 +128,11 @@ class Task:
 
     def prepare(self, force: bool = False, steps: int | None = None) -> None:
         """Before a run starts: build, load or check what the task needs (its downstream models), so that a
-        missing checkpoint stops the run at once. Nothing by default."""
+        missing checkpoint stops the run at once. Nothing by default. `train`, `task add`, `eval`, sweep trials
+        and `downstream train` call it before `losses`, `evaluator` or `downstream` are used; `force` (from
+        `downstream train --force`) rebuilds a cached model, `steps` is a training budget (None: your default).
+        A model of your own that trains here caches under `framework.downstream.downstream_home(context.home)`
+        (UNIRESTORE_HOME/downstream), in a file named after what it depends on (the crop size, the data)."""
 
     def builtin_specs(self) -> list:
         """The built-in downstream models `prepare` trains and caches for this run (none with real data).

@@ -1060,3 +1060,12 @@ def test_a_training_stopped_by_sigterm_exits_143_with_its_one_line(capsys):
 def test_downstream_train_says_when_a_task_has_no_downstream_model(root):
     result = runner.invoke(app, ["downstream", "train", "--task", "pir"])
     assert result.exit_code == 0 and "task 'pir' has no downstream model to train" in result.output
+
+
+def test_downstream_train_reads_the_data_config_given_with_data(root):
+    """A task without built-in data is told to "give a data config (--data)", an option this command lacked."""
+    config = root / "cls-real.yaml"
+    config.write_text("tasks:\n  cls: [{type: image_folder, root: images}]\n")
+    result = runner.invoke(app, ["downstream", "train", "--task", "cls", "--data", str(config)])
+    # real data: the real classifier's checkpoint is what it needs, not the built-in models' training
+    assert result.exit_code != 0 and "downstream_checkpoints.resnet50" in " ".join(result.output.split())

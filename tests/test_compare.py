@@ -41,6 +41,27 @@ def test_two_runs_side_by_side_with_the_best_marked(store, tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_metric_its_task_declares_lower_better_is_best_at_its_minimum(tmp_path, monkeypatch):
+    """A task plugin's error metric (a saliency MAE, `Task.lower_is_better`) was starred at its maximum."""
+    from unirestore.framework import registry
+    from unirestore.tasks.base import Task
+
+    registry.known_tasks()
+    monkeypatch.setitem(registry._TASKS, "sal", type("Saliency", (Task,), {"name": "sal", "lower_is_better": ("mae",)}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    experiment = mlflow.create_experiment("sal", artifact_location=str(tmp_path / "artifacts"))
+    for name, mae, max_f in (("short", 0.034, 0.86), ("long", 0.031, 0.87)):
+        with mlflow.start_run(experiment_id=experiment, run_name=name):
+            mlflow.log_metrics({"test/sal/restored/mae": mae, "test/sal/restored/max_f": max_f,
+                                "eval/default/sal/restored_sal/mae": mae, "test/pir/restored/mae": mae})  # fmt: skip
+    comparison = compare_runs(uri, experiment="sal")
+    assert "test/sal/restored/mae" in comparison.metrics  # shown by default, unlike a loss
+    assert comparison.best["test/sal/restored/mae"] == comparison.best["eval/default/sal/restored_sal/mae"] == 0.031
+    assert comparison.best["test/sal/restored/max_f"] == 0.87
+    assert comparison.best["test/pir/restored/mae"] == 0.034  # another task's metric of that name is its own
+
+
 def test_filter_and_metric_selection(store):
     comparison = compare_runs(store, experiment="demo", metrics=["pir/psnr"], filter_string="metrics.`pir/psnr` > 20")
     assert [row["pir/psnr"] for row in comparison.rows] == [20.5]

@@ -319,6 +319,55 @@ def test_the_worse_grid_keeps_the_images_furthest_below_lq_worst_first():
     assert "pir" not in evaluate(model(), [task()], samples=7, batch_size=3, inputs=("restored",)).worse
 
 
+def test_an_error_metric_counts_a_rise_above_lq_as_worse(monkeypatch):
+    """A task's lower-better per-image metric (a saliency MAE, `Task.lower_is_better`): the worse grid kept
+    the images whose error fell most, and the summary counted a fall as "below LQ" like a PSNR's."""
+    from unirestore.framework import registry
+    from unirestore.framework.evaluate import EvalReport, evaluate
+    from unirestore.tasks.base import Task
+
+    torch.manual_seed(0)
+    hq = torch.rand(7, 3, 16, 16)
+    lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
+    noise = [0.0, 0.3, 0.0, 0.6, 0.0, 0.2, 0.02]  # 0: restored to HQ exactly (its error falls to 0)
+
+    def restore(images, generator):
+        start = restore.seen
+        restore.seen += len(images)
+        return torch.stack([hq[k] if not noise[k] else (lq[k] + noise[k] * torch.randn_like(lq[k])).clamp(0, 1)
+                            for k in range(start, start + len(images))])  # fmt: skip
+
+    restore.seen = 0
+
+    class MAE:
+        def __init__(self):
+            self.errors = []
+
+        def update(self, images, batch):
+            self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
+            return {"mae": self.errors[-1]}
+
+        def compute(self):
+            return {"mae": float(torch.cat(self.errors).mean())}
+
+    task = _fake_task("sal", hq, lq, MAE)
+    task.lower_is_better = ("mae",)
+    table = evaluate(_FakeModel(["sal"], restore), [task], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
+    rows = table.images["sal"]
+    rises = [r["mae"] - q["mae"] for r, q in zip(rows["restored"], rows["lq"])]
+    order = sorted(range(7), key=lambda i: -rises[i])[:3]
+    assert order == [3, 1, 5] and all(rises[i] > 0 for i in order)  # the three noisiest
+    torch.testing.assert_close(table.worse["sal"][2], hq[order])
+    # the summary says on how many images the error fell below LQ's (the images restored to HQ)
+    registry.known_tasks()
+    monkeypatch.setitem(registry._TASKS, "sal", type("Saliency", (Task,), {"name": "sal", "lower_is_better": ("mae",)}))
+    report = EvalReport(checkpoint="x", split="test", samples=7)
+    report.images[("default", "sal", "LQ")] = rows["lq"]
+    report.images[("default", "sal", "restored[sal]")] = rows["restored"]
+    (line,) = report.improved()
+    assert line.startswith("default, sal, restored[sal]: mae below LQ on 3 of 7 images, above on 4 (sign test p")
+
+
 def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorations():
     """A per-image value that needs the whole set (a retrieval hit) comes when the images are gone: the worst
     images are restored again from the noise they had, and the grid shows what was scored."""
@@ -359,6 +408,37 @@ def test_values_known_after_the_last_batch_get_a_worse_grid_of_the_same_restorat
     torch.testing.assert_close(lq_kept, lq[order])
     torch.testing.assert_close(restored_kept, scored[1][order])  # the very images scored, not a new draw
     assert not torch.equal(restored_kept, lq_kept)
+
+
+def test_per_image_values_of_both_kinds_land_in_one_row_per_image():
+    """An evaluator with a value per batch (an MAE) and one that needs the whole set (an F-measure at the set's
+    best threshold): the second was dropped without a word."""
+    from unirestore.framework.evaluate import evaluate
+
+    hq = torch.rand(5, 3, 16, 16)
+    lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
+
+    class Both:
+        def __init__(self):
+            self.errors = []
+
+        def update(self, images, batch):
+            self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
+            return {"mae": self.errors[-1]}
+
+        def compute(self):
+            return {"mae": float(torch.cat(self.errors).mean())}
+
+        def per_image(self):
+            errors = torch.cat(self.errors)
+            return {"rank": errors.argsort().argsort().float()}  # known once every image is seen
+
+    table = evaluate(_FakeModel(["sal"], lambda images, generator: images), [_fake_task("sal", hq, lq, Both)],
+                     samples=5, batch_size=2, inputs=("lq", "restored"))  # fmt: skip
+    rows = table.images["sal"]["lq"]
+    assert [list(row) for row in rows] == [["image", "mae", "rank"]] * 5
+    errors = torch.tensor([row["mae"] for row in rows])
+    assert [row["rank"] for row in rows] == errors.argsort().argsort().float().tolist()
 
 
 def test_eval_in_bf16_scores_what_fp32_scores_to_rounding(checkpoint):

@@ -127,6 +127,37 @@ def test_objective_normalises_by_the_lq_hq_gap():
     assert task_gaps(baseline, metrics, {"pir": 5.0})["pir"] == 5.0
 
 
+def test_a_lower_better_primary_metric_gains_when_it_falls(monkeypatch):
+    """A task whose primary metric is an error (`Task.lower_is_better`): a given gap, or the fallback when LQ
+    and HQ tie, counted a fall below LQ as a loss."""
+    from unirestore.framework import registry
+    from unirestore.tasks.base import Task
+
+    registry.known_tasks()
+    monkeypatch.setitem(registry._TASKS, "depth", type("Depth", (Task,), {"name": "depth", "lower_is_better": ("abs_rel",)}))
+    metrics = {"depth": "abs_rel"}
+    measured = {"depth": {"lq": {"abs_rel": 0.30}, "hq": {"abs_rel": 0.10}}}
+    tied = {"depth": {"lq": {"abs_rel": 0.30}, "hq": {"abs_rel": 0.30}}}
+    for baseline, gaps in ((measured, None), (measured, {"depth": 0.2}), (tied, None)):
+        gap = task_gaps(baseline, metrics, gaps)
+        _, gains = objective({"depth": 0.20}, baseline, metrics, {}, gap)
+        assert gains["depth"] > 0, (baseline, gaps, gains)
+
+
+def test_the_input_check_prepares_the_tasks_at_the_trials_crop_size(monkeypatch):
+    """It prepared them at 512 whatever the prior: a task plugin whose `prepare` trains its own model for the
+    run's crop size trained one at 512 on the CPU, for a check, before Ray started."""
+    from unirestore.framework import engine
+    from unirestore.framework.prior import tiny_native_size
+    from unirestore.framework.sweep import _check_inputs
+
+    sizes = []
+    monkeypatch.setattr(engine, "_check_downstream", lambda config, names, size: sizes.append(size))
+    _check_inputs(RunConfig(prior="tiny"), ["pir"])
+    _check_inputs(load_run_config(None, ["prior=tiny", "train.crop_size=48"]), ["pir"])
+    assert sizes == [tiny_native_size(), 48]
+
+
 def test_union_of_intervals():
     assert _union_seconds([[0, 2], [1, 3], [5, 6]]) == pytest.approx(4.0)
     assert _union_seconds([]) == 0.0

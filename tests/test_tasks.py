@@ -38,8 +38,29 @@ def tiny_budgets():
 
 @pytest.fixture(scope="module")
 def tasks(tiny_budgets) -> dict[str, Task]:
-    """One instance of every registered task, sharing the session's downstream cache."""
-    return {name: get_task_class(name)(TaskContext(size=SIZE)) for name in TASKS}
+    """One instance of every registered task with built-in data, prepared as a run prepares it before its
+    losses or metric are used (its downstream models trained, loaded or checked), sharing the session's
+    downstream cache."""
+    built = {}
+    for name in TASKS:
+        if get_task_class(name).builtin_type is not None:
+            built[name] = get_task_class(name)(TaskContext(size=SIZE))
+            built[name].prepare()
+    return built
+
+
+def _skip_without_builtin_data(name: str) -> None:
+    if get_task_class(name).builtin_type is None:
+        pytest.skip(
+            f"task '{name}' has no built-in data (builtin_type None), which the contract tests run it on; give it "
+            "a generated dataset type of its own as builtin_type (tasks/base.py)"
+        )
+
+
+def _prepared(tasks: dict[str, Task], name: str) -> Task:
+    """The task `name` of the `tasks` fixture; a task without built-in data is skipped, saying why."""
+    _skip_without_builtin_data(name)
+    return tasks[name]
 
 
 def _batch(task: Task, count: int = 3) -> dict:
@@ -62,7 +83,7 @@ def test_task_declares_its_contract(name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_dataset_yields_the_keys_the_task_needs(tasks, name):
-    task = tasks[name]
+    task = _prepared(tasks, name)
     sample = task.dataset("val")[0]
     for key in getattr(task, "sample_keys", ("hq", "lq")):
         assert key in sample, f"{name} samples lack {key!r}"
@@ -72,7 +93,7 @@ def test_dataset_yields_the_keys_the_task_needs(tasks, name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_losses_are_named_finite_and_differentiable(tasks, name):
-    task = tasks[name]
+    task = _prepared(tasks, name)
     batch = _batch(task)
     restored = batch["lq"].clone().requires_grad_(True)
     terms = task.losses(restored, batch)
@@ -87,7 +108,7 @@ def test_losses_are_named_finite_and_differentiable(tasks, name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_loss_weights_come_from_the_task_configuration(tasks, name):
-    task = tasks[name]
+    task = _prepared(tasks, name)
     batch = _batch(task)
     doubled = type(task)(task.context, {term: 2.0 * weight for term, weight in task.weights.items()})
     if hasattr(task, "downstream"):
@@ -100,7 +121,7 @@ def test_loss_weights_come_from_the_task_configuration(tasks, name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_evaluator_reports_every_metric_on_random_predictions(tasks, name):
-    task = tasks[name]
+    task = _prepared(tasks, name)
     evaluator = task.evaluator()
     assert isinstance(evaluator, Evaluator)
     for start in (0, 4):
@@ -115,7 +136,7 @@ def test_evaluator_reports_every_metric_on_random_predictions(tasks, name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_downstream_models_are_frozen(tasks, name):
-    model = tasks[name].downstream()
+    model = _prepared(tasks, name).downstream()
     if model is None:
         return
     if isinstance(model, torch.nn.Module):
@@ -126,22 +147,38 @@ def test_downstream_models_are_frozen(tasks, name):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_prepare_caches_and_a_second_call_is_a_no_op(name, tmp_path):
+    _skip_without_builtin_data(name)
     task = get_task_class(name)(TaskContext(size=SIZE, home=tmp_path))
     task.prepare()
     files = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     if task.downstream() is None:
         assert files == {}
         return
-    assert any(n.endswith(".safetensors") for n in files) and any(n.endswith(".json") for n in files)
     assert not [n for n in files if n.endswith(".tmp")], "a temporary file was left behind"
-    for sidecar in tmp_path.glob("*.json"):
-        record = json.loads(sidecar.read_text())
+    for spec in task.builtin_specs():  # the built-in models' cache (a task's own model caches as it likes)
+        assert f"{spec.name}.safetensors" in files
+        record = json.loads((tmp_path / f"{spec.name}.json").read_text())
         assert {"architecture", "training", "clean_val", "train_seconds"} <= set(record)
         assert record["training"]["steps"] == 2
     start = time.perf_counter()
     get_task_class(name)(TaskContext(size=SIZE, home=tmp_path)).prepare()
     assert time.perf_counter() - start < 1.0
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == files
+
+
+def test_a_network_of_a_tasks_own_stays_frozen_in_frozen_network():
+    """What `test_downstream_models_are_frozen` asks of every task's model, for a plugin's own network (the
+    built-in wrappers that give it are private)."""
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5))
+    frozen = downstream.FrozenNetwork(network)
+    torch.nn.ModuleList([frozen]).train()  # a parent put in train mode
+    assert not any(m.training for m in frozen.modules()) and not any(p.requires_grad for p in frozen.parameters())
+    images = torch.rand(2, 3, 8, 8, requires_grad=True)
+    statistics = network[1].running_mean.clone()
+    torch.testing.assert_close(frozen(images), network(images))  # its forward; no dropout
+    assert torch.equal(network[1].running_mean, statistics)
+    (gradient,) = torch.autograd.grad(frozen(images).sum(), images)
+    assert gradient.abs().sum() > 0
 
 
 def test_prepare_force_retrains(tmp_path):
@@ -152,6 +189,53 @@ def test_prepare_force_retrains(tmp_path):
     assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 1
     task.prepare(force=True, steps=2)
     assert json.loads((tmp_path / "embedder-64.json").read_text())["training"]["steps"] == 2
+
+
+def test_a_task_may_generate_its_own_built_in_data(monkeypatch):
+    """`builtin_type` naming a generated dataset type of the task's own: it was built with a `length` its
+    constructor may not take (a TypeError), and a type never registered failed with a KeyError."""
+    from unirestore.framework.data import config as data_config
+    from unirestore.framework.data.io import DataError
+    from unirestore.framework.data.sample import make_sample
+
+    monkeypatch.setattr(data_config, "DATASET_TYPES", dict(data_config.DATASET_TYPES))
+
+    @data_config.register_dataset_type("blobs")
+    class Blobs(torch.utils.data.Dataset):  # a fixed set drawn in memory: no `length`
+        sample_keys = ("hq", "blob")
+
+        def __init__(self, split="train", size=64, seed=0):
+            self.images = torch.rand(5, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, index):
+            image = self.images[index]
+            return {**make_sample(image), "blob": image.mean(dim=0, keepdim=True)}
+
+    @data_config.register_dataset_type("endless_blobs")
+    class EndlessBlobs(Blobs):
+        def __init__(self, split="train", size=64, seed=0, length=3):
+            super().__init__(split, size, seed)
+            self.length = length
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, index):
+            return super().__getitem__(index % 5)
+
+    class BlobTask(Task):
+        name, builtin_type, sample_keys = "blobs", "blobs", ("hq", "lq", "blob")
+
+    test = BlobTask(TaskContext(size=32)).dataset("test")
+    assert len(test) == 5 and test[0]["lq"].shape == (3, 32, 32) and test[0]["blob"].shape == (1, 32, 32)
+    BlobTask.builtin_type = "endless_blobs"  # one that takes a length gets the built-in data's
+    assert len(BlobTask(TaskContext(size=32)).dataset("val")) == downstream.BUILTIN_LENGTHS["val"]
+    BlobTask.builtin_type = "never_registered"
+    with pytest.raises(DataError, match="builtin_type 'never_registered' is not a dataset type; register it"):
+        BlobTask(TaskContext(size=32)).dataset("train")
 
 
 def test_pir_loss_is_selectable(tasks):
@@ -276,6 +360,28 @@ def test_unknown_task_lists_the_known_ones():
     for name in TASKS:
         assert name in message
     assert "det (detection)" in message and "seg (segmentation)" in message
+
+
+def test_a_file_in_tasks_that_is_not_imported_is_named_in_the_lookup_error(monkeypatch, tmp_path):
+    """A task file dropped into tasks/ without its import in tasks/__init__.py registered nothing, and looking
+    its task up said only "unknown task"."""
+    import unirestore.tasks
+
+    for name in ("pir.py", "base.py", "edges.py"):
+        (tmp_path / name).write_text("")
+    monkeypatch.setattr(unirestore.tasks, "__path__", [str(tmp_path)])
+    assert registry.unimported_task_files() == ["tasks/edges.py"]  # pir is imported; base holds no task
+    with pytest.raises(UnknownTaskError, match=r"tasks/edges.py not imported in tasks/__init__.py.*add it there"):
+        get_task_class("edges")
+    from typer.testing import CliRunner
+
+    from unirestore.framework.cli import app
+
+    listing = CliRunner().invoke(app, ["task", "list", "--output", str(tmp_path / "runs")])
+    assert listing.exit_code == 0, listing.output
+    assert "tasks/edges.py is not imported in tasks/__init__.py: its tasks are not registered" in " ".join(
+        listing.stdout.split()
+    )
 
 
 def test_aliases_resolve_to_the_registered_name():
