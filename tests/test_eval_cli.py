@@ -251,6 +251,20 @@ def test_workers_read_the_same_test_images_and_count_the_unreadable_ones(checkpo
     assert json.loads((out / "eval.json").read_text())["skipped"] == [str(photos / "2b-broken.png")]
 
 
+class _MAE:
+    """A per-batch error metric (lower is better): one value per image as each batch comes."""
+
+    def __init__(self):
+        self.errors = []
+
+    def update(self, images, batch):
+        self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
+        return {"mae": self.errors[-1]}
+
+    def compute(self):
+        return {"mae": float(torch.cat(self.errors).mean())}
+
+
 def _fake_task(name: str, hq: torch.Tensor, lq: torch.Tensor, evaluator):
     """A task whose test set is the (HQ, LQ) pairs given, scored by `evaluator()`."""
     from unirestore.framework.data.sample import make_sample
@@ -339,18 +353,7 @@ def test_an_error_metric_counts_a_rise_above_lq_as_worse(monkeypatch):
 
     restore.seen = 0
 
-    class MAE:
-        def __init__(self):
-            self.errors = []
-
-        def update(self, images, batch):
-            self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
-            return {"mae": self.errors[-1]}
-
-        def compute(self):
-            return {"mae": float(torch.cat(self.errors).mean())}
-
-    task = _fake_task("sal", hq, lq, MAE)
+    task = _fake_task("sal", hq, lq, _MAE)
     task.lower_is_better = ("mae",)
     table = evaluate(_FakeModel(["sal"], restore), [task], samples=7, batch_size=3, inputs=("lq", "restored"), worse=3)
     rows = table.images["sal"]
@@ -418,17 +421,7 @@ def test_per_image_values_of_both_kinds_land_in_one_row_per_image():
     hq = torch.rand(5, 3, 16, 16)
     lq = (hq + 0.05 * torch.randn_like(hq)).clamp(0, 1)
 
-    class Both:
-        def __init__(self):
-            self.errors = []
-
-        def update(self, images, batch):
-            self.errors.append((images - batch["hq"]).abs().mean(dim=(1, 2, 3)))
-            return {"mae": self.errors[-1]}
-
-        def compute(self):
-            return {"mae": float(torch.cat(self.errors).mean())}
-
+    class Both(_MAE):
         def per_image(self):
             errors = torch.cat(self.errors)
             return {"rank": errors.argsort().argsort().float()}  # known once every image is seen
