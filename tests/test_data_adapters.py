@@ -23,7 +23,7 @@ from unirestore.framework.data.adapters import (
     ImageFolder,
     PairedFolder,
 )
-from unirestore.framework.data.io import DataError
+from unirestore.framework.data.io import BadFileWarning, DataError
 from unirestore.framework.data.sample import IGNORE_INDEX, IGNORE_LABEL, collate
 
 
@@ -347,6 +347,14 @@ def test_rtts_voc_boxes(tmp_path):
     (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
     (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("BD_Baidu_074\n")
     assert len(RTTS(tmp_path, split="test")) == 1
+    # an image the listing names but the folder lacks is skipped with a warning, as an unreadable one is
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("BD_Baidu_074\nAM_Gone_001\n")
+    with pytest.warns(BadFileWarning, match="AM_Gone_001.*missing, though test.txt lists it"):
+        assert len(RTTS(tmp_path, split="test")) == 1
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("AM_Gone_001\n")
+    with pytest.raises(DataError, match="none of the 1 images it lists is in JPEGImages"):
+        RTTS(tmp_path, split="test")
+    (tmp_path / "ImageSets" / "Main" / "test.txt").write_text("BD_Baidu_074\n")
     (tmp_path / "Annotations" / "BD_Baidu_074.xml").write_text(_voc([("tractor", 2, 2, 40, 30)]))
     with pytest.raises(DataError, match="BD_Baidu_074.xml: unknown class 'tractor'"):
         RTTS(tmp_path, split="test")

@@ -744,7 +744,7 @@ class RTTS(FileDataset):
     """RTTS (RESIDE real-world task-driven testing set): real hazy images with VOC XML boxes of 5 classes.
 
     `JPEGImages/<id>.png|jpg`, `Annotations/<id>.xml`; `ImageSets/Main/<split>.txt` selects ids when it
-    exists, else every image is used. VOC's 1-based inclusive pixel boxes become xyxy pixel edges
+    exists (one it lists without an image is skipped as an unreadable image is), else every image is used. VOC's 1-based inclusive pixel boxes become xyxy pixel edges
     (xmin - 1, ymin - 1, xmax, ymax). Labels index `RTTS_CLASSES`. Real degraded images: `hq` = `lq`.
     """
 
@@ -770,11 +770,17 @@ class RTTS(FileDataset):
         _require_dir(self.root / "Annotations", "Annotations/ (VOC XML files)")
         listing = self.root / "ImageSets" / "Main" / f"{self.split}.txt"
         if listing.is_file():
-            ids = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-            missing = [i for i in ids if i not in images]
-            if missing:
+            listed = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
+            ids = [i for i in listed if i in images]
+            missing = [i for i in listed if i not in images]
+            if missing and not ids:
                 raise DataError(
-                    f"{listing}: lists {len(missing)} image(s) not in JPEGImages/, e.g. {missing[0]}"
+                    f"{listing}: none of the {len(missing)} images it lists is in JPEGImages/ (e.g. {missing[0]}); "
+                    "set `root` to the RTTS folder"
+                )
+            for image_id in missing:  # skipped as an unreadable image is: counted, the others go on
+                report_bad_file(
+                    UnreadableImage(self.root / "JPEGImages" / image_id, f"missing, though {listing.name} lists it")
                 )
         else:
             ids = sorted(images)
