@@ -126,19 +126,33 @@ def _crop_size(config: RunConfig, prior) -> int:
     return config.train.crop_size or prior.native_size
 
 
-def _local_path(value: str) -> str:
-    """`value` absolute if it names a local file or folder (a prior may also be a hub id or `tiny`)."""
+def _absolute_path(key: str, value):
+    """A path setting (`data`, `prior`, `downstream_checkpoints.<name>`, as `--set` names it) made absolute; a
+    prior that names no local file or folder (a hub id, `tiny`) and every other setting stay as they are."""
+    if not isinstance(value, str) or value in ("builtin", "tiny"):
+        return value
     path = Path(value).expanduser()
-    return str(path.resolve()) if value != "tiny" and path.exists() else value
+    if key == "data" or key.startswith("downstream_checkpoints.") or (key == "prior" and path.exists()):
+        return str(path.resolve())
+    return value
+
+
+def _local_path(value: str) -> str:
+    """A prior's name, absolute if it names a local folder."""
+    return _absolute_path("prior", value)
 
 
 def _absolute_paths(config: RunConfig) -> RunConfig:
     """`config` with its local paths absolute (the data config, a prior folder, the downstream checkpoints):
     the run folder's config.yaml then names the same files whatever folder a later `eval --config` or
     `--resume` starts from."""
-    data = config.data if config.data == "builtin" else str(Path(config.data).expanduser().resolve())
-    checkpoints = {name: str(Path(path).expanduser().resolve()) for name, path in config.downstream_checkpoints.items()}
-    return replace(config, data=data, prior=_local_path(config.prior), downstream_checkpoints=checkpoints)
+    checkpoints = {
+        name: _absolute_path(f"downstream_checkpoints.{name}", path)
+        for name, path in config.downstream_checkpoints.items()
+    }
+    return replace(
+        config, data=_absolute_path("data", config.data), prior=_local_path(config.prior), downstream_checkpoints=checkpoints
+    )
 
 
 def _data_config(config: RunConfig):
@@ -515,15 +529,11 @@ def _check_resumed_config(output: Path, config: RunConfig) -> None:
     saved_path = output / "config.yaml"
     if not saved_path.is_file():
         return
-    saved, current = _flatten(load_yaml(saved_path)), _flatten(to_dict(config))
-    for flat in (saved, current):  # a run saved before its paths were made absolute: read them from here
-        if isinstance(flat.get("data"), str) and flat["data"] != "builtin":
-            flat["data"] = str(Path(flat["data"]).expanduser().resolve())
-        if isinstance(flat.get("prior"), str):
-            flat["prior"] = _local_path(flat["prior"])
-        for key, value in flat.items():
-            if key.startswith("downstream_checkpoints.") and isinstance(value, str):
-                flat[key] = str(Path(value).expanduser().resolve())
+    # a run saved before its paths were made absolute: its relative ones are read from here
+    saved, current = (
+        {key: _absolute_path(key, value) for key, value in _flatten(data).items()}
+        for data in (load_yaml(saved_path), to_dict(config))
+    )
     changed = sorted(
         k
         for k in set(saved) | set(current)
