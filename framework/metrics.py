@@ -1,6 +1,7 @@
 """Evaluation metrics of SPEC §8, as plain functions and as accumulators the task evaluators feed.
 
-- PIR: PSNR and SSIM on RGB in [0, 1] after quantising the prediction (and the target) to 8 bits.
+- PIR: PSNR and SSIM on RGB in [0, 1] after quantising the prediction (and the target) to 8 bits; SSIM as
+  Wang et al.'s reference implementation (Gaussian window 11, σ 1.5, the 5-pixel border not averaged).
   PSNR of identical images is capped at `PSNR_CAP_DB` (100 dB, i.e. the MSE is clamped at 1e-10)
   instead of +inf, so that means over a set stay finite.
 - Classification: top-1 accuracy. Segmentation: mIoU (torchmetrics `MulticlassJaccardIndex`, ignore 255,
@@ -28,6 +29,8 @@ from .data.sample import IGNORE_INDEX
 # PSNR of identical images: 10·log10(1 / 1e-10). Any real restoration is far below this.
 PSNR_CAP_DB = 100.0
 _MSE_FLOOR = 10.0 ** (-PSNR_CAP_DB / 10.0)
+# SSIM's Gaussian window (11 pixels, σ 1.5) reaches this far from its centre: the border not averaged.
+_SSIM_BORDER = 5
 
 
 def quantize_8bit(images: torch.Tensor) -> torch.Tensor:
@@ -48,15 +51,23 @@ def psnr(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ssim(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image SSIM of (B, C, H, W) images in [0, 1] (8-bit quantised; Gaussian window 11, σ 1.5).
 
-    The Gaussian window reflects 5 pixels past the border, so an image with a side of 5 pixels or less gets
-    a uniform window of 2 · side − 1 instead (1 pixel: the luminance term alone).
+    As Wang et al.'s reference implementation (and scikit-image with `gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False`) computes it: the mean of the SSIM map over the positions where the whole
+    window lies inside the image, so the `_SSIM_BORDER` (5) pixels next to each edge are not averaged
+    (recent torchmetrics averages its reflect-padded map there too, which weighs a restoration's border
+    artefacts far more than the reference does). An image with a side of 10 pixels or less has no such
+    position: its whole map is averaged; one with a side of 5 or less gets a uniform window of 2 · side − 1
+    (1 pixel: the luminance term alone).
     """
     prediction, target = quantize_8bit(prediction), quantize_8bit(target)
     side = min(prediction.shape[-2:])
     small = {} if side > 5 else {"gaussian_kernel": False, "kernel_size": 2 * side - 1}
-    return structural_similarity_index_measure(
-        prediction, target, data_range=1.0, reduction="none", **small
-    ).reshape(-1)
+    _, full = structural_similarity_index_measure(
+        prediction, target, data_range=1.0, reduction="none", return_full_image=True, **small
+    )  # (B, C, H, W)
+    if side > 2 * _SSIM_BORDER:
+        full = full[..., _SSIM_BORDER:-_SSIM_BORDER, _SSIM_BORDER:-_SSIM_BORDER]
+    return full.flatten(1).mean(dim=1)
 
 
 def accuracy(logits_or_labels: torch.Tensor, labels: torch.Tensor) -> float:

@@ -43,6 +43,27 @@ def test_ssim_is_one_for_identical_images_and_lower_for_noise():
     assert metrics.ssim(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)).shape == (1,)  # small images work
 
 
+def test_ssim_is_the_reference_one_whose_border_is_not_averaged():
+    """Wang et al.'s SSIM as scikit-image computes it with their settings (a second implementation): the mean
+    over the positions where the 11-pixel window lies inside the image. A restoration wrong only in its top two
+    rows loses almost nothing there; a mean over the whole reflect-padded map (0.84 here) would not be it."""
+    from skimage.metrics import structural_similarity
+
+    target = torch.randint(0, 256, (2, 3, 24, 30), generator=torch.Generator().manual_seed(0))
+    prediction = target.clone()
+    prediction[..., :2, :] = 255 - prediction[..., :2, :]  # the top two rows inverted
+    noisy = (target + torch.randint(-40, 41, target.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 255)
+    for restored in (prediction, noisy):
+        expected = [
+            structural_similarity(t.numpy(), r.numpy(), data_range=255, channel_axis=0, gaussian_weights=True,
+                                  sigma=1.5, use_sample_covariance=False)
+            for r, t in zip(restored, target)
+        ]  # fmt: skip
+        torch.testing.assert_close(metrics.ssim(restored / 255, target / 255), torch.tensor(expected).float(),
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    assert (metrics.ssim(prediction / 255, target / 255) > 0.99).all()
+
+
 @pytest.mark.parametrize("side", [1, 2, 3, 5])
 def test_ssim_of_images_narrower_than_its_window(side):
     images = torch.rand(2, 3, side, 40, generator=torch.Generator().manual_seed(side))
