@@ -64,3 +64,28 @@ def test_cfrm_latent_scores_every_test_image_once_and_an_initial_cfrm_as_the_ide
     assert sum(r["images"] for name, r in results.items() if name != "all") == 6
     assert abs(results["all"]["cfrm"] - results["all"]["plain"]) < 0.05
     assert "| all (6) |" in table(results)
+
+
+def test_gap_closed_sits_beside_the_papers_gap_of_the_same_model():
+    """Each classifier and segmenter beside the paper's own gap (Tables 2 and 3: ViT-B closes 0.851 of it on
+    ImageNet, not ResNet-50's 0.945; FCN stands in for the second segmenter, RefineNet-lw: 0.716)."""
+    from pathlib import Path
+
+    from unirestore.experiments.paper_tables import _gap_closed, _markdown
+
+    keys = ("cls/acc/resnet", "cls/acc/vit", "seg/miou/deeplab", "seg/miou/fcn")
+    rows = {"LQ": dict.fromkeys(keys, 0.5), "UniRestore": dict.fromkeys(keys, 0.6), "HQ": dict.fromkeys(keys, 0.9),
+            "w/o TFA": dict.fromkeys(keys, 0.55), "w/o CFRM": dict.fromkeys(keys, 0.52)}  # fmt: skip
+    gaps = _gap_closed(rows)
+    assert gaps == {key: pytest.approx(0.25) for key in keys}  # (0.6 − 0.5) / (0.9 − 0.5)
+    results = {"budget": "toy", "machine": "here", "wall_s": 60.0, "rows": rows, "gap_closed": gaps,
+               "parameters": {}, "budget_detail": {"eval_samples": 4, "batch_size": 2},
+               "speed": {"train_steps_per_s": {}, "restore_images_per_s": {}, "peak_rss_gib": 1.0}}  # fmt: skip
+    lines = [line for line in _markdown(results, Path("chart.png")).splitlines() if line.startswith(("| cls/", "| seg/"))]
+    paper = {line.split(" | ")[0][2:]: line.split(" | ")[2] for line in lines if "0.250" in line}
+    assert paper == {
+        "cls/acc/resnet": f"{(71.65 - 51.75) / (72.80 - 51.75):.3f} (ImageNet / ResNet-50) |",
+        "cls/acc/vit": f"{(77.05 - 67.65) / (78.70 - 67.65):.3f} (ImageNet / ViT-B) |",
+        "seg/miou/deeplab": f"{(66.05 - 40.36) / (75.64 - 40.36):.3f} (Cityscapes / DeepLabv3+) |",
+        "seg/miou/fcn": f"{(65.73 - 40.75) / (75.66 - 40.75):.3f} (Cityscapes / RefineNet-lw) |",
+    }
