@@ -151,6 +151,33 @@ def test_map_of_wrong_classes_is_zero_and_accumulates():
     assert accumulated.compute()["map"] == pytest.approx(1.0)
 
 
+def test_map_by_hand_reads_xyxy_boxes_and_the_right_stats():
+    """COCO's AP by hand: a box shifted 2 px has IoU 80/120 = 2/3 with its xyxy ground truth (read as xywh it
+    would be 0.75), so it matches at the thresholds .50-.65, 4 of the 10: `map` 0.4, `map50` 1. A second image
+    whose box is missed caps recall at 1/2: precision 1 at 51 of the 101 recall points."""
+    box = {"boxes": torch.tensor([[10.0, 10.0, 20.0, 20.0]]), "labels": torch.tensor([1])}
+    shifted = {"boxes": torch.tensor([[12.0, 10.0, 22.0, 20.0]]), "scores": torch.tensor([0.9]), "labels": torch.tensor([1])}
+    none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    one = metrics.coco_map([shifted], [box])
+    assert one == {"map": pytest.approx(0.4), "map50": pytest.approx(1.0)}
+    half = metrics.coco_map([shifted, none], [box, box])
+    assert half == {"map": pytest.approx(0.4 * 51 / 101), "map50": pytest.approx(51 / 101)}
+
+
+def test_map_at_r_by_hand_on_unnormalised_embeddings():
+    """Two classes of three on a circle, leave-one-out by angle (R = 2 per query): the first two neighbours
+    of 0°, 10°, 47° | 30°, 85°, 95° are [right, wrong], [right, wrong], [wrong, right], [wrong, wrong],
+    [right, wrong], [right, wrong]; AP@R = Σ precision@i · right_i / R gives 1/2, 1/2, 1/4, 0, 1/2, 1/2.
+    Lengths differ from 1: the similarity is the cosine."""
+    angles = torch.deg2rad(torch.tensor([0.0, 10.0, 47.0, 30.0, 85.0, 95.0]))
+    lengths = torch.tensor([1.0, 3.0, 0.5, 2.0, 7.0, 0.2])
+    embeddings = torch.stack([angles.cos(), angles.sin()], dim=1) * lengths[:, None]
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    result = metrics.retrieval_metrics(embeddings, labels)
+    assert result == {"recall_at_1": pytest.approx(4 / 6), "map_at_r": pytest.approx(2.25 / 6)}
+    assert metrics.retrieval_hits(embeddings, labels).tolist() == [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]
+
+
 def test_recall_at_1_on_a_constructed_embedding():
     angles = torch.deg2rad(torch.tensor([0.0, 10.0, 25.0, 90.0]))
     embeddings = torch.stack([angles.cos(), angles.sin()], dim=1)
