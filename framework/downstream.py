@@ -514,7 +514,6 @@ def load_real_detector(checkpoints: dict[str, str], image_size: int) -> Detector
 # --------------------------------------------------------------------------------------------------
 # Which data a task runs on, and so which downstream models it needs (built-in or real).
 
-BUILTIN_TYPES = ("builtin_scenes", "builtin_photos")
 # Samples per split of the built-in data (generated: any length works).
 BUILTIN_LENGTHS = {"train": 1000, "val": 128, "test": 256}
 
@@ -534,8 +533,14 @@ def task_entries(data: Any, task: str) -> tuple[list | None, Any, int | None]:
 
 
 def is_builtin(entries: list | None) -> bool:
-    """True when every entry is generated data (or there are none): built-in downstream models apply."""
-    return not entries or all(getattr(entry, "type", None) in BUILTIN_TYPES for entry in entries)
+    """True when every entry is generated data, a type some task has as its `builtin_type` (or there are no
+    entries): built-in downstream models apply."""
+    from .registry import builtin_dataset_types
+
+    if not entries:
+        return True
+    generated = builtin_dataset_types()
+    return all(getattr(entry, "type", None) in generated for entry in entries)
 
 
 def build_task_data(

@@ -86,8 +86,9 @@ class Task:
     anchor_to_pir: ClassVar[bool] = False
     # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`, or
     # a generated type of the task's own, registered with `register_dataset_type`: it is built with `split`,
-    # `size`, `seed` and, if its constructor takes one, `length`, and its samples get `lq` from the degrader);
-    # None: the task has no built-in data, and a run of it needs a data config that lists its datasets.
+    # `size`, `seed` and, if its constructor takes one, `length`, and its samples get `lq` from the degrader;
+    # a data config that names it is built-in data too, `_builtin()` True); None: the task has no built-in
+    # data, and a run of it needs a data config that lists its datasets.
     builtin_type: ClassVar[str | None] = None
     # Fewest samples per batch the loss needs (a metric loss compares each image with the others).
     min_batch_size: ClassVar[int] = 1

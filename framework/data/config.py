@@ -482,10 +482,12 @@ def build_dataset(
     degradation: DegradationConfig | None = None,
 ) -> Dataset:
     """One entry's dataset; HQ-only sets come wrapped in `Degraded` unless `entry.degrade` is false."""
+    from ..registry import builtin_dataset_types
+
     cls = DATASET_TYPES[entry.type]
     split = entry.split or split
     options = dict(entry.options)
-    if cls in (BuiltinScenes, BuiltinPhotos) and size is None:
+    if size is None and entry.type in builtin_dataset_types():
         raise DataError(f"{entry.type}: generated data needs a size; set `size` in the data config")
     try:
         dataset = cls(split=split, size=size, seed=_derive(seed, 0), **options)
