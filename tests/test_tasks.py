@@ -238,6 +238,32 @@ def test_a_task_may_generate_its_own_built_in_data(monkeypatch):
         BlobTask(TaskContext(size=32)).dataset("train")
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_task_may_ask_for_its_training_images_clean(monkeypatch, listed):
+    """`dataset(split, degrade=False)`: the same images without drawing a degradation for each (a task that
+    trains a model of its own on clean images would pay for corruptions it throws away), from built-in data
+    or a data config's entries."""
+    from unirestore.framework import degrade
+    from unirestore.framework.data.config import parse_data_config
+
+    data = parse_data_config({"tasks": {"cls": [{"type": "builtin_scenes", "corruption": ["fog"]}]}}) if listed else None
+    task = get_task_class("cls")(TaskContext(data=data, size=32))
+    degraded = task.dataset("train")
+    samples = [degraded[index] for index in range(4)]
+    assert all("lq" in sample for sample in samples)
+    assert not listed or {sample["corruption"] for sample in samples} == {"fog"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a degradation was drawn for a clean image")
+
+    monkeypatch.setattr(degrade.Degrader, "__call__", refuse)
+    clean = task.dataset("train", degrade=False)
+    assert len(clean) == len(degraded)
+    for index, sample in enumerate(samples):
+        assert "lq" not in clean[index] and "corruption" not in clean[index]
+        assert torch.equal(clean[index]["hq"], sample["hq"]) and clean[index]["label"] == sample["label"]
+
+
 def test_a_plugins_own_generated_type_in_a_data_config_is_built_in_data(monkeypatch):
     """A data config naming a plugin task's own generated type (its `builtin_type`) is built-in data, as one
     naming builtin_scenes is: the task uses its built-in downstream model, not a real checkpoint, and generated
