@@ -153,6 +153,41 @@ def _other_weight_file(recorded: Mapping[str, dict] | None, loaded: Mapping[str,
     return None
 
 
+def prior_problem(metadata: Mapping, identity: Mapping, option: str = "--prior") -> str | None:
+    """Why the checkpoint with this metadata does not load onto the prior of `identity` (`Prior.identity()`, or
+    `prior.prior_identity` before the prior is loaded), or None. `option` is how the command at hand is given
+    another prior (`--prior`, `--set prior=FOLDER`)."""
+    recorded = metadata["prior"]
+    path = metadata["path"]
+    if identity["fingerprint"] != recorded["fingerprint"]:
+        fix = (  # the same name with another architecture: a checkpoint from an earlier version of that prior
+            "train it again on this one (unirestore train)" if recorded["name"] == identity["name"]
+            else "load it with the prior it was trained on"
+        )
+        return (
+            f"checkpoint {path} was trained on prior '{recorded['name']}' (fingerprint {recorded['fingerprint']}), "
+            f"not on '{identity['name']}' (fingerprint {identity['fingerprint']}); {fix}"
+        )
+    if recorded.get("weights") and identity.get("weights") and recorded["weights"] != identity["weights"]:
+        return (
+            f"checkpoint {path} was trained on other weights of prior '{identity['name']}' "
+            f"(weights {recorded['weights']}) than the ones loaded now ({identity['weights']}): stage 0 trained it "
+            "again since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
+        )
+    changed = _other_weight_file(recorded.get("weight_files"), identity.get("weight_files"))
+    if changed and recorded["name"] == identity["name"]:  # the folder's weights were replaced since
+        return (
+            f"checkpoint {path} was trained on other weights than prior '{identity['name']}' holds now "
+            f"({changed}); put back the weights it was trained on, or train it again on these"
+        )
+    if changed:
+        return (
+            f"checkpoint {path} was trained on the weights of prior '{recorded['name']}', not on those of "
+            f"'{identity['name']}' ({changed}); give the folder it was trained on, or a copy of it, with {option}"
+        )
+    return None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     prior: Prior | str | None = None,
@@ -173,33 +208,9 @@ def load_checkpoint(
             ) from None
     elif isinstance(prior, str):
         prior = load_prior(prior, device=device, empty_prompt_embeds=embeds)
-    if prior.fingerprint != identity["fingerprint"]:
-        fix = (  # the same name with another architecture: a checkpoint from an earlier version of that prior
-            "train it again on this one (unirestore train)" if identity["name"] == prior.name
-            else "load it with the prior it was trained on"
-        )
-        raise CheckpointError(
-            f"checkpoint {metadata['path']} was trained on prior '{identity['name']}' "
-            f"(fingerprint {identity['fingerprint']}), not on '{prior.name}' (fingerprint {prior.fingerprint}); "
-            f"{fix}"
-        )
-    if identity.get("weights") and prior.weights and identity["weights"] != prior.weights:
-        raise CheckpointError(
-            f"checkpoint {metadata['path']} was trained on other weights of prior '{prior.name}' "
-            f"(weights {identity['weights']}) than the ones loaded now ({prior.weights}): stage 0 trained it again "
-            "since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
-        )
-    changed = _other_weight_file(identity.get("weight_files"), prior.weight_files)
-    if changed and identity["name"] == prior.name:  # the folder's weights were replaced since
-        raise CheckpointError(
-            f"checkpoint {metadata['path']} was trained on other weights than prior '{prior.name}' holds now "
-            f"({changed}); put back the weights it was trained on, or train it again on these"
-        )
-    if changed:
-        raise CheckpointError(
-            f"checkpoint {metadata['path']} was trained on the weights of prior '{identity['name']}', not on those "
-            f"of '{prior.name}' ({changed}); give --prior the folder it was trained on, or a copy of it"
-        )
+    problem = prior_problem(metadata, prior.identity())
+    if problem:
+        raise CheckpointError(problem)
     config_dict = dict(metadata["model_config"])
     config_dict.update(config_overrides or {})
     try:

@@ -826,7 +826,14 @@ def eval_(
         from .checkpoint import load_checkpoint, resolve_checkpoint
         from .config import ConfigError, to_dict
         from .degrade import parse_corruptions
-        from .engine import _absolute_paths, _check_data, _prepare, build_tasks, run_folder_lock
+        from .engine import (
+            _absolute_paths,
+            _check_data,
+            _check_held_out_data,
+            _prepare,
+            build_tasks,
+            run_folder_lock,
+        )
         from .engine.trainer import setup_distributed
         from .evaluate import check_prompts, evaluate_checkpoint, track_evaluation
         from .registry import parse_task_list
@@ -880,10 +887,13 @@ def eval_(
                 f"{saved or 'with the run config'}",
                 highlight=False, soft_wrap=True,
             )
+        task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
+        # before --out is made, so that bad input leaves no folder behind: the real test sets build and the
+        # real downstream models load (built-in ones are trained once, by the first process, and cached)
+        _check_held_out_data(task_objects, ("test",))
+        _prepare(task_objects, distributed)
         # two evaluations in one --out would overwrite each other's partial results and tables
         held.enter_context(run_folder_lock(out, distributed.main, user="eval", option="--out"))
-        task_objects = build_tasks(run_config, names, next(model.cfrm.parameters()).device, model.native_size)
-        _prepare(task_objects, distributed)  # built-in downstream models: trained once, by the first process
         stat = Path(ckpt).stat()
         data_file = Path(str(data))
         identity = {  # what makes results saved by another run the same as this one's

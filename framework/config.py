@@ -1,13 +1,15 @@
 """Typed configuration: dataclasses are the schema, YAML files are instances.
 
 Every key is checked against the schema when it is read: an unknown key or a value of the wrong type
-fails at once with a one-line :class:`ConfigError` that names the key, the source and the valid keys.
+fails at once with a one-line :class:`ConfigError` that names the key, the source, the closest valid key (a
+typo's "did you mean") and the valid keys.
 `--set a.b=c` overrides go through the same check.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -161,6 +163,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     return value
 
 
+def did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """` did you mean 'PREFIX.CHOICE'?` for the choice closest to a mistyped `name`, or "" where none is
+    close: an unknown key's message puts it before the list of valid keys, which can be long."""
+    close = difflib.get_close_matches(str(name), [str(choice) for choice in choices], n=1)
+    return f" did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -177,9 +186,9 @@ def from_dict(cls: type, data: dict, source: str = "config", prefix: str = "") -
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in types_:
-            raise ConfigError(
-                f"unknown key '{full}' in {source}; valid keys here: {', '.join(sorted(types_))}"
-            )
+            closest = did_you_mean(key, types_, f"{prefix}." if prefix else "")
+            valid = ", ".join(sorted(types_))
+            raise ConfigError(f"unknown key '{full}' in {source};{closest} valid keys here: {valid}")
         kwargs[key] = _coerce(value, types_[key], full, source)
     instance = cls(**kwargs)
     validate = getattr(instance, "validate", None)
@@ -219,9 +228,9 @@ def apply_overrides(instance: Any, overrides: list[str], source: str = "--set") 
             if cls is not None and dataclasses.is_dataclass(cls):
                 types_ = _field_types(cls)
                 if key not in types_:
-                    raise ConfigError(
-                        f"unknown key '{where}' in {source}; valid keys here: {', '.join(sorted(types_))}"
-                    )
+                    closest = did_you_mean(key, types_, "".join(f"{k}." for k in keys[:depth]))
+                    valid = ", ".join(sorted(types_))
+                    raise ConfigError(f"unknown key '{where}' in {source};{closest} valid keys here: {valid}")
                 tp = types_[key]
                 cls = tp if dataclasses.is_dataclass(tp) else None
                 if last and cls is not None and not isinstance(value, dict):

@@ -514,7 +514,6 @@ def load_real_detector(checkpoints: dict[str, str], image_size: int) -> Detector
 # --------------------------------------------------------------------------------------------------
 # Which data a task runs on, and so which downstream models it needs (built-in or real).
 
-BUILTIN_TYPES = ("builtin_scenes", "builtin_photos")
 # Samples per split of the built-in data (generated: any length works).
 BUILTIN_LENGTHS = {"train": 1000, "val": 128, "test": 256}
 
@@ -534,8 +533,14 @@ def task_entries(data: Any, task: str) -> tuple[list | None, Any, int | None]:
 
 
 def is_builtin(entries: list | None) -> bool:
-    """True when every entry is generated data (or there are none): built-in downstream models apply."""
-    return not entries or all(getattr(entry, "type", None) in BUILTIN_TYPES for entry in entries)
+    """True when every entry is generated data, a type some task has as its `builtin_type` (or there are no
+    entries): built-in downstream models apply."""
+    from .registry import builtin_dataset_types
+
+    if not entries:
+        return True
+    generated = builtin_dataset_types()
+    return all(getattr(entry, "type", None) in generated for entry in entries)
 
 
 def build_task_data(
@@ -547,11 +552,14 @@ def build_task_data(
     builtin_type: str | None,
     length: int | None = None,
     degradation_override: Any = None,
+    degrade: bool = True,
 ):
     """The task's dataset for `split`: its configured entries, or `builtin_type` degraded by default.
 
     `length` overrides the built-in length (`BUILTIN_LENGTHS[split]` otherwise). `degradation_override`
     (a `DegradationConfig`) replaces every entry's degradation, e.g. to evaluate one corruption alone.
+    `degrade` False: the clean images alone, no degradation drawn (HQ-only sets give no `lq`; a paired set
+    keeps the `lq` it reads from its files).
     """
     from dataclasses import replace
 
@@ -578,10 +586,12 @@ def build_task_data(
     if degradation_override is not None:
         entries = [replace(entry, corruption=None, severity=None) for entry in entries]
         degradation = degradation_override
+    if not degrade:
+        entries = [replace(entry, degrade=False) for entry in entries]
     return build_task_dataset(entries, split, size, seed if config_seed is None else config_seed, degradation, task)
 
 
-def context_dataset(context: Any, task: str, split: str, builtin_type: str | None):
+def context_dataset(context: Any, task: str, split: str, builtin_type: str | None, degrade: bool = True):
     """`build_task_data` with a `TaskContext`'s data, size, seed and degradation override."""
     return build_task_data(
         context.data,
@@ -591,6 +601,7 @@ def context_dataset(context: Any, task: str, split: str, builtin_type: str | Non
         context.seed,
         builtin_type,
         degradation_override=getattr(context, "degradation", None),
+        degrade=degrade,
     )
 
 

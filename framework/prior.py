@@ -407,10 +407,7 @@ def load_prior(
         scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
         if empty_prompt_embeds is None:
             empty_prompt_embeds = _encode_empty_prompt(source, local_only, device)
-    # DDIM with trailing spacing whatever scheduler the folder names (sd-turbo ships Euler).
-    scheduler = DDIMScheduler.from_config(
-        scheduler_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
-    )
+    scheduler = _ddim(scheduler_config)
     vae = freeze(vae).to(device)
     unet = freeze(unet).to(device)
     return Prior(
@@ -418,12 +415,42 @@ def load_prior(
         unet=unet,
         scheduler=scheduler,
         empty_prompt_embeds=empty_prompt_embeds.detach().to(device).float(),
-        # a folder by its absolute path: a checkpoint records it, and is read from any working directory
-        name="tiny" if name == "tiny" else source if local else name,
-        fingerprint=fingerprint_configs(vae.config, unet.config, scheduler.config),
-        weights=weights_digest(Path(source)) if name == "tiny" else None,
-        weight_files=sample_weight_files(Path(source)) if local else None,
+        **_identity(name, source, local, vae.config, unet.config, scheduler.config),
     )
+
+
+def prior_identity(name_or_path: str | os.PathLike = "tiny") -> dict:
+    """What `load_prior(name_or_path).identity()` gives, which a checkpoint trained on it records, from the
+    prior's configs and a sample of its weight files alone (no weights are loaded): whether a checkpoint
+    loads onto a prior is known before a job that would load both (a sweep's) starts."""
+    name = str(name_or_path)
+    source, local, offline = _locate(name)
+    local_only = local or offline
+    with _loading(name, local, offline):
+        vae_config, unet_config = _architecture(name, source, local_only)
+        scheduler_config = DDIMScheduler.load_config(source, subfolder="scheduler", local_files_only=local_only)
+    with torch.device("meta"):  # the configs with every default filled in, as the loaded models' are
+        vae, unet = AutoencoderKL.from_config(vae_config), UNet2DConditionModel.from_config(unet_config)
+    identity = _identity(name, source, local, vae.config, unet.config, _ddim(scheduler_config).config)
+    return {key: value for key, value in identity.items() if value is not None}
+
+
+def _ddim(scheduler_config: dict) -> DDIMScheduler:
+    """DDIM with trailing spacing whatever scheduler the folder names (sd-turbo ships Euler)."""
+    return DDIMScheduler.from_config(
+        scheduler_config, timestep_spacing="trailing", clip_sample=False, set_alpha_to_one=True
+    )
+
+
+def _identity(name: str, source: str, local: bool, vae_config, unet_config, scheduler_config) -> dict:
+    """The `Prior` fields that say which prior it is."""
+    return {
+        # a folder by its absolute path: a checkpoint records it, and is read from any working directory
+        "name": "tiny" if name == "tiny" else source if local else name,
+        "fingerprint": fingerprint_configs(vae_config, unet_config, scheduler_config),
+        "weights": weights_digest(Path(source)) if name == "tiny" else None,
+        "weight_files": sample_weight_files(Path(source)) if local else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------------

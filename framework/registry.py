@@ -155,6 +155,14 @@ def lower_is_better(task: str, metric: str) -> bool:
     return cls is not None and metric in getattr(cls, "lower_is_better", ())
 
 
+def builtin_dataset_types() -> set[str]:
+    """The dataset types of built-in (generated) data: every registered task's `builtin_type` (builtin_scenes,
+    builtin_photos, and a plugin's own generated type). An entry of one of them in a data config is built-in
+    data, as a task the config leaves out would get: built-in downstream models, and a crop size needed."""
+    load_tasks()
+    return {cls.builtin_type for cls in _TASKS.values() if getattr(cls, "builtin_type", None)}
+
+
 def get_task_class(name: str) -> type:
     return _TASKS[resolve_task_name(name)]
 

@@ -583,9 +583,24 @@ def _check_source(source: str | Path) -> tuple[Path, dict]:
 def _source_prior(config: RunConfig, metadata: dict) -> None:
     """The trials' prior: the config's when it names one, else (`tiny`, the default) the prior the source
     checkpoint was trained on, as `task add`, `eval` and `restore` take it. The defaults that depend on the
-    prior (learning rate, β) then follow the prior the trials train on."""
+    prior (learning rate, β) then follow the prior the trials train on.
+
+    Before Ray starts, from the prior's configs and weight files alone: a prior folder that has moved since the
+    checkpoint was trained, and a prior the checkpoint does not load onto, are refused (each trial would fail)."""
+    from .checkpoint import prior_problem
+    from .prior import prior_identity
+
+    recorded = metadata["prior"]["name"]
     if config.prior == "tiny":
-        config.prior = metadata["prior"]["name"]
+        config.prior = recorded
+    if config.prior == recorded and Path(recorded).is_absolute() and not Path(recorded).exists():
+        raise SweepError(
+            f"checkpoint {metadata['path']} was trained on prior folder {recorded}, which is not there any more; "
+            "if it has moved, give its new place with --set prior=FOLDER"
+        )
+    problem = prior_problem(metadata, prior_identity(config.prior), option="--set prior=FOLDER")
+    if problem:
+        raise SweepError(problem)
 
 
 def _check_tasks(tasks: str | Sequence[str]) -> list[str]:

@@ -86,8 +86,9 @@ class Task:
     anchor_to_pir: ClassVar[bool] = False
     # Dataset type the task trains and evaluates on with built-in data (`builtin_scenes`, `builtin_photos`, or
     # a generated type of the task's own, registered with `register_dataset_type`: it is built with `split`,
-    # `size`, `seed` and, if its constructor takes one, `length`, and its samples get `lq` from the degrader);
-    # None: the task has no built-in data, and a run of it needs a data config that lists its datasets.
+    # `size`, `seed` and, if its constructor takes one, `length`, and its samples get `lq` from the degrader;
+    # a data config that names it is built-in data too, `_builtin()` True); None: the task has no built-in
+    # data, and a run of it needs a data config that lists its datasets.
     builtin_type: ClassVar[str | None] = None
     # Fewest samples per batch the loss needs (a metric loss compares each image with the others).
     min_batch_size: ClassVar[int] = 1
@@ -105,12 +106,16 @@ class Task:
             )
         self.weights = {**self.loss_weights, **(loss_weights or {})}
 
-    def dataset(self, split: str) -> Dataset:
+    def dataset(self, split: str, degrade: bool = True) -> Dataset:
         """The task's dataset for `split` ('train', 'val', 'test') in the common sample format: the data
-        config's entries for the task, or its built-in data."""
+        config's entries for the task, or its built-in data.
+
+        `degrade=False`: the same images, clean, with no degradation drawn (HQ-only sets give no `lq`; a
+        paired set keeps the `lq` it reads from its files), e.g. for `prepare` to train a downstream model of
+        the task's own on clean images without paying for corruptions it would throw away."""
         from ..framework.downstream import context_dataset
 
-        return context_dataset(self.context, self.name, split, self.builtin_type)
+        return context_dataset(self.context, self.name, split, self.builtin_type, degrade=degrade)
 
     def downstream(self) -> nn.Module | None:
         """The frozen downstream model the task loss uses (None for PIR). Built or loaded once, cached; the
@@ -132,7 +137,8 @@ class Task:
         and `downstream train` call it before `losses`, `evaluator` or `downstream` are used; `force` (from
         `downstream train --force`) rebuilds a cached model, `steps` is a training budget (None: your default).
         A model of your own that trains here caches under `framework.downstream.downstream_home(context.home)`
-        (UNIRESTORE_HOME/downstream), in a file named after what it depends on (the crop size, the data)."""
+        (UNIRESTORE_HOME/downstream), in a file named after what it depends on (the crop size, the data); it
+        reads clean training images from `self.dataset("train", degrade=False)`."""
 
     def builtin_specs(self) -> list:
         """The built-in downstream models `prepare` trains and caches for this run (none with real data).

@@ -464,6 +464,8 @@ def _corrupt(root):
         (["train", "--tasks", "pir,ret", "--data", "{full_size}", "--batch-size", "2"],
          "task 'ret' needs several per batch; give the data config a crop size"),
         (["train", "--set", "train.nope=1"], "unknown key 'train.nope'"),
+        (["train", "--set", "train.stage1_stepz=5"],
+         "unknown key 'train.stage1_stepz' in --set; did you mean 'train.stage1_steps'? valid keys here: batch_size"),
         # the data config given where the run config goes
         (["train", "--config", "{pir_only}"], "is a data config (datasets per task), not a run config; give it as --data"),
         (["train", "--set", "train.batch_size=abc"], "expected an integer"),

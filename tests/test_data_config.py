@@ -79,14 +79,16 @@ tasks:
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("sise: 32", r"data.yaml: sise: unknown key 'sise'; valid keys: size, seed, degradation, tasks"),
+        # a typo's closest key comes first, before the list of them all
+        ("sise: 32", r"data.yaml: sise: unknown key 'sise'; did you mean 'size'\? valid keys: size, seed, degr"),
         (
             "tasks: {pir: [{type: hq_foldr, root: /x}]}",
             r"tasks.pir\[0\].type: unknown dataset type 'hq_foldr'; valid: hq_folder",
         ),
         (
             "tasks: {pir: [{type: hq_folder, rot: /x}]}",
-            r"tasks.pir\[0\] \(hq_folder\): unknown key 'rot'; valid keys: type, weight, split.*root, recursive",
+            r"tasks.pir\[0\] \(hq_folder\): unknown key 'rot'; did you mean 'root'\? valid keys: type, weight, split"
+            + r".*root, recursive",
         ),
         ("tasks: {pir: [{type: hq_folder}]}", r"\(hq_folder\): missing required key\(s\) root"),
         (
@@ -103,8 +105,10 @@ tasks:
         ("degradation: {severity: 7}", r"degradation: severity must be an integer in 1..5"),
         (
             "degradation: {corruption: [fog]}",
-            r"degradation: unknown key 'corruption'; valid keys: corruptions",
+            r"degradation: unknown key 'corruption'; did you mean 'corruptions'\? valid keys: corruptions",
         ),
+        # no key is close: no guess
+        ("tasks: {pir: [{type: hq_folder, root: /x, zzz: 1}]}", r"\(hq_folder\): unknown key 'zzz'; valid keys: "),
         ("size: 8", r"size: must be at least 32"),
         ("tasks: [pir]", r"tasks: expected a mapping"),
         ("size: 64\ntasks: {pir: [{type: hq_folder, root: /x}\n", r"not valid YAML at line 3; fix the syntax$"),
@@ -307,7 +311,7 @@ def test_a_registered_dataset_type_is_a_checked_data_config_type(tmp_path, monke
     assert config.tasks["pir"][0].options == {"root": Path("/x"), "max_depth": 80.0}
     with pytest.raises(DataError, match=r"\(depth_folder\)\.max_depth: expected float, got .far."):
         load_data_config(_write(tmp_path, "tasks: {pir: [{type: depth_folder, root: /x, max_depth: far}]}"))
-    with pytest.raises(DataError, match=r"unknown key 'max_dept'; valid keys: .*max_depth"):
+    with pytest.raises(DataError, match=r"unknown key 'max_dept'; did you mean 'max_depth'\? valid keys: .*max_"):
         load_data_config(_write(tmp_path, "tasks: {pir: [{type: depth_folder, root: /x, max_dept: 1}]}"))
     with pytest.raises(ValueError, match="'hq_folder' is registered twice"):
         register_dataset_type("hq_folder", DepthFolder)

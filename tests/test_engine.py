@@ -143,6 +143,27 @@ def test_run_config_is_strict_and_round_trips(tmp_path):
         apply_overrides(config, ["train=3", "train.stage1_steps=1"])
 
 
+def test_a_mistyped_config_key_names_the_closest_one_first(tmp_path):
+    """--set and a YAML file: the closest valid key (with its section) comes before the list of them all; a key
+    close to none gets no guess."""
+    message = "unknown key '{}' in {}; did you mean 'train.stage1_steps'? valid keys here: batch_size, beta, "
+    with pytest.raises(ConfigError) as error:
+        load_run_config(None, ["train.stage1_stepz=5"])
+    assert str(error.value).startswith(message.format("train.stage1_stepz", "--set"))
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  stage1_stepz: 5\n")
+    with pytest.raises(ConfigError) as error:
+        load_run_config(path)
+    assert str(error.value).startswith(message.format("train.stage1_stepz", path))
+    with pytest.raises(ConfigError, match=r"^unknown key 'trian' in --set; did you mean 'train'\? valid keys here: "):
+        load_run_config(None, ["trian.stage1_steps=5"])
+    path.write_text("modle: {denoise_steps: 2}\n")
+    with pytest.raises(ConfigError, match=r"^unknown key 'modle' in .*typo.yaml; did you mean 'model'\? valid keys"):
+        load_run_config(path)
+    with pytest.raises(ConfigError, match=r"^unknown key 'train.zzz' in --set; valid keys here: batch_size, "):
+        load_run_config(None, ["train.zzz=5"])
+
+
 def test_learning_rate_scaling_and_weight_decay_groups(tiny_prior):
     assert scaled_lr(TrainConfig(batch_size=64)) == pytest.approx(1e-4)
     assert scaled_lr(TrainConfig(batch_size=4, grad_accum=4)) == pytest.approx(1e-4 * math.sqrt(16 / 64))

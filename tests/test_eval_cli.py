@@ -175,7 +175,29 @@ def test_eval_on_real_data_reads_the_downstream_checkpoints_from_config_or_set(c
     config = folder / "run.yaml"
     config.write_text(f"data: {data}\ndownstream_checkpoints: {{resnet50: {broken}}}\n")
     assert f"{broken}: not a readable checkpoint" in run("--config", str(config))
+    missing = folder / "moved" / "resnet50.pth"
+    config.write_text(f"data: {data}\ndownstream_checkpoints: {{resnet50: {missing}}}\n")
+    assert f"not found: downstream_checkpoints.resnet50 = {missing}" in run("--config", str(config))
+    assert f"not found: downstream_checkpoints.resnet50 = {missing}" in run(
+        "--data", str(data), "--set", f"downstream_checkpoints.resnet50={missing}"
+    )
+    # each stopped before making --out: no folder (nor its lock file) is left behind
+    assert not (folder / "real").exists()
     assert not (folder / "real.db").exists()
+
+
+def test_eval_of_a_missing_real_test_split_stops_before_making_its_out_folder(checkpoint):
+    folder, path = checkpoint
+    (folder / "cityscapes" / "leftImg8bit" / "train").mkdir(parents=True, exist_ok=True)  # no val (test reads it)
+    data = folder / "real-pir.yaml"
+    data.write_text(f"tasks:\n  pir: [{{type: cityscapes, root: {folder / 'cityscapes'}}}]\n")
+    out = folder / "no-test-split"
+    result = runner.invoke(app, ["eval", "--ckpt", str(path), "--tasks", "pir", "--samples", "1", "--out", str(out),
+                                 "--data", str(data), "--tracking-uri", f"sqlite:///{folder / 'split.db'}"])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "leftImg8bit/val: folder not found" in lines[0], result.stderr
+    assert not out.exists()
 
 
 def test_eval_of_a_real_prior_checkpoint_on_builtin_data_names_the_runs_config(tmp_path, tiny_prior):

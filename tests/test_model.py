@@ -396,8 +396,8 @@ def test_checkpoint_on_other_weights_of_a_prior_folder_is_refused(tmp_path):
         load_checkpoint(path, prior=str(second))
     assert str(error.value) == (
         f"checkpoint {path} was trained on the weights of prior '{first}', not on those of '{second}' "
-        "(unet/diffusion_pytorch_model.safetensors holds other bytes); give --prior the folder it was trained on, "
-        "or a copy of it"
+        "(unet/diffusion_pytorch_model.safetensors holds other bytes); give the folder it was trained on, or a "
+        "copy of it, with --prior"
     )
     (tmp_path / "in").mkdir()
     Image = pytest.importorskip("PIL.Image")

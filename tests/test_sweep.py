@@ -236,6 +236,68 @@ def test_real_data_without_its_downstream_model_or_a_readable_val_set_is_refused
     assert not (workspace / "never-real").exists()
 
 
+def test_a_moved_prior_or_another_one_is_refused_before_ray_starts(workspace, monkeypatch):
+    """Every trial would fail to load the checkpoint onto a prior folder that has moved since it was trained, or
+    onto another prior than its own: both sweeps refuse before Ray starts, and take the prior's new place from
+    --set prior=FOLDER."""
+    from unirestore.framework import sweep
+    from unirestore.framework.checkpoint import save_checkpoint
+    from unirestore.framework.config import ModelConfig
+    from unirestore.framework.model import UniRestore
+    from unirestore.framework.prior import build_tiny_prior, load_prior
+
+    class RayStarted(Exception):
+        pass
+
+    def ray_session(address=None):
+        raise RayStarted
+
+    monkeypatch.setattr(sweep, "ray_session", ray_session)
+    folder = build_tiny_prior(workspace / "prior-to-move", seed=2)
+    other = build_tiny_prior(workspace / "another-prior", seed=3)  # the same architecture, other weights
+    stage1 = save_checkpoint(UniRestore(load_prior(folder), ModelConfig(use_tfa=False), tasks=["pir"]),
+                             workspace / "moving-stage1.safetensors", extra={"stage": "stage1"})  # fmt: skip
+    stage2 = save_checkpoint(UniRestore(load_prior(folder), tasks=["pir"]), workspace / "moving-stage2.safetensors",
+                             extra={"trained_prompts": ["pir"]})  # fmt: skip
+    never = workspace / "never-prior"
+
+    def beta(*overrides: str) -> None:
+        sweep_beta(stage1, "pir", config=tiny_config(workspace, *overrides), steps=1, output=never, show=False)
+
+    def extend(*overrides: str) -> None:
+        sweep_extend(stage2, "det", config=tiny_config(workspace, *overrides), steps=1, output=never, show=False)
+
+    for sweep_of in (beta, extend):
+        with pytest.raises(RayStarted):  # the checkpoint's own prior: the checks pass
+            sweep_of()
+        with pytest.raises(SweepError) as raised:
+            sweep_of(f"prior={other}")
+        assert str(raised.value).endswith(
+            f"was trained on the weights of prior '{folder}', not on those of '{other}' (unet/diffusion_pytorch_model"
+            ".safetensors holds other bytes); give the folder it was trained on, or a copy of it, with --set "
+            "prior=FOLDER"
+        )
+    moved = folder.rename(workspace / "prior-moved")
+    for sweep_of, source in ((beta, stage1), (extend, stage2)):
+        with pytest.raises(SweepError) as raised:
+            sweep_of()
+        assert str(raised.value) == (
+            f"checkpoint {source} was trained on prior folder {folder}, which is not there any more; if it has "
+            "moved, give its new place with --set prior=FOLDER"
+        )
+        with pytest.raises(RayStarted):
+            sweep_of(f"prior={moved}")
+    # the command line: one line, exit 2
+    result = CliRunner().invoke(app, ["sweep", "extend", "--from", str(stage2), "--tasks", "det", "--output",
+                                      str(never)])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: checkpoint {stage2} was trained on prior folder {folder}, which is not there any more; if it has "
+        + "moved, give its new place with --set prior=FOLDER"
+    ]
+    assert not never.exists()
+
+
 def test_gpus_requested_on_a_machine_without_fails_fast(source, trained_source, workspace):
     checkpoint, config = source
     started = time.perf_counter()

@@ -238,6 +238,86 @@ def test_a_task_may_generate_its_own_built_in_data(monkeypatch):
         BlobTask(TaskContext(size=32)).dataset("train")
 
 
+@pytest.mark.parametrize("listed", [False, True])
+def test_a_task_may_ask_for_its_training_images_clean(monkeypatch, listed):
+    """`dataset(split, degrade=False)`: the same images without drawing a degradation for each (a task that
+    trains a model of its own on clean images would pay for corruptions it throws away), from built-in data
+    or a data config's entries."""
+    from unirestore.framework import degrade
+    from unirestore.framework.data.config import parse_data_config
+
+    data = parse_data_config({"tasks": {"cls": [{"type": "builtin_scenes", "corruption": ["fog"]}]}}) if listed else None
+    task = get_task_class("cls")(TaskContext(data=data, size=32))
+    degraded = task.dataset("train")
+    samples = [degraded[index] for index in range(4)]
+    assert all("lq" in sample for sample in samples)
+    assert not listed or {sample["corruption"] for sample in samples} == {"fog"}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a degradation was drawn for a clean image")
+
+    monkeypatch.setattr(degrade.Degrader, "__call__", refuse)
+    clean = task.dataset("train", degrade=False)
+    assert len(clean) == len(degraded)
+    for index, sample in enumerate(samples):
+        assert "lq" not in clean[index] and "corruption" not in clean[index]
+        assert torch.equal(clean[index]["hq"], sample["hq"]) and clean[index]["label"] == sample["label"]
+
+
+def test_a_plugins_own_generated_type_in_a_data_config_is_built_in_data(monkeypatch):
+    """A data config naming a plugin task's own generated type (its `builtin_type`) is built-in data, as one
+    naming builtin_scenes is: the task uses its built-in downstream model, not a real checkpoint, and generated
+    data needs a crop size. The registry says which types are generated, not a fixed list."""
+    from unirestore.framework.data import config as data_config
+    from unirestore.framework.data.io import DataError
+    from unirestore.framework.data.sample import make_sample
+    from unirestore.framework.downstream import DownstreamError, checkpoint_path
+
+    monkeypatch.setattr(data_config, "DATASET_TYPES", dict(data_config.DATASET_TYPES))
+    monkeypatch.setattr(registry, "_TASKS", dict(registry._TASKS))
+    monkeypatch.setattr(registry, "_SOURCES", dict(registry._SOURCES))
+
+    @data_config.register_dataset_type("plugin_blobs")
+    class Blobs(torch.utils.data.Dataset):
+        sample_keys = ("hq",)
+
+        def __init__(self, split="train", size=64, seed=0, length=4):
+            self.size, self.length = size, length
+
+        def __len__(self):
+            return self.length
+
+        def __getitem__(self, index):
+            return make_sample(torch.rand(3, self.size, self.size))
+
+    @registry.register_task
+    class BlobTask(Task):
+        name, builtin_type = "blob_plugin", "plugin_blobs"
+
+        def prepare(self, force=False, steps=None):  # a real network on real data; its own one on built-in data
+            if not self._builtin():
+                checkpoint_path(self.context.checkpoints, "blob_net", "blob network")
+
+        def losses(self, restored, batch):
+            return {"loss/blob_plugin": restored.mean()}
+
+    def listing(entry: dict, **config):
+        return data_config.parse_data_config({**config, "tasks": {"blob_plugin": [entry]}})
+
+    for type_name in ("plugin_blobs", "builtin_scenes"):
+        task = BlobTask(TaskContext(data=listing({"type": type_name}), size=32))
+        assert task._builtin() and downstream.context_is_builtin(task.context, "blob_plugin")
+        task.prepare()  # no real checkpoint asked for
+        assert task.dataset("train")[0]["hq"].shape == (3, 32, 32)
+        with pytest.raises(DataError, match=f"{type_name}: generated data needs a size; set `size`"):
+            BlobTask(TaskContext(data=listing({"type": type_name}, size=None))).dataset("train")
+    # a real type stays real data: the plugin asks for its checkpoint
+    real = BlobTask(TaskContext(data=listing({"type": "hq_folder", "root": "/x"})))
+    assert not real._builtin()
+    with pytest.raises(DownstreamError, match="set downstream_checkpoints.blob_net"):
+        real.prepare()
+
+
 def test_pir_loss_is_selectable(tasks):
     batch = _batch(tasks["pir"])
     pir = get_task_class("pir")

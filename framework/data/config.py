@@ -50,6 +50,7 @@ import numpy as np
 import yaml
 from torch.utils.data import Dataset
 
+from ..config import did_you_mean
 from ..degrade import SEVERITY_PROBS, TRAIN_CORRUPTIONS, Degrader, parse_corruptions
 from .adapters import (
     ACDC,
@@ -260,7 +261,8 @@ def _parse_entry(raw: Any, where: str, base: Path | None = None) -> DatasetEntry
             entry.options[key] = value
         else:
             valid = ["type", *_COMMON, *options]
-            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            closest = did_you_mean(key, valid)
+            raise DataError(f"{where}: unknown key {key!r};{closest} valid keys: {', '.join(valid)}")
     missing = [
         n for n, p in options.items() if p.default is inspect.Parameter.empty and n not in entry.options
     ]
@@ -287,7 +289,8 @@ def _parse_degradation(raw: Any, where: str) -> DegradationConfig:
     hints = typing.get_type_hints(DegradationConfig)
     for key, value in raw.items():
         if key not in hints:
-            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(hints)}")
+            closest = did_you_mean(key, hints)
+            raise DataError(f"{where}: unknown key {key!r};{closest} valid keys: {', '.join(hints)}")
         value = _coerce(value, hints[key], f"{where}.{key}")
         if key == "corruptions":
             try:
@@ -374,7 +377,8 @@ def parse_data_config(raw: Any, source: str = "<data config>", base: str | os.Pa
                 ]
                 _check_serves(task, config.tasks[task], f"{where}.{task}")
         else:
-            raise DataError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            closest = did_you_mean(key, valid)
+            raise DataError(f"{where}: unknown key {key!r};{closest} valid keys: {', '.join(valid)}")
     return config
 
 
@@ -478,10 +482,12 @@ def build_dataset(
     degradation: DegradationConfig | None = None,
 ) -> Dataset:
     """One entry's dataset; HQ-only sets come wrapped in `Degraded` unless `entry.degrade` is false."""
+    from ..registry import builtin_dataset_types
+
     cls = DATASET_TYPES[entry.type]
     split = entry.split or split
     options = dict(entry.options)
-    if cls in (BuiltinScenes, BuiltinPhotos) and size is None:
+    if size is None and entry.type in builtin_dataset_types():
         raise DataError(f"{entry.type}: generated data needs a size; set `size` in the data config")
     try:
         dataset = cls(split=split, size=size, seed=_derive(seed, 0), **options)
