@@ -65,7 +65,7 @@ class Budget:
     downstream_steps: int | None  # built-in downstream models (None: their defaults)
 
 
-_STAGE0, _TRAIN = Stage0Config(), TrainConfig()
+_STAGE0, _TRAIN = Stage0Config(), TrainConfig().for_prior("tiny")
 BUDGETS = {
     "toy": Budget(4, 4, 2, 2, 2, 2, 4, 4),
     # the README main command's budget (the stage-0, stage-1/2 and batch defaults): ~25 min on 2 CPU cores

@@ -3,8 +3,8 @@
 Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
 prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
 the identity of the prior (name, a fingerprint of its configs, for the tiny prior a hash of its weights and,
-for a prior read from a folder, the size and a sampled hash of each weight file). Loading onto another prior,
-or onto other weights of the same one, is refused.
+for a prior read from a folder or by hub id (its snapshot in the Hugging Face cache), the size and a sampled hash
+of each weight file). Loading onto another prior, or onto other weights of the same one, is refused.
 """
 
 from __future__ import annotations
@@ -175,7 +175,13 @@ def prior_problem(metadata: Mapping, identity: Mapping, option: str = "--prior")
             "again since; set UNIRESTORE_HOME to the cache it was trained with, or train the checkpoint again"
         )
     changed = _other_weight_file(recorded.get("weight_files"), identity.get("weight_files"))
-    if changed and recorded["name"] == identity["name"]:  # the folder's weights were replaced since
+    if changed and recorded["name"] == identity["name"]:  # the weights under that name were replaced since
+        if identity["name"] != "tiny" and not Path(identity["name"]).is_absolute():  # a hub id: another revision
+            return (
+                f"checkpoint {path} was trained on other weights than prior '{identity['name']}' has in the "
+                f"Hugging Face cache now ({changed}: another revision of it); give {option} a folder with the "
+                "weights it was trained on, or train it again on these"
+            )
         return (
             f"checkpoint {path} was trained on other weights than prior '{identity['name']}' holds now "
             f"({changed}); put back the weights it was trained on, or train it again on these"

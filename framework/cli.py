@@ -24,6 +24,8 @@ from typing import Annotated
 
 import typer
 
+from .config import PRESET_TRAIN, RELEASE_TRAIN  # stdlib and yaml alone: the defaults the help texts name
+
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
     help="UniRestore: one image-restoration model for human viewers and downstream vision models.",
@@ -339,6 +341,16 @@ def _check_tasks(run_config) -> None:
         setattr(run_config.train, key, weights)
 
 
+_STEPS_HELP = (
+    f"Steps of stages 1 and 2 (default: {PRESET_TRAIN['stage1_steps']} and {PRESET_TRAIN['stage2_steps']} on the "
+    f"tiny prior, the release's {RELEASE_TRAIN['stage1_steps']} and {RELEASE_TRAIN['stage2_steps']} on another)."
+)
+_BATCH_HELP = (
+    f"Samples per micro-batch (default: {PRESET_TRAIN['batch_size']} on the tiny prior, the release's "
+    f"{RELEASE_TRAIN['batch_size']} on another)."
+)
+
+
 @app.command()
 def train(
     tasks: Annotated[
@@ -352,8 +364,8 @@ def train(
         str | None,
         typer.Option("--data", help="builtin or a data-config YAML file, whose relative paths are read from its folder."),
     ] = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Steps of stages 1 and 2.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per micro-batch.")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help=_STEPS_HELP)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help=_BATCH_HELP)] = None,
     beta: Annotated[
         str | None, typer.Option("--beta", help="β per task, e.g. pir=1,seg=0.1,cls=0.1.")
     ] = None,
@@ -1044,7 +1056,9 @@ def sweep_beta(
     gpus_per_trial: GpusPerTrial = None,
     cpus_per_trial: CpusPerTrial = 1.0,
     address: RayAddress = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Stage-2 steps per trial.")] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Stage-2 steps per trial (default: train.stage2_steps for the prior).")
+    ] = None,
     output: Annotated[str | None, typer.Option("--output", help="Sweep folder (default: runs/sweep-beta).")] = None,
     resume: SweepResume = False,
     config: ConfigOption = None,

@@ -296,23 +296,48 @@ TINY_LR = {1: 8e-3, 2: 3.2e-2, 3: 3.2e-2}
 # β = 1: 17.80, 0.574 / 0.535, 0.789 / 0.891; β = 3: 17.81, 0.580 / 0.546, 0.836 / 0.906; β = 5: 17.86,
 # 0.583 / 0.551, 0.844 / 0.922; β = 10: 17.68, 0.579 / 0.543, 0.844 / 0.914; β = 20: 17.51 dB.
 TINY_BETA = {"seg": 5.0, "cls": 5.0}
+# Settings whose default follows the prior as the learning rate's does: unset (None), they take the tiny preset's
+# value on `prior: tiny` (stages of a few hundred steps on a CPU) and the release's on any other prior (SPEC §6;
+# experiments/configs/release.yaml states the same values, and a test keeps the two equal). At the release's lr
+# the preset's few hundred steps would barely move the modules. `TrainConfig.for_prior` fills them in.
+PRESET_TRAIN = {
+    # 450 for stages 1 and 2 keep the README main command under 15 minutes on a slow 2-core machine (12–13 min);
+    # at lr 4e-3, 500 each gained a little on every task (BENCHMARKS.md, "Known limits").
+    "stage1_steps": 450,
+    "stage2_steps": 450,
+    "batch_size": 4,
+    "checkpoint_every": 100,
+    "val_every": 0,
+    "val_samples": 8,
+    "eval_samples": 32,
+}
+RELEASE_TRAIN = {
+    "stage1_steps": 200_000,
+    "stage2_steps": 250_000,
+    "batch_size": 6,  # per process: 8 GPUs × 6 is the release's effective batch of 48
+    "checkpoint_every": 2000,
+    "val_every": 5000,
+    "val_samples": 64,
+    "eval_samples": 500,
+}
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping of stages 1–3 (SPEC §6). The defaults are the tiny preset on a CPU;
-    the release trained 200k (stage 1) and 250k (stage 2) steps at an effective batch of 48, 512² crops."""
+    """Optimisation and bookkeeping of stages 1–3 (SPEC §6). A setting left unset (None) whose default follows
+    the prior (the learning rate, β, and those of `PRESET_TRAIN`) takes the tiny preset's value on the tiny
+    prior and the release's on any other: `for_prior` fills them in, and a run saves them filled."""
 
-    # Optimiser steps of stage 1 (CFRM, Controller, SC-Tuners). 450 for stages 1 and 2 keep the README main
-    # command under 15 minutes on a slow 2-core machine (12–13 min); at lr 4e-3, 500 each gained a little on
-    # every task (BENCHMARKS.md, "Known limits").
-    stage1_steps: int = 450
+    # Optimiser steps of stage 1 (CFRM, Controller, SC-Tuners). Unset: `PRESET_TRAIN`'s on the tiny prior,
+    # `RELEASE_TRAIN`'s on another (as for each setting below that is None by default).
+    stage1_steps: int | None = None
     # Optimiser steps of stage 2 (TFA and every task prompt).
-    stage2_steps: int = 450
-    # Optimiser steps of stage 3 (one new task's prompt, `unirestore task add`).
+    stage2_steps: int | None = None
+    # Optimiser steps of stage 3 (one new task's prompt, `unirestore task add`), on every prior (the release
+    # names no stage-3 length).
     stage3_steps: int = 200
     # Samples per micro-batch and process.
-    batch_size: int = 4
+    batch_size: int | None = None
     # Micro-batches accumulated per optimiser step; effective batch = batch_size × grad_accum × processes.
     grad_accum: int = 1
     # Peak learning rate of every stage at an effective batch of `lr_reference_batch`, scaled by
@@ -351,13 +376,13 @@ class TrainConfig:
     # Autocast precision of the forward pass: fp32 (none), bf16 or fp16 (fp16 adds a gradient scaler on CUDA).
     precision: str = "fp32"
     # Write last.safetensors + last.state.pt every this many steps (and at the end of each stage).
-    checkpoint_every: int = 100
+    checkpoint_every: int | None = None
     # Run the validation metrics every this many steps; 0: only at the end of each stage.
-    val_every: int = 0
+    val_every: int | None = None
     # Validation images per task (a fixed set: the first ones of the val split).
-    val_samples: int = 8
+    val_samples: int | None = None
     # Images per task in the final evaluation table (a fixed set: the first ones of the test split).
-    eval_samples: int = 32
+    eval_samples: int | None = None
     # Log loss terms and learning rate to MLflow every this many steps.
     log_every: int = 10
     # DataLoader worker processes (0: load in the training process). One worker makes the degradations
@@ -389,9 +414,15 @@ class TrainConfig:
             return self.lr
         return TINY_LR[stage] if prior == "tiny" else RELEASE_LR
 
+    def for_prior(self, prior: str) -> TrainConfig:
+        """A copy with each unset setting of `PRESET_TRAIN` given its default for `prior`: the tiny preset's on
+        the tiny prior, the release's (`RELEASE_TRAIN`) on any other. Set ones stay as they are."""
+        defaults = PRESET_TRAIN if prior == "tiny" else RELEASE_TRAIN
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None})
+
     def validate(self) -> None:
         for name in ("stage1_steps", "stage2_steps", "stage3_steps", "val_every", "num_workers"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be >= 0")
         for name in (
             "batch_size",
@@ -402,7 +433,7 @@ class TrainConfig:
             "val_samples",
             "eval_samples",
         ):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name}={getattr(self, name)}: must be at least 1")
         if self.lr is not None and not self.lr > 0:
             raise ConfigError(f"train.lr={self.lr}: must be positive")
@@ -522,6 +553,11 @@ class RunConfig:
             raise ConfigError("output: give a run folder")
         if self.detector_size is not None and self.detector_size < 32:
             raise ConfigError(f"detector_size={self.detector_size}: give a side of at least 32 pixels, or null")
+
+    def with_prior_defaults(self) -> RunConfig:
+        """A copy whose unset training settings that follow the prior hold their values for `prior`
+        (`TrainConfig.for_prior`): what a run trains with, and saves."""
+        return dataclasses.replace(self, train=self.train.for_prior(self.prior))
 
 
 def _lists_datasets(tasks: Any) -> bool:

@@ -124,8 +124,9 @@ class Prior:
     # The tiny prior only (its weights are trained here, and stage 0 may train them again): a hash of its VAE
     # and UNet weight files, so that a checkpoint is not loaded onto other weights of the same architecture.
     weights: str | None = None
-    # A prior read from a folder (the tiny one too): what `sample_weight_files` says of the VAE and UNet weight
-    # files it read, the same check at a cost that does not grow with a real prior's gigabytes.
+    # A prior read from a folder (the tiny one too) or by hub id from the Hugging Face cache: what
+    # `sample_weight_files` says of the VAE and UNet weight files it read, the same check at a cost that does not
+    # grow with a real prior's gigabytes.
     weight_files: dict[str, dict] | None = None
 
     @property
@@ -210,6 +211,18 @@ def sample_weight_files(folder: Path) -> dict[str, dict]:
         for path in sorted(paths):
             files[f"{subfolder}/{path.name}"] = {"size": path.stat().st_size, "sample": _sample_digest(path)}
     return files
+
+
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The Hugging Face cache's snapshot folder of hub id `repo_id` at the revision its `main` ref names (the
+    files diffusers reads), or None where the cache does not hold one. Nothing is downloaded."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "unet/config.json")  # HF_HUB_CACHE (or HF_HOME/hub) as diffusers
+    if not isinstance(config, str):
+        return None
+    snapshot = Path(config).parents[1]
+    return snapshot if all((snapshot / sub).is_dir() for sub in ("vae", "unet")) else None
 
 
 def _sample_digest(path: Path) -> str:
@@ -385,7 +398,8 @@ def load_prior(
     device: str | torch.device = "cpu",
     empty_prompt_embeds: torch.Tensor | None = None,
 ) -> Prior:
-    """Load and freeze a prior: `tiny`, a diffusers-format folder, or a hub id (needs a network).
+    """Load and freeze a prior: `tiny`, a diffusers-format folder, or a hub id (read from the Hugging Face cache,
+    downloaded into it unless HF_HUB_OFFLINE is set).
 
     `empty_prompt_embeds`, when given (a checkpoint stores it), skips the text encoder entirely.
     """
@@ -444,12 +458,13 @@ def _ddim(scheduler_config: dict) -> DDIMScheduler:
 
 def _identity(name: str, source: str, local: bool, vae_config, unet_config, scheduler_config) -> dict:
     """The `Prior` fields that say which prior it is."""
+    weights_folder = Path(source) if local else hub_snapshot(name)  # a hub id: its snapshot in the cache
     return {
         # a folder by its absolute path: a checkpoint records it, and is read from any working directory
         "name": "tiny" if name == "tiny" else source if local else name,
         "fingerprint": fingerprint_configs(vae_config, unet_config, scheduler_config),
         "weights": weights_digest(Path(source)) if name == "tiny" else None,
-        "weight_files": sample_weight_files(Path(source)) if local else None,
+        "weight_files": sample_weight_files(weights_folder) if weights_folder is not None else None,
     }
 
 

@@ -583,7 +583,8 @@ def _check_source(source: str | Path) -> tuple[Path, dict]:
 def _source_prior(config: RunConfig, metadata: dict) -> None:
     """The trials' prior: the config's when it names one, else (`tiny`, the default) the prior the source
     checkpoint was trained on, as `task add`, `eval` and `restore` take it. The defaults that depend on the
-    prior (learning rate, β) then follow the prior the trials train on.
+    prior (learning rate, β, the step counts and batch size of `PRESET_TRAIN`) then follow the prior the trials
+    train on; the latter are filled in here, so that the trial length and validation set follow it too.
 
     Before Ray starts, from the prior's configs and weight files alone: a prior folder that has moved since the
     checkpoint was trained, and a prior the checkpoint does not load onto, are refused (each trial would fail)."""
@@ -601,6 +602,7 @@ def _source_prior(config: RunConfig, metadata: dict) -> None:
     problem = prior_problem(metadata, prior_identity(config.prior), option="--set prior=FOLDER")
     if problem:
         raise SweepError(problem)
+    config.train = config.train.for_prior(config.prior)
 
 
 def _check_tasks(tasks: str | Sequence[str]) -> list[str]:
@@ -1359,7 +1361,9 @@ def _write_beta_config(path: Path, config: RunConfig, beta: Mapping[str, float],
     track is left to the training that reads it with `unirestore train --config best.yaml`."""
     winner = from_dict(RunConfig, to_dict(config), source="sweep")
     winner.train.beta = {**winner.train.beta, **{task: float(value) for task, value in beta.items()}}
-    differences = _differences(to_dict(winner), to_dict(RunConfig()))
+    defaults = RunConfig()
+    defaults.train = defaults.train.for_prior(winner.prior)  # the values `train` fills in for that prior anyway
+    differences = _differences(to_dict(winner), to_dict(defaults))
     fields = {"tasks": list(winner.tasks),
               **{key: value for key, value in differences.items() if key not in (*_PLACE_KEYS, "tasks")}}  # fmt: skip
     header = (

@@ -8,6 +8,7 @@ untrained one the other test files share) and tiny budgets.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -705,29 +706,76 @@ def test_a_run_folders_config_names_a_local_prior_and_downstream_checkpoints_by_
         _check_resumed_config(tmp_path / "run", other)
 
 
-def test_a_real_prior_trained_for_the_preset_step_counts_is_told_so():
-    """At the release's learning rate the tiny preset's 450 steps barely move the modules: a user who gave only
-    --prior hears the release's counts and where they are; the tiny prior or steps set by hand hear nothing."""
-    from unirestore.framework.config import RunConfig, TrainConfig
-    from unirestore.framework.engine import _note_preset_steps
+PRIOR_SETTINGS = ("stage1_steps", "stage2_steps", "stage3_steps", "batch_size", "checkpoint_every", "val_every",
+                  "val_samples", "eval_samples")  # fmt: skip
 
-    class Run:
-        def __init__(self):
-            self.said = []
 
-        def say(self, message):
-            self.said.append(message)
+def _resolved(config: RunConfig) -> dict:
+    train_config = config.with_prior_defaults().train
+    return {name: getattr(train_config, name) for name in PRIOR_SETTINGS}
 
-    def notes(config, chosen=(1, 2)):
-        run = Run()
-        _note_preset_steps(run, config, chosen)
-        return run.said
 
-    [note] = notes(RunConfig(prior="/models/sd-turbo"))
-    assert "stage 1: 450 and stage 2: 450" in note and "release.yaml" in note
-    assert "stage 2: 450" in notes(RunConfig(prior="/models/sd-turbo"), chosen=(2,))[0]
-    assert notes(RunConfig(prior="tiny")) == []
-    assert notes(RunConfig(prior="/models/sd-turbo", train=TrainConfig(stage1_steps=200000))) == []
+def test_unset_step_counts_and_batch_size_follow_the_prior_as_the_learning_rate_does():
+    """On a real prior the tiny preset's 450 steps at batch 4 barely move the modules at the release's lr: left
+    unset, the step counts, batch size and validation / checkpoint settings are the release's there, and the
+    tiny preset's own (unchanged) on `tiny`; set, they win on either. release.yaml states the release's values
+    as the code holds them."""
+    from unirestore.framework.config import load_yaml
+
+    preset = {"stage1_steps": 450, "stage2_steps": 450, "stage3_steps": 200, "batch_size": 4, "checkpoint_every": 100,
+              "val_every": 0, "val_samples": 8, "eval_samples": 32}  # fmt: skip
+    release = {"stage1_steps": 200_000, "stage2_steps": 250_000, "stage3_steps": 200, "batch_size": 6,
+               "checkpoint_every": 2000, "val_every": 5000, "val_samples": 64, "eval_samples": 500}  # fmt: skip
+    assert _resolved(RunConfig()) == _resolved(load_run_config(None, ["prior=tiny"])) == preset
+    for prior in ("/models/sd-turbo", "stabilityai/sd-turbo"):
+        assert _resolved(load_run_config(None, [f"prior={prior}"])) == release
+        chosen = _resolved(load_run_config(None, [f"prior={prior}", "train.stage1_steps=7", "train.batch_size=2"]))
+        assert chosen == {**release, "stage1_steps": 7, "batch_size": 2}
+    assert _resolved(load_run_config(None, ["train.stage2_steps=9", "train.val_every=3"])) == {
+        **preset, "stage2_steps": 9, "val_every": 3}  # fmt: skip
+    # `null` in a file or --set is "unset" too, and a resolved config stays as it is when resolved again
+    unset = load_run_config(None, ["prior=/models/sd-turbo", "train.batch_size=null"])
+    assert unset.train.batch_size is None and unset.with_prior_defaults().with_prior_defaults().train.batch_size == 6
+    with pytest.raises(ConfigError, match=r"train.stage1_steps=-1: must be >= 0"):
+        load_run_config(None, ["train.stage1_steps=-1"])
+    # experiments/configs/release.yaml: its train values (but the machine's num_workers) are the real-prior defaults
+    shipped = load_yaml(Path(__file__).parents[1] / "experiments" / "configs" / "release.yaml")
+    stated = {name: value for name, value in shipped["train"].items() if name != "num_workers"}
+    defaults = TrainConfig().for_prior(shipped["prior"])
+    assert {name: getattr(defaults, name) for name in stated} == stated
+    assert {name for name in PRIOR_SETTINGS if name != "stage3_steps"} <= set(stated)
+
+
+def test_a_real_prior_run_saves_the_defaults_it_resolved_and_resumes_by_them(root, tmp_path):
+    """A run on a prior folder with the batch size and checkpoint interval left unset trains at the release's
+    batch (6) and saves the values it used in config.yaml and MLflow: `train --config` of that file repeats the
+    run, and --resume with another batch size is refused as a changed setting."""
+    import mlflow
+
+    from unirestore.framework.config import load_yaml
+    from unirestore.framework.prior import build_tiny_prior
+
+    folder = build_tiny_prior(tmp_path / "sd-like", seed=1)  # weights of its own, not the tiny prior's
+    config = make_config(root, "folder-prior-defaults", f"prior={folder}", "tasks=[pir]", "train.batch_size=null",
+                         "train.checkpoint_every=null", "train.stage1_steps=2")  # fmt: skip
+    assert config.train.batch_size is None and config.train.checkpoint_every is None
+    seen = []
+    hook = CallbackHook(
+        lambda trainer: seen.append((trainer.config.batch_size, trainer.optimizer.param_groups[0]["max_lr"]))
+    )
+    result = train(config, stages=(1,), hooks=[hook], progress=False)
+    assert seen == [(6, pytest.approx(RELEASE_LR * math.sqrt(6 / 64)))] * 2
+    saved = root / "folder-prior-defaults" / "config.yaml"
+    assert {name: load_yaml(saved)["train"][name] for name in PRIOR_SETTINGS} == {
+        **_resolved(RunConfig(prior=str(folder))), "stage1_steps": 2, "stage2_steps": 3, "stage3_steps": 2,
+        "val_samples": 2}  # fmt: skip
+    params = mlflow.MlflowClient(config.tracking_uri).get_run(result.run_id).data.params
+    assert params["batch_size"] == "6" and params["train.checkpoint_every"] == "2000"
+    train(load_run_config(saved), stages=(1,), resume=True, progress=False)  # the saved file resumes the run
+    train(config, stages=(1,), resume=True, progress=False)  # and so does the same command
+    with pytest.raises(RunFolderError, match=r"differs from the run's \(train.batch_size\)"):
+        train(make_config(root, "folder-prior-defaults", f"prior={folder}", "tasks=[pir]", "train.batch_size=4",
+                          "train.checkpoint_every=null", "train.stage1_steps=2"), stages=(1,), resume=True)  # fmt: skip
 
 
 @pytest.mark.parametrize(("steps", "warmup"), [(10, 0.1), (20, 0.05), (4, 0.25), (450, 0.1), (7, 0.0)])

@@ -431,6 +431,51 @@ def test_checkpoint_on_other_weights_of_a_prior_folder_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def test_a_prior_given_by_hub_id_records_the_weight_files_of_its_cached_snapshot(tmp_path, monkeypatch):
+    """A hub id (as stabilityai/sd-turbo) is read from the Hugging Face cache's snapshot that refs/main names:
+    its weight files are recorded as a folder's are, so a checkpoint is refused once the cache holds other
+    weights under that id (another revision) and loads again on the ones it was trained on. All offline."""
+    import huggingface_hub.constants
+
+    from unirestore.framework.checkpoint import read_checkpoint
+    from unirestore.framework.prior import build_tiny_prior, hub_snapshot, sample_weight_files
+
+    cache = tmp_path / "hf" / "hub"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # read once, when it is imported
+    repo = cache / "models--unirestore-tests--sd-like"
+    trained, other = "1" * 40, "2" * 40
+    build_tiny_prior(repo / "snapshots" / trained, seed=0)
+    build_tiny_prior(repo / "snapshots" / other, seed=1)  # the same architecture, other weights
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(trained)
+    assert hub_snapshot("unirestore-tests/sd-like") == repo / "snapshots" / trained
+    assert hub_snapshot("unirestore-tests/not-cached") is None
+
+    prior = load_prior("unirestore-tests/sd-like")
+    assert prior.name == "unirestore-tests/sd-like"
+    assert set(prior.weight_files) == {
+        "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors",
+    }  # fmt: skip
+    assert prior.weight_files == sample_weight_files(repo / "snapshots" / trained)
+    assert prior.weight_files != sample_weight_files(repo / "snapshots" / other)
+    path = save_checkpoint(UniRestore(prior, ModelConfig(), tasks=["pir"]), tmp_path / "model.safetensors")
+    assert read_checkpoint(path)[1]["prior"]["weight_files"] == prior.weight_files
+
+    (repo / "refs" / "main").write_text(other)  # the cache moved on to another revision of the same id
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (
+        f"checkpoint {path} was trained on other weights than prior 'unirestore-tests/sd-like' has in the Hugging "
+        "Face cache now (unet/diffusion_pytorch_model.safetensors holds other bytes: another revision of it); give "
+        "--prior a folder with the weights it was trained on, or train it again on these"
+    )
+    assert load_checkpoint(path, prior=str(repo / "snapshots" / trained)).tasks == ["pir"]  # that folder, as told
+    (repo / "refs" / "main").write_text(trained)
+    assert load_checkpoint(path).tasks == ["pir"]
+
+
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
 def test_missing_or_corrupt_checkpoint_fails_clearly(tmp_path, content):
     path = tmp_path / "broken.safetensors"

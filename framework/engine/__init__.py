@@ -35,7 +35,7 @@ import torch
 
 from ..background import BackgroundJob, train_builtin_models
 from ..checkpoint import CheckpointError, extension_problem, load_checkpoint, read_checkpoint, save_checkpoint
-from ..config import ConfigError, RunConfig, TrainConfig, dump_yaml, load_yaml, to_dict
+from ..config import ConfigError, RunConfig, dump_yaml, load_yaml, to_dict
 from ..evaluate import EvalReport, EvalTable, evaluate, save_grids
 from ..files import atomic_write_text
 from ..model import UniRestore
@@ -167,13 +167,14 @@ def _data_config(config: RunConfig):
 def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) -> None:
     """Before a run (or an evaluation: `training` False) starts: the data config parses, lists every one of
     `names` and the roots of their datasets are folders."""
+    batch_size = config.train.for_prior(config.prior).batch_size
     if training:
         for name in names:
             needed = get_task_class(name).min_batch_size
-            if config.train.batch_size < needed:
+            if batch_size < needed:
                 raise ConfigError(
                     f"task '{name}' needs at least {needed} images per batch (its loss compares each image with "
-                    f"the others; with {config.train.batch_size} it is zero and nothing trains); add "
+                    f"the others; with {batch_size} it is zero and nothing trains); add "
                     f"--set train.batch_size={needed} (or more)"
                 )
     data = _data_config(config)
@@ -189,7 +190,7 @@ def _check_data(config: RunConfig, names: Sequence[str], training: bool = True) 
 
         builtin_types = {name: get_task_class(name).builtin_type for name in names}
         check_entries(data, list(names), source=config.data, builtin_types=builtin_types)
-        if training and data.size is None and not config.train.crop_size and config.train.batch_size > 1:
+        if training and data.size is None and not config.train.crop_size and batch_size > 1:
             pairs = [name for name in names if get_task_class(name).min_batch_size > 1]
             if pairs:
                 raise ConfigError(
@@ -694,7 +695,7 @@ def train(
             f"--stage 0 trains the built-in tiny prior only; prior '{config.prior}' comes trained: train stages 1 "
             "and 2 on it (--stage 1,2)"
         )
-    config = _absolute_paths(config)
+    config = _absolute_paths(config).with_prior_defaults()  # saved filled in: --resume compares those values
     names = parse_task_list(list(config.tasks))
     distributed, device = setup_distributed(config.train.device)
     output = Path(config.output).expanduser().resolve()
@@ -728,7 +729,6 @@ def train(
             if resume and not _resumable(output, model_stages):
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; starting the run anew")
             _note_training_images_in_test(run, config, names)
-            _note_preset_steps(run, config, chosen)
             result = _train_stages(run, chosen, names, resume, prior)
             status = "FINISHED"
             return result
@@ -746,23 +746,6 @@ def _end_together(tracker: Tracker, distributed: Distributed, interruption: Keyb
     if isinstance(interruption, TrainingInterrupted) and distributed.enabled:
         tracker.end("KILLED")
         distributed.barrier()
-
-
-def _note_preset_steps(run: _Run, config: RunConfig, chosen: tuple[int, ...]) -> None:
-    """Say (not stop) when a real prior trains for the tiny preset's few hundred steps: at the release's
-    learning rate they barely move the modules, and a user who gave only --prior may not know the defaults."""
-    from rich.markup import escape
-
-    preset = TrainConfig()
-    steps = {n: getattr(config.train, f"stage{n}_steps") for n in (1, 2) if n in chosen}
-    if config.prior == "tiny" or not steps or any(v != getattr(preset, f"stage{n}_steps") for n, v in steps.items()):
-        return
-    shown = " and ".join(f"stage {n}: {v}" for n, v in steps.items())
-    run.say(
-        f"[yellow]note[/yellow]: training prior '{escape(config.prior)}' for the tiny preset's step counts ({shown}, batch "
-        f"{config.train.batch_size}); the release trains 200k and 250k steps at an effective batch of 48: start "
-        "from experiments/configs/release.yaml, or set train.stage1_steps / train.stage2_steps"
-    )
 
 
 def _note_training_images_in_test(run: _Run, config: RunConfig, names: Sequence[str]) -> None:
@@ -945,8 +928,12 @@ def add_task(
     output = Path(config.output).expanduser().resolve()
     stage = stage3(task)
     _check_folder(output, [stage.name], resume)
-    _check_data(config, [task])
+    _check_data(config, [task])  # before the checkpoint is read: an unset batch size passes alike on either prior
     _, metadata = read_checkpoint(source_checkpoint)
+    # The prompt trains on the checkpoint's prior whatever the config names (by default `tiny`): the defaults
+    # that depend on the prior (lr, β, the batch size and the others of `PRESET_TRAIN`), the logged params and
+    # the saved config follow that one.
+    config = replace(config, train=config.train.for_prior(metadata["prior"]["name"]))
     if task in metadata["tasks"]:
         raise CheckpointError(
             f"{metadata['path']} already has a prompt for '{task}'; add another task or start from a checkpoint without it"
@@ -959,8 +946,6 @@ def add_task(
     model = load_checkpoint(source_checkpoint, prior=prior, device=device,
                             config_overrides={"gradient_checkpointing": config.model.gradient_checkpointing})  # fmt: skip
     model.add_task(task)
-    # The prompt trains on the checkpoint's prior whatever the config names (by default `tiny`): the defaults
-    # that depend on the prior (lr, β), the logged params and the saved config follow that one.
     config = replace(config, prior=_local_path(model.prior_identity["name"]))
     # The task's downstream model, before the run starts too: a missing or unfitting checkpoint leaves no run.
     tasks = build_tasks(config, [task], device, config.train.crop_size or model.native_size)
