@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Annotated
 
@@ -124,12 +126,39 @@ def _worker_ran_out(text: str) -> bool:
 TRAINING_INTERRUPTED = "what was saved is whole: the same command with --resume continues from the last checkpoint"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster's preemption, `kill`), raised as Ctrl-C is while `_terminate_as_interrupt` holds."""
+
+    signal = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While entered, in the main thread: SIGTERM raises `Terminated`, so that the command ends as on Ctrl-C
+    (its MLflow run ended KILLED, not left running) instead of dying at once; exit 143. A SIGTERM ignored when
+    entering (a run started with nohup) stays ignored."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_IGN, None,
+    ):  # fmt: skip
+        yield
+        return
+
+    def terminate(number, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextlib.contextmanager
 def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
     """User errors as one line and exit 2; a full disk or the device's memory running out as one line naming
-    the fix (`out_of_memory`) and exit 1; Ctrl-C as one line (`interrupted`: how to go on) and exit 130;
-    a training that stopped at a step it saved as its own line and 128 + the signal (130, SIGTERM 143);
-    anything else as a traceback."""
+    the fix (`out_of_memory`) and exit 1; Ctrl-C as one line (`interrupted`: how to go on) and exit 130
+    (`Terminated`, SIGTERM: 143); a training that stopped at a step it saved as its own line and 128 + the
+    signal (130, SIGTERM 143); anything else as a traceback."""
     try:
         yield
     except typer.Exit:
@@ -139,7 +168,7 @@ def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
             typer.echo(f"interrupted: {interruption}", err=True)
             raise typer.Exit(128 + interruption.signal) from None
         typer.echo(f"interrupted{'; ' + interrupted if interrupted else ''}", err=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + getattr(interruption, "signal", signal.SIGINT)) from None
     except Exception as error:
         import torch
 
@@ -789,7 +818,7 @@ def eval_(
         typer.Option(
             "--out",
             help="Folder for eval.csv / .json / .md, per-image eval_images.csv and eval_gains.png, grids/, and "
-            "partial/ (what --resume reads back).",
+            "partial/ and mlflow_run.json (what --resume reads back).",
         ),
     ] = Path("runs/eval"),
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
@@ -810,7 +839,7 @@ def eval_(
         typer.Option(
             "--resume",
             help="Read back the (degradation, task) results an interrupted run of the same command saved in "
-            "OUT/partial, and evaluate only the rest.",
+            "OUT/partial, and evaluate only the rest, in the same MLflow run (its id in OUT/mlflow_run.json).",
         ),
     ] = False,
     workers: Annotated[
@@ -847,7 +876,7 @@ def eval_(
             run_folder_lock,
         )
         from .engine.trainer import setup_distributed
-        from .evaluate import check_prompts, evaluate_checkpoint, track_evaluation
+        from .evaluate import check_prompts, evaluate_checkpoint, log_evaluation, tracked_evaluation
         from .registry import parse_task_list
 
         names = parse_task_list(tasks)
@@ -920,33 +949,6 @@ def eval_(
         if workers is None:  # the cores this machine's processes share, one kept for each process itself
             here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes on this machine
             workers = 0 if torch_device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) // here - 1))
-        report = evaluate_checkpoint(
-            model, task_objects, str(ckpt), progress=distributed.main, resume=resume,
-            shard=(distributed.rank, distributed.world_size), workers=workers, **settings,
-        )  # fmt: skip
-        if distributed.enabled:
-            units = list(dict.fromkeys(f"{label}/{task}" for label, task, _ in report.rows))
-            evaluated = ", ".join(unit for unit in units if unit not in report.resumed) or "nothing"
-            typer.echo(f"process {distributed.rank} of {distributed.world_size} evaluated {evaluated}")
-            if report.resumed:
-                typer.echo(f"process {distributed.rank} read back from {out / 'partial'}: {', '.join(report.resumed)}")
-            if report.retested:
-                typer.echo(f"process {distributed.rank} evaluated again, their test set changed since "
-                           f"{out / 'partial'} was saved: {', '.join(report.retested)}")  # fmt: skip
-            distributed.barrier()
-            if not distributed.main:
-                return
-            report = evaluate_checkpoint(model, task_objects, str(ckpt), resume=True, **settings)  # every unit
-            report.resumed = []  # each process said above what it read back
-        if report.resumed:
-            typer.echo(f"read back from {out / 'partial'} (evaluated before): {', '.join(report.resumed)}")
-        if report.retested:
-            typer.echo(f"evaluated again, their test set changed since {out / 'partial'} was saved: "
-                       f"{', '.join(report.retested)}")  # fmt: skip
-        files = report.write(out)
-        Console().print(report.rich_table())
-        for line in report.improved():  # how many images each prompt helped: a mean can hide a split
-            typer.echo(line)
         checkpoint = Path(ckpt).resolve()
         resolved = _absolute_paths(run_config)
         prior_name = model.prior_identity["name"]
@@ -960,11 +962,55 @@ def eval_(
                   "precision": precision,
                   "corruption": corruption or "default", "severity": (severity or 3) if corruption else "",
                   "samples": samples or "all", "tile_size": tile_size}  # fmt: skip
-        # a run folder holds several checkpoints: the run is named after both; the store is the one --config
-        # names (the training's, say) unless --tracking-uri is given, as `train` and `task add` take it
-        track_evaluation(report, files, tracking_uri=tracking_uri or run_config.tracking_uri, experiment=experiment,
-                         run_name=f"eval-{checkpoint.parent.name}/{checkpoint.stem}", params=params, tags=tags,
-                         config=to_dict(resolved))  # fmt: skip
+        # The MLflow run is open while the units are evaluated, each unit's metrics logged as it finishes, and
+        # its id kept in --out for --resume to continue it. A run folder holds several checkpoints: the run is
+        # named after both; the store is the one --config names (the training's, say) unless --tracking-uri is
+        # given, as `train` and `task add` take it.
+        tracking = tracked_evaluation(
+            out, tracking_uri=tracking_uri or run_config.tracking_uri, experiment=experiment,
+            run_name=f"eval-{checkpoint.parent.name}/{checkpoint.stem}", params=params, tags=tags,
+            config=to_dict(resolved), resume=resume, enabled=distributed.main,
+            say=lambda line: typer.echo(f"note: {line}", err=True),
+        )  # fmt: skip
+        with _terminate_as_interrupt(), tracking as tracker:
+            evaluated = False  # by this process: the unreadable files' count is logged anew
+
+            def on_unit(metrics: dict[str, float], fresh: bool) -> None:
+                nonlocal evaluated
+                evaluated = evaluated or fresh
+                # a unit read back was logged by the interrupted process unless it stopped in between
+                tracker.log_metrics(metrics, 0, again=fresh)
+
+            report = evaluate_checkpoint(
+                model, task_objects, str(ckpt), progress=distributed.main, resume=resume,
+                shard=(distributed.rank, distributed.world_size), workers=workers, on_unit=on_unit, **settings,
+            )  # fmt: skip
+            if distributed.enabled:
+                units = list(dict.fromkeys(f"{label}/{task}" for label, task, _ in report.rows))
+                evaluated_here = ", ".join(unit for unit in units if unit not in report.resumed) or "nothing"
+                typer.echo(f"process {distributed.rank} of {distributed.world_size} evaluated {evaluated_here}")
+                if report.resumed:
+                    typer.echo(f"process {distributed.rank} read back from {out / 'partial'}: "
+                               f"{', '.join(report.resumed)}")  # fmt: skip
+                if report.retested:
+                    typer.echo(f"process {distributed.rank} evaluated again, their test set changed since "
+                               f"{out / 'partial'} was saved: {', '.join(report.retested)}")  # fmt: skip
+                distributed.barrier()
+                if not distributed.main:
+                    return
+                # every unit, the other processes' logged as they are read back
+                report = evaluate_checkpoint(model, task_objects, str(ckpt), resume=True, on_unit=on_unit, **settings)
+                report.resumed = []  # each process said above what it read back
+            if report.resumed:
+                typer.echo(f"read back from {out / 'partial'} (evaluated before): {', '.join(report.resumed)}")
+            if report.retested:
+                typer.echo(f"evaluated again, their test set changed since {out / 'partial'} was saved: "
+                           f"{', '.join(report.retested)}")  # fmt: skip
+            files = report.write(out)
+            Console().print(report.rich_table())
+            for line in report.improved():  # how many images each prompt helped: a mean can hide a split
+                typer.echo(line)
+            log_evaluation(tracker, report, files, again=evaluated)
         named = f" ({', '.join(report.skipped[:3])}{', ...' if report.skipped_files > 3 else ''})" if report.skipped else ""
         typer.echo(f"wrote {', '.join(str(p) for p in files)}; unreadable files skipped: {report.skipped_files}{named}")
 

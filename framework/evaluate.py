@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -451,7 +451,7 @@ class EvalReport:
 
     def flat(self) -> dict[str, float]:
         return {
-            f"eval/{corruption.replace('@', '_s')}/{task}/{row.replace('[', '_').replace(']', '')}/{metric}": value
+            metric_name(corruption, task, row, metric): value
             for (corruption, task, row), metrics in self.rows.items()
             for metric, value in metrics.items()
         }
@@ -588,33 +588,54 @@ class EvalReport:
         return files + ([gains] if gains else [])
 
 
-def track_evaluation(report: EvalReport, files: Sequence, *, tracking_uri: str, experiment: str, run_name: str,
-                     params: Mapping[str, object], tags: Mapping[str, str], config: dict) -> str:
-    """One MLflow run of an evaluation (`unirestore eval`): the config it read (config.json), `params`, `tags`,
-    the table's metrics (`eval/<degradation>/<task>/<row>/<metric>`) and the unreadable files' count, `files`
-    (tables, per-image CSV, gains plot) and the grids (under grids/, as in the output folder). Through the
-    tracking module's explicit client, as training is tracked; ended FAILED, or KILLED on Ctrl-C, when cut
-    short. Returns the run's id."""
-    from .engine.tracking import Tracker
+def metric_name(corruption: str, task: str, row: str, metric: str) -> str:
+    """An evaluation's value as MLflow names it: `eval/<degradation>/<task>/<row>/<metric>`."""
+    return f"eval/{corruption.replace('@', '_s')}/{task}/{row.replace('[', '_').replace(']', '')}/{metric}"
 
-    tracker = Tracker(tracking_uri, experiment)
-    tracker.start(run_name, tags)
+
+@contextmanager
+def tracked_evaluation(folder, *, tracking_uri: str, experiment: str, run_name: str, params: Mapping[str, object],
+                       tags: Mapping[str, str], config: dict, resume: bool = False, enabled: bool = True,
+                       say: Callable[[str], None] = print):  # fmt: skip
+    """The MLflow run of an evaluation (`unirestore eval`), open while it runs: started with the config it read
+    (config.json), `params` and `tags`; the caller logs each (degradation, task) unit's metrics as the unit
+    finishes (`eval/<degradation>/<task>/<row>/<metric>`, step 0) and ends with `log_evaluation`. Ended
+    FINISHED, or FAILED on an error, KILLED on Ctrl-C or SIGTERM. Its id is kept in `folder` (the --out
+    folder's mlflow_run.json): with `resume` the run goes on, its units read back logged only where the
+    interrupted process had not; a run deleted from the store since is replaced by a new one, which `say`
+    tells. Through the tracking module's explicit client, as training is tracked. Yields the `Tracker`."""
+    from .engine.tracking import RUN_FILE, Tracker, load_run_id, save_run_id
+
+    folder = Path(folder)
+    tracker = Tracker(tracking_uri, experiment, enabled=enabled)
+    recorded = load_run_id(folder) if resume and enabled else ""
+    tracker.start(run_name, tags, run_id=recorded)
     status = "FAILED"
     try:
+        if recorded and tracker.run_id != recorded:
+            say(f"MLflow run {recorded} ({folder / RUN_FILE}) is no longer in the tracking store (deleted, or "
+                f"another --tracking-uri); this evaluation is logged to a new run, {tracker.run_id}")  # fmt: skip
+        save_run_id(folder, tracker.run_id)
         tracker.log_config(config)
         tracker.log_params(params)
-        tracker.log_metrics({**report.flat(), "skipped_files": report.skipped_files}, 0)
-        for path in files:
-            tracker.log_artifact(path)
-        for path in report.grids:
-            tracker.log_artifact(path, "grids")
+        yield tracker
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         tracker.end(status)
-    return tracker.run_id
+
+
+def log_evaluation(tracker, report: EvalReport, files: Sequence, again: bool = False) -> None:
+    """What an evaluation's run gets at its end: the unreadable files' count (`again`: logged anew when a
+    unit was evaluated by this call, as the count may have changed), `files` (tables, per-image CSV, gains
+    plot) and the grids (under grids/, as in the output folder)."""
+    tracker.log_metrics({"skipped_files": report.skipped_files}, 0, again=again)
+    for path in files:
+        tracker.log_artifact(path)
+    for path in report.grids:
+        tracker.log_artifact(path, "grids")
 
 
 def _column_order(name: str) -> tuple:
@@ -725,6 +746,7 @@ def evaluate_checkpoint(
     identity: Mapping[str, object] | None = None,
     shard: tuple[int, int] = (0, 1),
     workers: int = 0,
+    on_unit: Callable[[dict[str, float], bool], None] | None = None,
 ) -> EvalReport:
     """LQ, HQ and one restored row per prompt for each task, optionally per corruption × severity.
 
@@ -739,6 +761,8 @@ def evaluate_checkpoint(
     `shard` (rank, world size): only every world-th unit, from the rank-th, is evaluated and reported (one
     process of several, each saving its units to the shared `partial_folder`). `workers` DataLoader
     processes read and degrade the test images ahead (the results do not depend on them).
+    `on_unit(metrics, evaluated)` is called after each unit, once saved, with its values as MLflow names them
+    (`metric_name`) and whether it was evaluated (True) or read back (False).
     """
     import json
 
@@ -804,5 +828,9 @@ def evaluate_checkpoint(
                 report.rows[(label, name, row)] = metrics
             for row, values in unit["images"].items():
                 report.images[(label, name, row)] = values
+            if on_unit is not None:
+                named = {metric_name(label, name, row, metric): value
+                         for row, values in unit["rows"].items() for metric, value in values.items()}  # fmt: skip
+                on_unit(named, f"{label}/{name}" not in report.resumed)
     report.skipped = sorted(skipped_paths)
     return report

@@ -1043,6 +1043,76 @@ def test_ctrl_c_during_training_saves_the_step_it_reached_and_resume_goes_on_fro
     assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
 
 
+def test_a_killed_training_resumed_holds_each_metric_step_once_in_mlflow(root):
+    """A training killed outright (SIGKILL: no step saved on the way out) after logging steps past its last
+    checkpoint: the resumed stage trains those steps again, and its MLflow run holds each (metric, step) once,
+    with the values metrics.jsonl holds (the replay is bit-identical on the CPU; the speed is measured anew)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.engine.curves import MetricHistory
+    from unirestore.framework.engine.state import has_training_state, read_training_state
+    from unirestore.framework.engine.tracking import load_run_id
+
+    output, uri = root / "killed-replay", f"sqlite:///{root / 'killed-replay.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "unirestore.framework.cli", "train", "--tasks", "pir", "--stage", "1", "--steps",
+               "40", "--batch-size", "2", "--output", str(output), "--tracking-uri", uri, "--set",
+               "train.checkpoint_every=5", "--set", "train.val_every=3", "--set", "train.eval_samples=2", *TINY]  # fmt: skip
+    history, folder = MetricHistory(output / "stage1"), output / "stage1"
+    training = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, killed = time.monotonic() + 300, False
+        while not killed and training.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            logged = max((record["step"] for record in history.read()), default=0)
+            if logged < 7:
+                continue
+            training.send_signal(signal.SIGSTOP)  # held still while the files are read
+            saved = read_training_state(folder).step if has_training_state(folder) else 0
+            logged = max((record["step"] for record in history.read()), default=0)
+            if 5 <= saved < logged:  # steps logged past the checkpoint resuming starts from: replayed
+                training.kill()
+                killed = True
+            else:
+                training.send_signal(signal.SIGCONT)
+        training.communicate(timeout=300)
+    finally:
+        if training.poll() is None:
+            training.kill()
+            training.communicate()
+    assert killed, "the training ended before it could be killed between two checkpoints"
+    client = MlflowClient(uri)
+    run_id = load_run_id(output)
+    first = {point.step for point in client.get_metric_history(run_id, "stage1/loss_total")}
+    assert max(first) > saved  # the killed process had logged the steps the resumed one replays
+    resumed = subprocess.run([*command, "--resume"], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage1: resuming at step {saved} of 40" in resumed.stdout
+    run = client.get_run(run_id)  # the same run, continued
+    assert run.info.status == "FINISHED"
+    expected: dict[str, dict[int, float]] = {}
+    for record in history.read():
+        for name, value in record["metrics"].items():
+            assert record["step"] not in expected.setdefault(name, {}), (name, record["step"])
+            expected[name][record["step"]] = value
+    assert {"stage1/loss_total", "stage1/lr", "stage1/val/pir/restored/psnr"} <= set(expected)
+    assert set(expected["stage1/loss_total"]) == set(range(1, 41))
+    for name in run.data.metrics:
+        steps = [point.step for point in client.get_metric_history(run_id, name)]
+        assert len(steps) == len(set(steps)), (name, sorted(steps))  # each step once
+    for name, values in expected.items():
+        logged = {point.step: point.value for point in client.get_metric_history(run_id, name)}
+        assert set(logged) == set(values), name
+        if not name.endswith("steps_per_second"):
+            assert logged == values, name  # the first pass's values, which the replay reproduced exactly
+
+
 def test_a_training_stopped_by_sigterm_exits_143_with_its_one_line(capsys):
     """128 + the signal, as a shell reports a process killed by it: a scheduler tells preemption from failure."""
     import signal

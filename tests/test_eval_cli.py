@@ -628,6 +628,122 @@ def test_eval_resume_evaluates_only_what_an_interrupted_run_left(checkpoint, mon
     assert again.exit_code == 0 and calls == ["gaussian_noise@2", "rain@2", "fog@2"]
 
 
+def _points(client, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of the run: its (step, value) points, in the order logged."""
+    return {name: [(p.step, p.value) for p in client.get_metric_history(run_id, name)]
+            for name in client.get_run(run_id).data.metrics}  # fmt: skip
+
+
+def test_an_eval_stopped_by_sigterm_leaves_its_mlflow_run_and_resume_finishes_that_run(checkpoint, tmp_path):
+    """A real `unirestore eval` stopped by SIGTERM half-way: its MLflow run was open from the start, each finished
+    (degradation, task) unit's metrics in it as the unit finished; it ends KILLED (exit 143), and --resume goes on
+    in the same run, which then holds what an uninterrupted evaluation's holds, each metric point once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.engine.tracking import load_run_id
+
+    folder, path = checkpoint
+    args = ("--tasks", "pir", "--samples", "8", "--batch-size", "2", "--severity", "2",
+            "--corruption", "gaussian_noise,rain,fog,snow,contrast,pixelate")  # fmt: skip
+    whole, uri = _eval(folder, path, tmp_path / "whole", *args)
+    assert whole.exit_code == 0, whole.output
+    out, client = tmp_path / "stopped", MlflowClient(uri)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # UNIRESTORE_HOME and the downstream steps as this process has them
+    command = [sys.executable, "-m", "unirestore.framework.cli", "eval", "--ckpt", str(path), "--out", str(out),
+               "--tracking-uri", uri, *args]  # fmt: skip
+    evaluation = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while evaluation.poll() is None and time.monotonic() < deadline and len(list((out / "partial").glob("*.json"))) < 2:
+            time.sleep(0.05)
+        # while it evaluates (four units of 8 images left): its run is there, the first unit's metrics in it
+        run = client.get_run(load_run_id(out))
+        assert run.info.status == "RUNNING" and run.info.run_name == f"eval-{path.parent.name}/model"
+        assert run.data.params["checkpoint"] == str(path.resolve())
+        assert "eval/gaussian_noise_s2/pir/restored_pir/psnr" in run.data.metrics
+        evaluation.send_signal(signal.SIGTERM)
+        _, stderr = evaluation.communicate(timeout=300)
+    finally:
+        if evaluation.poll() is None:
+            evaluation.kill()
+            evaluation.communicate()
+    assert evaluation.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted; the same command with --resume keeps the results saved so far and evaluates the rest"
+    )
+    assert len(list((out / "partial").glob("*.json"))) < 6  # stopped half-way
+    run_id = load_run_id(out)
+    killed = client.get_run(run_id)
+    assert killed.info.status == "KILLED" and len(killed.data.metrics) >= 2 * 3  # two units or more: 3 rows each
+    resumed = runner.invoke(app, [*command[3:], "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "note:" not in resumed.output and load_run_id(out) == run_id  # the same run, continued
+    finished, reference = client.get_run(run_id), client.get_run(load_run_id(tmp_path / "whole"))
+    assert finished.info.status == "FINISHED"
+    points, expected = _points(client, run_id), _points(client, reference.info.run_id)
+    assert set(points) == set(expected) and "skipped_files" in points
+    for name, logged in points.items():
+        assert [step for step, _ in logged] == [0], name  # each metric once
+        assert logged[0][1] == pytest.approx(expected[name][0][1], rel=1e-4, abs=1e-5), name
+    assert finished.data.params == reference.data.params
+    assert {k: v for k, v in finished.data.tags.items() if not k.startswith("mlflow.")} == {
+        k: v for k, v in reference.data.tags.items() if not k.startswith("mlflow.")}
+    for where in (None, "grids"):
+        assert [a.path for a in client.list_artifacts(run_id, where)] == [
+            a.path for a in client.list_artifacts(reference.info.run_id, where)]
+
+
+def test_an_eval_that_crashed_ends_failed_and_resume_continues_its_run_or_a_new_one(checkpoint, monkeypatch,
+                                                                                     tmp_path):
+    """An error half-way ends the run FAILED with the finished units' metrics; --resume finishes the same run; a
+    run deleted from the store since is replaced by a new one, which one line says."""
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework import evaluate as evaluation
+    from unirestore.framework.engine.tracking import RUN_FILE, load_run_id
+
+    folder, path = checkpoint
+    args = ("--tasks", "pir", "--samples", "2", "--corruption", "gaussian_noise,rain", "--severity", "2")
+    real, calls = evaluation.evaluate, []
+
+    def failing_at_the_second(*positional, **keywords):
+        calls.append(keywords.get("label"))
+        if len(calls) == 2:
+            raise RuntimeError("the device fell off the bus")
+        return real(*positional, **keywords)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(evaluation, "evaluate", failing_at_the_second)
+    crashed, uri = _eval(folder, path, out, *args)
+    assert isinstance(crashed.exception, RuntimeError)
+    client, run_id = MlflowClient(uri), load_run_id(out)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert {name.split("/")[1] for name in run.data.metrics} == {"gaussian_noise_s2"}  # the unit that finished
+    monkeypatch.setattr(evaluation, "evaluate", real)
+    resumed, _ = _eval(folder, path, out, *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert load_run_id(out) == run_id and client.get_run(run_id).info.status == "FINISHED"
+    points = _points(client, run_id)
+    assert {name.split("/")[1] for name in points if name != "skipped_files"} == {"gaussian_noise_s2", "rain_s2"}
+    assert all([step for step, _ in logged] == [0] for logged in points.values()), points
+    client.delete_run(run_id)
+    again, _ = _eval(folder, path, out, *args, "--resume")
+    assert again.exit_code == 0, again.output
+    new = load_run_id(out)
+    notes = [line for line in again.output.splitlines() if line.startswith("note:")]
+    assert notes == [(f"note: MLflow run {run_id} ({out / RUN_FILE}) is no longer in the tracking store (deleted, "
+                      f"or another --tracking-uri); this evaluation is logged to a new run, {new}")]  # fmt: skip
+    assert new != run_id and client.get_run(new).info.status == "FINISHED"
+    assert _points(client, new) == points  # the units read back, logged to the new run
+
+
 def test_eval_resume_evaluates_again_a_unit_whose_test_set_changed(checkpoint, tmp_path):
     """Results saved for another test set are never read back into the table: an image added, replaced or
     removed since makes --resume evaluate that unit again and say why; an unchanged set is read back."""
@@ -645,6 +761,17 @@ def test_eval_resume_evaluates_again_a_unit_whose_test_set_changed(checkpoint, t
     assert grown.exit_code == 0, grown.output
     assert "test set changed since" in said and "default/pir (3 images then, 4 now)" in said
     assert "read back" not in said
+    # the same MLflow run goes on: the new values logged beside the old ones, and shown
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.engine.tracking import load_run_id
+
+    table = {(r["input"], r["metric"]): r["value"] for r in json.loads((out / "eval.json").read_text())["results"]}
+    client, run_id = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}"), load_run_id(out)
+    history = client.get_metric_history(run_id, "eval/default/pir/restored_pir/psnr")
+    newest = max(history, key=lambda point: point.timestamp)
+    assert len(history) == 2 and newest.value == pytest.approx(table[("restored[pir]", "psnr")])
+    assert client.get_run(run_id).data.metrics["eval/default/pir/restored_pir/psnr"] == newest.value
     fresh, _ = _eval(folder, path, tmp_path / "fresh", *args)
     assert fresh.exit_code == 0, fresh.output
     for name in ("eval.csv", "eval_images.csv"):

@@ -9,6 +9,10 @@ and the final checkpoints as artifacts, and tags for the stages, tasks, prior an
 the source checkpoint and the run that trained it). A sqlite store keeps its artifacts in `mlartifacts/`
 beside its database file, shared by every run of every experiment (each under its own run id): deleting one
 run folder takes nothing of another run's with it.
+A resumed command continues its run, which keeps each (metric, step) point once: MLflow cannot delete a point,
+so the steps a resumed stage trains again (from its last checkpoint to where the killed process had logged)
+are not logged a second time, and the run keeps the values first logged (the replay's are the same, up to the
+speed measured, see `Tracker.log_metrics`).
 `Tracker(enabled=False)` (non-zero DDP ranks) does nothing.
 """
 
@@ -48,6 +52,7 @@ class Tracker:
         self.experiment = experiment
         self.run_id = ""
         self._client = None
+        self._last_step: dict[str, int] = {}  # per metric, the last step the run holds
 
     # ----------------------------------------------------------------------------------------------
 
@@ -80,18 +85,26 @@ class Tracker:
             return found.experiment_id
 
     def start(self, run_name: str, tags: Mapping[str, str], run_id: str = "") -> str:
-        """Start a new run, or continue `run_id` (a resumed training) when it still exists."""
+        """Start a new run, or continue `run_id` (a resumed training or evaluation) when the store still holds
+        it, not deleted; the id returned then differs from `run_id`. Continuing reads the last step of each
+        metric the run holds, which `log_metrics` does not log again."""
         if not self.enabled:
             return ""
         from mlflow.exceptions import MlflowException
 
+        self.run_id, self._last_step = "", {}
         if run_id:
             try:
-                self.client.get_run(run_id)
-                self.client.update_run(run_id, status="RUNNING")
-                self.run_id = run_id
+                run = self.client.get_run(run_id)
+                if run.info.lifecycle_stage != "deleted":  # a deleted run stays in the store, out of sight
+                    self._last_step = {
+                        key: max(point.step for point in self.client.get_metric_history(run_id, key))
+                        for key in run.data.metrics
+                    }
+                    self.client.update_run(run_id, status="RUNNING")
+                    self.run_id = run_id
             except MlflowException:
-                self.run_id = ""
+                self.run_id, self._last_step = "", {}
         if not self.run_id:
             run = self.client.create_run(self._experiment_id(), run_name=run_name, tags=dict(tags))
             self.run_id = run.info.run_id
@@ -124,15 +137,32 @@ class Tracker:
         for start in range(0, len(fresh), 100):  # MLflow caps a batch at 100 params
             self.client.log_batch(self.run_id, params=fresh[start : start + 100])
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None, again: bool = False) -> None:
+        """Log `metrics` at `step`, except those the run already holds at this step or a later one: a resumed
+        stage trains again the steps from its last checkpoint to where the killed process stopped, and each
+        (metric, step) keeps the value first logged. On the CPU the replay is bit-identical (the data, the
+        seeds and the optimiser state are restored), so it is the same value, but for the speed
+        (`<stage>/steps_per_second`), measured anew; metrics.jsonl and the curves hold the replay's values.
+        (Where the checkpoint fell between two logs, `train.checkpoint_every` not a multiple of
+        `train.log_every`, the replay's first log averages the steps since the checkpoint alone: the run keeps
+        the mean over the whole window, as an uninterrupted run logs it.)
+        `again`: log them anyway, new values of a result computed again (an evaluation's unit whose test set
+        changed since), which MLflow then shows, the old ones staying in the metric's history."""
         if not (self.enabled and self.run_id and metrics):
             return
         from mlflow.entities import Metric
 
+        step = int(step or 0)
         stamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), stamp, int(step or 0)) for key, value in metrics.items()]
+        batch = [
+            Metric(key, float(value), stamp, step)
+            for key, value in metrics.items()
+            if again or step > self._last_step.get(key, -1)
+        ]
         for start in range(0, len(batch), 900):  # MLflow caps a batch at 1000 metrics
             self.client.log_batch(self.run_id, metrics=batch[start : start + 900])
+            for metric in batch[start : start + 900]:
+                self._last_step[metric.key] = max(step, self._last_step.get(metric.key, step))
 
     def log_artifact(self, path: Path, folder: str | None = None) -> None:
         if self.enabled and self.run_id and Path(path).exists():
