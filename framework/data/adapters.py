@@ -650,12 +650,14 @@ class ACDC(FileDataset):
 
 class COCODetection(FileDataset):
     """COCO instances: boxes xywh -> xyxy, category ids -> contiguous labels 0..C-1 (sorted by id),
-    crowd annotations and zero-size boxes dropped.
+    zero-size boxes dropped. Crowd annotations (`iscrowd` 1) are kept as ignore regions (`box_ignore`), as
+    COCO's evaluation keeps them: a detection on one is no false positive, and they are no training target.
 
     Default layout: images `<root>/<split><year>/`, annotations `<root>/annotations/instances_<split><year>.json`
     (or give `images` / `annotations`). `category_ids[label]` is the original COCO id, `class_names[label]`
-    its name. `skip_empty` drops images without boxes. An image the annotations list but the folder lacks is
-    reported and skipped like an unreadable one (a `DataError` when none of them is there).
+    its name. `skip_empty` drops images without boxes (crowd regions alone count as none: nothing to learn). An
+    image the annotations list but the folder lacks is reported and skipped like an unreadable one (a
+    `DataError` when none of them is there).
     """
 
     reads_split = True
@@ -698,7 +700,7 @@ class COCODetection(FileDataset):
         self.category_ids = [c["id"] for c in categories]
         self.class_names = [c["name"] for c in categories]
         to_label = {cid: label for label, cid in enumerate(self.category_ids)}
-        per_image: dict[int, list[tuple[list[float], int]]] = defaultdict(list)
+        per_image: dict[int, list[tuple[list[float], int, bool]]] = defaultdict(list)
         for ann in annotations:
             try:
                 x, y, w, h = (float(value) for value in ann["bbox"])
@@ -708,25 +710,27 @@ class COCODetection(FileDataset):
                     f"{self.annotations}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is not a "
                     f"COCO box ({type(error).__name__}: {error}); each needs bbox [x, y, w, h], category_id, image_id"
                 ) from None
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+            if w <= 0 or h <= 0:
                 continue
             if category not in to_label:
                 raise DataError(f"{self.annotations}: annotation {ann.get('id')} has unknown category {category}")
-            per_image[image_id].append(([x, y, x + w, y + h], to_label[category]))
+            crowd = bool(ann.get("iscrowd", 0))
+            per_image[image_id].append(([x, y, x + w, y + h], to_label[category], crowd))
         missing: list[Path] = []
         for image in sorted(images, key=lambda im: im.get("id", -1)):
             if "id" not in image or "file_name" not in image:
                 raise DataError(f"{self.annotations}: image entry {image!r:.120} lacks its id or file_name")
             objects = per_image.get(image["id"], [])
-            if self.skip_empty and not objects:
+            if self.skip_empty and all(crowd for _, _, crowd in objects):  # no box, or crowd regions alone
                 continue
             path = self.images / image["file_name"]
             if not path.is_file():
                 missing.append(path)
                 continue
-            boxes = np.asarray([box for box, _ in objects], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray([label for _, label in objects], dtype=np.int64)
-            self.records.append((path, boxes, labels, image["id"]))
+            boxes = np.asarray([box for box, _, _ in objects], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray([label for _, label, _ in objects], dtype=np.int64)
+            crowd = np.asarray([ignore for _, _, ignore in objects], dtype=bool)
+            self.records.append((path, boxes, labels, crowd, image["id"]))
         if missing and not self.records:
             raise DataError(
                 f"{self.images}: none of the {len(missing)} images {self.annotations.name} lists is here (e.g. "
@@ -736,16 +740,22 @@ class COCODetection(FileDataset):
             report_bad_file(UnreadableImage(path, f"missing, though {self.annotations.name} lists it"))
 
     def load(self, i: int) -> Sample:
-        path, boxes, labels, _image_id = self.records[i]
-        return make_sample(load_rgb(path), boxes=boxes, box_labels=labels, path=str(path))
+        path, boxes, labels, crowd, _image_id = self.records[i]
+        return make_sample(load_rgb(path), boxes=boxes, box_labels=labels, box_ignore=crowd, path=str(path))
 
 
 class RTTS(FileDataset):
     """RTTS (RESIDE real-world task-driven testing set): real hazy images with VOC XML boxes of 5 classes.
 
     `JPEGImages/<id>.png|jpg`, `Annotations/<id>.xml`; `ImageSets/Main/<split>.txt` selects ids when it
-    exists (one it lists without an image is skipped as an unreadable image is), else every image is used. VOC's 1-based inclusive pixel boxes become xyxy pixel edges
-    (xmin - 1, ymin - 1, xmax, ymax). Labels index `RTTS_CLASSES`. Real degraded images: `hq` = `lq`.
+    exists (one it lists without an image is skipped as an unreadable image is), else every image is used.
+    VOC's 1-based inclusive pixel boxes become xyxy pixel edges (xmin - 1, ymin - 1, xmax, ymax). Labels index
+    `RTTS_CLASSES`. Real degraded images: `hq` = `lq`.
+
+    `skip_difficult` (default true): objects marked `<difficult>1` are ignore regions (`box_ignore`), as the
+    VOC devkit evaluates them: missing one costs nothing and a detection on one is neither a true nor a false
+    positive (see `metrics.coco_map` for how pycocotools' crowd rule, used for this, differs from VOC's);
+    they are no training target either. False: they are ordinary objects, to be found like the others.
     """
 
     class_names = RTTS_CLASSES
