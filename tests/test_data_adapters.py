@@ -384,11 +384,12 @@ def test_a_coco_image_missing_on_disk_is_skipped_as_an_unreadable_one(tmp_path):
         COCODetection(tmp_path, split="test")
 
 
-def _voc(objects: list[tuple[str, int, int, int, int]]) -> str:
+def _voc(objects: list[tuple], difficult: tuple[int, ...] = ()) -> str:
+    """VOC XML of (name, xmin, ymin, xmax, ymax) objects; those at the positions `difficult` are marked so."""
     body = "".join(
-        f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
-        f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
-        for n, a, b, c, d in objects
+        f"<object><name>{n}</name><difficult>{int(k in difficult)}</difficult><bndbox><xmin>{a}</xmin>"
+        f"<ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for k, (n, a, b, c, d) in enumerate(objects)
     )
     return f"<annotation><filename>x</filename>{body}</annotation>"
 
@@ -427,6 +428,39 @@ def test_rtts_voc_boxes(tmp_path):
     (tmp_path / "Annotations" / "BD_Baidu_074.xml").unlink()
     with pytest.raises(DataError, match="BD_Baidu_074.xml: annotation file missing"):
         RTTS(tmp_path, split="test")
+
+
+def test_rtts_difficult_objects_are_ignore_regions_by_default_as_voc_evaluates_them(tmp_path):
+    """A hazy image with a car found and a difficult car [30, 60)². The VOC devkit ignores difficult objects:
+    found or missed, the mAP is 1.0. They were counted as ordinary objects by default (missed: 51/101) or, with
+    `skip_difficult`, dropped (a detection on one: a false positive, 0.5); now `skip_difficult` (default true)
+    makes them ignore regions, and false counts them as ordinary objects."""
+    from unirestore.framework.metrics import DetectionMAP
+
+    _save(tmp_path / "JPEGImages" / "AM_Bing_211.png", _flat(120, 64, 64))
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "AM_Bing_211.xml").write_text(
+        _voc([("car", 5, 5, 24, 24), ("car", 31, 31, 60, 60)], difficult=(1,))
+    )
+    found = {"boxes": torch.tensor([[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0]]), "scores": torch.tensor([0.9, 0.95]),
+             "labels": torch.tensor([2, 2])}  # fmt: skip
+    missed = {key: value[:1] for key, value in found.items()}
+
+    def map_of(dataset, prediction) -> float:
+        batch = collate([dataset[0]])
+        result = DetectionMAP()
+        result.update([prediction], batch["boxes"], batch["box_labels"], batch["box_ignore"])
+        return result.compute()["map"]
+
+    default = RTTS(tmp_path, size=None)
+    assert default[0]["boxes"].tolist() == [[4, 4, 24, 24], [30, 30, 60, 60]]
+    assert default[0]["box_ignore"].tolist() == [False, True]
+    assert map_of(default, found) == pytest.approx(1.0) and map_of(default, missed) == pytest.approx(1.0)
+    skipped = RTTS(tmp_path, size=None, skip_difficult=True)
+    assert skipped[0]["box_ignore"].tolist() == [False, True] and map_of(skipped, found) == pytest.approx(1.0)
+    counted = RTTS(tmp_path, size=None, skip_difficult=False)
+    assert counted[0]["box_ignore"].tolist() == [False, False]
+    assert map_of(counted, found) == pytest.approx(1.0) and map_of(counted, missed) == pytest.approx(51 / 101)
 
 
 def test_image_folder_class_range_keeps_cubs_disjoint_classes(tmp_path):

@@ -767,7 +767,7 @@ class RTTS(FileDataset):
         split: str = "test",
         size: int | None = 256,
         seed: int = 0,
-        skip_difficult: bool = False,
+        skip_difficult: bool = True,
     ):
         self.skip_difficult = skip_difficult
         super().__init__(root, split, size, seed)
@@ -800,30 +800,34 @@ class RTTS(FileDataset):
                 raise DataError(f"{xml}: annotation file missing for {images[image_id].name}; restore it")
             self.records.append((images[image_id], xml))
 
-    def _objects(self, xml: Path) -> tuple[np.ndarray, np.ndarray]:
+    def _objects(self, xml: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The boxes (N, 4), labels (N,) and ignore flags (N,) of one annotation file."""
         try:
             tree = ET.parse(xml)
         except ET.ParseError as error:
             raise DataError(f"{xml}: not valid XML ({error}); restore the annotation file") from error
-        boxes, labels = [], []
+        boxes, labels, ignore = [], [], []
         for obj in tree.getroot().iter("object"):
             name = (obj.findtext("name") or "").strip().lower()
             if name not in RTTS_CLASSES:
                 raise DataError(f"{xml}: unknown class {name!r}; RTTS classes are {', '.join(RTTS_CLASSES)}")
-            if self.skip_difficult and (obj.findtext("difficult") or "0").strip() == "1":
-                continue
             box = obj.find("bndbox")
             if box is None:
                 raise DataError(f"{xml}: an object {name!r} has no <bndbox>")
             x1, y1, x2, y2 = (float(box.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
             boxes.append((x1 - 1.0, y1 - 1.0, x2, y2))
             labels.append(RTTS_CLASSES.index(name))
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+            ignore.append(self.skip_difficult and (obj.findtext("difficult") or "0").strip() == "1")
+        return (
+            np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray(labels, dtype=np.int64),
+            np.asarray(ignore, dtype=bool),
+        )
 
     def load(self, i: int) -> Sample:
         path, xml = self.records[i]
         image = load_rgb(path)
-        boxes, labels = self._objects(xml)
+        boxes, labels, ignore = self._objects(xml)
         return make_sample(
             image,
             lq=image.clone(),
@@ -831,5 +835,6 @@ class RTTS(FileDataset):
             severity=0,
             boxes=boxes,
             box_labels=labels,
+            box_ignore=ignore,
             path=str(path),
         )
