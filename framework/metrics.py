@@ -6,7 +6,8 @@
   instead of +inf, so that means over a set stay finite.
 - Classification: top-1 accuracy. Segmentation: mIoU (torchmetrics `MulticlassJaccardIndex`, ignore 255,
   macro average over the classes present in the target or the prediction, from the accumulated confusion).
-- Detection: COCO mAP@[.5:.95] through pycocotools, computed in memory (no JSON files).
+- Detection: COCO mAP@[.5:.95] through pycocotools, computed in memory (no JSON files); ignore regions (COCO
+  crowds, VOC difficult objects) are COCO's `iscrowd` annotations there.
 - Retrieval: Recall@1 and MAP@R through pytorch-metric-learning's `AccuracyCalculator`, with a cosine
   k-NN written in torch (no faiss).
 """
@@ -168,9 +169,21 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict[str, 
     """COCO mAP@[.5:.95] (`map`) and mAP@.5 (`map50`) through pycocotools, without files.
 
     predictions: per image, {"boxes": (N, 4) xyxy, "scores": (N,), "labels": (N,)}.
-    targets: per image, {"boxes": (M, 4) xyxy, "labels": (M,)} (the `boxes` / `box_labels` of a sample).
-    No predicted box at all gives 0.0; so does a set without any ground-truth box (pycocotools says -1:
-    undefined, reported as 0 so that the number stays a plain score).
+    targets: per image, {"boxes": (M, 4) xyxy, "labels": (M,)} and optionally "ignore" (M,) bool (the `boxes`
+    / `box_labels` / `box_ignore` of a sample). An ignored box (a COCO crowd region, a VOC difficult object)
+    goes to COCOeval as `iscrowd=1`, as in COCO's own ground truth: it is not a box to find (no miss when no
+    detection covers it), and a detection matched to it is neither a true nor a false positive. No predicted
+    box at all gives 0.0; so does a set without any box to find (pycocotools says -1: undefined, reported as 0
+    so that the number stays a plain score).
+
+    COCOeval's ignore is COCO's crowd rule, which differs from the VOC devkit's for difficult objects: (1) the
+    overlap with an ignored box is the intersection over the detection's own area, not over the union, so it
+    is never lower than the IoU: a detection lying inside a large ignored box is ignored where VOC (IoU > 0.5)
+    counts a false positive; (2) a detection is matched to a box to find whenever one reaches the threshold,
+    and to an ignored box only otherwise, while VOC takes the best-overlapping box of all, so there a
+    detection overlapping a difficult object more than an ordinary one is ignored and leaves the ordinary one
+    to be found. Both let any number of detections fall on one ignored box. (The AP itself is COCO's
+    101-point interpolation at every threshold, not VOC's 11-point or all-point one.)
     """
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -182,7 +195,8 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict[str, 
         images.append({"id": image_id})
         boxes = torch.as_tensor(target["boxes"], dtype=torch.float64).reshape(-1, 4).tolist()
         labels = torch.as_tensor(target.get("labels", target.get("box_labels"))).reshape(-1).tolist()
-        for box, label in zip(boxes, labels):
+        ignore = _ignore_flags(target, len(labels))
+        for box, label, crowd in zip(boxes, labels, ignore, strict=True):
             width, height = box[2] - box[0], box[3] - box[1]
             annotations.append(
                 {
@@ -191,7 +205,7 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict[str, 
                     "category_id": int(label),
                     "bbox": [box[0], box[1], width, height],
                     "area": width * height,
-                    "iscrowd": 0,
+                    "iscrowd": int(crowd),
                 }
             )
             categories.add(int(label))
@@ -227,6 +241,17 @@ def coco_map(predictions: Sequence[dict], targets: Sequence[dict]) -> dict[str, 
     return {"map": stats[0], "map50": stats[1]}
 
 
+def _ignore_flags(target: dict, count: int) -> list[bool]:
+    """A target's per-box ignore flags ("ignore" or "box_ignore"; none given: no box ignored)."""
+    flags = target.get("ignore", target.get("box_ignore"))
+    if flags is None:
+        return [False] * count
+    flags = torch.as_tensor(flags, dtype=torch.bool).reshape(-1).tolist()
+    if len(flags) != count:
+        raise ValueError(f"{len(flags)} ignore flags for {count} boxes")
+    return flags
+
+
 class DetectionMAP:
     """Collects per-image predictions and targets; `compute()` runs `coco_map` once."""
 
@@ -235,21 +260,35 @@ class DetectionMAP:
         self.targets: list[dict] = []
 
     def update(
-        self, predictions: Sequence[dict], boxes: Sequence[torch.Tensor], labels: Sequence[torch.Tensor]
+        self,
+        predictions: Sequence[dict],
+        boxes: Sequence[torch.Tensor],
+        labels: Sequence[torch.Tensor],
+        ignore: Sequence[torch.Tensor] | None = None,
     ):
-        for prediction, box, label in zip(predictions, boxes, labels, strict=True):
+        """One batch: per image its predictions, its boxes, their labels and (optionally) their ignore flags
+        (a sample's `box_ignore`; None: no box ignored)."""
+        if ignore is None:
+            ignore = [torch.zeros(len(label), dtype=torch.bool) for label in labels]
+        for prediction, box, label, flags in zip(predictions, boxes, labels, ignore, strict=True):
             self.predictions.append({k: v.detach().cpu() for k, v in prediction.items()})
-            self.targets.append({"boxes": box.detach().cpu(), "labels": label.detach().cpu()})
+            self.targets.append(
+                {
+                    "boxes": box.detach().cpu(),
+                    "labels": label.detach().cpu(),
+                    "ignore": flags.detach().cpu().bool(),
+                }
+            )
 
     def compute(self) -> dict[str, float]:
         return coco_map(self.predictions, self.targets)
 
     def per_image(self) -> dict[str, torch.Tensor]:
         """Each image's own mAP and mAP@.5 (its predictions against its boxes alone); NaN for an image
-        without a ground-truth box (undefined there)."""
+        without a ground-truth box to find (undefined there; ignored boxes are none)."""
         values = {"map": [], "map50": []}
         for prediction, target in zip(self.predictions, self.targets, strict=True):
-            alone = coco_map([prediction], [target]) if len(target["labels"]) else None
+            alone = coco_map([prediction], [target]) if not target["ignore"].all() else None
             for name, column in values.items():
                 column.append(float("nan") if alone is None else alone[name])
         return {name: torch.tensor(column, dtype=torch.float32) for name, column in values.items()}

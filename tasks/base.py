@@ -4,10 +4,11 @@ metric; the engine owns everything else. One task per file in `tasks/`, register
 
 The sample format every dataset yields (see `unirestore.framework.data`):
 `hq` (3, H, W) clean in [0, 1]; `lq` (3, H, W) degraded; and, by task, `label` (), `mask` (H, W) with 255
-ignored, `boxes` (N, 4) xyxy pixels and `box_labels` (N,). A collated batch stacks tensors and keeps
-`boxes` / `box_labels` as lists. A task's own dataset type may add keys of its own (`edges`, `saliency`): a
-(..., H, W) tensor of the image's size is cropped and resized with it (`framework/data/sample.py`); the task
-lists the keys it reads in `sample_keys`.
+ignored, `boxes` (N, 4) xyxy pixels, `box_labels` (N,) and `box_ignore` (N,) (True: an ignore region, a COCO
+crowd or VOC difficult object). A collated batch stacks tensors and keeps `boxes` / `box_labels` / `box_ignore`
+as lists. A task's own dataset type may add keys of its own (`edges`, `saliency`): a (..., H, W) tensor of
+the image's size is cropped and resized with it (`framework/data/sample.py`); the task lists the keys it reads
+in `sample_keys`.
 """
 
 from __future__ import annotations

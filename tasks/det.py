@@ -3,8 +3,11 @@
 Loss: RetinaNet's own terms on the restored image, `classification` (focal loss) and `box` (box
 regression), default weights 0.1 each (the scale of the other downstream tasks' terms). The detector runs
 in train mode to return losses, with its weights frozen and every normalisation layer in eval mode.
-Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools; per image, its own
-mAP against its own boxes.
+Ignore regions (a sample's `box_ignore`) are no training targets: COCO crowds, as detectron2's and
+torchvision's COCO training leaves them out; RTTS difficult objects, as `skip_difficult` always did
+(`skip_difficult: false` makes them ordinary boxes).
+Metric: COCO mAP@[.5:.95] (`map`, primary) and mAP@.5 (`map50`) through pycocotools, ignore regions passed as
+COCO's crowd annotations (neither to find nor a false positive); per image, its own mAP against its own boxes.
 Models: built-in data → a small torchvision RetinaNet (FPN on a small conv body) trained here on clean scenes
 (cached); real data → torchvision RetinaNet-ResNet-50-FPN from `checkpoints.retinanet_resnet50_fpn`, or a
 detectron2 model (`checkpoints.detectron2_config` and `detectron2_weights`, `framework/d2_detector.py`). With
@@ -94,7 +97,7 @@ class DetectionEvaluator(Evaluator):
                 prediction = {"boxes": prediction["boxes"][keep], "scores": prediction["scores"][keep],
                               "labels": mapped[keep]}  # fmt: skip
             predictions.append(prediction)
-        self.map.update(predictions, batch["boxes"], batch["box_labels"])
+        self.map.update(predictions, batch["boxes"], batch["box_labels"], batch.get("box_ignore"))
 
     def compute(self) -> dict[str, float]:
         return self.map.compute()
@@ -178,9 +181,14 @@ class DetectionTask(Task):
 
     def losses(self, restored: torch.Tensor, batch: dict) -> dict[str, torch.Tensor]:
         label_map = self._labels()
+        ignore = batch.get("box_ignore")
+        if ignore is None:  # a batch made without the flags: every box is an object
+            ignore = [torch.zeros(len(labels), dtype=torch.bool) for labels in batch["box_labels"]]
         targets = []
-        for boxes, labels in zip(batch["boxes"], batch["box_labels"], strict=True):
-            labels = labels.long() if label_map is None else label_map[labels.long().cpu()]
+        for boxes, labels, ignored in zip(batch["boxes"], batch["box_labels"], ignore, strict=True):
+            keep = ~ignored.bool().to(boxes.device)  # ignore regions are no targets (module docstring)
+            boxes, labels = boxes[keep], labels.long()[keep.to(labels.device)]
+            labels = labels if label_map is None else label_map[labels.cpu()]
             targets.append({"boxes": boxes.to(restored.device).float(), "labels": labels.to(restored.device)})
         detector = self.downstream()
         if isinstance(detector, nn.Module):

@@ -268,15 +268,18 @@ def test_coco_boxes_labels_and_crowd(tmp_path):
     sample = dataset[0]
     _check_common(sample)
     assert sample["path"].endswith("000000000001.jpg")
-    assert sample["boxes"].tolist() == [[10, 5, 30, 15], [30, 20, 55, 35], [52, 0, 60, 8]]
-    assert sample["box_labels"].tolist() == [2, 1, 0]
-    assert len(dataset[1]["boxes"]) == 0
+    # the crowd annotation stays, as an ignore region; the zero-width box is dropped
+    assert sample["boxes"].tolist() == [[10, 5, 30, 15], [0, 0, 5, 5], [30, 20, 55, 35], [52, 0, 60, 8]]
+    assert sample["box_labels"].tolist() == [2, 0, 1, 0]
+    assert sample["box_ignore"].tolist() == [False, True, False, False]
+    assert len(dataset[1]["boxes"]) == 0 and dataset[1]["box_ignore"].dtype == torch.bool
     assert len(COCODetection(tmp_path, split="val", skip_empty=True)) == 1
     # a centre crop to 40 x 40 shifts boxes by 10 px, clips them to the window, drops the one left empty
     cropped = COCODetection(tmp_path, split="val", size=40)[0]
     assert cropped["boxes"].tolist() == [[0, 5, 20, 15], [20, 20, 40, 35]] and cropped[
         "box_labels"
     ].tolist() == [2, 1]
+    assert cropped["box_ignore"].tolist() == [False, False]
     # resizing (short side 40 -> 20) scales them too
     small = COCODetection(tmp_path, split="val", size=20)[0]
     assert small["boxes"].tolist() == [[0, 2.5, 10, 7.5], [10, 10, 20, 17.5]]
@@ -290,6 +293,69 @@ def test_coco_boxes_labels_and_crowd(tmp_path):
         )
         with pytest.raises(DataError, match=r"instances_val2017.json: annotation 9 is not a COCO box"):
             COCODetection(tmp_path, split="val", size=None)
+
+
+def _coco_crowd_set(root: Path) -> dict:
+    """Two 64 x 96 images: the first has a person [4, 24)² and a crowd of people [30, 60)², the second a crowd
+    alone."""
+    for name in ("a.jpg", "b.jpg"):
+        _save(root / "val2017" / name, _flat(90, 64, 96))
+    annotations = {
+        "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}],
+        "categories": [{"id": 1, "name": "person"}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 30, 30, 30], "area": 900, "iscrowd": 1},
+            {"id": 3, "image_id": 2, "category_id": 1, "bbox": [10, 10, 20, 20], "area": 400, "iscrowd": 1},
+        ],
+    }
+    (root / "annotations").mkdir()
+    (root / "annotations" / "instances_val2017.json").write_text(json.dumps(annotations))
+    return annotations
+
+
+def test_coco_crowd_regions_are_ignored_by_the_map_as_cocoeval_ignores_them(tmp_path):
+    """COCO's crowd annotations were dropped, so a detection on a crowd counted as a false positive (mAP 0.5
+    here); kept as ignore regions, the mAP is pycocotools' own on the annotation file (1.0)."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from unirestore.framework.metrics import DetectionMAP
+
+    _coco_crowd_set(tmp_path)
+    dataset = COCODetection(tmp_path, split="val", size=None)
+    batch = collate([dataset[0], dataset[1]])
+    assert [flags.tolist() for flags in batch["box_ignore"]] == [[False, True], [True]]
+    predictions = [
+        {"boxes": torch.tensor([[4.0, 4.0, 24.0, 24.0], [35.0, 35.0, 55.0, 55.0]]), "scores": torch.tensor([0.9, 0.95]),
+         "labels": torch.tensor([0, 0])},  # the person, and a detection inside the crowd
+        {"boxes": torch.tensor([[12.0, 12.0, 28.0, 28.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([0])},
+    ]  # fmt: skip
+    result = DetectionMAP()
+    result.update(predictions, batch["boxes"], batch["box_labels"], batch["box_ignore"])
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(tmp_path / "annotations" / "instances_val2017.json"))
+        detections = ground_truth.loadRes([
+            {"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "score": 0.9},
+            {"image_id": 1, "category_id": 1, "bbox": [35, 35, 20, 20], "score": 0.95},
+            {"image_id": 2, "category_id": 1, "bbox": [12, 12, 16, 16], "score": 0.8},
+        ])  # fmt: skip
+        evaluation = COCOeval(ground_truth, detections, iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    assert evaluation.stats[0] == pytest.approx(1.0)
+    assert result.compute() == {"map": pytest.approx(evaluation.stats[0]), "map50": pytest.approx(evaluation.stats[1])}
+    # a crop keeps each flag with its box: the centre 64² window (x from 16) cuts the person, shifts the crowd
+    cropped = COCODetection(tmp_path, split="val", size=64)[0]
+    assert cropped["boxes"].tolist() == [[0, 4, 8, 24], [14, 30, 44, 60]]
+    assert cropped["box_ignore"].tolist() == [False, True]
+    # an image with crowd regions alone has nothing to learn: `skip_empty` drops it
+    kept = COCODetection(tmp_path, split="val", size=None, skip_empty=True)
+    assert len(kept) == 1 and kept[0]["path"].endswith("a.jpg")
 
 
 def test_a_coco_image_missing_on_disk_is_skipped_as_an_unreadable_one(tmp_path):
@@ -318,11 +384,12 @@ def test_a_coco_image_missing_on_disk_is_skipped_as_an_unreadable_one(tmp_path):
         COCODetection(tmp_path, split="test")
 
 
-def _voc(objects: list[tuple[str, int, int, int, int]]) -> str:
+def _voc(objects: list[tuple], difficult: tuple[int, ...] = ()) -> str:
+    """VOC XML of (name, xmin, ymin, xmax, ymax) objects; those at the positions `difficult` are marked so."""
     body = "".join(
-        f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{a}</xmin><ymin>{b}</ymin>"
-        f"<xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
-        for n, a, b, c, d in objects
+        f"<object><name>{n}</name><difficult>{int(k in difficult)}</difficult><bndbox><xmin>{a}</xmin>"
+        f"<ymin>{b}</ymin><xmax>{c}</xmax><ymax>{d}</ymax></bndbox></object>"
+        for k, (n, a, b, c, d) in enumerate(objects)
     )
     return f"<annotation><filename>x</filename>{body}</annotation>"
 
@@ -361,6 +428,39 @@ def test_rtts_voc_boxes(tmp_path):
     (tmp_path / "Annotations" / "BD_Baidu_074.xml").unlink()
     with pytest.raises(DataError, match="BD_Baidu_074.xml: annotation file missing"):
         RTTS(tmp_path, split="test")
+
+
+def test_rtts_difficult_objects_are_ignore_regions_by_default_as_voc_evaluates_them(tmp_path):
+    """A hazy image with a car found and a difficult car [30, 60)². The VOC devkit ignores difficult objects:
+    found or missed, the mAP is 1.0. They were counted as ordinary objects by default (missed: 51/101) or, with
+    `skip_difficult`, dropped (a detection on one: a false positive, 0.5); now `skip_difficult` (default true)
+    makes them ignore regions, and false counts them as ordinary objects."""
+    from unirestore.framework.metrics import DetectionMAP
+
+    _save(tmp_path / "JPEGImages" / "AM_Bing_211.png", _flat(120, 64, 64))
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "AM_Bing_211.xml").write_text(
+        _voc([("car", 5, 5, 24, 24), ("car", 31, 31, 60, 60)], difficult=(1,))
+    )
+    found = {"boxes": torch.tensor([[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0]]), "scores": torch.tensor([0.9, 0.95]),
+             "labels": torch.tensor([2, 2])}  # fmt: skip
+    missed = {key: value[:1] for key, value in found.items()}
+
+    def map_of(dataset, prediction) -> float:
+        batch = collate([dataset[0]])
+        result = DetectionMAP()
+        result.update([prediction], batch["boxes"], batch["box_labels"], batch["box_ignore"])
+        return result.compute()["map"]
+
+    default = RTTS(tmp_path, size=None)
+    assert default[0]["boxes"].tolist() == [[4, 4, 24, 24], [30, 30, 60, 60]]
+    assert default[0]["box_ignore"].tolist() == [False, True]
+    assert map_of(default, found) == pytest.approx(1.0) and map_of(default, missed) == pytest.approx(1.0)
+    skipped = RTTS(tmp_path, size=None, skip_difficult=True)
+    assert skipped[0]["box_ignore"].tolist() == [False, True] and map_of(skipped, found) == pytest.approx(1.0)
+    counted = RTTS(tmp_path, size=None, skip_difficult=False)
+    assert counted[0]["box_ignore"].tolist() == [False, False]
+    assert map_of(counted, found) == pytest.approx(1.0) and map_of(counted, missed) == pytest.approx(51 / 101)
 
 
 def test_image_folder_class_range_keeps_cubs_disjoint_classes(tmp_path):

@@ -164,6 +164,73 @@ def test_map_by_hand_reads_xyxy_boxes_and_the_right_stats():
     assert half == {"map": pytest.approx(0.4 * 51 / 101), "map50": pytest.approx(51 / 101)}
 
 
+def _coco_eval(dataset: dict, detections: list[dict]) -> list[float]:
+    """pycocotools' own mAP and mAP@.5 of `detections` against a COCO ground-truth dict."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO()
+        ground_truth.dataset = dataset
+        ground_truth.createIndex()
+        evaluation = COCOeval(ground_truth, ground_truth.loadRes(detections), iouType="bbox")
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    return [float(value) for value in evaluation.stats[:2]]
+
+
+def test_map_treats_ignored_boxes_as_coco_crowd_regions():
+    """One image: an object found exactly (score .9) and a crowd region [30, 60)² with a detection inside it
+    (score .95, IoU 400/900 < .5 but all of it inside the region). With the crowd box dropped, that detection
+    is a false positive ranked first: AP 0.5 at every threshold; counted as an ordinary box (which it does not
+    match), the region is a miss as well: 0.5 · 51/101. As an ignore region it is neither right nor wrong: 1.0,
+    what pycocotools gives on the COCO ground truth with `iscrowd` 1."""
+    target = {"boxes": torch.tensor([[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0]]), "labels": torch.tensor([1, 1])}
+    found = {"boxes": torch.tensor([[4.0, 4.0, 24.0, 24.0], [35.0, 35.0, 55.0, 55.0]]), "scores": torch.tensor([0.9, 0.95]),
+             "labels": torch.tensor([1, 1])}  # fmt: skip
+    dropped = {k: v[:1] for k, v in target.items()}
+    assert metrics.coco_map([found], [dropped]) == {"map": pytest.approx(0.5), "map50": pytest.approx(0.5)}
+    assert metrics.coco_map([found], [target])["map"] == pytest.approx(0.5 * 51 / 101)
+    crowd = {**target, "ignore": torch.tensor([False, True])}
+    assert metrics.coco_map([found], [crowd]) == {"map": pytest.approx(1.0), "map50": pytest.approx(1.0)}
+    dataset = {
+        "images": [{"id": 1}],
+        "categories": [{"id": 1}],
+        "annotations": [
+            {"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "area": 400, "iscrowd": 0},
+            {"id": 2, "image_id": 1, "category_id": 1, "bbox": [30, 30, 30, 30], "area": 900, "iscrowd": 1},
+        ],
+    }
+    detections = [{"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 20], "score": 0.9},
+                  {"image_id": 1, "category_id": 1, "bbox": [35, 35, 20, 20], "score": 0.95}]  # fmt: skip
+    assert [metrics.coco_map([found], [crowd])[k] for k in ("map", "map50")] == pytest.approx(_coco_eval(dataset, detections))
+    # an ignored box nothing detects is no miss (counted, it halves the recall); a sample's key name works too
+    alone = {k: v[:1] for k, v in found.items()}
+    assert metrics.coco_map([alone], [target])["map"] == pytest.approx(51 / 101)
+    assert metrics.coco_map([alone], [{**target, "box_ignore": torch.tensor([False, True])}])["map"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="1 ignore flags for 2 boxes"):
+        metrics.coco_map([found], [{**target, "ignore": torch.tensor([True])}])
+
+
+def test_detection_map_carries_ignore_flags_and_leaves_ignored_alone_images_undefined():
+    boxes = [torch.tensor([[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0]]), torch.tensor([[0.0, 0.0, 10.0, 10.0]])]
+    labels = [torch.tensor([0, 0]), torch.tensor([0])]
+    ignore = [torch.tensor([False, True]), torch.tensor([True])]  # the second image: a crowd region alone
+    none = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    predictions = [{"boxes": boxes[0], "scores": torch.tensor([0.9, 0.95]), "labels": labels[0]}, none]
+    flagged, counted = metrics.DetectionMAP(), metrics.DetectionMAP()
+    flagged.update(predictions, boxes, labels, ignore)
+    counted.update(predictions, boxes, labels)  # no flags: every box is one to find, the third one missed
+    assert flagged.compute()["map"] == pytest.approx(1.0) and counted.compute()["map"] == pytest.approx(67 / 101)
+    per_image = flagged.per_image()["map"]
+    assert per_image[0] == pytest.approx(1.0) and torch.isnan(per_image[1])  # nothing to find there
+    assert counted.per_image()["map"].tolist() == [pytest.approx(1.0), 0.0]
+
+
 def test_map_at_r_by_hand_on_unnormalised_embeddings():
     """Two classes of three on a circle, leave-one-out by angle (R = 2 per query): the first two neighbours
     of 0°, 10°, 47° | 30°, 85°, 95° are [right, wrong], [right, wrong], [wrong, right], [wrong, wrong],

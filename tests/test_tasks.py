@@ -535,6 +535,45 @@ def test_detection_evaluator_maps_detector_labels_back():
     assert evaluator.compute()["map"] == pytest.approx(1.0)
 
 
+def test_detection_neither_trains_on_nor_scores_ignore_regions():
+    """A crowd region (a sample's `box_ignore`) is left out of the detector's targets, before the labels are
+    mapped to the detector's; the evaluator passes the flags on, so the detection inside the region is not a
+    false positive (mAP 1.0). A batch without the flags counts every box, as before."""
+    from unirestore.framework.data.sample import make_sample
+
+    seen = []
+
+    class RecordingDetector:  # labels: dataset 0 -> detector 1, dataset 1 -> detector 3
+        def losses(self, images, targets):
+            seen.append(targets)
+            return {"classification": images.mean(), "box": images.mean()}
+
+        def predict(self, images):
+            boxes = torch.tensor([[4.0, 4.0, 24.0, 24.0], [35.0, 35.0, 55.0, 55.0], [40.0, 0.0, 50.0, 10.0]])
+            return [{"boxes": boxes, "scores": torch.tensor([0.9, 0.95, 0.8]), "labels": torch.tensor([3, 3, 1])}]
+
+    task = get_task_class("det")(TaskContext(size=SIZE))
+    task.use_detector(RecordingDetector(), label_map=torch.tensor([1, 3]))
+    sample = make_sample(
+        torch.rand(3, SIZE, SIZE),
+        boxes=[[4.0, 4.0, 24.0, 24.0], [30.0, 30.0, 60.0, 60.0], [40.0, 0.0, 50.0, 10.0]],
+        box_labels=[1, 1, 0],
+        box_ignore=[False, True, False],
+    )
+    batch = collate([sample])
+    task.losses(batch["hq"], batch)
+    assert seen[-1][0]["boxes"].tolist() == [[4, 4, 24, 24], [40, 0, 50, 10]] and seen[-1][0]["labels"].tolist() == [3, 1]
+    evaluator = task.evaluator()
+    evaluator.update(batch["hq"], batch)
+    assert evaluator.compute()["map"] == pytest.approx(1.0)
+    unflagged = {key: value for key, value in batch.items() if key != "box_ignore"}
+    task.losses(batch["hq"], unflagged)
+    assert seen[-1][0]["labels"].tolist() == [3, 3, 1]
+    evaluator = task.evaluator()
+    evaluator.update(batch["hq"], unflagged)  # the region counted: a miss, and the detection in it a false positive
+    assert evaluator.compute()["map"] == pytest.approx((1.0 + 0.5 * 51 / 101) / 2)
+
+
 def test_a_damaged_cache_is_retrained(tmp_path):
     spec = downstream.builtin_spec("embedder", SIZE)
     downstream.builtin_model(spec, home=tmp_path, steps=1, progress=False)

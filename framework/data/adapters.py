@@ -650,12 +650,14 @@ class ACDC(FileDataset):
 
 class COCODetection(FileDataset):
     """COCO instances: boxes xywh -> xyxy, category ids -> contiguous labels 0..C-1 (sorted by id),
-    crowd annotations and zero-size boxes dropped.
+    zero-size boxes dropped. Crowd annotations (`iscrowd` 1) are kept as ignore regions (`box_ignore`), as
+    COCO's evaluation keeps them: a detection on one is no false positive, and they are no training target.
 
     Default layout: images `<root>/<split><year>/`, annotations `<root>/annotations/instances_<split><year>.json`
     (or give `images` / `annotations`). `category_ids[label]` is the original COCO id, `class_names[label]`
-    its name. `skip_empty` drops images without boxes. An image the annotations list but the folder lacks is
-    reported and skipped like an unreadable one (a `DataError` when none of them is there).
+    its name. `skip_empty` drops images without boxes (crowd regions alone count as none: nothing to learn). An
+    image the annotations list but the folder lacks is reported and skipped like an unreadable one (a
+    `DataError` when none of them is there).
     """
 
     reads_split = True
@@ -698,7 +700,7 @@ class COCODetection(FileDataset):
         self.category_ids = [c["id"] for c in categories]
         self.class_names = [c["name"] for c in categories]
         to_label = {cid: label for label, cid in enumerate(self.category_ids)}
-        per_image: dict[int, list[tuple[list[float], int]]] = defaultdict(list)
+        per_image: dict[int, list[tuple[list[float], int, bool]]] = defaultdict(list)
         for ann in annotations:
             try:
                 x, y, w, h = (float(value) for value in ann["bbox"])
@@ -708,25 +710,27 @@ class COCODetection(FileDataset):
                     f"{self.annotations}: annotation {ann.get('id') if isinstance(ann, dict) else ann!r} is not a "
                     f"COCO box ({type(error).__name__}: {error}); each needs bbox [x, y, w, h], category_id, image_id"
                 ) from None
-            if ann.get("iscrowd", 0) or w <= 0 or h <= 0:
+            if w <= 0 or h <= 0:
                 continue
             if category not in to_label:
                 raise DataError(f"{self.annotations}: annotation {ann.get('id')} has unknown category {category}")
-            per_image[image_id].append(([x, y, x + w, y + h], to_label[category]))
+            crowd = bool(ann.get("iscrowd", 0))
+            per_image[image_id].append(([x, y, x + w, y + h], to_label[category], crowd))
         missing: list[Path] = []
         for image in sorted(images, key=lambda im: im.get("id", -1)):
             if "id" not in image or "file_name" not in image:
                 raise DataError(f"{self.annotations}: image entry {image!r:.120} lacks its id or file_name")
             objects = per_image.get(image["id"], [])
-            if self.skip_empty and not objects:
+            if self.skip_empty and all(crowd for _, _, crowd in objects):  # no box, or crowd regions alone
                 continue
             path = self.images / image["file_name"]
             if not path.is_file():
                 missing.append(path)
                 continue
-            boxes = np.asarray([box for box, _ in objects], dtype=np.float32).reshape(-1, 4)
-            labels = np.asarray([label for _, label in objects], dtype=np.int64)
-            self.records.append((path, boxes, labels, image["id"]))
+            boxes = np.asarray([box for box, _, _ in objects], dtype=np.float32).reshape(-1, 4)
+            labels = np.asarray([label for _, label, _ in objects], dtype=np.int64)
+            crowd = np.asarray([ignore for _, _, ignore in objects], dtype=bool)
+            self.records.append((path, boxes, labels, crowd, image["id"]))
         if missing and not self.records:
             raise DataError(
                 f"{self.images}: none of the {len(missing)} images {self.annotations.name} lists is here (e.g. "
@@ -736,16 +740,22 @@ class COCODetection(FileDataset):
             report_bad_file(UnreadableImage(path, f"missing, though {self.annotations.name} lists it"))
 
     def load(self, i: int) -> Sample:
-        path, boxes, labels, _image_id = self.records[i]
-        return make_sample(load_rgb(path), boxes=boxes, box_labels=labels, path=str(path))
+        path, boxes, labels, crowd, _image_id = self.records[i]
+        return make_sample(load_rgb(path), boxes=boxes, box_labels=labels, box_ignore=crowd, path=str(path))
 
 
 class RTTS(FileDataset):
     """RTTS (RESIDE real-world task-driven testing set): real hazy images with VOC XML boxes of 5 classes.
 
     `JPEGImages/<id>.png|jpg`, `Annotations/<id>.xml`; `ImageSets/Main/<split>.txt` selects ids when it
-    exists (one it lists without an image is skipped as an unreadable image is), else every image is used. VOC's 1-based inclusive pixel boxes become xyxy pixel edges
-    (xmin - 1, ymin - 1, xmax, ymax). Labels index `RTTS_CLASSES`. Real degraded images: `hq` = `lq`.
+    exists (one it lists without an image is skipped as an unreadable image is), else every image is used.
+    VOC's 1-based inclusive pixel boxes become xyxy pixel edges (xmin - 1, ymin - 1, xmax, ymax). Labels index
+    `RTTS_CLASSES`. Real degraded images: `hq` = `lq`.
+
+    `skip_difficult` (default true): objects marked `<difficult>1` are ignore regions (`box_ignore`), as the
+    VOC devkit evaluates them: missing one costs nothing and a detection on one is neither a true nor a false
+    positive (see `metrics.coco_map` for how pycocotools' crowd rule, used for this, differs from VOC's);
+    they are no training target either. False: they are ordinary objects, to be found like the others.
     """
 
     class_names = RTTS_CLASSES
@@ -757,7 +767,7 @@ class RTTS(FileDataset):
         split: str = "test",
         size: int | None = 256,
         seed: int = 0,
-        skip_difficult: bool = False,
+        skip_difficult: bool = True,
     ):
         self.skip_difficult = skip_difficult
         super().__init__(root, split, size, seed)
@@ -790,30 +800,34 @@ class RTTS(FileDataset):
                 raise DataError(f"{xml}: annotation file missing for {images[image_id].name}; restore it")
             self.records.append((images[image_id], xml))
 
-    def _objects(self, xml: Path) -> tuple[np.ndarray, np.ndarray]:
+    def _objects(self, xml: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The boxes (N, 4), labels (N,) and ignore flags (N,) of one annotation file."""
         try:
             tree = ET.parse(xml)
         except ET.ParseError as error:
             raise DataError(f"{xml}: not valid XML ({error}); restore the annotation file") from error
-        boxes, labels = [], []
+        boxes, labels, ignore = [], [], []
         for obj in tree.getroot().iter("object"):
             name = (obj.findtext("name") or "").strip().lower()
             if name not in RTTS_CLASSES:
                 raise DataError(f"{xml}: unknown class {name!r}; RTTS classes are {', '.join(RTTS_CLASSES)}")
-            if self.skip_difficult and (obj.findtext("difficult") or "0").strip() == "1":
-                continue
             box = obj.find("bndbox")
             if box is None:
                 raise DataError(f"{xml}: an object {name!r} has no <bndbox>")
             x1, y1, x2, y2 = (float(box.findtext(tag) or "nan") for tag in ("xmin", "ymin", "xmax", "ymax"))
             boxes.append((x1 - 1.0, y1 - 1.0, x2, y2))
             labels.append(RTTS_CLASSES.index(name))
-        return np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+            ignore.append(self.skip_difficult and (obj.findtext("difficult") or "0").strip() == "1")
+        return (
+            np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+            np.asarray(labels, dtype=np.int64),
+            np.asarray(ignore, dtype=bool),
+        )
 
     def load(self, i: int) -> Sample:
         path, xml = self.records[i]
         image = load_rgb(path)
-        boxes, labels = self._objects(xml)
+        boxes, labels, ignore = self._objects(xml)
         return make_sample(
             image,
             lq=image.clone(),
@@ -821,5 +835,6 @@ class RTTS(FileDataset):
             severity=0,
             boxes=boxes,
             box_labels=labels,
+            box_ignore=ignore,
             path=str(path),
         )

@@ -408,9 +408,12 @@ class BuiltinScenes(Dataset):
 
 
 def coco_annotations(sample: Sample, image_id: int = 0) -> list[dict]:
-    """A sample's boxes as COCO annotation dicts (bbox [x, y, w, h], category_id = label + 1, area, iscrowd)."""
+    """A sample's boxes as COCO annotation dicts (bbox [x, y, w, h], category_id = label + 1, area, iscrowd:
+    1 for an ignore region, none in the built-in scenes)."""
     annotations = []
-    for box, label in zip(sample["boxes"].tolist(), sample["box_labels"].tolist(), strict=True):
+    boxes, labels = sample["boxes"].tolist(), sample["box_labels"].tolist()
+    ignore = sample.get("box_ignore", torch.zeros(len(boxes), dtype=torch.bool)).tolist()
+    for box, label, crowd in zip(boxes, labels, ignore, strict=True):
         x1, y1, x2, y2 = box
         annotations.append(
             {
@@ -418,7 +421,7 @@ def coco_annotations(sample: Sample, image_id: int = 0) -> list[dict]:
                 "bbox": [x1, y1, x2 - x1, y2 - y1],
                 "category_id": int(label) + 1,
                 "area": (x2 - x1) * (y2 - y1),
-                "iscrowd": 0,
+                "iscrowd": int(crowd),
             }
         )
     return annotations

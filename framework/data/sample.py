@@ -10,12 +10,17 @@ A sample is a dict with every key present (a dataset without some target fills i
     mask        (H, W) int64                  per-pixel class; IGNORE_INDEX (255) where unlabelled
     boxes       (N, 4) float32                xyxy in pixels of `hq`
     box_labels  (N,) int64                    class of each box
+    box_ignore  (N,) bool                     True for an ignore region (a COCO crowd, a VOC difficult object)
     path        str                           where it came from (file, or "builtin:...")
 
 A task plugin's dataset may add keys of its own. One holding a tensor of the image's size (..., H, W), such
 as a depth map, is cropped and resized with the image (bilinearly when floating point, nearest when integer);
-any other value is kept as it is. `collate` stacks the tensors and keeps `boxes`, `box_labels`, `path` and
-`corruption` as lists.
+any other value is kept as it is. `collate` stacks the tensors and keeps `boxes`, `box_labels`, `box_ignore`,
+`path` and `corruption` as lists.
+
+An ignore region (`box_ignore` True) is a box the official evaluations neither ask to be found nor count a
+detection on as a false positive: COCO's `iscrowd` annotations, VOC's (and RTTS') `difficult` objects. The
+detection mAP passes it to pycocotools as `iscrowd=1`; the detection loss leaves it out of the detector's targets.
 """
 
 from __future__ import annotations
@@ -30,9 +35,11 @@ from .io import DataError
 
 IGNORE_INDEX = 255  # `mask` value of unlabelled pixels
 IGNORE_LABEL = -100  # `label` of a sample without a class (torch's CrossEntropyLoss ignore_index default)
-LIST_KEYS = ("boxes", "box_labels", "path", "corruption")  # kept as lists by `collate`
+LIST_KEYS = ("boxes", "box_labels", "box_ignore", "path", "corruption")  # kept as lists by `collate`
 # keys `fit_to_size` handles by name; another key holding a (..., H, W) tensor is a plugin's dense target
-_KNOWN_KEYS = frozenset(("hq", "lq", "mask", "boxes", "box_labels", "label", "path", "corruption", "severity"))
+_KNOWN_KEYS = frozenset(
+    ("hq", "lq", "mask", "boxes", "box_labels", "box_ignore", "label", "path", "corruption", "severity")
+)
 
 Sample = dict[str, Any]
 
@@ -47,9 +54,10 @@ def make_sample(
     mask: torch.Tensor | np.ndarray | None = None,
     boxes: torch.Tensor | np.ndarray | None = None,
     box_labels: torch.Tensor | np.ndarray | None = None,
+    box_ignore: torch.Tensor | np.ndarray | None = None,
     path: str = "",
 ) -> Sample:
-    """A sample dict with the missing targets filled by their "nothing here" values.
+    """A sample dict with the missing targets filled by their "nothing here" values (`box_ignore`: all False).
 
     `lq`, `corruption` and `severity` are only set when `lq` is given (`Degraded` adds them otherwise).
     """
@@ -70,6 +78,11 @@ def make_sample(
     sample["box_labels"] = torch.as_tensor(
         box_labels if box_labels is not None else np.zeros((0,)), dtype=torch.int64
     ).reshape(-1)
+    sample["box_ignore"] = torch.as_tensor(
+        box_ignore if box_ignore is not None else np.zeros(len(sample["boxes"])), dtype=torch.bool
+    ).reshape(-1)
+    if len(sample["box_ignore"]) != len(sample["boxes"]):
+        raise ValueError(f"{len(sample['box_ignore'])} box_ignore flags for {len(sample['boxes'])} boxes")
     sample["path"] = path
     return sample
 
@@ -102,7 +115,8 @@ def fit_to_size(sample: Sample, size: int | None, train: bool, rng: np.random.Ge
 
     train: upscale only when the short side is under `size`, then a random `size` window (native resolution).
     otherwise: resize the short side to `size`, then the centre window. `size` None leaves the sample as is.
-    Boxes are shifted, clipped to the window and dropped when narrower or lower than one pixel.
+    Boxes are shifted, clipped to the window and dropped (with their labels and ignore flags) when narrower or
+    lower than one pixel.
     """
     if size is None:
         return sample
@@ -144,6 +158,8 @@ def fit_to_size(sample: Sample, size: int | None, train: bool, rng: np.random.Ge
         keep = ((boxes[:, 2] - boxes[:, 0]) >= 1.0) & ((boxes[:, 3] - boxes[:, 1]) >= 1.0)
         out["boxes"] = boxes[keep]
         out["box_labels"] = sample["box_labels"][keep]
+        if "box_ignore" in sample:
+            out["box_ignore"] = sample["box_ignore"][keep]
     return out
 
 
