@@ -1093,6 +1093,44 @@ def test_ctrl_c_in_stage_0_saves_its_step_and_resume_goes_on_from_it(root, tmp_p
     assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
 
 
+def test_sigterm_in_the_final_evaluation_says_the_training_is_saved_and_resume_evaluates(root):
+    """A SIGTERM (or Ctrl-C) while the trained model is evaluated ended the process without a word, its MLflow run
+    left running: now one line says that the training is complete and saved and names the command that
+    evaluates it again, exit 143, the run ends as killed; that command skips the stages and writes the table."""
+    import mlflow
+
+    output, uri = root / "eval-stopped", f"sqlite:///{root / 'eval-stopped-db' / 'mlflow.db'}"
+    (root / "eval-stopped-db").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # stages 1 and 2 alone: the tiny prior is not trained here
+    args = ["train", "--tasks", "pir", "--stage", "1,2", "--steps", "1", "--batch-size", "2", "--output", str(output),
+            "--tracking-uri", uri, "--set", "train.eval_samples=32", *TINY]  # fmt: skip
+    artifacts = root / "eval-stopped-db" / "mlartifacts"  # the final checkpoint is logged, then evaluated
+
+    def evaluating() -> bool:
+        if any(artifacts.rglob("checkpoints/stage2.safetensors")):
+            time.sleep(0.5)  # past the copy
+            return True
+        return False
+
+    training = _start(args, env)
+    stderr = _signal_when(training, evaluating, signal.SIGTERM)
+    assert training.returncode == 143, stderr[-3000:]
+    command = f"unirestore train --config {output / 'config.yaml'} --stage 1,2 --resume"
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: training is complete, saved in {output / 'stage2.safetensors'}, but its final evaluation was "
+        f"interrupted; run it again with: {command}"
+    ), stderr[-3000:]
+    assert not (output / "final" / "stage2" / "eval.md").exists()
+    mlflow.set_tracking_uri(uri)
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["KILLED"]
+    again = [*shlex.split(command)[1:], "--set", "train.eval_samples=4"]  # train.eval_samples may change on --resume
+    resumed = subprocess.run([*PYTHON, *again], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage2: already complete (1 steps), skipped" in resumed.stdout
+    assert (output / "final" / "stage2" / "eval.md").is_file()
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
+
+
 def test_a_training_stopped_by_sigterm_exits_143_with_its_one_line(capsys):
     """128 + the signal, as a shell reports a process killed by it: a scheduler tells preemption from failure."""
     import signal

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -63,6 +64,7 @@ from .trainer import (
     HookBase,
     MetricLogger,
     Progress,
+    SignalInterrupts,
     TaskStream,
     Trainer,
     TrainingDiverged,
@@ -483,9 +485,22 @@ class _Run:
     def final_evaluation(self, model: UniRestore, tasks: dict, title: str, checkpoint: Path) -> EvalTable | None:
         """The test table of `checkpoint`: printed, logged as metrics (`test/<task>/<input>/<metric>`), written
         to `final/<checkpoint>/` as `eval` writes its tables (each test image's values and their gains plot
-        included) and logged under final/, with the before/after grids."""
+        included) and logged under final/, with the before/after grids.
+
+        Ctrl-C or SIGTERM stops it at once with `TrainingInterrupted`, naming the command that runs it again
+        (`--resume` skips the finished stages and evaluates)."""
         if not self.distributed.main:
             return None
+        with SignalInterrupts() as interruption:
+            try:
+                return self._final_table(model, tasks, title, checkpoint)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(
+                    f"training is complete, saved in {checkpoint}, but its final evaluation was interrupted; run it "
+                    f"again with: {self.resume_command}", interruption.signal or signal.SIGINT,
+                ) from None
+
+    def _final_table(self, model: UniRestore, tasks: dict, title: str, checkpoint: Path) -> EvalTable:
         config = self.config
         # beside a GPU, the training's DataLoader workers (stopped by now) read and degrade the test images
         workers = config.train.num_workers if self.device.type == "cuda" else 0
@@ -688,7 +703,7 @@ def train(
     `on_validation(step, metrics)` receives each validation's metrics; `hooks` are added after the
     built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite, and
     `TrainingInterrupted` (its message: where it stopped and the command that continues) when Ctrl-C or
-    SIGTERM stopped a stage (stage 0 included), after saving the step it reached.
+    SIGTERM stopped a stage (stage 0 included), after saving the step it reached, or the final evaluation.
     """
     chosen = _stage_list(stages)
     if chosen == (0,) and config.prior != "tiny":
