@@ -162,7 +162,8 @@ def test_stage0_stopped_twice_and_resumed_trains_the_prior_an_uninterrupted_run_
 
 def test_stage0_progress_saved_under_other_settings_is_refused(tmp_path, monkeypatch):
     """A checkpoint resumes only under the settings it was saved with (stage0.* are not among the run's
-    compared settings: a trained prior is reused whatever they say); the others say how to start anew."""
+    compared settings: a trained prior is reused whatever they say); a cut one or one saved under other
+    settings is one line saying how to start anew."""
     import os
     import signal
 
@@ -181,7 +182,14 @@ def test_stage0_progress_saved_under_other_settings_is_refused(tmp_path, monkeyp
     with pytest.raises(TrainingInterrupted, match="stopped at step 1 of 4"):
         stage0.train_tiny_prior(config, progress=False, checkpoints=checkpoints)
     monkeypatch.setattr(stage0, "_batches", batches)
-    with pytest.raises(CheckpointError, match=r"other settings \(lr: 0.002 → 0.001; .*delete .*last.state.pt"):
+    state = checkpoints / "last.state.pt"
+    saved = state.read_bytes()
+    state.write_bytes(saved[: len(saved) // 2])  # cut short (a disk that filled up, a copy stopped half way)
+    with pytest.raises(CheckpointError, match=r"stage 0's checkpoint in .* cannot be read \(.*\); delete "):
+        stage0.train_tiny_prior(config, progress=False, checkpoints=checkpoints, resume=True)
+    state.write_bytes(saved)
+    refused = r"other settings \(stage0.lr: 0.002 → 0.001\); resume with those, or delete .*last.state.pt"
+    with pytest.raises(CheckpointError, match=refused):
         stage0.train_tiny_prior(Stage0Config(vae_steps=4, unet_steps=0, batch_size=2, lr=1e-3), progress=False,
                                 checkpoints=checkpoints, resume=True)  # fmt: skip
     # checkpoint_every and force change nothing that is computed

@@ -156,8 +156,9 @@ class _Progress:
 
 def _settings(config: Stage0Config, seed: int) -> dict:
     """What decides the trained prior: a checkpoint resumes only under the same."""
-    settings = {key: value for key, value in asdict(config).items() if key not in ("force", "checkpoint_every")}
-    return {**settings, "seed": seed}
+    operational = ("force", "checkpoint_every")
+    settings = {f"stage0.{key}": value for key, value in asdict(config).items() if key not in operational}
+    return {**settings, "train.seed": seed}
 
 
 def _save_progress(folder: Path, vae, unet, progress: _Progress, settings: dict) -> None:
@@ -210,8 +211,7 @@ def _read_progress(folder: Path, vae, unet, settings: dict) -> _Progress:
     if changed:
         shown = ", ".join(f"{key}: {saved.get(key)} → {settings.get(key)}" for key in changed)
         raise CheckpointError(
-            f"stage 0's checkpoint in {folder} was saved with other settings ({shown}; seed is train.seed); resume "
-            f"with its stage0 settings, or {anew}"
+            f"stage 0's checkpoint in {folder} was saved with other settings ({shown}); resume with those, or {anew}"
         )
     try:
         for name, module in (("vae", vae), ("unet", unet)):
