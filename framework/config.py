@@ -498,6 +498,10 @@ class Stage0Config:
     kl_weight: float = 4e-6
     # Retrain even when the prior folder carries the "trained" marker.
     force: bool = False
+    # Steps between the periodic checkpoints of a run (`<output>/stage0/last.*`, from which `--resume`
+    # continues stage 0; Ctrl-C and SIGTERM save the step they stop at too). One takes 0.1-0.3 s (21 MB in the
+    # UNet's steps, 7 MB in the VAE's), 500 VAE steps ~25 s.
+    checkpoint_every: int = 500
 
     def validate(self) -> None:
         if self.vae_steps < 0 or self.unet_steps < 0:
@@ -508,6 +512,8 @@ class Stage0Config:
             raise ConfigError(f"stage0.lr={self.lr}: must be positive")
         if self.chroma_weight < 0:
             raise ConfigError(f"stage0.chroma_weight={self.chroma_weight}: must be >= 0")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"stage0.checkpoint_every={self.checkpoint_every}: must be at least 1")
         if self.vae_crop < 0:
             raise ConfigError(f"stage0.vae_crop={self.vae_crop}: must be 0 (whole images) or a crop side in pixels")
 

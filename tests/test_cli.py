@@ -4,6 +4,13 @@ list, restore with a bad file among good ones, and the one-line errors (exit cod
 from __future__ import annotations
 
 import math
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -982,17 +989,36 @@ def test_ctrl_c_is_one_line_naming_how_to_go_on(trained, root, monkeypatch):
     assert list(runs["status"]) == ["KILLED"]
 
 
+PYTHON = [sys.executable, "-m", "unirestore.framework.cli"]
+
+
+def _start(args: list[str], env: dict) -> subprocess.Popen:
+    """`unirestore <args>` in a child process that hears Ctrl-C as a shell's would: a test run started with nohup
+    or `&` ignores it, and would pass that on."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen([*PYTHON, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def _signal_when(process: subprocess.Popen, ready, number: int) -> str:
+    """Send signal `number` to `process` once `ready()` says so (or at once if it ended); its stderr once it ended."""
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline and not ready():
+            time.sleep(0.05)
+        process.send_signal(number)
+        return process.communicate(timeout=300)[1]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
 def test_ctrl_c_during_training_saves_the_step_it_reached_and_resume_goes_on_from_it(root):
     """The real signal to a real `unirestore train`: the step in progress finishes and is saved (past the last
     periodic checkpoint), exit 130 with one line naming the step and the command that continues, which does."""
-    import os
-    import re
-    import shlex
-    import signal
-    import subprocess
-    import sys
-    import time
-
     import mlflow
 
     from unirestore.framework.engine.curves import MetricHistory
@@ -1000,30 +1026,14 @@ def test_ctrl_c_during_training_saves_the_step_it_reached_and_resume_goes_on_fro
 
     output, uri = root / "ctrl-c", f"sqlite:///{root / 'ctrl-c.db'}"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # PYTHONPATH and UNIRESTORE_HOME as this process has them
-    python = [sys.executable, "-m", "unirestore.framework.cli"]
     args = ["train", "--tasks", "pir", "--stage", "1", "--steps", "60", "--batch-size", "2", "--output", str(output),
             "--tracking-uri", uri, "--set", "train.checkpoint_every=5", "--set", "train.eval_samples=2", *TINY]  # fmt: skip
-
-    # A test run started with nohup or `&` ignores Ctrl-C, and would pass that on: the child hears it as a shell's would.
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        training = subprocess.Popen([*python, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    finally:
-        signal.signal(signal.SIGINT, before)
-    try:
-        history = MetricHistory(output / "stage1")
-        deadline = time.monotonic() + 300
-        # past the first periodic checkpoint (step 5), so that the stop lands between two of them
-        while training.poll() is None and time.monotonic() < deadline and max(
-            (record["step"] for record in history.read()), default=0
-        ) < 6:
-            time.sleep(0.05)
-        training.send_signal(signal.SIGINT)
-        _, stderr = training.communicate(timeout=300)
-    finally:
-        if training.poll() is None:
-            training.kill()
-            training.communicate()
+    training = _start(args, env)
+    history = MetricHistory(output / "stage1")
+    # past the first periodic checkpoint (step 5), so that the stop lands between two of them
+    stderr = _signal_when(
+        training, lambda: max((record["step"] for record in history.read()), default=0) >= 6, signal.SIGINT
+    )
     assert training.returncode == 130, stderr[-3000:]
     line = stderr.strip().splitlines()[-1]
     stopped = re.fullmatch(r"interrupted: stage1 stopped at step (\d+) of 60, saved in (\S+); continue with: (.+)", line)
@@ -1036,7 +1046,7 @@ def test_ctrl_c_during_training_saves_the_step_it_reached_and_resume_goes_on_fro
     assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["KILLED"]
     command = shlex.split(stopped[3])
     assert command[:2] == ["unirestore", "train"] and command[-1] == "--resume"
-    resumed = subprocess.run([*python, *command[1:]], env=env, capture_output=True, text=True, timeout=600, check=False)
+    resumed = subprocess.run([*PYTHON, *command[1:]], env=env, capture_output=True, text=True, timeout=600, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"stage1: resuming at step {step} of 60" in resumed.stdout
     assert (output / "stage1.safetensors").is_file() and read_training_state(output / "stage1").done
@@ -1111,6 +1121,86 @@ def test_a_killed_training_resumed_holds_each_metric_step_once_in_mlflow(root):
         assert set(logged) == set(values), name
         if not name.endswith("steps_per_second"):
             assert logged == values, name  # the first pass's values, which the replay reproduced exactly
+
+
+def test_ctrl_c_in_stage_0_saves_its_step_and_resume_goes_on_from_it(root, tmp_path):
+    """Stage 0 (the tiny prior's training, minutes of the main command) kept no checkpoint: Ctrl-C lost all of it.
+    Now the step in progress finishes and is saved in the run folder, the cached prior stays unmarked, exit 130
+    with stage 1's line, and the command it names goes on from that step and puts the trained prior in place."""
+    import mlflow
+    from safetensors import safe_open
+
+    from unirestore.framework.engine.stage0 import MARKER
+
+    home, output, uri = tmp_path / "home", tmp_path / "run", f"sqlite:///{tmp_path / 'stage0.db'}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNIRESTORE_HOME": str(home)}  # the shared test prior stays as it is
+    args = ["train", "--stage", "0", "--output", str(output), "--tracking-uri", uri, "--set", "stage0.vae_steps=80",
+            "--set", "stage0.unet_steps=2", "--set", "stage0.batch_size=2", "--set", "stage0.checkpoint_every=10"]  # fmt: skip
+    saved = output / "stage0" / "last.safetensors"
+
+    def saved_step() -> int:
+        if not saved.is_file():
+            return 0
+        with safe_open(saved, framework="pt") as handle:
+            return int(handle.metadata()["step"])
+
+    training = _start(args, env)
+    stderr = _signal_when(training, lambda: saved_step() >= 10, signal.SIGINT)  # past the first periodic checkpoint
+    assert training.returncode == 130, stderr[-3000:]
+    line = stderr.strip().splitlines()[-1]
+    stopped = re.fullmatch(r"interrupted: stage0 stopped at step (\d+) of 82, saved in (\S+); continue with: (.+)", line)
+    assert stopped, stderr[-3000:]
+    step = int(stopped[1])
+    assert 10 <= step < 80 and stopped[2] == str(saved) and saved_step() == step
+    assert not (home / "priors" / "tiny" / MARKER).exists()  # not taken for a trained prior
+    mlflow.set_tracking_uri(uri)
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["KILLED"]
+    assert runner.invoke(app, args).exit_code == 2  # without --resume, the saved steps are not overwritten
+    command = shlex.split(stopped[3])
+    assert command[:2] == ["unirestore", "train"] and command[-1] == "--resume"
+    resumed = subprocess.run([*PYTHON, *command[1:]], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"stage0: resuming at step {step} of 82" in resumed.stdout
+    assert (home / "priors" / "tiny" / MARKER).is_file() and not saved.exists()
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
+
+
+def test_sigterm_in_the_final_evaluation_says_the_training_is_saved_and_resume_evaluates(root):
+    """A SIGTERM (or Ctrl-C) while the trained model is evaluated ended the process without a word, its MLflow run
+    left running: now one line says that the training is complete and saved and names the command that
+    evaluates it again, exit 143, the run ends as killed; that command skips the stages and writes the table."""
+    import mlflow
+
+    output, uri = root / "eval-stopped", f"sqlite:///{root / 'eval-stopped-db' / 'mlflow.db'}"
+    (root / "eval-stopped-db").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # stages 1 and 2 alone: the tiny prior is not trained here
+    args = ["train", "--tasks", "pir", "--stage", "1,2", "--steps", "1", "--batch-size", "2", "--output", str(output),
+            "--tracking-uri", uri, "--set", "train.eval_samples=32", *TINY]  # fmt: skip
+    artifacts = root / "eval-stopped-db" / "mlartifacts"  # the final checkpoint is logged, then evaluated
+
+    def evaluating() -> bool:
+        if any(artifacts.rglob("checkpoints/stage2.safetensors")):
+            time.sleep(0.5)  # past the copy
+            return True
+        return False
+
+    training = _start(args, env)
+    stderr = _signal_when(training, evaluating, signal.SIGTERM)
+    assert training.returncode == 143, stderr[-3000:]
+    command = f"unirestore train --config {output / 'config.yaml'} --stage 1,2 --resume"
+    assert stderr.strip().splitlines()[-1] == (
+        f"interrupted: training is complete, saved in {output / 'stage2.safetensors'}, but its final evaluation was "
+        f"interrupted; run it again with: {command}"
+    ), stderr[-3000:]
+    assert not (output / "final" / "stage2" / "eval.md").exists()
+    mlflow.set_tracking_uri(uri)
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["KILLED"]
+    again = [*shlex.split(command)[1:], "--set", "train.eval_samples=4"]  # train.eval_samples may change on --resume
+    resumed = subprocess.run([*PYTHON, *again], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "stage2: already complete (1 steps), skipped" in resumed.stdout
+    assert (output / "final" / "stage2" / "eval.md").is_file()
+    assert list(mlflow.search_runs(experiment_names=["unirestore"])["status"]) == ["FINISHED"]  # the same run
 
 
 def test_a_training_stopped_by_sigterm_exits_143_with_its_one_line(capsys):

@@ -7,6 +7,8 @@ Run folder (`config.output`):
 
     config.yaml                  the resolved config of the last call (its local paths absolute)
     mlflow_run.json              the MLflow run id (a resumed run continues it)
+    stage0/                      the tiny prior's stage 0 (stage0.py): its metrics.jsonl, and while it trains
+        last.safetensors  last.state.pt    its progress (the trained prior goes to UNIRESTORE_HOME)
     stage1/  stage2/  stage3-<task>/
         last.safetensors         periodic model checkpoint (trainable parts)
         last.state.pt            optimiser, scheduler, RNG states, step, data position
@@ -24,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -61,6 +64,7 @@ from .trainer import (
     HookBase,
     MetricLogger,
     Progress,
+    SignalInterrupts,
     TaskStream,
     Trainer,
     TrainingDiverged,
@@ -482,9 +486,22 @@ class _Run:
     def final_evaluation(self, model: UniRestore, tasks: dict, title: str, checkpoint: Path) -> EvalTable | None:
         """The test table of `checkpoint`: printed, logged as metrics (`test/<task>/<input>/<metric>`), written
         to `final/<checkpoint>/` as `eval` writes its tables (each test image's values and their gains plot
-        included) and logged under final/, with the before/after grids."""
+        included) and logged under final/, with the before/after grids.
+
+        Ctrl-C or SIGTERM stops it at once with `TrainingInterrupted`, naming the command that runs it again
+        (`--resume` skips the finished stages and evaluates)."""
         if not self.distributed.main:
             return None
+        with SignalInterrupts() as interruption:
+            try:
+                return self._final_table(model, tasks, title, checkpoint)
+            except KeyboardInterrupt:
+                raise TrainingInterrupted(
+                    f"training is complete, saved in {checkpoint}, but its final evaluation was interrupted; run it "
+                    f"again with: {self.resume_command}", interruption.signal or signal.SIGINT,
+                ) from None
+
+    def _final_table(self, model: UniRestore, tasks: dict, title: str, checkpoint: Path) -> EvalTable:
         config = self.config
         # beside a GPU, the training's DataLoader workers (stopped by now) read and degrade the test images
         workers = config.train.num_workers if self.device.type == "cuda" else 0
@@ -687,7 +704,7 @@ def train(
     `on_validation(step, metrics)` receives each validation's metrics; `hooks` are added after the
     built-in ones in every stage. Raises `TrainingDiverged` when a loss is not finite, and
     `TrainingInterrupted` (its message: where it stopped and the command that continues) when Ctrl-C or
-    SIGTERM stopped a stage, after saving the step it reached.
+    SIGTERM stopped a stage (stage 0 included), after saving the step it reached, or the final evaluation.
     """
     chosen = _stage_list(stages)
     if chosen == (0,) and config.prior != "tiny":
@@ -699,8 +716,10 @@ def train(
     names = parse_task_list(list(config.tasks))
     distributed, device = setup_distributed(config.train.device)
     output = Path(config.output).expanduser().resolve()
-    model_stages = [s.name for s in (stage1(names), stage2(names)) if s.number in chosen]
-    _check_folder(output, model_stages, resume)
+    stage_names = [s.name for s in (stage1(names), stage2(names)) if s.number in chosen]
+    if 0 in chosen and config.prior == "tiny":
+        stage_names.insert(0, "stage0")  # its saved progress, until the trained prior is in place
+    _check_folder(output, stage_names, resume)
     if resume:
         _check_resumed_config(output, config)
     # The data config and its roots, and a prior other than the tiny one (stage 0 may rewrite that), are
@@ -719,14 +738,14 @@ def train(
             "unirestore.output": str(output)}  # fmt: skip
     params = _params(config, label, names, distributed.world_size)
     with run_folder_lock(output, distributed.main):
-        _check_folder(output, model_stages, resume)  # again, now that no other run can start here
+        _check_folder(output, stage_names, resume)  # again, now that no other run can start here
         tracker = _start(config, output, output, distributed, resume, tags, params)
         stage_option = ["--stage", label] if chosen != (0, 1, 2) else []
         command = shlex.join(["unirestore", "train", "--config", str(output / "config.yaml"), *stage_option, "--resume"])
         run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress, command)
         status = "FAILED"
         try:
-            if resume and not _resumable(output, model_stages):
+            if resume and not _resumable(output, stage_names):
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; starting the run anew")
             _note_training_images_in_test(run, config, names)
             result = _train_stages(run, chosen, names, resume, prior)
@@ -823,18 +842,26 @@ def _run_stages(
             from .stage0 import train_tiny_prior
 
             if distributed.main:
-                history = MetricHistory(run.output / "stage0")
-                started = False
+                folder = run.output / "stage0"
+                history = MetricHistory(folder)
 
                 def log(metrics: dict, step: int) -> None:
-                    nonlocal started
                     run.log(metrics, step)
-                    if not started:  # stage 0 trains from its start (a trained prior is skipped, its history kept)
-                        history.keep_until(0)
-                        started = True
                     history.append(step, metrics)
 
-                result = train_tiny_prior(config.stage0, config.train.seed, device, log, run.progress)
+                def start(step: int) -> None:  # only when it trains: a trained prior is skipped, its history kept
+                    history.keep_until(step)  # the steps after the resumed checkpoint are logged again
+                    if step:
+                        total = config.stage0.vae_steps + config.stage0.unet_steps
+                        run.say(f"[yellow]stage0[/yellow]: resuming at step {step} of {total}")
+
+                try:
+                    result = train_tiny_prior(config.stage0, config.train.seed, device, log, run.progress,
+                                              checkpoints=folder, resume=resume, on_start=start)  # fmt: skip
+                except TrainingInterrupted as stop:
+                    raise TrainingInterrupted(
+                        f"{stop}, saved in {folder / MODEL_FILE}; continue with: {run.resume_command}", stop.signal
+                    ) from None
                 run.tracker.log_metrics(
                     {k: v for k, v in result.metrics.items() if k.startswith("stage0/")}, 0
                 )

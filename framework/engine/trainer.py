@@ -47,8 +47,8 @@ class TrainingDiverged(RuntimeError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM stopped training after a whole step, which was saved; `signal` is the signal's number
-    (a process stopped by another's vote says SIGINT)."""
+    """Ctrl-C or SIGTERM stopped training after a whole step, which was saved, or the final evaluation of a
+    saved training; `signal` is the signal's number (a process stopped by another's vote says SIGINT)."""
 
     def __init__(self, message: str, signal_number: int = signal.SIGINT):
         super().__init__(message)
@@ -419,6 +419,31 @@ class StopRequest:
             signal.signal(number, handler)
         if self.signal is not None and not self.taken and exc_info[0] is None:
             signal.raise_signal(self.signal)
+
+
+class SignalInterrupts:
+    """While entered, in the main thread: Ctrl-C and SIGTERM raise KeyboardInterrupt at once, and `signal` notes
+    which (by default SIGTERM ends the process without a word, its MLflow run left running). A signal ignored
+    when entering (a run started with nohup) stays ignored."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> Self:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(number) not in (signal.SIG_IGN, None):
+                    self._previous[number] = signal.signal(number, self._interrupt)
+        return self
+
+    def _interrupt(self, number: int, frame) -> None:
+        self.signal = number
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
 
 
 class Trainer:
