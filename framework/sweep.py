@@ -1069,6 +1069,9 @@ def sweep_beta(
     if scheduler not in SCHEDULERS:
         raise SweepError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
+    from .engine.tracking import check_tracking_uri
+
+    check_tracking_uri(config.tracking_uri, "--set tracking_uri=")
     source_path, metadata = _check_source(source)
     _source_prior(config, metadata)
     _check_inputs(config, names)
@@ -1190,6 +1193,9 @@ def sweep_extend(
     config = _absolute_config(config or RunConfig())
     names = _check_tasks(tasks)
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
+    from .engine.tracking import check_tracking_uri
+
+    check_tracking_uri(config.tracking_uri, "--set tracking_uri=")
     source_path, metadata = _check_source(source)
     _source_prior(config, metadata)
     present = [task for task in names if task in metadata["tasks"]]
