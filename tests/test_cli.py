@@ -961,8 +961,8 @@ def test_resuming_a_training_whose_mlflow_run_was_deleted_says_so_and_logs_to_a_
     assert new != old and client.get_run(new).info.lifecycle_stage == "active"
     assert client.get_run(new).info.status == "FINISHED"
     notes = [line for line in resumed.output.splitlines() if "is no longer in the tracking store" in line]
-    assert notes == [f"note: MLflow run {old} ({output / RUN_FILE}) is no longer in the tracking store (deleted, or "
-                     f"another --tracking-uri); this training is logged to a new run, {new}"], resumed.output  # fmt: skip
+    assert notes == [(f"note: MLflow run {old} ({output / RUN_FILE}) is no longer in the tracking store (deleted, or "
+                      f"another --tracking-uri); this training is logged to a new run, {new}")], resumed.output  # fmt: skip
     assert f"MLflow run: {new}" in resumed.output
     again = runner.invoke(app, [*args, "--resume"])  # the new run is continued, without a note
     assert again.exit_code == 0 and "no longer in the tracking store" not in again.output, again.output
