@@ -875,6 +875,7 @@ def eval_(
             build_tasks,
             run_folder_lock,
         )
+        from .engine.tracking import check_tracking_uri
         from .engine.trainer import setup_distributed
         from .evaluate import check_prompts, evaluate_checkpoint, log_evaluation, tracked_evaluation
         from .registry import parse_task_list
@@ -915,6 +916,8 @@ def eval_(
         # first then reads them all back from OUT/partial and writes the tables.
         distributed, torch_device = setup_distributed(device)  # the model, and the downstream models beside it
         _check_precision(precision, torch_device)
+        if distributed.main:  # before the model loads and --out is made: the run is started only then
+            check_tracking_uri(tracking_uri or run_config.tracking_uri)
         ckpt = resolve_checkpoint(ckpt)  # a run folder: its newest checkpoint (results and resume name the file)
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         check_prompts(model, names + (prompt_names or []), ckpt)  # before any downstream model is trained

@@ -61,19 +61,14 @@ def _local_store(tracking_uri: str) -> Path | None:
 
 def _check_server(tracking_uri: str) -> None:
     """A tracking server that does not answer is named at once (MLflow would retry for minutes)."""
-    import urllib.error
-    import urllib.request
+    from .engine.tracking import server_problem
 
-    try:
-        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
-    except urllib.error.HTTPError:
-        return  # it answers (a server without /health, or behind a proxy): MLflow's own errors take over
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
+    reason = server_problem(tracking_uri)
+    if reason:
         raise CompareError(
             f"cannot reach the tracking server at {tracking_uri} ({reason}); start it (mlflow server) or give "
             "--tracking-uri sqlite:///<path>/mlflow.db"
-        ) from None
+        )
 
 
 def compare_runs(

@@ -56,7 +56,8 @@ From one machine to a cluster, the same code:
 - A trial asking for more GPUs (or CPUs) than any node has fails at once with a `SweepError`
   (checked against `ray.cluster_resources()` before `Tuner.fit`), instead of waiting forever.
 - A failed trial is retried `max_failures` times; each attempt resumes the trial's run folder from its
-  last checkpoint (the engine's exact resume) and continues its MLflow run. A sweep stopped with Ctrl+C
+  last checkpoint (the engine's exact resume) and continues its MLflow run, which keeps each (metric, step)
+  point once (the objective's too: the steps validated again are not logged again). A sweep stopped with Ctrl+C
   raises `SweepInterrupted`; `resume=True` (`--resume`, same `--output`) continues it with
   `Tuner.restore(..., resume_errored=True)`: finished trials are kept, the others resume where their
   checkpoints left them.
@@ -437,23 +438,18 @@ def _engine_run_folder(output: Path, kind: str, task: str = "") -> Path:
 
 
 def _child_run(job: dict, output: Path, trial_id: str, params: Mapping[str, Any]):
-    """The trial's MLflow run, nested under the sweep's: created once, then continued by retries and by
-    the engine, which is called with `resume=True` and so continues the run named in `output`."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
+    """The trial's MLflow run, nested under the sweep's, as a `Tracker`: created once, then continued by
+    retries, by a resumed sweep and by the engine, which is called with `resume=True` and so continues the run
+    named in `output`. Continued, it logs no (metric, step) point the run already holds, as the engine's
+    tracker does: a retried or resumed trial validates again the steps after its last checkpoint."""
+    from .engine.tracking import Tracker, load_run_id, save_run_id
 
-    from .engine.tracking import load_run_id, save_run_id
-
-    client = MlflowClient(tracking_uri=job["tracking_uri"])
-    run_id = load_run_id(output)
-    if not run_id:
-        tags = {"mlflow.parentRunId": job["parent_run_id"], "unirestore.sweep": job["kind"],
-                "unirestore.trial_id": trial_id}  # fmt: skip
-        run = client.create_run(job["experiment_id"], run_name=f"{job['name']}-{trial_id}", tags=tags)
-        run_id = run.info.run_id
-        save_run_id(output, run_id)
-        client.log_batch(run_id, params=[Param(f"sweep.{key}", str(value)) for key, value in params.items()])
-    return client, run_id
+    tracker = Tracker(job["tracking_uri"], job["experiment"])
+    tags = {"mlflow.parentRunId": job["parent_run_id"], "unirestore.sweep": job["kind"],
+            "unirestore.trial_id": trial_id}  # fmt: skip
+    save_run_id(output, tracker.start(f"{job['name']}-{trial_id}", tags, run_id=load_run_id(output)))
+    tracker.log_params({f"sweep.{key}": value for key, value in params.items()})
+    return tracker
 
 
 def _run_trial(params: dict, job: dict) -> None:
@@ -494,7 +490,7 @@ def _run_trial(params: dict, job: dict) -> None:
     # Always resume=True: a retry continues the trial's last checkpoint, and the engine continues the child
     # run created here (named in its run folder) instead of starting a run of its own, outside the sweep.
     metrics = {task: job["metrics"][task] for task in tasks}
-    client, run_id = _child_run(job, _engine_run_folder(output, job["kind"], tasks[0]), trial_id, flat_params)
+    tracker = _child_run(job, _engine_run_folder(output, job["kind"], tasks[0]), trial_id, flat_params)
     timer = _TrialTimer(output / TIMING_FILE, entered)
     stopped = False
 
@@ -505,7 +501,7 @@ def _run_trial(params: dict, job: dict) -> None:
         }
         score, gains = objective(primary, job["baseline"], metrics, job["weights"], job["gaps"])
         logged = {"sweep/objective": score, **{f"sweep/gain/{task}": gain for task, gain in gains.items()}}
-        client.log_batch(run_id, metrics=_mlflow_metrics(logged, step))
+        tracker.log_metrics({key: value for key, value in logged.items() if math.isfinite(value)}, step)
         report = {"step": step, "objective": score, **{f"{t}/{metrics[t]}": v for t, v in primary.items()},
                   **{f"gain/{task}": gain for task, gain in gains.items()}}  # fmt: skip
         timer.pause()
@@ -531,16 +527,7 @@ def _run_trial(params: dict, job: dict) -> None:
     finally:
         timer.pause()
         with contextlib.suppress(Exception):  # the driver reconciles the run's status in any case
-            client.set_terminated(run_id, status=status)
-
-
-def _mlflow_metrics(values: Mapping[str, float], step: int) -> list:
-    from mlflow.entities import Metric
-
-    stamp = int(time.time() * 1000)
-    return [
-        Metric(key, float(value), stamp, int(step)) for key, value in values.items() if math.isfinite(value)
-    ]
+            tracker.end(status)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -871,7 +858,6 @@ class _Session:
     cpus: float
     restore: bool
     tracker: Any
-    experiment_id: str
     name: str  # the parent run's name; each trial's run is named `<name>-<trial id>`
     records: list[TrialRecord] = field(default_factory=list)
     driver_seconds: float = 0.0
@@ -903,8 +889,7 @@ def _session(kind: str, config: RunConfig, folder: Path, spec: dict, *, resume: 
         tracker.log_config(to_dict(config))
         tracker.log_params({**_spec_params(spec), "prior": config.prior, "data": config.data, "gpus_per_trial": gpus,
                             "cpus_per_trial": cpus_per_trial})  # fmt: skip
-        experiment_id = tracker.client.get_run(run_id).info.experiment_id
-        session = _Session(kind, config, folder, gpus, cpus_per_trial, restore, tracker, experiment_id, name)
+        session = _Session(kind, config, folder, gpus, cpus_per_trial, restore, tracker, name)
         status = "FAILED"
         try:
             yield session
@@ -944,7 +929,7 @@ def _run_trials(session: _Session, source: Path, tasks: Sequence[str], space: di
         "weights": dict(weights or {}),
         "gaps": task_gap,
         "tracking_uri": config.tracking_uri,
-        "experiment_id": session.experiment_id,
+        "experiment": config.experiment,
         "parent_run_id": session.tracker.run_id,
         "env": _trial_environment(),
     }
@@ -1084,6 +1069,9 @@ def sweep_beta(
     if scheduler not in SCHEDULERS:
         raise SweepError(f"--scheduler {scheduler!r}: use one of {', '.join(SCHEDULERS)}")
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
+    from .engine.tracking import check_tracking_uri
+
+    check_tracking_uri(config.tracking_uri, "--set tracking_uri=")
     source_path, metadata = _check_source(source)
     _source_prior(config, metadata)
     _check_inputs(config, names)
@@ -1205,6 +1193,9 @@ def sweep_extend(
     config = _absolute_config(config or RunConfig())
     names = _check_tasks(tasks)
     _check_common(num_samples, gpus_per_trial, cpus_per_trial, max_failures)  # the options, then the files
+    from .engine.tracking import check_tracking_uri
+
+    check_tracking_uri(config.tracking_uri, "--set tracking_uri=")
     source_path, metadata = _check_source(source)
     _source_prior(config, metadata)
     present = [task for task in names if task in metadata["tasks"]]

@@ -948,6 +948,60 @@ def test_resuming_a_folder_with_nothing_in_it_says_so(trained, root):
     assert (output / "stage1.safetensors").is_file()
 
 
+def test_resuming_a_training_whose_mlflow_run_was_deleted_says_so_and_logs_to_a_new_run(trained, root):
+    """A run deleted in the MLflow UI stays in the store, marked deleted: --resume cannot continue it."""
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.engine.tracking import RUN_FILE, load_run_id
+
+    _, uri, _ = trained  # the tiny prior is trained by now
+    output = root / "deleted-run"
+    args = ["train", "--tasks", "pir", "--stage", "1", "--steps", "1", "--output", str(output), "--tracking-uri", uri,
+            *TINY]  # fmt: skip
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    client, old = MlflowClient(uri), load_run_id(output)
+    client.delete_run(old)
+    resumed = runner.invoke(app, [*args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    new = load_run_id(output)
+    assert new != old and client.get_run(new).info.lifecycle_stage == "active"
+    assert client.get_run(new).info.status == "FINISHED"
+    notes = [line for line in resumed.output.splitlines() if "is no longer in the tracking store" in line]
+    assert notes == [(f"note: MLflow run {old} ({output / RUN_FILE}) is no longer in the tracking store (deleted, or "
+                      f"another --tracking-uri); this training is logged to a new run, {new}")], resumed.output  # fmt: skip
+    assert f"MLflow run: {new}" in resumed.output
+    again = runner.invoke(app, [*args, "--resume"])  # the new run is continued, without a note
+    assert again.exit_code == 0 and "no longer in the tracking store" not in again.output, again.output
+    assert load_run_id(output) == new
+
+
+@pytest.mark.parametrize("command", ["train", "task add", "eval", "sweep beta", "sweep extend"])
+@pytest.mark.parametrize("kind", ["unknown scheme", "under a file"])
+def test_an_unusable_tracking_uri_is_refused_before_any_work_in_one_line(root, command, kind):
+    corrupt = _corrupt(root)
+    uri = "nosuch://host/store" if kind == "unknown scheme" else f"sqlite:///{corrupt}/mlflow.db"
+    out = root / f"never-{command.replace(' ', '-')}"
+    args = {
+        "train": ["train", "--tasks", "pir", "--output", str(out), "--tracking-uri", uri],
+        "task add": ["task", "add", "det", "--from", str(corrupt), "--output", str(out), "--tracking-uri", uri],
+        "eval": ["eval", "--ckpt", str(corrupt), "--tasks", "pir", "--out", str(out), "--tracking-uri", uri],
+        "sweep beta": ["sweep", "beta", "--from", str(corrupt), "--output", str(out), "--set", f"tracking_uri={uri}"],
+        "sweep extend": ["sweep", "extend", "--from", str(corrupt), "--output", str(out), "--set",
+                         f"tracking_uri={uri}"],
+    }[command]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow tracking URI {uri} cannot be used: "), lines
+    reason = "no store for the scheme 'nosuch'" if kind == "unknown scheme" else f"{corrupt} is a file, not a folder"
+    assert reason in lines[0]
+    option = "--set tracking_uri=" if command.startswith("sweep") else "--tracking-uri "
+    assert f"give {option}sqlite:///PATH/mlflow.db" in lines[0]  # the fix, as this command takes it
+    assert "Traceback" not in result.output
+    assert not out.exists()  # checked before the checkpoint is read (it is corrupt) and before anything is made
+
+
 def test_task_add_names_a_held_out_set_that_cannot_be_read_before_training(trained, root):
     """The new task's validation and test sets are read only after its steps: one that cannot be read (a flat
     folder without its labels file) stops `task add` before the run starts, as its downstream model does."""

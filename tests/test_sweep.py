@@ -158,6 +158,34 @@ def test_the_input_check_prepares_the_tasks_at_the_trials_crop_size(monkeypatch)
     assert sizes == [tiny_native_size(), 48]
 
 
+def test_a_retried_or_resumed_trial_logs_each_objective_step_once(tmp_path):
+    """A trial that Ray retries, or that a resumed sweep continues, goes back to its last checkpoint and
+    validates those steps again: its run keeps the points it holds and adds only the later steps."""
+    from mlflow.tracking import MlflowClient
+
+    from unirestore.framework.engine.tracking import Tracker
+    from unirestore.framework.sweep import _child_run
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = Tracker(uri, "sweep-test")
+    job = {"tracking_uri": uri, "experiment": "sweep-test", "parent_run_id": parent.start("sweep-beta", {}),
+           "kind": "beta", "name": "sweep-beta"}  # fmt: skip
+    first = _child_run(job, tmp_path / "trial", "t1", {"beta.seg": 0.1})
+    for step in (1, 2):
+        first.log_metrics({"sweep/objective": 0.1 * step, "sweep/gain/seg": 0.2 * step}, step)
+    retry = _child_run(job, tmp_path / "trial", "t1", {"beta.seg": 0.1})  # its last checkpoint: step 1
+    assert retry.run_id == first.run_id
+    for step in (2, 3):
+        retry.log_metrics({"sweep/objective": 0.5 * step, "sweep/gain/seg": 0.6 * step}, step)
+    client = MlflowClient(uri)
+    for key, first_value, later in (("sweep/objective", 0.1, 0.5), ("sweep/gain/seg", 0.2, 0.6)):
+        history = sorted((m.step, m.value) for m in client.get_metric_history(first.run_id, key))
+        assert history == [(1, pytest.approx(first_value)), (2, pytest.approx(2 * first_value)),
+                           (3, pytest.approx(3 * later))], (key, history)  # fmt: skip
+    run = client.get_run(first.run_id)
+    assert run.data.tags["mlflow.parentRunId"] == parent.run_id and run.data.params == {"sweep.beta.seg": "0.1"}
+
+
 def test_union_of_intervals():
     assert _union_seconds([[0, 2], [1, 3], [5, 6]]) == pytest.approx(4.0)
     assert _union_seconds([]) == 0.0

@@ -56,7 +56,7 @@ from .state import (
     restore_rng,
     save_training_state,
 )
-from .tracking import Tracker, load_run_id, save_run_id
+from .tracking import RUN_FILE, Tracker, check_tracking_uri, load_run_id, save_run_id
 from .trainer import (
     CallbackHook,
     Checkpointer,
@@ -583,14 +583,16 @@ def _start(
     resume: bool,
     tags: dict,
     params: dict,
-) -> Tracker:
+) -> tuple[Tracker, str]:
     """Start (or, resuming, continue) the MLflow run; `folder` keeps its id and the resolved config. A failure
-    here ends the run as failed (not left running)."""
+    here ends the run as failed (not left running). Returns the tracker and the run `folder` named before
+    (resuming; '' otherwise), which `_note_new_run` compares with the run started."""
     tracker = Tracker(config.tracking_uri, config.experiment, enabled=distributed.main)
+    recorded = load_run_id(folder) if resume and distributed.main else ""
     if distributed.main:
         folder.mkdir(parents=True, exist_ok=True)
         run_name = config.run_name or (output.name if folder == output else f"{output.name}/{folder.name}")
-        run_id = tracker.start(run_name, tags, run_id=load_run_id(folder) if resume else "")
+        run_id = tracker.start(run_name, tags, run_id=recorded)
         try:
             save_run_id(folder, run_id)
             atomic_write_text(folder / "config.yaml", dump_yaml(config))
@@ -599,7 +601,18 @@ def _start(
         except BaseException:
             tracker.end("FAILED")
             raise
-    return tracker
+    return tracker, recorded
+
+
+def _note_new_run(run: _Run, folder: Path, recorded: str) -> None:
+    """Say when a resumed call could not continue the MLflow run its folder names (deleted from the store, or
+    another tracking URI) and logs to a new one instead."""
+    if recorded and run.tracker.run_id and run.tracker.run_id != recorded:
+        from rich.markup import escape
+
+        run.say(f"[yellow]note[/yellow]: MLflow run {recorded} ({escape(str(folder / RUN_FILE))}) is no longer in the "
+                f"tracking store (deleted, or another --tracking-uri); this training is logged to a new run, "
+                f"{run.tracker.run_id}")  # fmt: skip
 
 
 LOCK_FILE = ".lock"
@@ -722,6 +735,8 @@ def train(
     _check_folder(output, stage_names, resume)
     if resume:
         _check_resumed_config(output, config)
+    if distributed.main:
+        check_tracking_uri(config.tracking_uri)
     # The data config and its roots, and a prior other than the tiny one (stage 0 may rewrite that), are
     # checked before anything is started.
     _check_data(config, names)
@@ -739,12 +754,13 @@ def train(
     params = _params(config, label, names, distributed.world_size)
     with run_folder_lock(output, distributed.main):
         _check_folder(output, stage_names, resume)  # again, now that no other run can start here
-        tracker = _start(config, output, output, distributed, resume, tags, params)
+        tracker, recorded = _start(config, output, output, distributed, resume, tags, params)
         stage_option = ["--stage", label] if chosen != (0, 1, 2) else []
         command = shlex.join(["unirestore", "train", "--config", str(output / "config.yaml"), *stage_option, "--resume"])
         run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress, command)
         status = "FAILED"
         try:
+            _note_new_run(run, output, recorded)
             if resume and not _resumable(output, stage_names):
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; starting the run anew")
             _note_training_images_in_test(run, config, names)
@@ -955,6 +971,8 @@ def add_task(
     output = Path(config.output).expanduser().resolve()
     stage = stage3(task)
     _check_folder(output, [stage.name], resume)
+    if distributed.main:
+        check_tracking_uri(config.tracking_uri)
     _check_data(config, [task])  # before the checkpoint is read: an unset batch size passes alike on either prior
     _, metadata = read_checkpoint(source_checkpoint)
     # The prompt trains on the checkpoint's prior whatever the config names (by default `tiny`): the defaults
@@ -986,13 +1004,14 @@ def add_task(
     params = {**_params(config, "3", [task], distributed.world_size), "source": source}
     with run_folder_lock(output, distributed.main):
         _check_folder(output, [stage.name], resume)  # again, now that no other run can start here
-        tracker = _start(config, output, output / stage.name, distributed, resume, tags, params)
+        tracker, recorded = _start(config, output, output / stage.name, distributed, resume, tags, params)
         prior_option = ["--prior", prior] if prior else []
         command = shlex.join(["unirestore", "task", "add", task, "--from", metadata["path"], "--config",
                               str(output / stage.name / "config.yaml"), *prior_option, "--resume"])  # fmt: skip
         run = _Run(config, output, distributed, device, tracker, hooks, on_validation, progress, command)
         status = "FAILED"
         try:
+            _note_new_run(run, output / stage.name, recorded)
             if resume and not _resumable(output, [stage.name]):
                 run.say(f"[yellow]note[/yellow]: nothing to resume in {output}; adding '{task}' anew")
             _note_training_images_in_test(run, config, [task])

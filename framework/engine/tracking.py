@@ -43,6 +43,63 @@ def artifact_location(tracking_uri: str) -> str | None:
     return (database.resolve().parent / "mlartifacts").as_uri()
 
 
+def server_problem(tracking_uri: str) -> str:
+    """Why the tracking server at an http(s) URI cannot be reached ('' when it answers), asked at once: MLflow
+    would retry for minutes."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(tracking_uri.rstrip("/") + "/health", timeout=10).close()
+    except urllib.error.HTTPError:
+        return ""  # it answers (a server without /health, or behind a proxy): MLflow's own errors take over
+    except (urllib.error.URLError, OSError) as error:
+        return str(getattr(error, "reason", error))
+    return ""
+
+
+def _store_problem(tracking_uri: str) -> str:
+    """Why the store at `tracking_uri` cannot hold runs ('' when it can). A sqlite database is looked at, not
+    opened (opening creates it, before the command's other input is checked; MLflow retries one that is a folder
+    for minutes); another store is opened."""
+    if tracking_uri.startswith(("http://", "https://")):
+        reason = server_problem(tracking_uri)
+        return f"cannot reach the tracking server ({reason})" if reason else ""
+    if tracking_uri.startswith("sqlite:///"):
+        database = Path(tracking_uri[len("sqlite:///") :])  # sqlite:///relative.db, sqlite:////absolute.db
+        blocking = next((p for p in database.parents if p.exists()), None)  # MLflow makes the missing folders
+        if blocking is not None and not blocking.is_dir():
+            return f"{blocking} is a file, not a folder"
+        if database.is_dir():
+            return f"{database} is a folder, not a database file"
+        if database.is_file() and database.stat().st_size:
+            with open(database, "rb") as handle:
+                if handle.read(16) != b"SQLite format 3\0":
+                    return f"{database} is not an sqlite database"
+        return ""
+    try:
+        Tracker(tracking_uri, "").client.search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 (an unknown scheme, a file store MLflow refuses, a database it cannot open)
+        if type(error).__name__ == "UnsupportedModelRegistryStoreURIException":  # MLflow's name, for tracking too
+            return f"MLflow has no store for the scheme '{tracking_uri.split('://')[0]}'"
+        first = str(error).strip().split(". ")[0].split("\n")[0]
+        return (first or type(error).__name__)[:300]
+    return ""
+
+
+def check_tracking_uri(tracking_uri: str, option: str = "--tracking-uri ") -> None:
+    """A tracking URI that cannot hold runs, refused before any work is done (and any folder is made) with a
+    `ConfigError` naming it and `option`, how the command takes another (`--tracking-uri `, `--set tracking_uri=`)."""
+    from ..config import ConfigError
+
+    problem = _store_problem(tracking_uri)
+    if problem:
+        raise ConfigError(
+            f"MLflow tracking URI {tracking_uri} cannot be used: {problem}; give {option}sqlite:///PATH/mlflow.db "
+            f"or {option}http://HOST:PORT (a running mlflow server)"
+        )
+
+
 class Tracker:
     """One MLflow run. Methods are no-ops when disabled."""
 
