@@ -428,7 +428,9 @@ def summarize_trace(trace: dict, iters: int, wall_s: float, top: int = 10) -> di
     their CPU time. With device activity (a CUDA trace): kernels run; the time of kernels, copies and sets
     summed (`device_ms`) and as the union of their intervals (`gpu_busy_ms`), whose complement in the wall
     time is the GPU's idle share; launch calls and their CPU time; the time in cast/copy kernels and copies;
-    the time by kind of kernel and the `top` kernels and copies by time.
+    the time by kind of kernel and the `top` kernels and copies by time; and the calls that make the CPU wait
+    for the GPU inside the pass (a stream sync, as `.item()` or indexing a CPU tensor with a GPU one makes, or
+    a blocking copy) with the time the CPU waited: each one stops the CPU from queueing work ahead.
     """
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     casts = [e for e in events if e.get("cat") == "cpu_op" and e.get("name") == "aten::_to_copy"]
@@ -441,7 +443,11 @@ def summarize_trace(trace: dict, iters: int, wall_s: float, top: int = 10) -> di
     device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
     if not device:
         return summary
-    launches = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e.get("name", "")]
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launches = [e for e in runtime if "Launch" in e.get("name", "")]
+    # cudaDeviceSynchronize left out: the profiled calls end with one. (A name may end in CUPTI's "_vNNNN".)
+    blocking = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+    syncs = [e for e in runtime if e.get("name", "").split("_v")[0] in blocking]
     busy_us, end = 0.0, float("-inf")
     for start, stop in sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in device):
         if stop > end:
@@ -465,6 +471,8 @@ def summarize_trace(trace: dict, iters: int, wall_s: float, top: int = 10) -> di
         gpu_idle_share=max(0.0, 1 - busy_us / 1e6 / wall_s),
         launch_calls=len(launches) / iters,
         launch_cpu_ms=sum(e.get("dur", 0) for e in launches) / 1e3 / iters,
+        sync_calls=len(syncs) / iters,
+        sync_wait_ms=sum(e.get("dur", 0) for e in syncs) / 1e3 / iters,
         cast_copy_ms=kinds.get("cast/copy", 0.0),
         kernel_ms_by_kind=dict(sorted(kinds.items(), key=lambda item: -item[1])),
         top_kernels=[
@@ -749,13 +757,13 @@ def profile_lines(profiles: dict, top_of: tuple[str, ...] = ()) -> list[str]:
         "",
         (
             f"| profile, batch 1 ({iters} calls) | wall ms (profiled) | GPU busy ms | GPU idle % | kernels | "
-            "launch calls | launch CPU ms | cast/copy kernel ms | cast ops | cast ops CPU ms |"
+            "launch calls | launch CPU ms | syncs | sync wait ms | cast/copy kernel ms | cast ops | cast ops CPU ms |"
         ),
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     columns = (("wall_ms", ".1f"), ("gpu_busy_ms", ".1f"), ("gpu_idle_share", ".0f"), ("kernels", ".0f"),
-               ("launch_calls", ".0f"), ("launch_cpu_ms", ".1f"), ("cast_copy_ms", ".2f"), ("cast_ops", ".0f"),
-               ("cast_ops_cpu_ms", ".1f"))  # fmt: skip
+               ("launch_calls", ".0f"), ("launch_cpu_ms", ".1f"), ("sync_calls", ".0f"), ("sync_wait_ms", ".1f"),
+               ("cast_copy_ms", ".2f"), ("cast_ops", ".0f"), ("cast_ops_cpu_ms", ".1f"))  # fmt: skip
     for name, summary in profiles.items():
         if "error" in summary:
             lines.append(f"| {name} | {summary['error']} |" + " |" * (len(columns) - 1))

@@ -80,7 +80,8 @@ def test_summarize_trace_reads_kernels_launches_casts_and_the_gpus_idle_time():
     def event(cat, name, ts, dur):
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
 
-    # Two calls: in each, a cast kernel overlapping a convolution (busy 15 µs), a GEMM and a host-to-device copy.
+    # Two calls: in each, a cast kernel overlapping a convolution (busy 15 µs), a GEMM and a host-to-device copy;
+    # the profiled calls end with a device sync, which is no sync inside a pass.
     trace = {"traceEvents": [{"ph": "M", "name": "process_name"}]}
     for offset in (0, 1000):
         trace["traceEvents"] += [
@@ -88,16 +89,19 @@ def test_summarize_trace_reads_kernels_launches_casts_and_the_gpus_idle_time():
             event("cuda_runtime", "cudaLaunchKernel", offset + 1, 4),
             event("cuda_driver", "cuLaunchKernelEx", offset + 2, 4),
             event("cuda_runtime", "cudaMemcpyAsync", offset + 3, 2),
+            event("cuda_runtime", "cudaStreamSynchronize", offset + 5, 90),  # an .item() waiting for the GPU
             event("kernel", cast, offset + 100, 10),
             event("kernel", conv, offset + 105, 10),
             event("kernel", gemm, offset + 300, 5),
             event("gpu_memcpy", "Memcpy HtoD (Pageable -> Device)", offset + 400, 2),
         ]
+    trace["traceEvents"].append(event("cuda_runtime", "cudaDeviceSynchronize", 1500, 10))
     summary = summarize_trace(trace, iters=2, wall_s=2e-3)
     assert summary["wall_ms"] == pytest.approx(1.0) and summary["cast_ops"] == 1
     assert summary["cast_ops_cpu_ms"] == pytest.approx(0.030)
     assert summary["kernels"] == 3 and summary["launch_calls"] == 2
     assert summary["launch_cpu_ms"] == pytest.approx(0.008)
+    assert summary["sync_calls"] == 1 and summary["sync_wait_ms"] == pytest.approx(0.090)
     assert summary["device_ms"] == pytest.approx(0.027) and summary["gpu_busy_ms"] == pytest.approx(0.022)
     assert summary["gpu_idle_share"] == pytest.approx(1 - 0.022)
     assert summary["cast_copy_ms"] == pytest.approx(0.012)
