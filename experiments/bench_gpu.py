@@ -10,12 +10,18 @@ counter) and the share of the GPU's measured bf16 matrix peak that the timing re
 
     python -m unirestore.experiments.bench_gpu --out bench/              # on a GPU: the real figures
     python -m unirestore.experiments.bench_gpu --device cpu --size 64 --throughput-batch 2 --train-batch 1 --iters 1
-    python -m unirestore.experiments.bench_gpu --skip-training --compile reduce-overhead --out bench-compiled/
+    python -m unirestore.experiments.bench_gpu --compile reduce-overhead --compile-only --compile-batches 1 --out c/
 
 Each run also times every part of both passes alone (encoder with and without the CFRM, Controller, UNet with
 and without SC-Tuners, decoder with and without the TFA), which says which module the restore's extra time is
 spent in. `--compile MODE` adds both passes under torch.compile; each batch size compiles anew (minutes at
-sd-turbo scale), so run it apart from the training figures.
+sd-turbo scale), so run it apart from the training figures (`--compile-only` skips every eager figure).
+`--profile` runs both passes at batch 1 under torch.profiler in each precision (and compiled, with
+`--compile`): wall time against the GPU's busy time, kernels launched, the time in cast and copy kernels,
+time by kind of kernel and the top kernels; on a CPU only the wall time and the cast operators.
+
+The results are written to `--out` after each part of the run, so a run stopped or failed halfway still
+leaves the figures measured until then.
 """
 
 from __future__ import annotations
@@ -133,8 +139,24 @@ def main(argv=None) -> dict:
         default="none",
         help="also time both passes under torch.compile in this mode (bf16 weights; compiling takes minutes)",
     )
+    parser.add_argument(
+        "--compile-only",
+        action="store_true",
+        help="with --compile: time only the compiled passes (no eager figures)",
+    )
+    parser.add_argument(
+        "--compile-batches", type=int, nargs="+", default=None, metavar="N",
+        help="batch sizes to compile and time (default: 1 and --throughput-batch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile both passes at batch 1 under torch.profiler (kernels, launches, casts on a GPU)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="folder for bench_gpu.json and bench_gpu.md")
     args = parser.parse_args(argv)
+    if args.compile_only and args.compile == "none":
+        parser.error("--compile-only needs --compile MODE")
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -154,6 +176,16 @@ def main(argv=None) -> dict:
     }
     if device.type == "cpu":
         results["cpu_threads"] = torch.get_num_threads()
+
+    def save() -> None:
+        # After each part of the run: a run stopped or failed later keeps what it measured.
+        results["wall_s"] = time.perf_counter() - started
+        if args.out is not None:
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=2))
+            (args.out / "bench_gpu.md").write_text(markdown(results))
+            print(f"[{results['wall_s']:.0f} s] saved to {args.out}")
+
     results["bf16_peak_tflops"] = measured_bf16_peak(device)
     timings = results["timings"]
 
@@ -175,6 +207,16 @@ def main(argv=None) -> dict:
         generator = torch.Generator(device=device).manual_seed(0)
         return model.forward_padded(images, "pir", generator=generator)
 
+    def save_compiled(compiled: dict) -> None:
+        results["compiled"] = compiled
+        save()
+
+    if args.compile_only:
+        model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
+        save_compiled(bench_compiled(model, bare_pass, device, args, save_compiled))
+        print(markdown(results))
+        return results
+
     precisions = {"fp32": None, "bf16": torch.bfloat16}
     for precision, dtype in precisions.items():
         autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
@@ -191,6 +233,17 @@ def main(argv=None) -> dict:
                     "peak_gib": peak_memory(device),
                 }
                 print(f"{name:10s} {precision} batch {batch:2d}: {seconds * 1e3:8.1f} ms  ({batch / seconds:6.2f} img/s)")
+    save()
+    if args.profile:
+        # Why bf16 under autocast barely beats fp32 at batch 1: kernels, launches and casts of both passes.
+        results["profile_b1"] = profiles = {}
+        images = torch.rand(1, 3, args.size, args.size, device=device)
+        for precision, dtype in precisions.items():
+            autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+            for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
+                with torch.no_grad(), autocast:
+                    profiles[f"{name}/{precision}"] = profile_pass(lambda fn=fn: fn(images), device)
+        save()
 
     # FLOPs of one restore at batch 1, counted by torch, and the share of the measured peak it reaches.
     from torch.utils.flop_counter import FlopCounterMode
@@ -216,15 +269,18 @@ def main(argv=None) -> dict:
     results["restore_over_bare_bf16_b1"] = restore_bf16 / timings["bare_prior/bf16/b1"]["seconds"]
     results["restore_over_bare_subpixel_bf16_b1"] = restore_bf16 / timings["bare_prior_subpixel/bf16/b1"]["seconds"]
     results["fp32_over_bf16_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / restore_bf16
+    save()
 
     # Where the restore's extra time goes: each part of both passes timed alone (bf16 autocast, batch 1).
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
         results["parts_bf16_b1"] = time_parts(model, images, device, args)
     for part, seconds in results["parts_bf16_b1"].items():
         print(f"part {part:22s} {seconds * 1e3:8.2f} ms")
+    save()
 
     if not args.skip_training:
         results["training"] = bench_training(model, device, args)
+        save()
 
     # Inference as deployed: bf16 weights (no autocast casts per op) and channels_last activations.
     model.eval()
@@ -242,8 +298,17 @@ def main(argv=None) -> dict:
                 "peak_gib": peak_memory(device),
             }
             print(f"{name:10s} bf16-weights-cl batch {batch:2d}: {seconds * 1e3:8.1f} ms")
+    deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
+    results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
+    results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
+    save()
     images = torch.rand(1, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
     images = images.contiguous(memory_format=torch.channels_last)
+    if args.profile:
+        for name, fn in (("bare_prior", bare_pass), ("restore", restore_pass)):
+            with torch.no_grad():
+                results["profile_b1"][f"{name}/bf16-weights-cl"] = profile_pass(lambda fn=fn: fn(images), device)
+        save()
     # One model for viewers and machines: three prompts from one encode and denoise (`restore_tasks`).
     with torch.no_grad():
         reset_peak(device)
@@ -260,17 +325,11 @@ def main(argv=None) -> dict:
         "restore": dispatched_ops(lambda: restore_pass(images), modules),
     }
     print(f"dispatched operators, batch 1: {results['dispatched_ops_b1']}")
+    save()
     results["restore_files"] = bench_restore_files(model, args)
-    deployed = timings["restore/bf16-weights-cl/b1"]["seconds"]
-    results["restore_over_bare_bf16_weights_b1"] = deployed / timings["bare_prior/bf16-weights-cl/b1"]["seconds"]
-    results["fp32_over_bf16_weights_restore_b1"] = timings["restore/fp32/b1"]["seconds"] / deployed
+    save()
     if args.compile != "none":
-        results["compiled"] = bench_compiled(model, bare_pass, device, args)
-    results["wall_s"] = time.perf_counter() - started
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_gpu.json").write_text(json.dumps(results, indent=2))
-        (args.out / "bench_gpu.md").write_text(markdown(results))
+        save_compiled(bench_compiled(model, bare_pass, device, args, save_compiled))
     print(markdown(results))
     return results
 
@@ -329,6 +388,131 @@ def time_parts(model: UniRestore, images: torch.Tensor, device, args) -> dict[st
     return {name: timed(fn, device, args.warmup, args.iters) for name, fn in parts.items()}
 
 
+# Kinds of CUDA kernel by name, first match wins (cast and layout kernels before the elementwise ones they
+# are instances of).
+KERNEL_KINDS = (
+    ("cast/copy", ("copy_kernel", "memcpy", "memset", "copy_device")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas")),
+    ("normalization", ("norm", "moments", "welford")),
+    ("elementwise/reduction", ("elementwise", "vectorized", "reduce", "upsample", "catarray", "triton")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lowered for key in keys)), "other")
+
+
+def short_kernel_name(name: str, width: int = 160) -> str:
+    """A kernel's name without `void`, its argument list and torch's namespaces, cut to `width` characters."""
+    name = name.removeprefix("void ")
+    if name.endswith(")"):
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    for namespace in ("at::native::", "at::", "(anonymous namespace)::"):
+        name = name.replace(namespace, "")
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def summarize_trace(trace: dict, iters: int, wall_s: float, top: int = 10) -> dict:
+    """Per-call figures from a Chrome trace of torch.profiler over `iters` calls that took `wall_s` in all.
+
+    Always: wall ms and the cast operators (`aten::_to_copy`, which autocast and `.to(dtype)` dispatch) with
+    their CPU time. With device activity (a CUDA trace): kernels run; the time of kernels, copies and sets
+    summed (`device_ms`) and as the union of their intervals (`gpu_busy_ms`), whose complement in the wall
+    time is the GPU's idle share; launch calls and their CPU time; the time in cast/copy kernels and copies;
+    the time by kind of kernel and the `top` kernels and copies by time; and the calls that make the CPU wait
+    for the GPU inside the pass (a stream sync, as `.item()` or indexing a CPU tensor with a GPU one makes, or
+    a blocking copy) with the time the CPU waited: each one stops the CPU from queueing work ahead.
+    """
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    casts = [e for e in events if e.get("cat") == "cpu_op" and e.get("name") == "aten::_to_copy"]
+    summary = {
+        "iters": iters,
+        "wall_ms": 1e3 * wall_s / iters,
+        "cast_ops": len(casts) / iters,
+        "cast_ops_cpu_ms": sum(e.get("dur", 0) for e in casts) / 1e3 / iters,
+    }
+    device = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    if not device:
+        return summary
+    runtime = [e for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver")]
+    launches = [e for e in runtime if "Launch" in e.get("name", "")]
+    # cudaDeviceSynchronize left out: the profiled calls end with one. (A name may end in CUPTI's "_vNNNN".)
+    blocking = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+    syncs = [e for e in runtime if e.get("name", "").split("_v")[0] in blocking]
+    busy_us, end = 0.0, float("-inf")
+    for start, stop in sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in device):
+        if stop > end:
+            busy_us += stop - max(start, end)
+            end = stop
+    by_name: dict[str, list[float]] = {}
+    for e in device:
+        entry = by_name.setdefault(e["name"], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.get("dur", 0)
+    total_us = sum(us for _, us in by_name.values())
+    kinds: dict[str, float] = {}
+    for name, (_, us) in by_name.items():
+        kind = "cast/copy" if name.startswith(("Memcpy", "Memset")) else kernel_kind(name)
+        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3 / iters
+    ranked = sorted(by_name.items(), key=lambda item: -item[1][1])[:top]
+    summary.update(
+        kernels=sum(1 for e in device if e["cat"] == "kernel") / iters,
+        device_ms=total_us / 1e3 / iters,
+        gpu_busy_ms=busy_us / 1e3 / iters,
+        gpu_idle_share=max(0.0, 1 - busy_us / 1e6 / wall_s),
+        launch_calls=len(launches) / iters,
+        launch_cpu_ms=sum(e.get("dur", 0) for e in launches) / 1e3 / iters,
+        sync_calls=len(syncs) / iters,
+        sync_wait_ms=sum(e.get("dur", 0) for e in syncs) / 1e3 / iters,
+        cast_copy_ms=kinds.get("cast/copy", 0.0),
+        kernel_ms_by_kind=dict(sorted(kinds.items(), key=lambda item: -item[1])),
+        top_kernels=[
+            {"name": short_kernel_name(name), "calls": calls / iters, "ms": us / 1e3 / iters, "share": us / total_us}
+            for name, (calls, us) in ranked
+        ],
+    )
+    return summary
+
+
+def profile_pass(fn, device, iters: int = 3) -> dict:
+    """`summarize_trace` of `iters` calls of `fn` under torch.profiler (CPU, and CUDA on a GPU), after one
+    call outside it. The profiler's own overhead lengthens the wall time a little: read the idle share as an
+    upper bound, beside the unprofiled timings. A profiler that fails is reported, not raised."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    try:
+        fn()
+        synchronize(device)
+        with profile(activities=activities) as profiler:
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            synchronize(device)
+            wall_s = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "trace.json"
+            profiler.export_chrome_trace(str(path))
+            trace = json.loads(path.read_text())
+    except Exception as error:  # noqa: BLE001 (a diagnostic: CUPTI or the trace may fail in many ways)
+        print(f"profile failed: {type(error).__name__}: {error}")
+        return {"error": f"{type(error).__name__}: {error}"}
+    summary = summarize_trace(trace, iters, wall_s)
+    print(f"profile: {json.dumps({k: v for k, v in summary.items() if k != 'top_kernels'})}")
+    return summary
+
+
 def dispatched_ops(fn, owners: dict[str, torch.nn.Module]) -> dict[str, int]:
     """Operators one call of `fn` dispatches, by the module of `owners` they run in ("prior" outside them).
 
@@ -370,24 +554,53 @@ def dispatched_ops(fn, owners: dict[str, torch.nn.Module]) -> dict[str, int]:
     return {"total": sum(counts.values()), **dict(sorted(counts.items()))}
 
 
-def bench_compiled(model: UniRestore, bare_pass, device, args) -> dict:
+def bench_compiled(model: UniRestore, bare_pass, device, args, save=None) -> dict:
     """Both passes under torch.compile (`--compile MODE`), with bf16 weights and channels_last as deployed.
 
     The restore starts from fixed noise (no generator inside the compiled graph). Compilation time is
-    reported apart from the timing.
+    reported apart from the timing, and so are dynamo's graph breaks and the graphs CUDA graphs skipped
+    (`reduce-overhead` replays only the graphs it could capture). The restore compiles first and `save(out)`
+    keeps each pass's timing as it comes: a run stopped while compiling keeps the passes done. With
+    `--profile`, both passes at batch 1 are profiled last: profiling CUDA graph replays has hung or crashed
+    some CUDA versions.
     """
+    from collections import Counter
+
+    from torch._dynamo.utils import counters
+    from torch.profiler import profile
+
+    if args.profile and device.type == "cuda":
+        with profile():  # the profiler set up before any CUDA graph is captured (torch's advice)
+            pass
+    counters.clear()
     out = {"mode": args.compile}
-    compiled_bare = torch.compile(bare_pass, mode=args.compile)
-    for batch in (1, args.throughput_batch):
+    at_batch_1 = {}
+
+    def keep() -> None:
+        reasons = Counter()
+        for reason, count in counters["graph_break"].items():
+            reasons[reason.splitlines()[0][:160]] += count  # the reason's title; its explanation follows
+        out["graph_breaks"] = reasons.total()
+        out["graph_break_reasons"] = dict(reasons.most_common(8))
+        out["graphs"] = counters["stats"]["unique_graphs"]
+        out["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"]
+        if "restore/b1" in out and "bare_prior/b1" in out:
+            out["restore_over_bare_b1"] = out["restore/b1"]["seconds"] / out["bare_prior/b1"]["seconds"]
+        if save is not None:
+            save(out)
+
+    # Static shapes: each batch size compiles for itself, as a deployment with a fixed batch would.
+    compiled_bare = torch.compile(bare_pass, mode=args.compile, dynamic=False)
+    for batch in args.compile_batches or (1, args.throughput_batch):
         images = torch.rand(batch, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             latent_shape = model.encode(images).latents.shape
         noise = torch.randn(latent_shape, device=device, dtype=torch.bfloat16)
         compiled_restore = torch.compile(
-            lambda x, noise=noise: model.forward_padded(x, "pir", noise=noise), mode=args.compile
+            lambda x, noise=noise: model.forward_padded(x, "pir", noise=noise), mode=args.compile, dynamic=False
         )
-        for name, fn in (("bare_prior", compiled_bare), ("restore", compiled_restore)):
+        for name, fn in (("restore", compiled_restore), ("bare_prior", compiled_bare)):
             with torch.no_grad():
                 start = time.perf_counter()
                 fn(images)
@@ -396,7 +609,14 @@ def bench_compiled(model: UniRestore, bare_pass, device, args) -> dict:
                 seconds = timed(lambda fn=fn, images=images: fn(images), device, args.warmup, args.iters)
             out[f"{name}/b{batch}"] = {"seconds": seconds, "images_per_s": batch / seconds, "compile_s": compile_s}
             print(f"compiled {name:10s} batch {batch:2d}: {seconds * 1e3:8.1f} ms (compiled in {compile_s:.0f} s)")
-    out["restore_over_bare_b1"] = out["restore/b1"]["seconds"] / out["bare_prior/b1"]["seconds"]
+            if batch == 1:
+                at_batch_1[name] = lambda fn=fn, images=images: fn(images)
+            keep()
+    print(f"compiled: {out['graphs']} graphs, {out['graph_breaks']} graph breaks, "
+          f"{out['cudagraph_skips']} skipped by CUDA graphs")  # fmt: skip
+    if args.profile and at_batch_1:
+        with torch.no_grad():
+            out["profile_b1"] = {name: profile_pass(fn, device) for name, fn in at_batch_1.items()}
     return out
 
 
@@ -487,24 +707,9 @@ def bench_training(model: UniRestore, device, args) -> dict:
     return out
 
 
-def markdown(results: dict) -> str:
+def summary_lines(results: dict) -> list[str]:
     files = results.get("restore_files") or {"images": 0, "io_threads_0": float("nan"), "io_threads_2": float("nan")}
     lines = [
-        f"### Real scale ({results['scale']}, random weights) on {results['device']}",
-        "",
-        f"torch {results['torch']}, images {results['size']}², wall time {results.get('wall_s', 0):.0f} s.",
-        "",
-        "| pass | precision | batch | ms / batch | images / s | peak GiB |",
-        "|---|---|---|---|---|---|",
-    ]
-    for key, value in results["timings"].items():
-        name, precision, batch = key.split("/")
-        peak = value["peak_gib"]
-        lines.append(
-            f"| {name} | {precision} | {batch[1:]} | {value['seconds'] * 1e3:.1f} | {value['images_per_s']:.2f} | "
-            f"{'' if peak is None else f'{peak:.2f}'} |"
-        )
-    lines += [
         "",
         f"- restore / bare prior pass, bf16 batch 1: **{results['restore_over_bare_bf16_b1']:.2f}×** (target ≤ 1.3×)",
         (
@@ -539,6 +744,62 @@ def markdown(results: dict) -> str:
             f"and {results['achieved_tflops_bf16_throughput']:.0f} TFLOP/s at batch 16 "
             f"({100 * results['share_of_peak_throughput']:.1f} %)"
         )
+    return lines
+
+
+def profile_lines(profiles: dict, top_of: tuple[str, ...] = ()) -> list[str]:
+    """Tables of `profile_pass` summaries by pass: totals, kernel time by kind, and the top kernels of `top_of`."""
+    def cell(summary, key, form):
+        return "" if key not in summary else format(summary[key] * (100 if key.endswith("share") else 1), form)
+
+    iters = next((summary["iters"] for summary in profiles.values() if "iters" in summary), 0)
+    lines = [
+        "",
+        (
+            f"| profile, batch 1 ({iters} calls) | wall ms (profiled) | GPU busy ms | GPU idle % | kernels | "
+            "launch calls | launch CPU ms | syncs | sync wait ms | cast/copy kernel ms | cast ops | cast ops CPU ms |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    columns = (("wall_ms", ".1f"), ("gpu_busy_ms", ".1f"), ("gpu_idle_share", ".0f"), ("kernels", ".0f"),
+               ("launch_calls", ".0f"), ("launch_cpu_ms", ".1f"), ("sync_calls", ".0f"), ("sync_wait_ms", ".1f"),
+               ("cast_copy_ms", ".2f"), ("cast_ops", ".0f"), ("cast_ops_cpu_ms", ".1f"))  # fmt: skip
+    for name, summary in profiles.items():
+        if "error" in summary:
+            lines.append(f"| {name} | {summary['error']} |" + " |" * (len(columns) - 1))
+        else:
+            lines.append(f"| {name} | " + " | ".join(cell(summary, key, form) for key, form in columns) + " |")
+    kinds = list(dict.fromkeys(kind for summary in profiles.values() for kind in summary.get("kernel_ms_by_kind", {})))
+    if kinds:
+        lines += ["", "| kernel ms by kind | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        for name, summary in profiles.items():
+            by_kind = summary.get("kernel_ms_by_kind", {})
+            lines.append(f"| {name} | " + " | ".join(f"{by_kind.get(kind, 0.0):.2f}" for kind in kinds) + " |")
+    for name in top_of:
+        top = profiles.get(name, {}).get("top_kernels")
+        if top:
+            lines += ["", f"| top kernels, {name} | calls | ms | share % |", "|---|---|---|---|"]
+            lines += [f"| `{k['name']}` | {k['calls']:.0f} | {k['ms']:.2f} | {100 * k['share']:.1f} |" for k in top]
+    return lines
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"### Real scale ({results['scale']}, random weights) on {results['device']}",
+        "",
+        f"torch {results['torch']}, images {results['size']}², wall time {results.get('wall_s', 0):.0f} s.",
+    ]
+    if results["timings"]:
+        lines += ["", "| pass | precision | batch | ms / batch | images / s | peak GiB |", "|---|---|---|---|---|---|"]
+    for key, value in results["timings"].items():
+        name, precision, batch = key.split("/")
+        peak = value["peak_gib"]
+        lines.append(
+            f"| {name} | {precision} | {batch[1:]} | {value['seconds'] * 1e3:.1f} | {value['images_per_s']:.2f} | "
+            f"{'' if peak is None else f'{peak:.2f}'} |"
+        )
+    if "restore_over_bare_bf16_b1" in results:  # absent from a run stopped earlier, or --compile-only
+        lines += summary_lines(results)
     parts = results.get("parts_bf16_b1")
     if parts:
         lines += ["", "| part (bf16, batch 1, each alone) | ms |", "|---|---|"]
@@ -562,6 +823,8 @@ def markdown(results: dict) -> str:
                 f"{ops['bare_prior']['total']}, restore {restore['total']} ({by_module})"
             ),
         ]
+    if results.get("profile_b1"):
+        lines += profile_lines(results["profile_b1"], top_of=("bare_prior/bf16", "restore/bf16"))
     compiled = results.get("compiled")
     if compiled:
         lines += ["", f"| torch.compile ({compiled['mode']}), bf16 weights | batch | ms / batch | compile s |",
@@ -570,7 +833,16 @@ def markdown(results: dict) -> str:
             if "/" in key:
                 name, batch = key.split("/")
                 lines.append(f"| {name} | {batch[1:]} | {value['seconds'] * 1e3:.1f} | {value['compile_s']:.0f} |")
-        lines += ["", f"- compiled restore / compiled bare prior pass, batch 1: **{compiled['restore_over_bare_b1']:.2f}×**"]
+        if "restore_over_bare_b1" in compiled:
+            lines += ["", f"- compiled restore / compiled bare prior pass, batch 1: **{compiled['restore_over_bare_b1']:.2f}×**"]
+        if "graphs" in compiled:
+            reasons = "; ".join(f"{count}× {reason}" for reason, count in compiled["graph_break_reasons"].items())
+            lines.append(
+                f"- dynamo: {compiled['graphs']} graphs, {compiled['graph_breaks']} graph breaks"
+                f"{f' ({reasons})' if reasons else ''}; graphs CUDA graphs skipped: {compiled['cudagraph_skips']}"
+            )
+        if compiled.get("profile_b1"):
+            lines += profile_lines({f"{name}/compiled": value for name, value in compiled["profile_b1"].items()})
     training = results.get("training")
     if training:
         lines += ["", "| training step | precision | gradient checkpointing | s / step | peak GiB |", "|---|---|---|---|---|"]
