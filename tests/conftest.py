@@ -11,8 +11,21 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
+import signal
+
 import pytest
 import torch
+
+
+def default_ctrl_c() -> None:
+    """Ctrl-C raises KeyboardInterrupt, even where this process was started with SIGINT ignored (a background
+    job of a shell without job control, nohup): the tests that stop training with a real SIGINT need it. Spawned
+    processes inherit an ignored SIGINT too, so they call this first."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+default_ctrl_c()
 
 
 @pytest.fixture(scope="session", autouse=True)

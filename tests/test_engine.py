@@ -867,6 +867,9 @@ def _train_until_stopped(rank: int, store: str, results) -> None:
 
     from unirestore.framework.engine.trainer import BatchPlan, HookBase, Trainer, TrainingInterrupted
 
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # spawned by a process started with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
     class Record(HookBase):
         def after_step(self):
             if rank == 1 and self.trainer.step == 2:  # Ctrl-C in one process only, between two steps' votes

@@ -89,3 +89,19 @@ def test_gap_closed_sits_beside_the_papers_gap_of_the_same_model():
         "seg/miou/deeplab": f"{(66.05 - 40.36) / (75.64 - 40.36):.3f} (Cityscapes / DeepLabv3+) |",
         "seg/miou/fcn": f"{(65.73 - 40.75) / (75.66 - 40.75):.3f} (Cityscapes / RefineNet-lw) |",
     }
+
+
+def test_the_experiments_let_idle_openmp_threads_sleep_as_the_cli_does():
+    """`python -m unirestore.experiments.<name>` sets OMP_WAIT_POLICY=PASSIVE before torch loads (unless the user
+    set it): two processes on two cores with spinning OpenMP threads ran a detector's training 60 times slower."""
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    probe = "import os, unirestore.experiments; print(os.environ.get('OMP_WAIT_POLICY'))"
+    result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "PASSIVE"
+    kept = subprocess.run([sys.executable, "-c", probe], env={**env, "OMP_WAIT_POLICY": "ACTIVE"},
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    assert kept.stdout.strip() == "ACTIVE"
