@@ -391,59 +391,57 @@ class HookBase:
         """Release what the hook holds (a live display); called after the stage, whatever happened."""
 
 
-class StopRequest:
-    """While entered, in the main thread: the first Ctrl-C or SIGTERM is noted in `signal` (the trainer stops
-    after the step in progress), a second one raises KeyboardInterrupt at once. A signal ignored when entering
-    (a run started with nohup) stays ignored; in another thread (a sweep's trial) nothing is caught. A stop
-    noted but never `taken` (it came after the last step's vote) is delivered on leaving, as before."""
+class _SignalHandlers:
+    """While entered, in the main thread: Ctrl-C and SIGTERM call `_handle`; the handlers before are put back on
+    leaving. A signal ignored when entering (a run started with nohup) stays ignored; in another thread (a sweep's
+    trial) nothing is caught."""
 
     def __init__(self):
         self.signal: int | None = None
-        self.taken = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGINT, signal.SIGTERM):
                 if signal.getsignal(number) not in (signal.SIG_IGN, None):
-                    self._previous[number] = signal.signal(number, self._note)
+                    self._previous[number] = signal.signal(number, self._handle)
         return self
 
-    def _note(self, number: int, frame) -> None:
+    def _handle(self, number: int, frame) -> None:
+        raise NotImplementedError
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+
+class StopRequest(_SignalHandlers):
+    """The first Ctrl-C or SIGTERM is noted in `signal` (the trainer stops after the step in progress), a second
+    one raises KeyboardInterrupt at once. A stop noted but never `taken` (it came after the last step's vote) is
+    delivered on leaving, as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.taken = False
+
+    def _handle(self, number: int, frame) -> None:
         if self.signal is not None:
             raise KeyboardInterrupt
         self.signal = number
 
     def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
+        super().__exit__(*exc_info)
         if self.signal is not None and not self.taken and exc_info[0] is None:
             signal.raise_signal(self.signal)
 
 
-class SignalInterrupts:
-    """While entered, in the main thread: Ctrl-C and SIGTERM raise KeyboardInterrupt at once, and `signal` notes
-    which (by default SIGTERM ends the process without a word, its MLflow run left running). A signal ignored
-    when entering (a run started with nohup) stays ignored."""
+class SignalInterrupts(_SignalHandlers):
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt at once, and `signal` notes which (by default SIGTERM ends the
+    process without a word, its MLflow run left running)."""
 
-    def __init__(self):
-        self.signal: int | None = None
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            for number in (signal.SIGINT, signal.SIGTERM):
-                if signal.getsignal(number) not in (signal.SIG_IGN, None):
-                    self._previous[number] = signal.signal(number, self._interrupt)
-        return self
-
-    def _interrupt(self, number: int, frame) -> None:
+    def _handle(self, number: int, frame) -> None:
         self.signal = number
         raise KeyboardInterrupt
-
-    def __exit__(self, *exc_info) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
 
 
 class Trainer:
