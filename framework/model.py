@@ -270,15 +270,17 @@ class UniRestore(nn.Module):
         steps = self.config.denoise_steps if steps is None else steps
         if not 1 <= steps <= 4:
             raise ValueError(f"denoise steps={steps}: must be 1 to 4")
-        self.scheduler.set_timesteps(steps, device=latents.device)
-        timesteps = self.scheduler.timesteps
+        self.scheduler.set_timesteps(steps)  # on the CPU: the scheduler's step takes them as Python ints
+        timesteps = self.scheduler.timesteps.to(latents.device)
         if noise is None:
             noise = _randn_like(latents, generator)
         sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, c, h, w), almost pure noise
-        for t in timesteps:
+        # DDIM's step indexes its CPU noise schedule by the timestep and branches on it: given a GPU tensor, it
+        # would wait for the GPU at every step (and break a compiled graph there); an int costs nothing.
+        for t, step_t in zip(timesteps, self.scheduler.timesteps.tolist(), strict=True):
             control = self.control(latents, t)
             model_output = self.unet_forward(sample, t, control)
-            sample = self.scheduler.step(model_output, t, sample).prev_sample
+            sample = self.scheduler.step(model_output, step_t, sample).prev_sample
         return sample
 
     # ----------------------------------------------------------------------------------------------

@@ -172,6 +172,34 @@ def test_denoise_steps(model, steps):
         model.denoise(latents, steps=5)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_denoise_hands_the_scheduler_python_int_timesteps_with_the_same_result(model, steps, monkeypatch):
+    """DDIM's step indexes a CPU table by its timestep and branches on it: a timestep given as a device tensor
+    makes every step wait for the GPU (and breaks a compiled graph). It gets ints, and the result is the one the
+    same loop gives with tensor timesteps (the UNet and Controller still get the tensor)."""
+    latents = torch.randn(1, model.vae.config.latent_channels, 8, 8)
+    seen, step = [], model.scheduler.step
+
+    def recording_step(model_output, timestep, sample, *args, **kwargs):
+        seen.append(timestep)
+        return step(model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(model.scheduler, "step", recording_step)
+    with torch.no_grad():
+        out = model.denoise(latents, steps=steps, generator=generator(5))
+    assert len(seen) == steps and all(type(t) is int for t in seen)
+    monkeypatch.setattr(model.scheduler, "step", step)
+    with torch.no_grad():  # the loop as written with tensor timesteps throughout
+        model.scheduler.set_timesteps(steps)
+        timesteps = model.scheduler.timesteps
+        sample = model.scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator(5)), timesteps[:1])
+        for t in timesteps:
+            output = model.unet_forward(sample, t, model.control(latents, t))
+            sample = model.scheduler.step(output, t, sample).prev_sample
+    assert seen == timesteps.tolist()
+    assert torch.equal(out, sample)
+
+
 def _set_trainable(model, names):
     for name, module in model.components().items():
         module.requires_grad_(name in names)
