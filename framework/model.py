@@ -47,6 +47,12 @@ class UniRestore(nn.Module):
         self.vae = prior.vae
         self.unet = prior.unet
         self.scheduler = prior.scheduler
+        # Each step count's timesteps as Python ints, read once here: `denoise` then reads no tensor's value,
+        # so a compiled restore is one graph (reading them there broke it at every call).
+        self._step_timesteps = {}
+        for count in range(1, 5):
+            self.scheduler.set_timesteps(count)
+            self._step_timesteps[count] = tuple(int(t) for t in self.scheduler.timesteps.tolist())
         self.register_buffer("empty_prompt_embeds", prior.empty_prompt_embeds.clone(), persistent=False)
         self.native_size = self.config.native_size or prior.native_size
         self.size_multiple = prior.size_multiple
@@ -270,14 +276,15 @@ class UniRestore(nn.Module):
         steps = self.config.denoise_steps if steps is None else steps
         if not 1 <= steps <= 4:
             raise ValueError(f"denoise steps={steps}: must be 1 to 4")
-        self.scheduler.set_timesteps(steps)  # on the CPU: the scheduler's step takes them as Python ints
-        timesteps = self.scheduler.timesteps.to(latents.device)
+        self.scheduler.set_timesteps(steps)  # the step's state (its stride); the timesteps are read below
+        step_timesteps = self._step_timesteps[steps]
+        timesteps = torch.tensor(step_timesteps, device=latents.device)
         if noise is None:
             noise = _randn_like(latents, generator)
         sample = self.scheduler.add_noise(latents, noise, timesteps[:1])  # (B, c, h, w), almost pure noise
         # DDIM's step indexes its CPU noise schedule by the timestep and branches on it: given a GPU tensor, it
         # would wait for the GPU at every step (and break a compiled graph there); an int costs nothing.
-        for t, step_t in zip(timesteps, self.scheduler.timesteps.tolist(), strict=True):
+        for t, step_t in zip(timesteps, step_timesteps, strict=True):
             control = self.control(latents, t)
             model_output = self.unet_forward(sample, t, control)
             sample = self.scheduler.step(model_output, step_t, sample).prev_sample

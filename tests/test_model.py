@@ -200,6 +200,26 @@ def test_denoise_hands_the_scheduler_python_int_timesteps_with_the_same_result(m
     assert torch.equal(out, sample)
 
 
+@pytest.mark.parametrize("steps", [1, 2])
+def test_a_compiled_restore_is_one_graph(model, steps):
+    """torch.compile makes one graph of the whole restore: no tensor's value is read on the way (the timesteps
+    read in the loop broke it at every call, and each break is a CUDA graph more and a wait for the GPU)."""
+    import torch._dynamo as dynamo
+
+    model.config.denoise_steps, default_steps = steps, model.config.denoise_steps
+    try:
+        images = torch.rand(1, 3, 32, 32)
+        with torch.no_grad():
+            noise = torch.randn(model.encode(images).latents.shape, generator=generator(1))
+            explained = dynamo.explain(lambda x: model.forward_padded(x, "pir", noise=noise))(images)
+            eager = model.forward_padded(images, "pir", noise=noise)
+    finally:
+        model.config.denoise_steps = default_steps
+        dynamo.reset()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert torch.isfinite(eager).all()
+
+
 def _set_trainable(model, names):
     for name, module in model.components().items():
         module.requires_grad_(name in names)
