@@ -614,6 +614,14 @@ def restore(
             "written whole or not at all).",
         ),
     ] = False,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Compile the restoration (torch.compile): minutes at the first batch of each image size, then "
+            "about 5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
+        ),
+    ] = False,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors(
@@ -697,6 +705,8 @@ def restore(
                 "give a larger one, or 0 to restore whole images"
             )
         _cast(model, precision)
+        if compile_:
+            model.compile_restore()
         done = [0]
 
         def count(images: int) -> None:
@@ -850,6 +860,14 @@ def eval_(
             "the CPU, where the restoration uses every core; beside a GPU, up to 8 of the cores).",
         ),
     ] = None,
+    compile_: Annotated[
+        bool,
+        typer.Option(
+            "--compile",
+            help="Compile the restoration (torch.compile): minutes at the first batch of each image size, then "
+            "about 5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
+        ),
+    ] = False,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
@@ -922,6 +940,8 @@ def eval_(
         model = load_checkpoint(ckpt, prior=prior, device=torch_device)
         check_prompts(model, names + (prompt_names or []), ckpt)  # before any downstream model is trained
         _cast(model, precision)  # the downstream models stay in fp32
+        if compile_:
+            model.compile_restore()
         if distributed.main and data_unset and data == "builtin" and model.prior_identity["name"] != "tiny":
             saved = next((f for f in (Path(ckpt).parent / "config.yaml", Path(ckpt).parent.parent / "config.yaml")
                           if f.is_file()), None)  # fmt: skip

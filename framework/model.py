@@ -395,7 +395,39 @@ class UniRestore(nn.Module):
     ) -> list[torch.Tensor]:
         """`forward_padded` for several prompts at once: one encode and denoise, then one decode per task
         (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone.
-        `noise` and `posterior_noise` fix the noise that `generator` would draw (see `encode`, `denoise`)."""
+        `noise` and `posterior_noise` fix the noise that `generator` would draw (see `encode`, `denoise`).
+        After `compile_restore`, passes without gradients run compiled (the noise drawn first, as here)."""
+        compiled = self.__dict__.get("_compiled_pass")
+        if compiled is None or torch.is_grad_enabled():
+            return self._padded_pass(images, tuple(tasks), steps, generator, noise, posterior_noise)
+        like = images.new_empty(self.latent_shape(images), dtype=self.vae.dtype)
+        # drawn in the order the pass draws them: the posterior sample's noise (if any), then the denoising noise
+        if posterior_noise is None and self.config.sample_posterior:
+            posterior_noise = _randn_like(like, generator)
+        if noise is None:
+            noise = _randn_like(like, generator)
+        if images.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are no longer read
+        # CUDA graphs reuse their output memory at the next call: the caller's copies are its own
+        return [out.clone() for out in compiled(images, tuple(tasks), steps, None, noise, posterior_noise)]
+
+    def compile_restore(self, mode: str | None = None) -> None:
+        """Run restores (passes without gradients) through `torch.compile`: one graph per image size, batch,
+        task list and step count, compiled at its first call (minutes at sd-turbo scale; a few times faster after:
+        see BENCHMARKS.md). `mode`: torch.compile's, by default `reduce-overhead` (CUDA graphs) on a GPU."""
+        if mode is None:
+            mode = "reduce-overhead" if next(self.cfrm.parameters()).device.type == "cuda" else "default"
+        self.__dict__["_compiled_pass"] = torch.compile(self._padded_pass, mode=mode, dynamic=False)
+
+    def _padded_pass(
+        self,
+        images: torch.Tensor,
+        tasks: tuple[str, ...],
+        steps: int | None,
+        generator: torch.Generator | None,
+        noise: torch.Tensor | None,
+        posterior_noise: torch.Tensor | None,
+    ) -> list[torch.Tensor]:
         dtype = self.vae.dtype
         encoded = self.encode(images.to(dtype), generator=generator, posterior_noise=posterior_noise)
         noise = None if noise is None else noise.to(dtype)

@@ -213,6 +213,25 @@ def test_restore_in_batches_writes_what_one_by_one_writes(trained, root):
     assert np.abs(written["1"][0] - written["1"][1]).max() > 10  # different inputs, different outputs
 
 
+def test_restore_compiled_writes_what_the_eager_restore_writes(trained, root):
+    """`--compile`: torch.compile's graph of the restore (inductor's kernels on this CPU) gives the same images,
+    each with its own noise, for several prompts at once."""
+    output, _, _ = trained
+    folder = write_photos(root / "compile-images", {"0": (40, 56), "1": (40, 56)}, seed=4)
+    written = {}
+    for option in ([], ["--compile"]):
+        out = root / f"compiled-{bool(option)}"
+        args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(out),
+                "--task", "pir,cls", "--batch-size", "2", *option]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written[bool(option)] = {(task, i): np.asarray(Image.open(out / task / f"{i}.png"), np.float32)
+                                 for task in ("pir", "cls") for i in range(2)}  # fmt: skip
+    for key, image in written[False].items():
+        assert np.abs(written[True][key] - image).max() <= 1.0, key
+    assert np.abs(written[True][("pir", 0)] - written[True][("pir", 1)]).max() > 10
+
+
 def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, root, monkeypatch):
     """Beside a GPU, files are read ahead and PNGs written in threads while the model restores: the same
     files, skips and report as one thing at a time; a write that fails still fails the call."""

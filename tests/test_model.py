@@ -220,6 +220,30 @@ def test_a_compiled_restore_is_one_graph(model, steps):
     assert torch.isfinite(eager).all()
 
 
+def test_compile_restore_runs_only_passes_without_gradients_compiled_with_the_noise_drawn_first(model, monkeypatch):
+    """After `compile_restore` a restore goes through the compiled pass with its noise drawn outside it, in the
+    order the pass draws it (the same images for the same seed); a pass with gradients stays eager."""
+    images = torch.rand(2, 3, 32, 32)
+    eager = model.restore_tasks(images, ["pir", "cls"], generator=generator(3))
+    calls = []
+
+    def compiled(*args):  # stands in for torch.compile's function: the same pass, recorded
+        calls.append(args)
+        return model._padded_pass(*args)
+
+    monkeypatch.setitem(model.__dict__, "_compiled_pass", compiled)
+    through = model.restore_tasks(images, ["pir", "cls"], generator=generator(3))
+    assert len(calls) == 1 and calls[0][1] == ("pir", "cls") and calls[0][3] is None  # no generator inside
+    assert all(torch.equal(eager[task], through[task]) for task in eager)
+    with torch.enable_grad():
+        model.forward_padded_tasks(images, ["pir"], generator=generator(3))
+    assert len(calls) == 1
+    monkeypatch.delitem(model.__dict__, "_compiled_pass")
+    model.compile_restore()
+    assert model.__dict__["_compiled_pass"] is not None
+    del model.__dict__["_compiled_pass"]
+
+
 def _set_trainable(model, names):
     for name, module in model.components().items():
         module.requires_grad_(name in names)
