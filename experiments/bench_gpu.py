@@ -149,6 +149,10 @@ def main(argv=None) -> dict:
         help="batch sizes to compile and time (default: 1 and --throughput-batch)",
     )  # fmt: skip
     parser.add_argument(
+        "--compile-passes", nargs="+", choices=["restore", "bare_prior"], default=["restore", "bare_prior"],
+        help="with --compile: the passes to compile and time (each compiles for minutes at sd-turbo scale)",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="profile both passes at batch 1 under torch.profiler (kernels, launches, casts on a GPU)",
@@ -597,10 +601,13 @@ def bench_compiled(model: UniRestore, bare_pass, device, args, save=None) -> dic
         with torch.no_grad():
             latent_shape = model.encode(images).latents.shape
         noise = torch.randn(latent_shape, device=device, dtype=torch.bfloat16)
-        compiled_restore = torch.compile(
-            lambda x, noise=noise: model.forward_padded(x, "pir", noise=noise), mode=args.compile, dynamic=False
-        )
-        for name, fn in (("restore", compiled_restore), ("bare_prior", compiled_bare)):
+        model.compile_restore(args.compile)  # as `restore --compile` and `eval --compile` run it
+
+        def compiled_restore(x, noise=noise):
+            return model.forward_padded(x, "pir", noise=noise)
+
+        passes = (("restore", compiled_restore), ("bare_prior", compiled_bare))
+        for name, fn in (item for item in passes if item[0] in args.compile_passes):
             with torch.no_grad():
                 start = time.perf_counter()
                 fn(images)

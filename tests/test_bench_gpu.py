@@ -140,3 +140,8 @@ def test_bench_gpu_compile_only_times_the_compiled_passes_alone(tmp_path, monkey
     report = (tmp_path / "bench_gpu.md").read_text()
     assert "| torch.compile (reduce-overhead), bf16 weights |" in report and "- dynamo: " in report
     assert "| bare_prior/compiled |" in report
+    assert compiled["graphs"] == 2 and compiled["graph_breaks"] == 0  # each pass one graph
+    main([*args[:-1], str(tmp_path / "restore"), "--compile-passes", "restore"])
+    compiled = json.loads((tmp_path / "restore" / "bench_gpu.json").read_text())["compiled"]
+    assert {key for key in compiled if "/" in key} == {"restore/b1"} and "restore_over_bare_b1" not in compiled
+    assert "| restore | 1 |" in (tmp_path / "restore" / "bench_gpu.md").read_text()
