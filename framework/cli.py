@@ -183,6 +183,13 @@ def _errors(out_of_memory: str = TRAINING_OOM, interrupted: str = ""):
             _fail(f"out of memory: {first}; {out_of_memory}", 1)
         if isinstance(error, _user_errors()):
             _fail(str(error), 2)
+        if type(error).__module__ in ("torch._dynamo.exc", "torch._inductor.exc"):  # only with --compile
+            cause = getattr(error, "inner_exception", None) or error.__cause__ or error  # the backend's own
+            _fail(
+                f"torch.compile failed: {_first_line(str(cause))}; run without --compile (compiling needs a C++ "
+                "compiler on the CPU, Triton on a GPU)",
+                1,
+            )
         if isinstance(error, RuntimeError) and _worker_ran_out(str(error)):
             _fail(
                 f"a DataLoader worker failed: {_first_line(str(error))} (its memory or the shared memory /dev/shm, which a container keeps small, ran out); raise "

@@ -232,6 +232,24 @@ def test_restore_compiled_writes_what_the_eager_restore_writes(trained, root):
     assert np.abs(written[True][("pir", 0)] - written[True][("pir", 1)]).max() > 10
 
 
+def test_a_failing_compile_is_one_line_naming_the_way_round(trained, root, monkeypatch):
+    output, _, _ = trained
+    folder = write_photos(root / "compile-fails", {"0": (40, 56)}, seed=5)
+    compile_ = torch.compile
+
+    def no_compiler(graph, inputs):
+        raise RuntimeError("C++ compiler not found")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile_(fn, backend=no_compiler))
+    args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(root / "cf"),
+            "--compile"]  # fmt: skip
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("error: torch.compile failed") and "C++ compiler not found" in line
+    assert "run without --compile" in line and "Traceback" not in result.output
+
+
 def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, root, monkeypatch):
     """Beside a GPU, files are read ahead and PNGs written in threads while the model restores: the same
     files, skips and report as one thing at a time; a write that fails still fails the call."""
