@@ -234,6 +234,14 @@ DataOption = Annotated[
     ),
 ]
 OutputOption = Annotated[str | None, typer.Option("--output", help="Run folder (default: runs/unirestore).")]
+CompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Compile the restoration (torch.compile): minutes at the first batch of each image size, then about "
+        "5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
+    ),
+]
 TrackingOption = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)."),
@@ -621,14 +629,7 @@ def restore(
             "written whole or not at all).",
         ),
     ] = False,
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="Compile the restoration (torch.compile): minutes at the first batch of each image size, then "
-            "about 5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
-        ),
-    ] = False,
+    compile_: CompileOption = False,
 ) -> None:
     """Restore images with a trained checkpoint; unreadable files are reported and skipped (exit status 1)."""
     with _errors(
@@ -867,14 +868,7 @@ def eval_(
             "the CPU, where the restoration uses every core; beside a GPU, up to 8 of the cores).",
         ),
     ] = None,
-    compile_: Annotated[
-        bool,
-        typer.Option(
-            "--compile",
-            help="Compile the restoration (torch.compile): minutes at the first batch of each image size, then "
-            "about 5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
-        ),
-    ] = False,
+    compile_: CompileOption = False,
 ) -> None:
     """The paper's tables for a checkpoint: LQ, HQ and restored rows per task (and per corruption).
 
