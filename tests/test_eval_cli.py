@@ -109,6 +109,28 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
     assert (folder / "compare.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_eval_compiled_gives_the_eager_table(checkpoint, monkeypatch):
+    """`eval --compile` restores through the compiled pass (here dynamo's graphs run by the eager backend, which
+    spares minutes of code generation; `restore --compile` is tested with inductor) and scores the same."""
+    folder, path = checkpoint
+    compile_, compiled = torch.compile, []
+
+    def recording(fn, mode, dynamic):
+        compiled.append(fn)
+        return compile_(fn, backend="eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", recording)
+    results = {}
+    for option in ([], ["--compile"]):
+        result, _ = _eval(folder, path, folder / f"compiled-{bool(option)}", *option)
+        assert result.exit_code == 0, result.output
+        table = json.loads((folder / f"compiled-{bool(option)}" / "eval.json").read_text())["results"]
+        results[bool(option)] = {(r["task"], r["input"], r["metric"]): r["value"] for r in table}
+    assert len(compiled) == 1 and compiled[0].__name__ == "_padded_pass"
+    assert results[True].keys() == results[False].keys()
+    assert all(abs(results[True][key] - results[False][key]) <= 1e-4 for key in results[False])
+
+
 def test_eval_per_corruption_and_missing_prompt(checkpoint, monkeypatch):
     folder, path = checkpoint
     result, _ = _eval(folder, path, folder / "c", "--corruption", "gaussian_noise,rain", "--severity", "2")
