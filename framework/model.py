@@ -397,9 +397,12 @@ class UniRestore(nn.Module):
         (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone.
         `noise` and `posterior_noise` fix the noise that `generator` would draw (see `encode`, `denoise`).
         After `compile_restore`, passes without gradients run compiled (the noise drawn first, as here)."""
-        compiled = self.__dict__.get("_compiled_pass")
+        compiled = self.__dict__.get("_compiled_pass")  # (id of the model it was made for, mode, function)
         if compiled is None or torch.is_grad_enabled():
             return self._padded_pass(images, tuple(tasks), steps, generator, noise, posterior_noise)
+        if compiled[0] != id(self):  # a copy of a compiled model: its own pass, not the original's
+            self.compile_restore(compiled[1])
+            compiled = self.__dict__["_compiled_pass"]
         like = images.new_empty(self.latent_shape(images), dtype=self.vae.dtype)
         # drawn in the order the pass draws them: the posterior sample's noise (if any), then the denoising noise
         if posterior_noise is None and self.config.sample_posterior:
@@ -409,7 +412,7 @@ class UniRestore(nn.Module):
         if images.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are no longer read
         # CUDA graphs reuse their output memory at the next call: the caller's copies are its own
-        return [out.clone() for out in compiled(images, tuple(tasks), steps, None, noise, posterior_noise)]
+        return [out.clone() for out in compiled[2](images, tuple(tasks), steps, None, noise, posterior_noise)]
 
     def compile_restore(self, mode: str | None = None) -> None:
         """Run restores (passes without gradients) through `torch.compile`: one graph per image size, batch,
@@ -417,7 +420,8 @@ class UniRestore(nn.Module):
         see BENCHMARKS.md). `mode`: torch.compile's, by default `reduce-overhead` (CUDA graphs) on a GPU."""
         if mode is None:
             mode = "reduce-overhead" if next(self.cfrm.parameters()).device.type == "cuda" else "default"
-        self.__dict__["_compiled_pass"] = torch.compile(self._padded_pass, mode=mode, dynamic=False)
+        compiled = torch.compile(self._padded_pass, mode=mode, dynamic=False)
+        self.__dict__["_compiled_pass"] = (id(self), mode, compiled)
 
     def _padded_pass(
         self,

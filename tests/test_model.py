@@ -1,5 +1,6 @@
 """The UniRestore model: structure at real scale, shapes, gradients, prompts and checkpoints."""
 
+import copy
 import json
 import shutil
 
@@ -231,16 +232,21 @@ def test_compile_restore_runs_only_passes_without_gradients_compiled_with_the_no
         calls.append(args)
         return model._padded_pass(*args)
 
-    monkeypatch.setitem(model.__dict__, "_compiled_pass", compiled)
+    monkeypatch.setitem(model.__dict__, "_compiled_pass", (id(model), "default", compiled))
     through = model.restore_tasks(images, ["pir", "cls"], generator=generator(3))
     assert len(calls) == 1 and calls[0][1] == ("pir", "cls") and calls[0][3] is None  # no generator inside
     assert all(torch.equal(eager[task], through[task]) for task in eager)
     with torch.enable_grad():
         model.forward_padded_tasks(images, ["pir"], generator=generator(3))
     assert len(calls) == 1
+    # a copy of a compiled model compiles its own pass (the copied function would run the original's weights)
+    twin = copy.deepcopy(model)
+    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: fn)
+    twin.restore_tasks(images, ["pir"], generator=generator(3))
+    assert len(calls) == 1 and twin.__dict__["_compiled_pass"][0] == id(twin)
     monkeypatch.delitem(model.__dict__, "_compiled_pass")
     model.compile_restore()
-    assert model.__dict__["_compiled_pass"] is not None
+    assert model.__dict__["_compiled_pass"][0] == id(model)
     del model.__dict__["_compiled_pass"]
 
 
