@@ -1190,6 +1190,12 @@ def main() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import sys
 
+    import torch
+
+    # Values below float32's normal range count as zero: on some CPUs arithmetic on them is many times slower,
+    # and stage 2's gradients reach them (3x fewer steps/s on a 2-core Xeon; BENCHMARKS.md).
+    torch.set_flush_denormal(True)
+
     try:  # typer ≥ 0.20 raises the errors of the click it vendors; older ones raise click's own
         from typer._click import exceptions as click_errors
     except ImportError:

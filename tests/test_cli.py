@@ -858,6 +858,22 @@ def test_a_full_disk_while_restoring_is_one_line_and_keeps_what_was_written(trai
     assert [p.name for p in out.iterdir()] == ["a.png"] and Image.open(out / "a.png").size == (40, 40)
 
 
+@pytest.mark.parametrize("entry", ["cli", "experiments"])
+def test_the_command_and_the_experiments_count_subnormal_floats_as_zero(entry):
+    """On some CPUs arithmetic on floats below the normal range is many times slower, and stage 2's gradients
+    reach them: the `unirestore` command and `python -m unirestore.experiments.*` flush them to zero."""
+    start = {
+        "cli": "sys.argv = ['unirestore', '--version']\nfrom unirestore.framework.cli import main\n"
+               "try:\n    main()\nexcept SystemExit:\n    pass",
+        "experiments": "import unirestore.experiments",
+    }[entry]  # fmt: skip
+    code = f"import sys, torch\nbefore = (torch.tensor([1e-39]) * 1.0).item()\n{start}\n" \
+           "print(before, (torch.tensor([1e-39]) * 1.0).item())"  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    before, after = map(float, out.stdout.split()[-2:])
+    assert before > 0 and after == 0.0
+
+
 def test_version_names_the_package_torch_and_diffusers():
     import importlib.metadata
 
