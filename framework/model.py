@@ -404,15 +404,18 @@ class UniRestore(nn.Module):
             self.compile_restore(compiled[1])
             compiled = self.__dict__["_compiled_pass"]
         like = images.new_empty(self.latent_shape(images), dtype=self.vae.dtype)
-        # drawn in the order the pass draws them: the posterior sample's noise (if any), then the denoising noise
-        if posterior_noise is None and self.config.sample_posterior:
-            posterior_noise = _randn_like(like, generator)
-        if noise is None:
-            noise = _randn_like(like, generator)
+        posterior_noise, noise = self._draw_noise(like, generator, posterior_noise, noise)
         if images.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are no longer read
         # CUDA graphs reuse their output memory at the next call: the caller's copies are its own
         return [out.clone() for out in compiled[2](images, tuple(tasks), steps, None, noise, posterior_noise)]
+
+    def _draw_noise(self, like: torch.Tensor, generator, posterior_noise=None, noise=None) -> tuple:
+        """(posterior sample's noise or None, denoising noise) of latents shaped `like`: those not given drawn
+        from `generator` in the order a pass draws them (the posterior sample's first)."""
+        if posterior_noise is None and self.config.sample_posterior:
+            posterior_noise = _randn_like(like, generator)
+        return posterior_noise, _randn_like(like, generator) if noise is None else noise
 
     def compile_restore(self, mode: str | None = None) -> None:
         """Run restores (passes without gradients) through `torch.compile`: one graph per image size, batch,
@@ -511,10 +514,7 @@ class UniRestore(nn.Module):
             like = padded.new_empty(shape, dtype=self.vae.dtype)
             # drawn as the single-generator path draws them: the posterior sample's noise (if any), then the
             # denoising noise
-            draws = [
-                (_randn_like(like, g) if self.config.sample_posterior else None, _randn_like(like, g))
-                for g in generator
-            ]
+            draws = [self._draw_noise(like, g) for g in generator]
             posterior_noise = torch.cat([p for p, _ in draws]) if self.config.sample_posterior else None
             noise = torch.cat([n for _, n in draws])
             restored = self.forward_padded_tasks(
