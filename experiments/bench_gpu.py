@@ -48,6 +48,11 @@ from unirestore.framework.prior import (
 )
 
 SCALES = {"sd-turbo": (SD_TURBO_VAE, SD_TURBO_UNET), "tiny": (TINY_VAE, TINY_UNET)}
+# The compiled passes' weights and activation layout, as the `restore` command casts them (cli._cast).
+COMPILE_PRECISIONS = {
+    "bf16": (torch.bfloat16, torch.channels_last),
+    "fp32": (torch.float32, torch.contiguous_format),
+}
 
 
 def synchronize(device: torch.device) -> None:
@@ -140,6 +145,11 @@ def main(argv=None) -> dict:
         help="also time both passes under torch.compile in this mode (bf16 weights; compiling takes minutes)",
     )
     parser.add_argument(
+        "--compile-precision", choices=sorted(COMPILE_PRECISIONS), default="bf16",
+        help="with --compile: the compiled passes' weights (bf16 and channels_last, as `restore --precision bf16 "
+             "--compile` runs; fp32 as `restore --compile` runs on the CPU)",
+    )  # fmt: skip
+    parser.add_argument(
         "--compile-only",
         action="store_true",
         help="with --compile: time only the compiled passes (no eager figures)",
@@ -216,7 +226,6 @@ def main(argv=None) -> dict:
         save()
 
     if args.compile_only:
-        model.to(dtype=torch.bfloat16, memory_format=torch.channels_last)
         save_compiled(bench_compiled(model, bare_pass, device, args, save_compiled))
         print(markdown(results))
         return results
@@ -333,6 +342,7 @@ def main(argv=None) -> dict:
     results["restore_files"] = bench_restore_files(model, args)
     save()
     if args.compile != "none":
+        model.to(memory_format=torch.contiguous_format)  # bench_compiled casts as the precision deploys
         save_compiled(bench_compiled(model, bare_pass, device, args, save_compiled))
     print(markdown(results))
     return results
@@ -559,7 +569,8 @@ def dispatched_ops(fn, owners: dict[str, torch.nn.Module]) -> dict[str, int]:
 
 
 def bench_compiled(model: UniRestore, bare_pass, device, args, save=None) -> dict:
-    """Both passes under torch.compile (`--compile MODE`), with bf16 weights and channels_last as deployed.
+    """Both passes under torch.compile (`--compile MODE`), the weights cast as deployed (`--compile-precision`:
+    bf16 and channels_last, or fp32).
 
     The restore starts from fixed noise (no generator inside the compiled graph). Compilation time is
     reported apart from the timing, and so are dynamo's graph breaks and the graphs CUDA graphs skipped
@@ -577,7 +588,9 @@ def bench_compiled(model: UniRestore, bare_pass, device, args, save=None) -> dic
         with profile():  # the profiler set up before any CUDA graph is captured (torch's advice)
             pass
     counters.clear()
-    out = {"mode": args.compile}
+    dtype, memory_format = COMPILE_PRECISIONS[args.compile_precision]
+    model.to(dtype=dtype, memory_format=memory_format)
+    out = {"mode": args.compile, "precision": args.compile_precision}
     at_batch_1 = {}
 
     def keep() -> None:
@@ -596,11 +609,11 @@ def bench_compiled(model: UniRestore, bare_pass, device, args, save=None) -> dic
     # Static shapes: each batch size compiles for itself, as a deployment with a fixed batch would.
     compiled_bare = torch.compile(bare_pass, mode=args.compile, dynamic=False)
     for batch in args.compile_batches or (1, args.throughput_batch):
-        images = torch.rand(batch, 3, args.size, args.size, device=device, dtype=torch.bfloat16)
-        images = images.contiguous(memory_format=torch.channels_last)
+        images = torch.rand(batch, 3, args.size, args.size, device=device, dtype=dtype)
+        images = images.contiguous(memory_format=memory_format)
         with torch.no_grad():
             latent_shape = model.encode(images).latents.shape
-        noise = torch.randn(latent_shape, device=device, dtype=torch.bfloat16)
+        noise = torch.randn(latent_shape, device=device, dtype=dtype)
         model.compile_restore(args.compile)  # as `restore --compile` and `eval --compile` run it
 
         def compiled_restore(x, noise=noise):
@@ -834,7 +847,7 @@ def markdown(results: dict) -> str:
         lines += profile_lines(results["profile_b1"], top_of=("bare_prior/bf16", "restore/bf16"))
     compiled = results.get("compiled")
     if compiled:
-        lines += ["", f"| torch.compile ({compiled['mode']}), bf16 weights | batch | ms / batch | compile s |",
+        lines += ["", f"| torch.compile ({compiled['mode']}), {compiled.get('precision', 'bf16')} weights | batch | ms / batch | compile s |",
                   "|---|---|---|---|"]
         for key, value in compiled.items():
             if "/" in key:

@@ -123,8 +123,19 @@ def test_bench_gpu_compile_only_times_the_compiled_passes_alone(tmp_path, monkey
     with pytest.raises(SystemExit):
         main(["--compile-only"])  # nothing to time without --compile
     compile_ = torch.compile
-    # dynamo captures the passes as for inductor; the eager backend spares minutes of code generation on a CPU
-    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile_(fn, backend="eager", dynamic=dynamic))
+    inputs = []  # (dtype, channels_last) of the images each compiled pass gets
+
+    def eager_compile(fn, mode, dynamic):
+        # dynamo captures the passes as for inductor; the eager backend spares minutes of code generation on a CPU
+        compiled = compile_(fn, backend="eager", dynamic=dynamic)
+
+        def run(images, *rest):
+            inputs.append((images.dtype, images.is_contiguous(memory_format=torch.channels_last)))
+            return compiled(images, *rest)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
     args = ["--scale", "tiny", "--device", "cpu", "--size", "64", "--iters", "1", "--warmup", "0",
             "--compile", "reduce-overhead", "--compile-only", "--compile-batches", "1", "--profile",
             "--out", str(tmp_path)]  # fmt: skip
@@ -141,6 +152,12 @@ def test_bench_gpu_compile_only_times_the_compiled_passes_alone(tmp_path, monkey
     assert "| torch.compile (reduce-overhead), bf16 weights |" in report and "- dynamo: " in report
     assert "| bare_prior/compiled |" in report
     assert compiled["graphs"] == 2 and compiled["graph_breaks"] == 0  # each pass one graph
+    assert set(inputs) == {(torch.bfloat16, True)}  # as `restore --precision bf16 --compile` casts
+    inputs.clear()
+    main([*args[:-1], str(tmp_path / "fp32"), "--compile-precision", "fp32"])
+    compiled = json.loads((tmp_path / "fp32" / "bench_gpu.json").read_text())["compiled"]
+    assert compiled["precision"] == "fp32" and set(inputs) == {(torch.float32, False)}  # as `restore --compile`
+    assert "| torch.compile (reduce-overhead), fp32 weights |" in (tmp_path / "fp32" / "bench_gpu.md").read_text()
     main([*args[:-1], str(tmp_path / "restore"), "--compile-passes", "restore"])
     compiled = json.loads((tmp_path / "restore" / "bench_gpu.json").read_text())["compiled"]
     assert {key for key in compiled if "/" in key} == {"restore/b1"} and "restore_over_bare_b1" not in compiled
