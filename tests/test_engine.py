@@ -852,6 +852,32 @@ def test_processes_agree_when_one_loss_is_not_finite(tmp_path):
     assert Distributed().all_agree(False) is False and Distributed().all_agree(True) is True
 
 
+def test_training_counts_subnormal_floats_as_zero_and_restores_the_setting_after():
+    """On some CPUs arithmetic on floats below the normal range is many times slower and stage 2's gradients
+    reach them: a stage trained from Python flushes them while it runs, as the command does, and leaves the
+    caller's setting as it was."""
+    from unirestore.framework.engine.trainer import BatchPlan, HookBase, Trainer, flushing_subnormals
+
+    seen = []
+
+    class Record(HookBase):
+        def after_step(self):
+            seen.append(flushing_subnormals())
+
+    was = flushing_subnormals()
+    torch.set_flush_denormal(False)
+    try:
+        model = _Square()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        data = ((BatchPlan(step, 0, "pir", step), {"x": torch.ones(2, 3)}) for step in range(1, 100))
+        Trainer(model, optimizer, torch.optim.lr_scheduler.ConstantLR(optimizer, 1.0), data, stage="s",
+                start_step=0, max_steps=3, config=TrainConfig(), device=torch.device("cpu"),
+                distributed=Distributed(0, 1, 0), hooks=[Record()]).train()  # fmt: skip
+        assert seen == [True] * 3 and not flushing_subnormals()
+    finally:
+        torch.set_flush_denormal(was)
+
+
 class _Square(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -47,7 +47,7 @@ from ..config import ConfigError, Stage0Config
 from ..files import atomic_write_together
 from ..prior import ensure_tiny_prior, load_prior
 from .state import MODEL_FILE, STATE_FILE, capture_rng, restore_rng
-from .trainer import StopRequest, TrainingInterrupted
+from .trainer import StopRequest, TrainingInterrupted, subnormals_flushed
 
 MARKER = "stage0.json"
 PROGRESS_FORMAT = "unirestore-stage0/1"
@@ -274,7 +274,7 @@ def _loop(
         return _Progress(offset + step, optimizer.state_dict(), schedule.state_dict(), capture_rng(),
                          finished=finished, last=last)  # fmt: skip
 
-    with RichProgress(*columns, disable=not progress, console=make_console()) as bar:
+    with subnormals_flushed(), RichProgress(*columns, disable=not progress, console=make_console()) as bar:
         task = bar.add_task(name, total=steps, completed=first, rate="-", loss="")
         for step in range(first + 1, steps + 1):
             terms = step_fn()

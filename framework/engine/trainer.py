@@ -444,6 +444,26 @@ class SignalInterrupts(_SignalHandlers):
         raise KeyboardInterrupt
 
 
+def flushing_subnormals() -> bool:
+    """Whether this thread counts floats below float32's normal range as zero (`torch.set_flush_denormal`)."""
+    return (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+@contextlib.contextmanager
+def subnormals_flushed() -> Iterator[None]:
+    """Training counts floats below float32's normal range as zero, and restores the setting after: on some
+    CPUs arithmetic on them is many times slower, and stage 2's gradients reach them (BENCHMARKS.md). It is the
+    calling thread's setting (and that of the CPU threads torch starts later): on one torch thread, as a stage
+    runs beside a DataLoader worker on 2 cores, that is all of the work; the `unirestore` command sets it before
+    torch starts any thread."""
+    was = flushing_subnormals()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was)
+
+
 class Trainer:
     """Runs one stage from `start_step` to `max_steps` (steps are counted from 1)."""
 
@@ -483,6 +503,10 @@ class Trainer:
         return float(self.optimizer.param_groups[0]["lr"])
 
     def train(self) -> None:
+        with subnormals_flushed():
+            self._train()
+
+    def _train(self) -> None:
         try:
             for hook in self.hooks:
                 hook.before_train()
