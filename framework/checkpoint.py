@@ -3,8 +3,8 @@
 Tensors are stored as `<component>.<parameter>` (cfrm, controller, sc_tuners, tfa, prompts) plus the
 prior's stored empty-prompt embedding; the metadata holds the resolved model config, the task list and
 the identity of the prior (name, a fingerprint of its configs, for the tiny prior a hash of its weights and,
-for a prior read from a folder or by hub id (its snapshot in the Hugging Face cache), the size and a sampled hash
-of each weight file). Loading onto another prior, or onto other weights of the same one, is refused.
+for a prior read from a folder or by hub id (its snapshot in the Hugging Face cache), the size and hash of each
+weight file). Loading onto another prior, or onto other weights of the same one, is refused.
 """
 
 from __future__ import annotations
@@ -139,16 +139,19 @@ def extension_problem(metadata: Mapping) -> str | None:
 
 
 def _other_weight_file(recorded: Mapping[str, dict] | None, loaded: Mapping[str, dict] | None) -> str | None:
-    """The first weight file of the same name whose size or sampled bytes differ (with both), or None.
+    """The first weight file of the same name whose size or bytes differ (with both), or None.
 
     Files of the same name alone are compared: a checkpoint trained on full-precision weights loads onto their
     fp16 variant (the same weights, rounded), and one written before weight files were recorded loads unchecked.
+    Bytes are compared by the hash of the whole file, or by the hash of 16 slices of it where the checkpoint
+    records that alone (one written before whole files were hashed).
     """
     for name in sorted(set(recorded or {}) & set(loaded or {})):
         before, now = recorded[name], loaded[name]
+        digest = "sha256" if "sha256" in before else "sample"
         if before["size"] != now["size"]:
             return f"{name} is {now['size']} bytes, not {before['size']}"
-        if before["sample"] != now["sample"]:
+        if before[digest] != now[digest]:
             return f"{name} holds other bytes"
     return None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from .files import atomic_write
 
 PRIOR_SUBFOLDERS = ("vae", "unet", "scheduler")
 
@@ -33,7 +36,7 @@ class PriorError(ValueError):
 
 
 def unirestore_home() -> Path:
-    """Where built-in artifacts (the tiny prior, downstream models) are cached."""
+    """Where built-in artifacts (the tiny prior, downstream models) and the hashes of weight files are cached."""
     return Path(os.environ.get("UNIRESTORE_HOME") or Path.home() / ".cache" / "unirestore").expanduser()  # "" = unset
 
 
@@ -125,8 +128,8 @@ class Prior:
     # and UNet weight files, so that a checkpoint is not loaded onto other weights of the same architecture.
     weights: str | None = None
     # A prior read from a folder (the tiny one too) or by hub id from the Hugging Face cache: what
-    # `sample_weight_files` says of the VAE and UNet weight files it read, the same check at a cost that does not
-    # grow with a real prior's gigabytes.
+    # `weight_file_digests` says of the VAE and UNet weight files it read, the same check for a real prior's
+    # gigabytes, which are read whole once per version of a file rather than at every load.
     weight_files: dict[str, dict] | None = None
 
     @property
@@ -192,14 +195,19 @@ def weights_digest(folder: Path) -> str:
 # 16 slices of 64 KiB: 1 MiB read of each weight file, however large.
 _SAMPLED_SLICES, _SLICE_BYTES = 16, 64 * 1024
 
+# A first hash of a file this large takes seconds: a note says so.
+_NOTED_BYTES = 2**30
 
-def sample_weight_files(folder: Path) -> dict[str, dict]:
-    """The VAE and UNet weight files that `load_prior` reads from `folder`, each as `{"size": bytes, "sample": a
-    hash of 16 slices of 64 KiB spread evenly from its first byte to its last}` (of the whole of a smaller file).
 
-    Reading 1 MiB per file keeps this cheap enough for every load of a 5 GB sd-turbo folder, and another training
-    or fine-tune of the same architecture changes the bytes under every slice; weights changed in a few layers
-    only may fall between the slices.
+def weight_file_digests(folder: Path) -> dict[str, dict]:
+    """The VAE and UNet weight files that `load_prior` reads from `folder`, each as `{"size": bytes, "sha256": the
+    hash of the whole file, "sample": a hash of 16 slices of 64 KiB spread evenly from its first byte to its last
+    (of the whole of a smaller file)}`.
+
+    A file is read whole once per version of it (`file_sha256` keeps its hash), so every byte is compared and a
+    load of a 5 GB sd-turbo folder stays cheap after the first. The sample is what checkpoints written before
+    whole files were hashed record, and is compared with those alone: weights changed in a few layers only (a
+    fine-tune of part of the UNet, a merged LoRA) may fall between its slices.
     """
     files = {}
     for subfolder in ("vae", "unet"):
@@ -209,8 +217,69 @@ def sample_weight_files(folder: Path) -> dict[str, dict]:
         if any(path.suffix == ".safetensors" for path in paths):  # diffusers prefers them to .bin files
             paths = [path for path in paths if path.suffix == ".safetensors"]
         for path in sorted(paths):
-            files[f"{subfolder}/{path.name}"] = {"size": path.stat().st_size, "sample": _sample_digest(path)}
+            files[f"{subfolder}/{path.name}"] = {
+                "size": path.stat().st_size,
+                "sha256": file_sha256(path),
+                "sample": _sample_digest(path),
+            }
     return files
+
+
+def file_sha256(path: Path) -> str:
+    """The sha256 of the whole file at `path`, read once per version of it: the hash is kept under
+    `unirestore_home()/digests`, keyed by the file's resolved path, size, mtime, ctime and inode, and the file
+    is read again once any of them has changed. A kept hash that cannot be read is computed again, and one
+    that cannot be written is not kept; neither is an error."""
+    record, version = _digest_record(path)
+    digest = _kept_digest(record, version)
+    if digest is not None:
+        return digest
+    if version["size"] >= _NOTED_BYTES:
+        from rich.markup import escape
+
+        from .console import make_console
+
+        make_console(stderr=True).print(
+            f"[yellow]note[/yellow]: hashing {escape(str(path))} ({version['size'] / 1e9:.1f} GB) once, to tell "
+            "its weights apart from others; later loads reuse the hash"
+        )
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    if _digest_record(path)[1] == version:  # a file that changed while it was read is read again next time
+        kept = json.dumps({**version, "sha256": digest})
+        try:
+            atomic_write(record, lambda temporary: Path(temporary).write_text(kept))
+        except OSError:  # a read-only home: the file is read whole at every load
+            pass
+    return digest
+
+
+def _digest_record(path: Path) -> tuple[Path, dict]:
+    """Where `file_sha256` keeps the hash of `path` as it is now, and what tells that version of it apart."""
+    resolved = path.resolve()  # a Hugging Face snapshot's files are links to its blobs
+    stat = resolved.stat()
+    version = {
+        "path": str(resolved),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        # changed by any write, also by a copy over the file that carries its source's mtime (cp -p, rsync -t)
+        "ctime_ns": stat.st_ctime_ns,
+        "inode": stat.st_ino,
+    }
+    key = hashlib.sha256(json.dumps(version, sort_keys=True).encode()).hexdigest()[:32]
+    return unirestore_home() / "digests" / f"{key}.json", version
+
+
+def _kept_digest(record: Path, version: dict) -> str | None:
+    """The hash kept in `record` for this version of a file, or None: none kept, or one unreadable or damaged."""
+    try:
+        kept = json.loads(record.read_text())
+    except (OSError, ValueError):  # missing, a folder, not UTF-8, not JSON
+        return None
+    if not isinstance(kept, dict) or any(kept.get(key) != value for key, value in version.items()):
+        return None
+    digest = kept.get("sha256")
+    return digest if isinstance(digest, str) and re.fullmatch("[0-9a-f]{64}", digest) else None
 
 
 def hub_snapshot(repo_id: str) -> Path | None:
@@ -435,7 +504,7 @@ def load_prior(
 
 def prior_identity(name_or_path: str | os.PathLike = "tiny") -> dict:
     """What `load_prior(name_or_path).identity()` gives, which a checkpoint trained on it records, from the
-    prior's configs and a sample of its weight files alone (no weights are loaded): whether a checkpoint
+    prior's configs and the hashes of its weight files alone (no weights are loaded): whether a checkpoint
     loads onto a prior is known before a job that would load both (a sweep's) starts."""
     name = str(name_or_path)
     source, local, offline = _locate(name)
@@ -464,7 +533,7 @@ def _identity(name: str, source: str, local: bool, vae_config, unet_config, sche
         "name": "tiny" if name == "tiny" else source if local else name,
         "fingerprint": fingerprint_configs(vae_config, unet_config, scheduler_config),
         "weights": weights_digest(Path(source)) if name == "tiny" else None,
-        "weight_files": sample_weight_files(weights_folder) if weights_folder is not None else None,
+        "weight_files": weight_file_digests(weights_folder) if weights_folder is not None else None,
     }
 
 

@@ -453,9 +453,8 @@ def test_checkpoint_on_retrained_tiny_prior_weights_is_refused(tmp_path, tiny_pr
 
 
 def test_checkpoint_on_other_weights_of_a_prior_folder_is_refused(tmp_path):
-    """A real prior (sd-turbo: 5 GB) is not hashed whole at every load: each VAE and UNet weight file's size and
-    a hash of slices of it tell two folders of the same architecture apart. Old checkpoints (none recorded) and
-    the fp16 variant of the same weights still load."""
+    """Each VAE and UNet weight file's size and hash tell two folders of the same architecture apart. Old
+    checkpoints (none recorded) and the fp16 variant of the same weights still load."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from typer.testing import CliRunner
@@ -516,7 +515,7 @@ def test_a_prior_given_by_hub_id_records_the_weight_files_of_its_cached_snapshot
     import huggingface_hub.constants
 
     from unirestore.framework.checkpoint import read_checkpoint
-    from unirestore.framework.prior import build_tiny_prior, hub_snapshot, sample_weight_files
+    from unirestore.framework.prior import build_tiny_prior, hub_snapshot, weight_file_digests
 
     cache = tmp_path / "hf" / "hub"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -536,8 +535,8 @@ def test_a_prior_given_by_hub_id_records_the_weight_files_of_its_cached_snapshot
     assert set(prior.weight_files) == {
         "vae/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.safetensors",
     }  # fmt: skip
-    assert prior.weight_files == sample_weight_files(repo / "snapshots" / trained)
-    assert prior.weight_files != sample_weight_files(repo / "snapshots" / other)
+    assert prior.weight_files == weight_file_digests(repo / "snapshots" / trained)
+    assert prior.weight_files != weight_file_digests(repo / "snapshots" / other)
     path = save_checkpoint(UniRestore(prior, ModelConfig(), tasks=["pir"]), tmp_path / "model.safetensors")
     assert read_checkpoint(path)[1]["prior"]["weight_files"] == prior.weight_files
 
@@ -552,6 +551,135 @@ def test_a_prior_given_by_hub_id_records_the_weight_files_of_its_cached_snapshot
     assert load_checkpoint(path, prior=str(repo / "snapshots" / trained)).tasks == ["pir"]  # that folder, as told
     (repo / "refs" / "main").write_text(trained)
     assert load_checkpoint(path).tasks == ["pir"]
+
+
+def _change_a_layer_between_the_slices(folder):
+    """Change one layer of the UNet in prior `folder` (as a fine-tune of part of it, or a merged LoRA, does), one
+    whose bytes all lie between the 16 slices of 64 KiB that a sampled hash of the file reads."""
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    from unirestore.framework.prior import _SAMPLED_SLICES, _SLICE_BYTES
+
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    with open(path, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    size = path.stat().st_size
+    slices = [index * (size - _SLICE_BYTES) // (_SAMPLED_SLICES - 1) for index in range(_SAMPLED_SLICES)]
+
+    def between(entry):
+        begin, end = (8 + length + offset for offset in entry["data_offsets"])
+        return all(end <= start or begin >= start + _SLICE_BYTES for start in slices)
+
+    name = max((name for name, entry in header.items() if name != "__metadata__" and between(entry)),
+               key=lambda name: header[name]["data_offsets"][1] - header[name]["data_offsets"][0])  # fmt: skip
+    tensors = load_file(path)
+    tensors[name] += 0.01
+    save_file(tensors, path, metadata=header.get("__metadata__"))  # the same tensors: the same layout
+
+
+def _with_sampled_weight_files(path, old):
+    """Checkpoint `path` written to `old` as one written before whole weight files were hashed: each weight file
+    recorded by its size and the hash of 16 slices of it alone."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    identity = json.loads(metadata["prior"])
+    identity["weight_files"] = {
+        name: {"size": entry["size"], "sample": entry["sample"]} for name, entry in identity["weight_files"].items()
+    }
+    save_file(tensors, str(old), metadata={**metadata, "prior": json.dumps(identity)})
+    return old
+
+
+def test_a_checkpoint_is_refused_on_weights_changed_between_the_sampled_slices(tmp_path):
+    """Weights changed in one layer only fall between the slices of a sampled hash: the hash of the whole file
+    tells the folders apart. A checkpoint that records the sampled hashes alone (written before whole files were
+    hashed) is checked by those, as it was."""
+    from unirestore.framework.prior import _sample_digest, build_tiny_prior
+
+    first, second = build_tiny_prior(tmp_path / "first", seed=0), build_tiny_prior(tmp_path / "second", seed=1)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(first, tuned)
+    _change_a_layer_between_the_slices(tuned)
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (first / unet).read_bytes() != (tuned / unet).read_bytes()
+    assert _sample_digest(first / unet) == _sample_digest(tuned / unet)
+
+    model = UniRestore(load_prior(str(first)), ModelConfig(), tasks=["pir"])
+    path = save_checkpoint(model, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path, prior=str(tuned))
+    assert str(error.value) == (
+        f"checkpoint {path} was trained on the weights of prior '{first}', not on those of '{tuned}' "
+        f"({unet} holds other bytes); give the folder it was trained on, or a copy of it, with --prior"
+    )
+
+    old = _with_sampled_weight_files(path, tmp_path / "old.safetensors")
+    assert load_checkpoint(old).tasks == ["pir"]
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(old, prior=str(second))
+    assert str(error.value) == (
+        f"checkpoint {old} was trained on the weights of prior '{first}', not on those of '{second}' "
+        f"({unet} holds other bytes); give the folder it was trained on, or a copy of it, with --prior"
+    )
+    assert load_checkpoint(old, prior=str(tuned)).tasks == ["pir"]  # between its slices: unseen, as before
+
+
+def test_a_weight_file_is_read_whole_once_per_version(tmp_path, monkeypatch, capsys):
+    """The hash of a whole weight file is kept under UNIRESTORE_HOME: an unchanged file is not read again, a
+    touched or rewritten one is, and a kept hash that is damaged or cannot be read or written is computed again,
+    never an error."""
+    import hashlib
+    import os
+
+    from unirestore.framework import prior
+    from unirestore.framework.prior import _digest_record, file_sha256
+
+    monkeypatch.setenv("UNIRESTORE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(prior, "_NOTED_BYTES", 1)
+    reads = []
+    file_digest = hashlib.file_digest
+    monkeypatch.setattr(hashlib, "file_digest", lambda handle, name: reads.append(name) or file_digest(handle, name))
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(os.urandom(2**20))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+
+    assert file_sha256(path) == digest and len(reads) == 1
+    assert f"hashing {path} (0.0 GB) once" in " ".join(capsys.readouterr().err.split())
+    assert file_sha256(path) == digest and len(reads) == 1  # kept
+    assert capsys.readouterr().err == ""
+    assert [record.name for record in (tmp_path / "home" / "digests").iterdir()] == [_digest_record(path)[0].name]
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched
+    assert file_sha256(path) == digest and len(reads) == 2
+    assert file_sha256(path) == digest and len(reads) == 2
+    changed = bytearray(path.read_bytes())
+    changed[2**19] ^= 1
+    path.write_bytes(changed)  # the same size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 2 * 10**9))
+    digest = hashlib.sha256(changed).hexdigest()
+    assert file_sha256(path) == digest and len(reads) == 3
+    assert file_sha256(path) == digest and len(reads) == 3
+
+    record, version = _digest_record(path)
+    damaged = [b"", b"\xff\xfe not JSON", b"[]", json.dumps({**version, "sha256": 5}).encode(),
+               json.dumps({**version, "size": 1, "sha256": "0" * 64}).encode()]  # fmt: skip
+    for count, content in enumerate(damaged, start=4):
+        record.write_bytes(content)
+        assert file_sha256(path) == digest and len(reads) == count
+        assert file_sha256(path) == digest and len(reads) == count  # kept again
+    record.unlink()
+    record.mkdir()  # neither readable nor writable
+    assert file_sha256(path) == digest and len(reads) == 9
+    assert file_sha256(path) == digest and len(reads) == 10
+    assert record.is_dir() and list(record.parent.glob("*.tmp")) == []
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
