@@ -9,8 +9,8 @@ Every channel list is read from the loaded prior's configs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,23 @@ SHARED_PROMPT = "shared"
 class EncoderOutput:
     latents: torch.Tensor  # (B, latent channels, H/8, W/8), already × scaling_factor
     features: list[torch.Tensor]  # the M tapped encoder features, shallowest first
+
+
+@dataclass
+class _CompiledPass:
+    """`compile_restore`'s pass: the model it was made for and torch.compile's mode and function."""
+
+    owner: int  # id of the model it was made for: a copy of a compiled model compiles its own
+    mode: str
+    function: Callable
+    # the batch sizes run so far, per everything else the graph is made for (image size, dtype, device, tasks,
+    # steps): a smaller batch runs padded in a larger one's graph
+    batches: dict[tuple, set[int]] = field(default_factory=dict)
+
+    def batch_for(self, key: tuple, batch: int) -> int:
+        """The batch size to run `batch` images at: `batch` itself, or the smallest larger one already run."""
+        run = self.batches.get(key, set())
+        return batch if batch in run else min((size for size in run if size > batch), default=batch)
 
 
 def _derive_controller_channels(unet_channels: int, groups: int) -> int:
@@ -396,19 +413,37 @@ class UniRestore(nn.Module):
         """`forward_padded` for several prompts at once: one encode and denoise, then one decode per task
         (`decode_tasks`: stacked in one batch). Returns one output per task, as each would be alone.
         `noise` and `posterior_noise` fix the noise that `generator` would draw (see `encode`, `denoise`).
-        After `compile_restore`, passes without gradients run compiled (the noise drawn first, as here)."""
-        compiled = self.__dict__.get("_compiled_pass")  # (id of the model it was made for, mode, function)
+        After `compile_restore`, passes without gradients run compiled (the noise drawn first, as here), and a
+        batch smaller than one already run at its size runs in that batch's graph, its last image repeated."""
+        compiled = self.__dict__.get("_compiled_pass")
         if compiled is None or torch.is_grad_enabled():
             return self._padded_pass(images, tuple(tasks), steps, generator, noise, posterior_noise)
-        if compiled[0] != id(self):  # a copy of a compiled model: its own pass, not the original's
-            self.compile_restore(compiled[1])
+        if compiled.owner != id(self):  # a copy of a compiled model: its own pass, not the original's
+            self.compile_restore(compiled.mode)
             compiled = self.__dict__["_compiled_pass"]
         like = images.new_empty(self.latent_shape(images), dtype=self.vae.dtype)
         posterior_noise, noise = self._draw_noise(like, generator, posterior_noise, noise)
+        batch = images.shape[0]
+        key = (
+            tuple(images.shape[1:]),
+            images.dtype,
+            images.device,
+            tuple(tasks),
+            self.config.denoise_steps if steps is None else steps,
+        )
+        run = compiled.batch_for(key, batch)
+        if run > batch:  # e.g. a run's smaller last batch: no new graph (minutes) for a few images
+            # the padding rows copy the last image and its noise: the real images' noise is the one drawn above
+            images, noise, posterior_noise = (
+                None if x is None else torch.cat([x, x[-1:].expand(run - batch, *x.shape[1:])])
+                for x in (images, noise, posterior_noise)
+            )
         if images.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are no longer read
+        outputs = compiled.function(images, tuple(tasks), steps, None, noise, posterior_noise)
+        compiled.batches.setdefault(key, set()).add(run)
         # CUDA graphs reuse their output memory at the next call: the caller's copies are its own
-        return [out.clone() for out in compiled[2](images, tuple(tasks), steps, None, noise, posterior_noise)]
+        return [out[:batch].clone() for out in outputs]
 
     def _draw_noise(self, like: torch.Tensor, generator, posterior_noise=None, noise=None) -> tuple:
         """(posterior sample's noise or None, denoising noise) of latents shaped `like`: those not given drawn
@@ -420,11 +455,13 @@ class UniRestore(nn.Module):
     def compile_restore(self, mode: str | None = None) -> None:
         """Run restores (passes without gradients) through `torch.compile`: one graph per image size, batch,
         task list and step count, compiled at its first call (minutes at sd-turbo scale; a few times faster after:
-        see BENCHMARKS.md). `mode`: torch.compile's, by default `reduce-overhead` (CUDA graphs) on a GPU."""
+        see BENCHMARKS.md). A batch smaller than one already run at its size, task list and step count (a run's
+        last batch) runs padded in that batch's graph instead of compiling its own. `mode`: torch.compile's, by
+        default `reduce-overhead` (CUDA graphs) on a GPU."""
         if mode is None:
             mode = "reduce-overhead" if next(self.cfrm.parameters()).device.type == "cuda" else "default"
         compiled = torch.compile(self._padded_pass, mode=mode, dynamic=False)
-        self.__dict__["_compiled_pass"] = (id(self), mode, compiled)
+        self.__dict__["_compiled_pass"] = _CompiledPass(id(self), mode, compiled)
 
     def _padded_pass(
         self,

@@ -232,6 +232,34 @@ def test_restore_compiled_writes_what_the_eager_restore_writes(trained, root):
     assert np.abs(written[True][("pir", 0)] - written[True][("pir", 1)]).max() > 10
 
 
+def test_restore_compiled_runs_the_smaller_last_batch_in_the_full_batchs_graph(trained, root, monkeypatch):
+    """`restore --compile --batch-size 2` on 3 same-size images: the last image runs padded in the first two's
+    graph (here a stand-in for torch.compile that records the batches its pass gets), written as eager writes it."""
+    output, _, _ = trained
+    folder = write_photos(root / "last-batch-images", dict.fromkeys("012", (40, 56)), seed=6)
+    batches = []
+
+    def compile_(fn, mode, dynamic):
+        def compiled(images, *args):
+            batches.append(images.shape[0])
+            return fn(images, *args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    written = {}
+    for option in ([], ["--compile"]):
+        out = root / f"last-batch-{bool(option)}"
+        args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(out),
+                "--batch-size", "2", *option]  # fmt: skip
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        written[bool(option)] = [np.asarray(Image.open(out / f"{i}.png"), np.float32) for i in range(3)]
+    assert batches == [2, 2]
+    for eager, compiled in zip(written[False], written[True], strict=True):
+        assert np.abs(compiled - eager).max() <= 1.0
+
+
 def test_a_failing_compile_is_one_line_naming_the_way_round(trained, root, monkeypatch):
     output, _, _ = trained
     folder = write_photos(root / "compile-fails", {"0": (40, 56)}, seed=5)

@@ -111,22 +111,30 @@ def test_eval_writes_tables_and_an_mlflow_run_and_is_deterministic(checkpoint):
 
 def test_eval_compiled_gives_the_eager_table(checkpoint, monkeypatch):
     """`eval --compile` restores through the compiled pass (here dynamo's graphs run by the eager backend, which
-    spares minutes of code generation; `restore --compile` is tested with inductor) and scores the same."""
+    spares minutes of code generation; `restore --compile` is tested with inductor) and scores the same; the
+    smaller last batch runs in the full batch's graph."""
     folder, path = checkpoint
-    compile_, compiled = torch.compile, []
+    compile_, compiled, batches = torch.compile, [], set()
 
     def recording(fn, mode, dynamic):
         compiled.append(fn)
-        return compile_(fn, backend="eager", dynamic=dynamic)
+        graph = compile_(fn, backend="eager", dynamic=dynamic)
+
+        def run(images, *args):
+            batches.add(images.shape[0])
+            return graph(images, *args)
+
+        return run
 
     monkeypatch.setattr(torch, "compile", recording)
     results = {}
     for option in ([], ["--compile"]):
-        result, _ = _eval(folder, path, folder / f"compiled-{bool(option)}", *option)
+        result, _ = _eval(folder, path, folder / f"compiled-{bool(option)}", "--batch-size", "3", *option)
         assert result.exit_code == 0, result.output
         table = json.loads((folder / f"compiled-{bool(option)}" / "eval.json").read_text())["results"]
         results[bool(option)] = {(r["task"], r["input"], r["metric"]): r["value"] for r in table}
     assert len(compiled) == 1 and compiled[0].__name__ == "_padded_pass"
+    assert batches == {3}  # 4 images: a batch of 3, then 1 padded to 3
     assert results[True].keys() == results[False].keys()
     assert all(abs(results[True][key] - results[False][key]) <= 1e-4 for key in results[False])
 

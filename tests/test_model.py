@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from unirestore.framework.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from unirestore.framework.config import ConfigError, ModelConfig, TrainConfig
-from unirestore.framework.model import UniRestore, count_parameters
+from unirestore.framework.model import UniRestore, _CompiledPass, count_parameters
 from unirestore.framework.prior import (
     TINY_VAE,
     PriorError,
@@ -232,7 +232,7 @@ def test_compile_restore_runs_only_passes_without_gradients_compiled_with_the_no
         calls.append(args)
         return model._padded_pass(*args)
 
-    monkeypatch.setitem(model.__dict__, "_compiled_pass", (id(model), "default", compiled))
+    monkeypatch.setitem(model.__dict__, "_compiled_pass", _CompiledPass(id(model), "default", compiled))
     through = model.restore_tasks(images, ["pir", "cls"], generator=generator(3))
     assert len(calls) == 1 and calls[0][1] == ("pir", "cls") and calls[0][3] is None  # no generator inside
     assert all(torch.equal(eager[task], through[task]) for task in eager)
@@ -243,11 +243,43 @@ def test_compile_restore_runs_only_passes_without_gradients_compiled_with_the_no
     twin = copy.deepcopy(model)
     monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: fn)
     twin.restore_tasks(images, ["pir"], generator=generator(3))
-    assert len(calls) == 1 and twin.__dict__["_compiled_pass"][0] == id(twin)
+    assert len(calls) == 1 and twin.__dict__["_compiled_pass"].owner == id(twin)
     monkeypatch.delitem(model.__dict__, "_compiled_pass")
     model.compile_restore()
-    assert model.__dict__["_compiled_pass"][0] == id(model)
+    assert model.__dict__["_compiled_pass"].owner == id(model)
     del model.__dict__["_compiled_pass"]
+
+
+@pytest.mark.parametrize("sample_posterior", [False, True])
+def test_a_compiled_pass_runs_a_smaller_batch_in_the_graph_of_a_larger_one(tiny_prior, monkeypatch, sample_posterior):
+    """A batch smaller than one the compiled pass has run at its size, task list and step count (a run's last
+    batch) runs padded in that batch's graph, not a graph of its own, and each image comes out as eager gives it."""
+    torch.manual_seed(0)
+    model = UniRestore(tiny_prior, ModelConfig(sample_posterior=sample_posterior), tasks=["pir", "cls"])
+    images = torch.rand(3, 3, 32, 32, generator=generator(4))
+    tasks = ["pir", "cls"]
+    eager = model.restore_tasks(images[:2], tasks, generator=[generator(i) for i in range(2)])
+    eager_one = model.restore_tasks(images[:1], tasks, generator=generator(7))
+    batches = []
+
+    def compile_(fn, mode, dynamic):  # stands in for torch.compile: the same pass, the batches it gets recorded
+        def compiled(images, tasks, *args):
+            batches.append((images.shape[0], tasks))
+            return fn(images, tasks, *args)
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    model.compile_restore()
+    model.restore_tasks(images, tasks, generator=[generator(i) for i in range(3)])
+    through = model.restore_tasks(images[:2], tasks, generator=[generator(i) for i in range(2)])
+    through_one = model.restore_tasks(images[:1], tasks, generator=generator(7))
+    model.restore_tasks(images[:2], ["pir"], generator=[generator(i) for i in range(2)])  # another graph's batch
+    assert batches == [(3, ("pir", "cls"))] * 3 + [(2, ("pir",))]
+    for task in tasks:
+        assert through[task].shape == (2, 3, 32, 32) and through_one[task].shape == (1, 3, 32, 32)
+        torch.testing.assert_close(through[task], eager[task], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(through_one[task], eager_one[task], rtol=1e-5, atol=1e-5)
 
 
 def _set_trainable(model, names):
