@@ -47,6 +47,10 @@ class _CompiledPass:
         run = self.batches.get(key, set())
         return batch if batch in run else min((size for size in run if size > batch), default=batch)
 
+    def forget_from(self, key: tuple, batch: int) -> None:
+        """Batches of `batch` images and more no longer fit: smaller ones are not padded up to them."""
+        self.batches[key] = {size for size in self.batches.get(key, set()) if size < batch}
+
 
 def _derive_controller_channels(unet_channels: int, groups: int) -> int:
     # 0.8 × the UNet's first width (320 → 256 at SD scale), kept a multiple of the norm groups.
@@ -440,7 +444,11 @@ class UniRestore(nn.Module):
             )
         if images.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the last call's outputs are no longer read
-        outputs = compiled.function(images, tuple(tasks), steps, None, noise, posterior_noise)
+        try:
+            outputs = compiled.function(images, tuple(tasks), steps, None, noise, posterior_noise)
+        except torch.OutOfMemoryError:
+            compiled.forget_from(key, run)  # the callers' retries with fewer images then run them unpadded
+            raise
         compiled.batches.setdefault(key, set()).add(run)
         # CUDA graphs reuse their output memory at the next call: the caller's copies are its own
         return [out[:batch].clone() for out in outputs]
