@@ -11,6 +11,7 @@ counter) and the share of the GPU's measured bf16 matrix peak that the timing re
     python -m unirestore.experiments.bench_gpu --out bench/              # on a GPU: the real figures
     python -m unirestore.experiments.bench_gpu --device cpu --size 64 --throughput-batch 2 --train-batch 1 --iters 1
     python -m unirestore.experiments.bench_gpu --compile reduce-overhead --compile-only --compile-batches 1 --out c/
+    python -m unirestore.experiments.bench_gpu --training-only --compile default --out t/   # and `train --compile`
 
 Each run also times every part of both passes alone (encoder with and without the CFRM, Controller, UNet with
 and without SC-Tuners, decoder with and without the TFA), which says which module the restore's extra time is
@@ -37,7 +38,12 @@ import torch
 import torch.nn.functional as F
 
 from unirestore.framework.config import ModelConfig, TrainConfig
-from unirestore.framework.engine.losses import decoder_inputs, stage1_losses, task_losses
+from unirestore.framework.engine.losses import (
+    compiled_decoder_inputs,
+    decoder_inputs,
+    stage1_losses,
+    task_losses,
+)
 from unirestore.framework.model import UniRestore, count_parameters
 from unirestore.framework.prior import (
     SD_TURBO_UNET,
@@ -118,10 +124,9 @@ def straightforward_stage2_step(model, task, batch, generator_seed):
     """The naive stage-2 loss: the whole pipeline re-run for the task prompt and again for the PIR anchor."""
     outputs = {}
     for prompt in (task.name, "pir"):
-        generator = torch.Generator(device=batch["lq"].device).manual_seed(generator_seed)
+        torch.manual_seed(generator_seed)  # the same draws as the implemented step's, in the same order
         with torch.no_grad():
-            # The same draws as decoder_inputs('clean_estimate') makes, in the same order.
-            latents, features = decoder_inputs(model, batch["hq"], batch["lq"], generator=generator)
+            latents, features = decoder_inputs(model, batch["hq"], batch["lq"])
         outputs[prompt] = model.decode(latents, features, prompt)
     terms = dict(task.losses(outputs[task.name], batch))
     terms["loss/cls_pir_l1"] = F.l1_loss(outputs["pir"].float(), batch["hq"].float())
@@ -138,6 +143,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument(
+        "--training-only", action="store_true",
+        help="time only the training steps and stage 2 against the straightforward step (with --compile: also "
+             "with its decoder inputs compiled, as `train --compile` runs it)",
+    )  # fmt: skip
     parser.add_argument(
         "--compile",
         choices=["none", "default", "reduce-overhead", "max-autotune-no-cudagraphs"],
@@ -171,6 +181,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.compile_only and args.compile == "none":
         parser.error("--compile-only needs --compile MODE")
+    if args.training_only and (args.skip_training or args.compile_only):
+        parser.error("--training-only times the training steps alone: not with --skip-training or --compile-only")
 
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -227,6 +239,11 @@ def main(argv=None) -> dict:
 
     if args.compile_only:
         save_compiled(bench_compiled(model, bare_pass, device, args, save_compiled))
+        print(markdown(results))
+        return results
+    if args.training_only:
+        results["training"] = bench_training(model, device, args)
+        save()
         print(markdown(results))
         return results
 
@@ -698,16 +715,20 @@ def bench_training(model: UniRestore, device, args) -> dict:
         module.requires_grad_(name in stage_sets[2])
     model.train()
 
-    def ours():
-        generator = torch.Generator(device=device).manual_seed(7)
-        latents, features = decoder_inputs(model, clean, degraded, generator=generator)
+    def ours(inputs=decoder_inputs):
+        torch.manual_seed(7)
+        latents, features = inputs(model, clean, degraded)
         return task_losses(model, task, batch, latents, features, beta=1.0)
 
     def naive():
         return straightforward_stage2_step(model, task, batch, 7)
 
+    variants = [("implemented", ours), ("straightforward", naive)]
+    if args.compile != "none":  # `train.compile`: the decoder inputs compiled, the same draws
+        compiled = compiled_decoder_inputs()
+        variants.append(("implemented_compiled", lambda: ours(compiled)))
     comparison = {}
-    for label, fn in (("implemented", ours), ("straightforward", naive)):
+    for label, fn in variants:
         def step(fn=fn):
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 terms = fn()
@@ -724,7 +745,10 @@ def bench_training(model: UniRestore, device, args) -> dict:
             "peak_gib": peak_memory(device),
             "losses": {k: float(v) for k, v in terms.items()},
         }
-    comparison["speedup"] = comparison["straightforward"]["seconds"] / comparison["implemented"]["seconds"]
+    for label in comparison.copy():
+        if label.startswith("implemented"):
+            speedup = comparison["straightforward"]["seconds"] / comparison[label]["seconds"]
+            comparison[label.replace("implemented", "speedup")] = speedup
     out["stage2_comparison"] = comparison
     return out
 
@@ -885,6 +909,12 @@ def markdown(results: dict) -> str:
                 f"{comparison['implemented']['losses']} vs {comparison['straightforward']['losses']}"
             ),
         ]
+        if "implemented_compiled" in comparison:
+            compiled = comparison["implemented_compiled"]
+            lines.append(
+                f"- stage 2 (bf16) with its decoder inputs compiled (`train.compile`): {compiled['seconds']:.3f} s/step, "
+                f"**{comparison['speedup_compiled']:.2f}×** the straightforward step; losses {compiled['losses']}"
+            )
     return "\n".join(lines) + "\n"
 
 

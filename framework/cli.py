@@ -242,6 +242,14 @@ CompileOption = Annotated[
         "5x faster on a GPU (BENCHMARKS.md); pays when many images share a size, or with tiles.",
     ),
 ]
+TrainCompileOption = Annotated[
+    bool,
+    typer.Option(
+        "--compile",
+        help="Compile what stages 2 and 3 decode from (the frozen encoder, CFRM, Controller and UNet; torch.compile, "
+        "the same random draws): minutes at the first step, then faster steps (BENCHMARKS.md). Sets train.compile.",
+    ),
+]
 TrackingOption = Annotated[
     str | None,
     typer.Option("--tracking-uri", help="MLflow tracking URI (default: sqlite:///<cwd>/mlflow.db)."),
@@ -420,6 +428,7 @@ def train(
     ] = False,
     output: OutputOption = None,
     tracking_uri: TrackingOption = None,
+    compile_: TrainCompileOption = False,
 ) -> None:
     """Train UniRestore: the tiny prior (stage 0), then stages 1 and 2; print the evaluation table."""
     with _errors(interrupted=TRAINING_INTERRUPTED):
@@ -440,6 +449,8 @@ def train(
             overrides.append(f"output={output}")
         if tracking_uri is not None:
             overrides.append(f"tracking_uri={tracking_uri}")
+        if compile_:
+            overrides.append("train.compile=true")
         run_config = _build_config(config, overrides + list(set_ or []))
         chosen = _stages(stage)
         _check_tasks(run_config)
@@ -471,6 +482,7 @@ def task_add(
     tracking_uri: TrackingOption = None,
     prior: Annotated[str | None, typer.Option("--prior", help="The prior, if it moved since training.")] = None,
     data: DataOption = None,
+    compile_: TrainCompileOption = False,
 ) -> None:
     """Add a task to a trained model by training its prompt alone (stage 3); old tasks stay bit-identical."""
     with _errors(interrupted=TRAINING_INTERRUPTED):
@@ -492,6 +504,8 @@ def task_add(
             overrides.append(f"output={output}")
         if tracking_uri is not None:
             overrides.append(f"tracking_uri={tracking_uri}")
+        if compile_:
+            overrides.append("train.compile=true")
         run_config = _build_config(config, overrides + list(set_ or []))
         checkpoint = source or _latest_checkpoint(Path(run_config.output))
         if Path(checkpoint).is_dir() or source is None:  # a folder: say which of its files is the source

@@ -375,6 +375,10 @@ class TrainConfig:
     decoder_input: str = "inference"
     # Autocast precision of the forward pass: fp32 (none), bf16 or fp16 (fp16 adds a gradient scaler on CUDA).
     precision: str = "fp32"
+    # Stages 2 and 3: run what the decoder reads (the frozen encoder, CFRM, Controller and UNet, no gradients)
+    # through torch.compile, its random draws as the eager pass makes them. Minutes of compiling at the first
+    # step; the decoder and its gradients stay eager.
+    compile: bool = False
     # Write last.safetensors + last.state.pt every this many steps (and at the end of each stage).
     checkpoint_every: int | None = None
     # Run the validation metrics every this many steps; 0: only at the end of each stage.

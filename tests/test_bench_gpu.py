@@ -7,9 +7,15 @@ import pytest
 from unirestore.experiments.bench_gpu import main
 
 
-def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
+def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path, monkeypatch):
+    import torch
+
+    compile_ = torch.compile
+    # dynamo captures the passes as for inductor; the eager backend spares minutes of code generation on a CPU
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, **_: compile_(fn, backend="eager", dynamic=dynamic))
     args = ["--scale", "tiny", "--device", "cpu", "--size", "64", "--throughput-batch", "2", "--train-batch", "1",
-            "--iters", "1", "--warmup", "0", "--profile", "--out", str(tmp_path)]
+            "--iters", "1", "--warmup", "0", "--profile", "--compile", "default", "--compile-batches", "1",
+            "--out", str(tmp_path)]  # fmt: skip
     results = main(args)
     saved = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert saved["restore_over_bare_bf16_b1"] == results["restore_over_bare_bf16_b1"] > 0
@@ -34,7 +40,11 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     # The implemented stage 2 computes the straightforward step's losses (bf16 rounding apart).
     for key, value in comparison["implemented"]["losses"].items():
         assert abs(value - comparison["straightforward"]["losses"][key]) <= 0.02 * abs(value) + 1e-3
+        assert value == pytest.approx(comparison["implemented_compiled"]["losses"][key], rel=1e-3)  # same draws
+    assert comparison["speedup_compiled"] > 0 and comparison["speedup"] > 0
     report = (tmp_path / "bench_gpu.md").read_text()
+    assert "with its decoder inputs compiled (`train.compile`)" in report
+    assert set(saved["compiled"]) >= {"restore/b1", "bare_prior/b1"}
     assert "restore / bare prior pass" in report and "stage 2 (bf16)" in report
     assert "three prompts (pir, seg, cls) from one encode and denoise" in report
     assert saved["restore_files"]["io_threads_0"] > 0 and saved["restore_files"]["io_threads_2"] > 0
@@ -48,6 +58,22 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     # autocast casts the fp32 weights at each operator; bf16 weights leave only the casts of the pass itself
     assert profiles["restore/bf16"]["cast_ops"] > profiles["restore/bf16-weights-cl"]["cast_ops"] > 0
     assert "| profile, batch 1 (3 calls) |" in report and "| restore/bf16 |" in report
+
+
+def test_bench_gpu_training_only_times_the_training_steps_alone(tmp_path, monkeypatch):
+    import torch
+
+    with pytest.raises(SystemExit):
+        main(["--training-only", "--skip-training"])
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, **_: compile_(fn, backend="eager", dynamic=dynamic))
+    main(["--scale", "tiny", "--device", "cpu", "--size", "64", "--train-batch", "1", "--iters", "1",
+          "--training-only", "--compile", "default", "--out", str(tmp_path)])  # fmt: skip
+    saved = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert saved["timings"] == {} and "compiled" not in saved and "flops" not in saved
+    comparison = saved["training"]["stage2_comparison"]
+    assert set(comparison) == {"implemented", "straightforward", "implemented_compiled", "speedup", "speedup_compiled"}
+    assert "with its decoder inputs compiled" in (tmp_path / "bench_gpu.md").read_text()
 
 
 def test_bench_gpu_keeps_what_it_measured_when_a_later_part_fails(tmp_path, monkeypatch):
@@ -122,6 +148,7 @@ def test_bench_gpu_compile_only_times_the_compiled_passes_alone(tmp_path, monkey
 
     with pytest.raises(SystemExit):
         main(["--compile-only"])  # nothing to time without --compile
+    torch._dynamo.reset()  # the graphs are counted from here: none reused from another test's passes
     compile_ = torch.compile
     inputs = []  # (dtype, channels_last) of the images each compiled pass gets
 

@@ -1111,6 +1111,24 @@ def test_task_add_names_a_held_out_set_that_cannot_be_read_before_training(train
     assert not (added / "stage3-ret").exists()
 
 
+def test_train_and_task_add_compile_sets_train_compile(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from unirestore.framework import engine
+
+    seen = []
+    monkeypatch.setattr(engine, "train", lambda config, **_: seen.append(config.train.compile) or SimpleNamespace(
+        checkpoint="x", run_id=None))  # fmt: skip
+    monkeypatch.setattr(engine, "add_task", lambda config, *_, **__: seen.append(config.train.compile) or SimpleNamespace(
+        checkpoint="x"))  # fmt: skip
+    output = ["--output", str(tmp_path / "run")]
+    for extra in ([], ["--compile"]):
+        assert runner.invoke(app, ["train", "--tasks", "pir", *output, *extra]).exit_code == 0
+        source = ["--from", str(tmp_path / "stage2.safetensors")]
+        assert runner.invoke(app, ["task", "add", "det", *source, *output, *extra]).exit_code == 0
+    assert seen == [False, False, True, True]
+
+
 def test_ctrl_c_is_one_line_naming_how_to_go_on(trained, root, monkeypatch):
     import mlflow
 

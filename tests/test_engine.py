@@ -216,6 +216,43 @@ def test_stage2_weighs_each_task_by_its_beta_the_tiny_presets_by_default(tiny_pr
             assert float(loss(batch)["loss/seg_ce"]) == pytest.approx(expected)
 
 
+def test_a_compiled_stage_2_draws_computes_and_differentiates_as_the_eager_one(tiny_prior):
+    """`train.compile` runs what stage 2's decoder reads (the frozen encoder with the CFRM, the Controller, the
+    UNet) through torch.compile with inductor, in one graph: the same random draws as eager (the generators end in
+    the same state), and the same terms and TFA gradients to rounding."""
+    from torch._dynamo.utils import counters
+
+    class Mean:
+        name, anchor_to_pir, default_beta = "seg", True, 1.0
+
+        def losses(self, restored, batch):
+            return {"loss/seg_mean": restored.mean()}
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = UniRestore(tiny_prior, tasks=["pir", "seg"])
+    apply_stage(model, stage2(["pir", "seg"]))
+    batch = {"hq": torch.rand(2, 3, 32, 32), "lq": torch.rand(2, 3, 32, 32), "task": "seg"}
+    results = []
+    for compiled in (False, True):
+        loss = StageLoss(model, stage2(["pir", "seg"]), {"seg": Mean()}, RunConfig(train=TrainConfig(compile=compiled)))
+        torch.manual_seed(5)
+        terms = loss(batch)
+        sum(terms.values()).backward()
+        gradients = {name: p.grad.clone() for name, p in model.tfa.named_parameters() if p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        results.append((terms, gradients, torch.rand(4)))
+    (eager, eager_gradients, eager_next), (through, gradients, next_draws) = results
+    assert torch.equal(eager_next, next_draws)  # as many draws from the global generator
+    assert set(eager) == set(through) == {"loss/seg_mean", "loss/seg_pir_l1"}
+    for key in eager:
+        torch.testing.assert_close(through[key], eager[key], rtol=1e-4, atol=1e-5)
+    assert eager_gradients and set(gradients) == set(eager_gradients)
+    for name, gradient in eager_gradients.items():
+        torch.testing.assert_close(gradients[name], gradient, rtol=1e-3, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
 def test_stage_declarations_set_requires_grad_exactly(tiny_prior):
     model = UniRestore(tiny_prior, tasks=["pir", "cls"])
     model.add_task("det")

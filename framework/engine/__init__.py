@@ -105,6 +105,7 @@ _OPERATIONAL = {
     "train.val_samples",
     "train.eval_samples",
     "train.device",
+    "train.compile",
 }
 
 

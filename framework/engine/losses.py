@@ -86,6 +86,13 @@ def decoder_inputs(
     return latents, restored.features
 
 
+def compiled_decoder_inputs():
+    """`decoder_inputs` under torch.compile (`train.compile`), one graph per batch and crop shape. Its noise and
+    timesteps are drawn as the eager pass draws them, from the same generators in the same order (inductor's own
+    random numbers would differ from them), so a compiled stage computes what the eager one does, to rounding."""
+    return torch.compile(decoder_inputs, dynamic=False, options={"fallback_random": True})
+
+
 def task_losses(
     model: UniRestore,
     task,

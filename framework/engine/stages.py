@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import RunConfig
 from ..model import UniRestore
-from .losses import decoder_inputs, stage1_losses, task_losses
+from .losses import compiled_decoder_inputs, decoder_inputs, stage1_losses, task_losses
 
 
 @dataclass(frozen=True)
@@ -131,6 +131,7 @@ class StageLoss(nn.Module):
         self.train_config = config.train
         self.prior = config.prior
         self.cfrm_level_weights = config.train.cfrm_weights_for(model.num_taps)  # once, not per step
+        self.decoder_inputs = compiled_decoder_inputs() if config.train.compile else decoder_inputs
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         config = self.train_config
@@ -139,6 +140,6 @@ class StageLoss(nn.Module):
                 self.model, batch["hq"], batch["lq"], config.stage1_weights, self.cfrm_level_weights
             )
         task = self.tasks[batch["task"]]
-        latents, features = decoder_inputs(self.model, batch["hq"], batch["lq"], mode=config.decoder_input)
+        latents, features = self.decoder_inputs(self.model, batch["hq"], batch["lq"], mode=config.decoder_input)
         beta = config.beta_for(task.name, task.default_beta, self.prior)
         return task_losses(self.model, task, batch, latents, features, beta, anchor=self.stage.anchor)
