@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from compiling import recording_compile
 from photos import write_photos
 from PIL import Image
 from typer.testing import CliRunner
@@ -238,15 +239,7 @@ def test_restore_compiled_runs_the_smaller_last_batch_in_the_full_batchs_graph(t
     output, _, _ = trained
     folder = write_photos(root / "last-batch-images", dict.fromkeys("012", (40, 56)), seed=6)
     batches = []
-
-    def compile_(fn, mode, dynamic):
-        def compiled(images, *args):
-            batches.append(images.shape[0])
-            return fn(images, *args)
-
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", compile_)
+    monkeypatch.setattr(torch, "compile", recording_compile(batches))
     written = {}
     for option in ([], ["--compile"]):
         out = root / f"last-batch-{bool(option)}"
