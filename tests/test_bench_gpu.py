@@ -7,15 +7,9 @@ import pytest
 from unirestore.experiments.bench_gpu import main
 
 
-def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path, monkeypatch):
-    import torch
-
-    compile_ = torch.compile
-    # dynamo captures the passes as for inductor; the eager backend spares minutes of code generation on a CPU
-    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, **_: compile_(fn, backend="eager", dynamic=dynamic))
+def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path):
     args = ["--scale", "tiny", "--device", "cpu", "--size", "64", "--throughput-batch", "2", "--train-batch", "1",
-            "--iters", "1", "--warmup", "0", "--profile", "--compile", "default", "--compile-batches", "1",
-            "--out", str(tmp_path)]  # fmt: skip
+            "--iters", "1", "--warmup", "0", "--profile", "--out", str(tmp_path)]
     results = main(args)
     saved = json.loads((tmp_path / "bench_gpu.json").read_text())
     assert saved["restore_over_bare_bf16_b1"] == results["restore_over_bare_bf16_b1"] > 0
@@ -40,11 +34,7 @@ def test_bench_gpu_runs_every_measurement_and_writes_its_report(tmp_path, monkey
     # The implemented stage 2 computes the straightforward step's losses (bf16 rounding apart).
     for key, value in comparison["implemented"]["losses"].items():
         assert abs(value - comparison["straightforward"]["losses"][key]) <= 0.02 * abs(value) + 1e-3
-        assert value == pytest.approx(comparison["implemented_compiled"]["losses"][key], rel=1e-3)  # same draws
-    assert comparison["speedup_compiled"] > 0 and comparison["speedup"] > 0
     report = (tmp_path / "bench_gpu.md").read_text()
-    assert "with its decoder inputs compiled (`train.compile`)" in report
-    assert set(saved["compiled"]) >= {"restore/b1", "bare_prior/b1"}
     assert "restore / bare prior pass" in report and "stage 2 (bf16)" in report
     assert "three prompts (pir, seg, cls) from one encode and denoise" in report
     assert saved["restore_files"]["io_threads_0"] > 0 and saved["restore_files"]["io_threads_2"] > 0
@@ -73,7 +63,10 @@ def test_bench_gpu_training_only_times_the_training_steps_alone(tmp_path, monkey
     assert saved["timings"] == {} and "compiled" not in saved and "flops" not in saved
     comparison = saved["training"]["stage2_comparison"]
     assert set(comparison) == {"implemented", "straightforward", "implemented_compiled", "speedup", "speedup_compiled"}
-    assert "with its decoder inputs compiled" in (tmp_path / "bench_gpu.md").read_text()
+    for key, value in comparison["implemented"]["losses"].items():  # the same draws, compiled or not
+        assert value == pytest.approx(comparison["implemented_compiled"]["losses"][key], rel=1e-3)
+    assert comparison["speedup_compiled"] > 0 and comparison["speedup"] > 0
+    assert "with its decoder inputs compiled (`train.compile`)" in (tmp_path / "bench_gpu.md").read_text()
 
 
 def test_bench_gpu_keeps_what_it_measured_when_a_later_part_fails(tmp_path, monkeypatch):
