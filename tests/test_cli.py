@@ -7,6 +7,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,21 +255,26 @@ def test_restore_compiled_runs_the_smaller_last_batch_in_the_full_batchs_graph(t
 
 
 def test_a_failing_compile_is_one_line_naming_the_way_round(trained, root, monkeypatch):
-    output, _, _ = trained
+    output, uri, _ = trained
     folder = write_photos(root / "compile-fails", {"0": (40, 56)}, seed=5)
     compile_ = torch.compile
 
     def no_compiler(graph, inputs):
         raise RuntimeError("C++ compiler not found")
 
-    monkeypatch.setattr(torch, "compile", lambda fn, mode, dynamic: compile_(fn, backend=no_compiler))
+    monkeypatch.setattr(torch, "compile", lambda fn, dynamic, **_: compile_(fn, backend=no_compiler, dynamic=dynamic))
     args = ["restore", str(folder), "--ckpt", str(output / "stage2.safetensors"), "--out", str(root / "cf"),
             "--compile"]  # fmt: skip
-    result = runner.invoke(app, args)
-    assert result.exit_code == 1, result.output
-    line = result.output.strip().splitlines()[-1]
-    assert line.startswith("error: torch.compile failed") and "C++ compiler not found" in line
-    assert "run without --compile" in line and "Traceback" not in result.output
+    # and `train --compile`, whose stage 2 fails at its first step (stage 1's checkpoint kept: --resume goes on)
+    shutil.copytree(output, root / "cf-train", ignore=shutil.ignore_patterns("stage2*"))
+    train = ["train", "--tasks", "pir", "--stage", "2", "--steps", "1", "--batch-size", "2",
+             "--output", str(root / "cf-train"), "--tracking-uri", uri, "--compile", *TINY]  # fmt: skip
+    for command in (args, train):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 1, result.output
+        line = result.output.strip().splitlines()[-1]
+        assert line.startswith("error: torch.compile failed") and "C++ compiler not found" in line
+        assert "run without --compile" in line and "Traceback" not in result.output
 
 
 def test_restore_reading_and_writing_in_threads_writes_the_same_files(trained, root, monkeypatch):
